@@ -1,0 +1,45 @@
+"""Where llmlab keeps its state: caches, the MLflow store, Prefect's home, stage-result records.
+
+Everything lives under one state directory, `<project>/.llmlab` by default (the current working
+directory is the project), or `$LLMLAB_STATE_DIR` when set. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def state_dir() -> Path:
+    """The state directory; created on first use."""
+    root = Path(os.environ.get("LLMLAB_STATE_DIR") or Path.cwd() / ".llmlab").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the state directory's cache (extracted text, tokenized data); created."""
+    path = state_dir().joinpath("cache", *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+QUIET_OFFLINE_DEFAULTS = {
+    # nothing leaves 127.0.0.1 (see shared notes: MLflow accepts only the string "true")
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def configure_environment() -> None:
+    """Defaults for a run started by llmlab: state under the state dir, no telemetry, quiet
+    progress bars. Values already in the environment win. Call before importing prefect."""
+    for key, value in QUIET_OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    prefect_home = state_dir() / "prefect"
+    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect does not create missing parents
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))

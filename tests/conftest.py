@@ -1,0 +1,47 @@
+"""Test-wide settings: offline, no telemetry, all llmlab state in a temporary folder.
+
+Environment variables are set at import time, before any test module imports prefect or mlflow.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_STATE = Path(tempfile.mkdtemp(prefix="llmlab-test-state-"))
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "LLMLAB_STATE_DIR": str(_STATE),
+    "PREFECT_HOME": str(_STATE / "prefect"),
+}.items():
+    os.environ[key] = value
+(_STATE / "prefect").mkdir(parents=True, exist_ok=True)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """A fresh llmlab state dir for one test (own caches, own MLflow store)."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(path))
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

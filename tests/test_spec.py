@@ -1,0 +1,172 @@
+"""The spec: every shipped pipeline validates; each rule fails with its path, line and fix."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmlab.spec import SpecError, json_schema, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((ROOT / "pipelines").glob("*.yaml"))
+
+BASE = """
+name: t
+tokenizer: {train: {vocab_size: 512, data: [{path: builtin:stdlib}]}}
+model: {d_model: 64, n_heads: 4, n_kv_heads: 2, d_ff: 128, n_layers: 2, max_seq_len: 32}
+stages:
+  pretrain: {kind: pretrain, data: [{path: builtin:stdlib}], train: {max_steps: 10, warmup_steps: 1}}
+  eval: {kind: eval, from: pretrain, data: [{path: builtin:stdlib}]}
+"""
+
+
+def issues_of(text: str) -> list:
+    with pytest.raises(SpecError) as err:
+        parse_spec(textwrap.dedent(text), "x.yaml")
+    return err.value.issues
+
+
+def with_changes(**blocks) -> str:
+    raw = yaml.safe_load(BASE)
+    for dotted, value in blocks.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_every_shipped_pipeline_validates(path):
+    spec = load_spec(path)
+    assert spec.stages
+
+
+def test_base_is_valid_and_has_seed_defaults():
+    spec = parse_spec(BASE)
+    train = spec.stages["pretrain"].train
+    # the seed's TrainingConfig defaults
+    assert (train.lr, train.weight_decay, train.scheduler, train.grad_clip) == (3e-4, 0.1, "cosine", 1.0)
+    assert (train.batch_size, train.gradient_accumulation_steps, train.eval_every, train.eval_steps) == (1, 64, 500, 100)
+    assert train.optimizer.name == "adamw" and train.optimizer.beta2 == 0.999
+    assert spec.stage_names() == ["tokenizer", "pretrain", "eval"]
+    assert spec.output_root == "runs/t"
+
+
+def test_unknown_key_names_path_line_and_nearest_key():
+    text = BASE.replace("max_steps: 10,", "max_step: 10,")
+    (issue,) = issues_of(text)
+    assert issue.path == "stages.pretrain.train.max_step"
+    assert "did you mean 'max_steps'" in issue.message
+    assert issue.line == text.splitlines().index(next(line for line in text.splitlines() if "max_step:" in line)) + 1
+
+
+def test_unknown_optimizer_field_and_typo_word_match():
+    issues = issues_of(with_changes(stages__pretrain__train={"lr_rate": 1, "optimizer": {"name": "adamw", "betta1": 0.9}}))
+    msgs = {i.path: i.message for i in issues}
+    assert "did you mean 'lr'" in msgs["stages.pretrain.train.lr_rate"]
+    assert "did you mean 'beta1'" in msgs["stages.pretrain.train.optimizer.betta1"]
+
+
+@pytest.mark.parametrize(
+    "model, path, fragment",
+    [
+        ({"d_model": 65, "n_heads": 4, "n_kv_heads": 2}, "model.n_heads", "divisible by n_heads"),
+        ({"d_model": 64, "n_heads": 4, "n_kv_heads": 3}, "model.n_kv_heads", "divisible by n_kv_heads"),
+        ({"attention_type": "mqa", "n_heads": 4, "n_kv_heads": 2}, "model.n_kv_heads", "mqa means one KV head"),
+        ({"attention_type": "mha", "n_heads": 4, "n_kv_heads": 2}, "model.n_kv_heads", "n_kv_heads: 4"),
+        ({"dropout": 1.0}, "model.dropout", "less than 1"),
+        ({"dropout": -0.1}, "model.dropout", "greater than or equal to 0"),
+        ({"positional_encoding": "learned"}, "model.positional_encoding", "rope"),
+        ({"d_model": 72, "n_heads": 8, "n_kv_heads": 2}, "model.n_heads", "even head size"),
+    ],
+)
+def test_model_rules(model, path, fragment):
+    raw = yaml.safe_load(BASE)
+    raw["model"].update(model)
+    issues = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert any(i.path == path and fragment in i.message for i in issues), issues
+
+
+def test_mqa_and_mha_consistent_settings_pass():
+    raw = yaml.safe_load(BASE)
+    raw["model"].update({"attention_type": "mqa", "n_kv_heads": 1})
+    parse_spec(yaml.safe_dump(raw, sort_keys=False))
+    raw["model"].update({"attention_type": "mha", "n_kv_heads": 4})
+    parse_spec(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_weights_must_be_positive():
+    issues = issues_of(with_changes(stages__pretrain__data=[{"path": "builtin:stdlib", "weight": 0}]))
+    assert [i.path for i in issues] == ["stages.pretrain.data[0].weight"]
+
+
+def test_graph_rules():
+    raw = yaml.safe_load(BASE)
+    raw["stages"]["eval"]["from"] = ["pretrian"]
+    assert "did you mean 'pretrain'" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
+    raw["stages"]["eval"]["from"] = "eval"
+    assert "cycle" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
+    # a later stage named in `from` would make a cycle possible: declaration order is the rule
+    raw = yaml.safe_load(BASE)
+    raw["stages"] = {"eval": raw["stages"]["eval"], "pretrain": raw["stages"]["pretrain"]}
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.eval.from" and "declared after" in issue.message
+
+
+def test_unknown_and_planned_stage_kinds():
+    issues = issues_of(with_changes(stages__x={"kind": "evl", "from": "pretrain"}))
+    assert "did you mean 'eval'" in issues[0].message
+    issues = issues_of(with_changes(stages__x={"kind": "sft", "from": "pretrain"}))
+    assert "not available in this version" in issues[0].message
+
+
+def test_tokenizer_needs_exactly_one_source():
+    issues = issues_of(with_changes(tokenizer={"name": "gpt2", "path": "./tok"}))
+    assert issues[0].path == "tokenizer" and "exactly one" in issues[0].message
+
+
+def test_every_error_reported_at_once():
+    raw = yaml.safe_load(BASE)
+    raw["model"].update({"d_model": 65, "dropout": 2.0, "colour": "red"})
+    raw["stages"]["pretrain"]["train"]["warmup_steps"] = 99
+    raw["stages"]["eval"]["from"] = "nope"
+    paths = {i.path for i in issues_of(yaml.safe_dump(raw, sort_keys=False))}
+    assert {"model.n_heads", "model.dropout", "model.colour", "stages.pretrain.train.warmup_steps", "stages.eval.from"} <= paths
+
+
+def test_yaml_syntax_error_has_line():
+    (issue,) = issues_of("name: t\nstages: [\n")
+    assert "not valid YAML" in issue.message and issue.line is not None
+
+
+def test_cli_validate_exit_codes_and_report(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    raw = yaml.safe_load(BASE)
+    raw["model"]["n_kv_heads"] = 3
+    raw["stages"]["pretrain"]["train"]["lrr"] = 1
+    bad.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "2 problems" in out.stderr and "model.n_kv_heads" in out.stderr and "stages.pretrain.train.lrr" in out.stderr
+    assert "Traceback" not in out.stderr
+    good = subprocess.run([sys.executable, "-m", "llmlab.cli", "validate", str(ROOT / "pipelines/tiny.yaml")], capture_output=True, text=True)
+    assert good.returncode == 0 and "valid" in good.stdout
+
+
+def test_schema_is_json_schema_of_the_spec():
+    schema = json_schema()
+    assert set(schema["required"]) >= {"name", "tokenizer", "stages"}
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "schema"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["title"] == "Pipeline"
+
+
+def test_validate_does_not_import_torch_or_prefect():
+    code = "import sys, llmlab.cli; llmlab.cli.load_spec(sys.argv[1]); print('torch' in sys.modules, 'prefect' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pipelines/tiny.yaml")], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
