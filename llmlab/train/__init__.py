@@ -1,0 +1,1 @@
+"""Training: one loop (`loop.train`) driven by pluggable objectives (`objectives.OBJECTIVES`)."""

@@ -1,0 +1,267 @@
+"""The one training loop. Methods differ by objective and batch source, never by a copied loop.
+
+    result = train(model, objective, batches, spec.train, ckpt_dir, evaluate=fn, callbacks=cb, seed=1)
+
+- One step is one optimizer update: `gradient_accumulation_steps` micro-batches, each's summed loss
+  divided by the token count of the whole step, so batch 1 x accumulation 8 equals batch 8 x 1.
+- It knows no tracker and no orchestrator: metrics leave through `Callbacks`, which `stages.py`
+  connects to files and MLflow.
+- Resumable: model, optimizer, schedule, step, RNG and data position are checkpointed atomically every
+  `save_every` steps; a run started on a folder that holds a checkpoint continues it, reproducing the
+  uninterrupted run's losses. SIGINT/SIGTERM save a checkpoint at the next step boundary and stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from llmlab.checkpoint import atomic_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from llmlab.optim import Schedule, build_optimizer
+
+
+class Objective(Protocol):
+    """A training objective: a pure function of (model, batch) plus the step's normaliser."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """Normaliser units (e.g. target tokens) in a micro-batch, known before the forward."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss over the micro-batch, summed extra metrics) — summed, not averaged."""
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Callbacks:
+    """Hooks the loop calls; the default does nothing. Subclass in the stage that runs the loop."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step` and the stage can be resumed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training interrupted at step {step}; checkpoint saved, rerun to resume")
+        self.step = step
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done
+    resumed_from: int  # the step a checkpoint resumed from (0 = fresh start)
+    best_eval_loss: float | None
+    best_step: int | None
+    best_path: Path | None  # model weights of the best evaluation (None: no evaluation ran)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 autocast pays on GPUs that support it. On CPUs it does not: without AMX/AVX512-BF16 a
+    training step is 30-40x slower than fp32 (shared notes), and with AMX a 1M-parameter model
+    measured 20-22k tok/s in bf16 against 23-24k in fp32 (docs/benchmarks.md). So `auto` keeps CPUs
+    in fp32; `precision: bf16` still forces it."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a `precision` setting: None means plain fp32."""
+    if precision == "bf16" or (precision == "auto" and bf16_is_fast(device)):
+        return torch.bfloat16
+    return None
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at step boundaries (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+        print(f"\nreceived signal {signum}: saving a checkpoint at the end of this step", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fmt_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def train(
+    model: torch.nn.Module,
+    objective: Objective,
+    batches: BatchSource,
+    cfg: Any,
+    ckpt_dir: str | Path,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    callbacks: Callbacks | None = None,
+    seed: int = 0,
+    label: str = "train",
+) -> TrainResult:
+    """Run (or resume) training as configured by `cfg` (a spec TrainSpec). See module docstring."""
+    cb = callbacks or Callbacks()
+    ckpt_dir = Path(ckpt_dir)
+    device = next(model.parameters()).device
+    amp = autocast_dtype(cfg.precision, device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    schedule = Schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.power)
+    step, best_loss, best_step = 0, None, None
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        model.load_state_dict(state["model"])
+        if cfg.load_optimizer:
+            optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        schedule.extend(cfg.max_steps, state["step"])
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        step, best_loss, best_step = state["step"], state["best_eval_loss"], state["best_step"]
+    resumed_from = step
+    best_path = ckpt_dir / "best" if (ckpt_dir / "best" / "state.pt").is_file() else None
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    cb.on_start({"resumed_from": resumed_from, "trainable_params": trainable, "total_params": total,
+                 "device": str(device), "precision": str(amp or torch.float32)})
+    print(f"[{label}] {trainable:,} trainable of {total:,} parameters on {device} ({amp or torch.float32});"
+          f" {'resuming from step ' + str(step) if step else 'starting'} -> {cfg.max_steps} steps")
+
+    def checkpoint() -> None:
+        path = save_checkpoint(ckpt_dir, step, {
+            "model": model, "optimizer": optimizer, "schedule": schedule, "data": batches,
+            "rng": _rng_state(), "step": step, "best_eval_loss": best_loss, "best_step": best_step,
+        })
+        cb.on_checkpoint(step, path)
+
+    def run_eval() -> dict[str, float]:
+        nonlocal best_loss, best_step, best_path
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            metrics = evaluate(model) if evaluate else {}
+        model.train()
+        loss = metrics.get("eval/loss") if metrics else None
+        if loss is not None and (best_loss is None or loss < best_loss):
+            best_loss, best_step = loss, step
+            with atomic_dir(ckpt_dir / "best") as tmp:
+                torch.save({"model": model.state_dict(), "step": step, "eval_loss": loss}, tmp / "state.pt")
+            best_path = ckpt_dir / "best"
+        if metrics:
+            cb.on_eval(step, metrics)
+            print(f"[{label}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    model.train()
+    window_loss = torch.zeros((), device=device)
+    window_units = torch.zeros((), device=device)
+    window_tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    last: dict[str, float] = {}
+    grad_norm = torch.zeros(())
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            lr_factor = schedule.factor(step)
+            for g in optimizer.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor
+            micro = [batches.next_batch() for _ in range(cfg.gradient_accumulation_steps)]
+            micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+            units = sum(torch.as_tensor(objective.count(b), device=device) for b in micro).clamp(min=1)
+            step_loss = torch.zeros((), device=device)
+            for b in micro:
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss_sum, _extra = objective(model, b)
+                (loss_sum / units).backward()
+                step_loss += loss_sum.detach()
+                window_tokens += int(b["input_ids"].numel())
+            if cfg.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_loss += step_loss
+            window_units += units
+
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                loss_val = (window_loss / window_units).item()
+                last = {"train/loss": loss_val, "train/lr": cfg.lr * lr_factor, "train/grad_norm": float(grad_norm),
+                        "train/tokens_per_sec": window_tokens / max(now - window_start, 1e-9)}
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"[{label}] loss is {loss_val} at step {step}: lower lr or check data")
+                cb.on_log(step, last)
+                rate = (step - resumed_from) / max(now - run_start, 1e-9)
+                print(f"[{label}] step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {last['train/lr']:.2e} "
+                      f"{last['train/tokens_per_sec']:,.0f} tok/s eta {_fmt_eta((cfg.max_steps - step) / max(rate, 1e-9))}", flush=True)
+                window_loss.zero_()
+                window_units.zero_()
+                window_tokens, window_start = 0, now
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                last.update(run_eval())
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                checkpoint()
+            if stop.raised:
+                if step % cfg.save_every != 0 and step != cfg.max_steps:
+                    checkpoint()
+                raise TrainingInterrupted(step)
+    if evaluate is not None and step == resumed_from and best_path is None:
+        last.update(run_eval())  # a resumed, already finished run still reports its numbers
+    return TrainResult(step, resumed_from, best_loss, best_step, best_path, last)
+
+
+def load_best(model: torch.nn.Module, result: TrainResult) -> None:
+    """Put the best evaluation's weights into `model` (no-op when no evaluation ran)."""
+    if result.best_path is not None:
+        model.load_state_dict(torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)["model"])

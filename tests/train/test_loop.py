@@ -1,0 +1,201 @@
+"""The training loop: resume reproduces the uninterrupted run; accumulation is exact; stop = save."""
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from llmlab.checkpoint import latest_checkpoint, load_checkpoint
+from llmlab.model import LlmlabConfig, build_model
+from llmlab.spec import TrainSpec
+from llmlab.train.loop import Callbacks, TrainingInterrupted, load_best, train
+from llmlab.train.objectives import LanguageModeling
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_model(seed=0, dropout=0.0):
+    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=VOCAB,
+                       max_seq_len=SEQ, dropout=dropout)
+    return build_model(cfg, seed=seed)
+
+
+class Batches:
+    """A deterministic, resumable stream of random token batches."""
+
+    def __init__(self, batch_size, seed=0):
+        self.batch_size, self.seed, self.i = batch_size, seed, 0
+
+    def next_batch(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.i)
+        self.i += 1
+        # learnable sequences: a random start, then counting up (mod VOCAB)
+        start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=g)
+        x = (start + torch.arange(SEQ)) % VOCAB
+        return {"input_ids": x, "labels": x}
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+class Recorder(Callbacks):
+    def __init__(self):
+        self.logs, self.evals = [], []
+
+    def on_log(self, step, metrics):
+        self.logs.append((step, metrics["train/loss"]))
+
+    def on_eval(self, step, metrics):
+        self.evals.append((step, metrics["eval/loss"]))
+
+
+def cfg(**kw):
+    base = dict(max_steps=12, lr=3e-3, warmup_steps=2, batch_size=4, gradient_accumulation_steps=2, eval_every=4,
+                eval_steps=1, save_every=4, log_every=1, precision="fp32", scheduler="cosine")
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def eval_fn(model):
+    x = Batches(4, seed=99).next_batch()["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=x, labels=x)
+    return {"eval/loss": float(out.loss)}
+
+
+def run(tmp, dropout=0.0, **kw):
+    rec = Recorder()
+    model = tiny_model(dropout=dropout)
+    result = train(model, LanguageModeling(), Batches(4), cfg(**kw), tmp, evaluate=eval_fn, callbacks=rec, seed=1)
+    return model, result, rec
+
+
+def test_loss_decreases_and_checkpoints_are_complete(tmp_path):
+    model, result, rec = run(tmp_path / "ck", max_steps=30, save_every=10, eval_every=10)
+    assert result.step == 30 and result.resumed_from == 0
+    assert rec.logs[-1][1] < rec.logs[0][1]
+    # only complete checkpoints, the newest two, and no temporary folders
+    names = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert names == ["best", "latest", "step-00000020", "step-00000030"]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ck"))
+    assert state["step"] == 30 and set(state) >= {"model", "optimizer", "schedule", "data", "rng", "best_eval_loss"}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingBatches(Batches):
+    """Dies while building step 10 (as a killed process would), after step 8's checkpoint."""
+
+    def next_batch(self):
+        if self.i == 18:  # 2 micro-batches per step: the first of step 10
+            raise Crash()
+        return super().next_batch()
+
+
+def crash_then_resume(tmp, dropout=0.0, **kw):
+    with pytest.raises(Crash):
+        train(tiny_model(dropout=dropout), LanguageModeling(), CrashingBatches(4), cfg(**kw), tmp, evaluate=eval_fn, seed=1)
+    assert load_checkpoint(latest_checkpoint(tmp))["step"] == 8
+    return run(tmp, dropout=dropout, **kw)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    # dropout on: resuming must restore the RNG state too
+    full_model, _, full = run(tmp_path / "a", dropout=0.1)
+    resumed_model, result, rest = crash_then_resume(tmp_path / "b", dropout=0.1)
+    assert result.resumed_from == 8
+    assert [s for s, _ in rest.logs] == list(range(9, 13))
+    for (s1, l1), (s2, l2) in zip(full.logs[8:], rest.logs):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-6)
+    later = [e for e in full.evals if e[0] > 8]
+    assert [e[0] for e in later] == [e[0] for e in rest.evals]
+    assert [e[1] for e in later] == pytest.approx([e[1] for e in rest.evals], abs=1e-6)
+    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path):
+    _, _, with_opt = crash_then_resume(tmp_path / "a")
+    _, _, without = crash_then_resume(tmp_path / "b", load_optimizer=False)
+    assert with_opt.logs[0][1] == pytest.approx(without.logs[0][1], abs=1e-7)  # same weights at step 9
+    assert with_opt.logs[-1][1] != pytest.approx(without.logs[-1][1], abs=1e-6)  # fresh moments change the path
+
+
+def test_gradient_accumulation_invariance():
+    """batch 1 x accumulation 8 gives the loss and gradients of batch 8 x accumulation 1."""
+    data = Batches(8).next_batch()
+    grads = []
+    for bs, accum in ((8, 1), (1, 8)):
+        model = tiny_model(dropout=0.0)
+        obj = LanguageModeling()
+        micro = [{k: v[i:i + bs] for k, v in data.items()} for i in range(0, 8, bs)]
+        units = sum(obj.count(b) for b in micro)
+        total = 0.0
+        for b in micro:
+            loss_sum, _ = obj(model, b)
+            (loss_sum / units).backward()
+            total += float(loss_sum / units)
+        grads.append((total, [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_loop_accumulation_matches_large_batch(tmp_path):
+    """The loop itself: 2 steps of 4x2 micro-batches equal 2 steps of one 8-row batch."""
+
+    class Merged(Batches):
+        def next_batch(self):
+            a, b = super().next_batch(), super().next_batch()
+            return {k: torch.cat([a[k], b[k]]) for k in a}
+
+    ra, rb = Recorder(), Recorder()
+    ma, mb = tiny_model(dropout=0.0), tiny_model(dropout=0.0)
+    train(ma, LanguageModeling(), Batches(4), cfg(max_steps=3, gradient_accumulation_steps=2), tmp_path / "a", callbacks=ra, seed=1)
+    train(mb, LanguageModeling(), Merged(4), cfg(max_steps=3, batch_size=8, gradient_accumulation_steps=1), tmp_path / "b", callbacks=rb, seed=1)
+    for (_, la), (_, lb) in zip(ra.logs, rb.logs):
+        assert la == pytest.approx(lb, rel=1e-5)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_best_model_is_kept(tmp_path):
+    model, result, rec = run(tmp_path / "ck", max_steps=12, eval_every=4)
+    best_step, best_loss = min(rec.evals, key=lambda e: e[1])
+    assert result.best_step == best_step and result.best_eval_loss == pytest.approx(best_loss)
+    load_best(model, result)
+    assert eval_fn(model)["eval/loss"] == pytest.approx(best_loss, abs=1e-6)
+
+
+def test_sigterm_saves_checkpoint_and_stops(tmp_path):
+    class Killer(Batches):
+        def next_batch(self):
+            if self.i == 10:  # during step 5 (2 micro-batches per step)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().next_batch()
+
+    assert threading.current_thread() is threading.main_thread()
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny_model(), LanguageModeling(), Killer(4), cfg(save_every=100), tmp_path / "ck", seed=1)
+    assert info.value.step == 6
+    assert load_checkpoint(latest_checkpoint(tmp_path / "ck"))["step"] == 6
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        train(tiny_model(), LanguageModeling(), Batches(4), cfg(lr=1e6, grad_clip=None, max_steps=20), tmp_path / "ck", seed=1)
+
+
+def test_checkpoint_holds_no_pickled_objects(tmp_path):
+    run(tmp_path / "ck", max_steps=4)
+    # weights_only=True refuses arbitrary pickles: loading proves the checkpoint is plain data
+    state = torch.load(latest_checkpoint(tmp_path / "ck") / "state.pt", weights_only=True)
+    assert json.dumps(state["schedule"])
