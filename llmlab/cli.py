@@ -1,0 +1,109 @@
+"""`llmlab`: the command line.
+
+    llmlab validate FILE     every spec error at once (exit 2), with YAML path, line and fix
+    llmlab schema            JSON Schema of the spec, for editors
+    llmlab inspect FILE      stage graph, parameter count and a training-memory estimate
+    llmlab run FILE          run the pipeline as a local Prefect flow
+
+This is the only module of llmlab that may reach `flows/` (to start a run). `validate` and `schema`
+import neither torch nor prefect, so they answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from llmlab.spec import Pipeline, SpecError, json_schema, load_spec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmlab: a language model's whole life from one YAML spec.")
+
+
+def _load_or_exit(file: Path) -> Pipeline:
+    try:
+        return load_spec(file)
+    except SpecError as err:
+        typer.echo(f"{len(err.issues)} problem{'s' if len(err.issues) != 1 else ''} in {file}:", err=True)
+        for issue in err.issues:
+            typer.echo("  " + issue.render(str(file)), err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+    """Check a spec: every error at once, each with its YAML path and how to fix it."""
+    spec = _load_or_exit(file)
+    typer.echo(f"{file}: valid — pipeline '{spec.name}', stages: {' -> '.join(spec.stage_names())}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (save it and point your editor's YAML plugin at it)."""
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def inspect(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+    """Stage graph, parameter count and a training-memory estimate per training stage."""
+    spec = _load_or_exit(file)
+    from llmlab.model.config import LlmlabConfig
+    from llmlab.model.memory import count_parameters, estimate_training_memory
+
+    vocab = spec.tokenizer.train.vocab_size if spec.tokenizer.train else None
+    config = LlmlabConfig(**spec.model.model_dump(), vocab_size=vocab or 32000)
+    params = count_parameters(config)
+    typer.echo(f"pipeline {spec.name} (seed {spec.seed}, outputs in {spec.output_root}/)")
+    typer.echo(f"model: {spec.model.n_layers} layers x d_model {spec.model.d_model}, {spec.model.attention_type} "
+               f"{spec.model.n_heads}/{spec.model.num_kv_heads} heads, {spec.model.positional_encoding}, "
+               f"{spec.model.norm_type}, {spec.model.activation}; vocab {vocab or 'from the tokenizer (32000 assumed)'}")
+    typer.echo(f"parameters: {params:,}")
+    typer.echo("stages:")
+    for name in spec.stage_names():
+        if name == "tokenizer":
+            typer.echo(f"  tokenizer  (train byte-level BPE, vocab {spec.tokenizer.train.vocab_size})")
+            continue
+        stage = spec.stages[name]
+        src = ", ".join(stage.inputs) or ("tokenizer" if spec.tokenizer.train else "-")
+        line = f"  {name:<10} kind {stage.kind:<9} from {src}"
+        train = getattr(stage, "train", None)
+        if train is not None:
+            mem = estimate_training_memory(config, train.batch_size, spec.model.max_seq_len)
+            tokens = train.max_steps * train.batch_size * train.gradient_accumulation_steps * spec.model.max_seq_len
+            line += (f"; {train.max_steps:,} steps x {train.batch_size}x{train.gradient_accumulation_steps} seqs"
+                     f" = {tokens:,} tokens; memory ~{_fmt_bytes(mem['total_bytes'])}")
+        typer.echo(line)
+    typer.echo("memory: rule of thumb (fp32 weights + grads + AdamW state + activations), not a measurement")
+
+
+@app.command()
+def run(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+    """Run a pipeline as a local Prefect flow (stage outputs under the spec's workdir)."""
+    _load_or_exit(file)
+    from llmlab.paths import configure_environment
+
+    configure_environment()
+    from flows.pipeline import pipeline
+
+    results = pipeline(spec=str(file))
+    typer.echo("")
+    for name, r in results.items():
+        shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}
+        typer.echo(f"{name:<10} {r['status']:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Batched, KV-cached sampling, shared by chat, eval and RL rollouts.
+
+    texts = generate(model, tokenizer, ["The", "def "], max_new_tokens=32, temperature=0.0)
+    out = sample(model, input_ids, attention_mask, max_new_tokens=32, eos_token_id=eos)
+
+Prompts are left-padded so every row's next token is at the same column; the cache holds the
+padded prefix and the attention mask hides the padding. A row stops at its first EOS; its later
+positions are filled with the pad id and masked. Temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmlab.model import KVCache
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor  # (B, N) new token ids, pad after a row's EOS
+    lengths: torch.Tensor  # (B,) new tokens per row, EOS included
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask all but the top-k tokens and the smallest set reaching probability top_p."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Sampled:
+    """Sample up to `max_new_tokens` per row from left-padded prompts (B, T) with one KV cache."""
+    was_training = model.training
+    model.eval()
+    B = input_ids.size(0)
+    device = input_ids.device
+    cache = KVCache()
+    mask = attention_mask.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    step_input = input_ids
+    for t in range(max_new_tokens):
+        logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1, :].float()
+        if temperature == 0.0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        out[:, t] = nxt
+        lengths += (~done).long()
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+        if bool(done.all()):
+            out = out[:, : t + 1]
+            break
+        step_input = nxt[:, None]
+        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows: masked, ignored
+    if was_training:
+        model.train()
+    return Sampled(out, lengths)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    prefix_ids: list[int] | None = None,
+) -> list[str]:
+    """Complete each prompt; returns the new text only (EOS not included).
+
+    `prefix_ids` is put before every prompt (e.g. EOS: our pretraining separates documents with
+    EOS, so a plain-text prompt after EOS reads as the start of a document)."""
+    device = next(model.parameters()).device
+    encoded = [list(prefix_ids or []) + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, e in enumerate(encoded):  # left padding
+        ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[i, width - len(e):] = 1
+    gen = torch.Generator(device=device).manual_seed(seed)
+    result = sample(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id, pad,
+                    temperature, top_k, top_p, gen)
+    texts = []
+    for row, n in zip(result.tokens.tolist(), result.lengths.tolist()):
+        row = row[:n]
+        if row and row[-1] == tokenizer.eos_token_id:
+            row = row[:-1]
+        texts.append(tokenizer.decode(row, skip_special_tokens=False))
+    return texts

@@ -1,0 +1,18 @@
+"""Prefect tasks that open and close a pipeline's parent MLflow run (wrapping llmlab.pipeline_runs)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from llmlab.pipeline_runs import close_pipeline_run, open_pipeline_run
+
+
+@task(name="open-mlflow-run", cache_policy=NO_CACHE)
+def open_run(spec: str, flow_run_id: str | None) -> str:
+    return open_pipeline_run(spec, flow_run_id)
+
+
+@task(name="close-mlflow-run", cache_policy=NO_CACHE)
+def close_run(spec: str, run_id: str, status: str, results: dict[str, dict]) -> None:
+    close_pipeline_run(spec, run_id, status, results)

@@ -1,0 +1,116 @@
+"""The shipped tiny pipeline, shrunk to seconds, end to end through the Prefect flow and MLflow."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def shrunk_tiny(tmp_path: Path, name: str = "tiny-test") -> Path:
+    """pipelines/tiny.yaml with the same stages and data, a smaller model and a few steps."""
+    raw = yaml.safe_load((ROOT / "pipelines/tiny.yaml").read_text())
+    raw["name"] = name
+    raw["workdir"] = str(tmp_path / "runs")
+    raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
+    raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
+    raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_size=4, eval_every=6, eval_steps=4,
+                                              save_every=6, log_every=3)
+    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8)
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished_run(harness, tmp_path_factory):
+    """Run the flow once; several tests inspect the outputs."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    state = tmp / "state"
+    os.environ["LLMLAB_STATE_DIR"] = str(state)
+    from flows.pipeline import pipeline
+
+    spec = shrunk_tiny(tmp)
+    results = pipeline(spec=str(spec))
+    return {"spec": spec, "results": results, "state": state}
+
+
+def test_every_stage_finishes_with_outputs(finished_run):
+    from llmlab.checkpoint import fingerprint
+
+    results = finished_run["results"]
+    assert list(results) == ["tokenizer", "pretrain", "eval"]
+    for name, r in results.items():
+        record = json.loads((Path(r["output_dir"]) / "stage.json").read_text())
+        assert record["status"] == "finished" and r["status"] == "finished"
+        assert record["fingerprint"] == r["fingerprint"]
+    model_dir = Path(results["pretrain"]["outputs"]["model"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in model_dir.iterdir()}
+    assert fingerprint(model_dir) == results["pretrain"]["fingerprint"]
+    assert json.loads((Path(results["pretrain"]["output_dir"]) / "stage.json").read_text())["inputs"] == {
+        "tokenizer": results["tokenizer"]["fingerprint"]}
+    # no temporary names left behind
+    assert not list(Path(results["pretrain"]["output_dir"]).rglob(".*.tmp"))
+
+
+def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
+    results = finished_run["results"]
+    report = json.loads(Path(results["eval"]["outputs"]["results"]).read_text())
+    scores = report["models"]["pretrain"]
+    # same sources, val_fraction, seq_len and batches: the eval stage must reproduce pretrain's number
+    assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
+    assert len(scores["samples"]) == len(report["prompts"])
+    assert (Path(results["eval"]["output_dir"]) / "report.md").read_text().count("| pretrain |") == 1
+
+
+def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    state, results = finished_run["state"], finished_run["results"]
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny-test")
+    assert exp.artifact_location.startswith((state / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
+    assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
+    children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"tokenizer", "pretrain", "eval"}
+    pre = children["pretrain"]
+    assert pre.data.tags["llmlab.kind"] == "pretrain" and pre.info.run_id == results["pretrain"]["mlflow_run_id"]
+    assert pre.data.params["train.lr"] == "0.002" and pre.data.params["model.d_model"] == "32"
+    assert pre.data.tags["llmlab.input.tokenizer.run_id"] == children["tokenizer"].info.run_id
+    history = client.get_metric_history(pre.info.run_id, "train/loss")
+    assert [m.step for m in history] == [3, 6, 9, 12]
+    assert {m.step for m in client.get_metric_history(pre.info.run_id, "eval/ppl")} == {6, 12}
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_sec"):
+        assert client.get_metric_history(pre.info.run_id, key)
+    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)} | {
+        a.path for d in ("model", "plots") for a in client.list_artifacts(pre.info.run_id, d)}
+    assert {"config.json", "metrics.jsonl", "model/config.json", "model/model.safetensors", "plots/loss_curve.png"} <= artifacts
+    ev = {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
+    assert {"results.json", "report.md"} <= ev
+    assert client.get_metric_history(children["eval"].info.run_id, "pretrain/eval/ppl")
+
+
+def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntokenizer: {name: gpt2}\nstages: {p: {kind: pretrain}}\n")
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(bad)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "stages.p.data" in out.stderr and "Traceback" not in out.stderr
