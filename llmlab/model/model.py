@@ -1,0 +1,206 @@
+"""The llmlab decoder-only transformer: pre-norm blocks, the model, and the causal-LM head.
+
+Module names mirror transformers' Llama (`model.embed_tokens`, `model.layers[i].input_layernorm`,
+`.self_attn`, `.post_attention_layernorm`, `.mlp`, `model.norm`, `lm_head`), so a Llama export is a
+rename. Positional variants (sinusoidal, RoPE, YaRN, ALiBi) are chosen by
+`config.positional_encoding`; their tables are computed in `forward`, never stored as buffers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from llmlab.model.attention import Attention, KVCache, build_attention_mask
+from llmlab.model.config import LlmlabConfig
+from llmlab.model.ffn import build_ffn
+from llmlab.model.norms import NORMS
+from llmlab.model.positions import (
+    alibi_slopes,
+    rope_inv_freq,
+    rotary_cos_sin,
+    sinusoidal_embedding,
+    yarn_inv_freq,
+)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: LlmlabConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = NORMS[config.norm_type](config.d_model, eps=config.norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = NORMS[config.norm_type](config.d_model, eps=config.norm_eps)
+        self.mlp = build_ffn(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, attn_mask, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, attn_mask, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 wherever the segment id changes: (B, T) -> (B, T)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start
+
+
+class LlmlabModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm; returns the last hidden states."""
+
+    def __init__(self, config: LlmlabConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = NORMS[config.norm_type](config.d_model, eps=config.norm_eps)
+        # Plain-attribute cache of the (tiny) frequency / slope vectors, keyed by device.
+        self._position_tables: dict[str, tuple[torch.Tensor, float]] = {}
+
+    def _rotary_frequencies(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        key = f"{self.config.positional_encoding}:{device}"
+        if key not in self._position_tables:
+            c = self.config
+            if c.positional_encoding == "yarn":
+                table = yarn_inv_freq(c.head_dim, c.rope_theta, c.yarn_scale, c.yarn_original_context,
+                                      c.yarn_beta_fast, c.yarn_beta_slow, device)
+            else:
+                table = (rope_inv_freq(c.head_dim, c.rope_theta, device), 1.0)
+            self._position_tables[key] = table
+        return self._position_tables[key]
+
+    def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
+        key = f"alibi:{device}"
+        if key not in self._position_tables:
+            self._position_tables[key] = (alibi_slopes(self.config.n_heads).to(device), 1.0)
+        return self._position_tables[key][0]
+
+    def _positions(self, B, T, past_len, attention_mask, position_ids, segment_ids, device) -> torch.Tensor:
+        """Position ids (B or 1, T): given, else restarting per segment, else from the padding mask."""
+        if position_ids is not None:
+            return position_ids
+        if segment_ids is not None:
+            return segment_positions(segment_ids)
+        if attention_mask is not None:
+            # Left padding: the first real token is position 0; padding gets clamped to 0.
+            positions = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+            return positions[:, past_len:]  # (B, T_past + T) -> (B, T)
+        return torch.arange(past_len, past_len + T, device=device)[None]  # (T,) -> (1, T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        device = input_ids.device
+        past_len = cache.seq_len if cache is not None else 0
+        pe = self.config.positional_encoding
+        positions = self._positions(B, T, past_len, attention_mask, position_ids, segment_ids, device)
+
+        x = self.embed_tokens(input_ids)
+        if pe == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.config.d_model, x.dtype)
+        x = self.dropout(x)
+
+        rotary = None
+        if pe in ("rope", "yarn"):
+            inv_freq, mscale = self._rotary_frequencies(device)
+            rotary = rotary_cos_sin(positions, inv_freq, mscale, x.dtype)
+        slopes = self._alibi_slopes(device) if pe == "alibi" else None
+        attn_mask = build_attention_mask(self.config, T, past_len, attention_mask, segment_ids, slopes, device, x.dtype)
+
+        for layer in self.layers:
+            x = layer(x, rotary, attn_mask, cache)
+        return self.norm(x)
+
+
+class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
+    """The llmlab transformer with a language-modelling head; see the module docstring.
+
+    GenerationMixin is there for peft (its causal-LM wrapper expects the generation hooks);
+    llmlab samples with its own KV-cached loop rather than `generate()`."""
+
+    config_class = LlmlabConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlmlabConfig):
+        super().__init__(config)
+        self.model = LlmlabModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, initializer_range), zero biases, unit norms; residual output
+        projections (o_proj, down_proj) get std / sqrt(2 n_layers) so the residual stream's
+        variance does not grow with depth. `init.*` skip tensors already loaded from a checkpoint."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_projection", False):
+                std = std / math.sqrt(2 * self.config.n_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, tuple(NORMS.values())):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab) and, with `labels` (aligned with input_ids, -100 = ignore), the
+        mean next-token cross-entropy; the shift happens here. `cache` is extended in place."""
+        if cache is None and isinstance(kwargs.get("past_key_values"), KVCache):
+            cache = kwargs["past_key_values"]  # the older transformers keyword
+        hidden = self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # Shift the labels, not the logits: slicing the logits would copy a (B, T, V) tensor.
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)  # (B, T-1) -> (B, T)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]),  # (B, T, V) -> (B*T, V)
+                shifted.reshape(-1),  # (B, T) -> (B*T,)
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
