@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean mlflow-ui prefect-ui
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,10 @@ test-fast: install
 
 clean:
 	rm -rf runs .llmlab
+
+# Browse past runs (both bind 127.0.0.1 only; Ctrl+C stops them)
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.llmlab/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+prefect-ui: install
+	PREFECT_HOME=$(CURDIR)/.llmlab/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 --analytics-off

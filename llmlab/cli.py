@@ -94,7 +94,15 @@ def run(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
     configure_environment()
     from flows.pipeline import pipeline
 
-    results = pipeline(spec=str(file))
+    try:
+        results = pipeline(spec=str(file))
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
+        raise typer.Exit(130)
+    except Exception as exc:  # the full traceback is in the flow's log above
+        typer.echo(f"\npipeline failed: {type(exc).__name__}: {exc}", err=True)
+        typer.echo("finished stages are kept; fix the cause and run again to continue", err=True)
+        raise typer.Exit(1)
     typer.echo("")
     for name, r in results.items():
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}

@@ -170,3 +170,21 @@ def test_validate_does_not_import_torch_or_prefect():
     code = "import sys, llmlab.cli; llmlab.cli.load_spec(sys.argv[1]); print('torch' in sys.modules, 'prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pipelines/tiny.yaml")], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_data_source_rules_catch_unknown_builtins_and_missing_local_files():
+    issues = issues_of(with_changes(stages__pretrain__data=[{"path": "builtin:stdlb"}, {"path": "./nope/data.jsonl"}]))
+    msgs = {i.path: i.message for i in issues}
+    assert "did you mean 'builtin:stdlib'" in msgs["stages.pretrain.data[0].path"]
+    assert "no such file" in msgs["stages.pretrain.data[1].path"]
+
+
+def test_cli_inspect_prints_graph_params_and_memory():
+    from llmlab.model import LlmlabConfig, count_parameters
+
+    spec = load_spec(ROOT / "pipelines/tiny.yaml")
+    expected = count_parameters(LlmlabConfig(**spec.model.model_dump(), vocab_size=spec.tokenizer.train.vocab_size))
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "inspect", str(ROOT / "pipelines/tiny.yaml")],
+                         capture_output=True, text=True, check=True)
+    assert f"parameters: {expected:,}" in out.stdout
+    assert "pretrain" in out.stdout and "memory ~" in out.stdout and "rule of thumb" in out.stdout
