@@ -49,6 +49,18 @@ class DataSource(StrictModel):
     column: str = "text"  # the text column for plain-text data
     format: str | None = None  # row format for SFT/preference data; None = detect
 
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        from llmlab.data.builtin import BUILTIN_SOURCES  # a plain dict; imports nothing heavy
+
+        if self.path.startswith("builtin:"):
+            name = self.path.split(":", 1)[1]
+            if name not in BUILTIN_SOURCES:
+                near = difflib.get_close_matches(name, list(BUILTIN_SOURCES), n=1)
+                hint = f"did you mean 'builtin:{near[0]}'? " if near else ""
+                yield ("path",), f"unknown built-in source '{name}': {hint}available: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
+        elif self.path.startswith(("/", "./", "../", "~")) and not Path(self.path).expanduser().exists():
+            yield ("path",), f"no such file or folder: {self.path} (paths are relative to the folder you run llmlab from)"
+
 
 # --------------------------------------------------------------------------- tokenizer
 
