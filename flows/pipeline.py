@@ -1,15 +1,20 @@
 """The pipeline flow: a spec compiled into one Prefect task per stage.
 
-    llmlab run pipelines/tiny.yaml                        # runs this flow locally
-    prefect deployment run 'llmlab/tiny'                  # through a worker (see prefect.yaml)
+    llmlab run pipelines/tiny.yaml [--force S] [--only S] [--from S]   # this flow, locally
+    prefect deployment run 'llmlab/tiny' --param force='["eval"]'       # through a worker
 
 Stages run in declaration order (the tokenizer first when the spec trains one); each gets the
 results of the stages it names in `from` (and the tokenizer stage's), passed as small dicts.
+Finished stages whose key is unchanged are reused (Prefect shows them Cached); `force` reruns the
+named stages, `from_stage` reruns a stage and everything after it, `only` runs just the named
+stages on the recorded outputs of the others.
 """
 
 from __future__ import annotations
 
-from llmlab.paths import configure_environment
+from pathlib import Path
+
+from llmlab.paths import configure_environment, state_dir
 
 configure_environment()
 
@@ -17,30 +22,51 @@ from prefect import flow  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from llmlab.spec import load_spec  # noqa: E402
-from tasks.stages import run_stage  # noqa: E402
+from tasks.stages import intact_result, run_stage  # noqa: E402
 from tasks.tracking import close_run, open_run  # noqa: E402
 
 
 def _run_name() -> str:
-    from pathlib import Path
-
     return Path(flow_run.parameters["spec"]).stem
 
 
-@flow(name="llmlab", flow_run_name=_run_name, log_prints=True)
-def pipeline(spec: str) -> dict[str, dict]:
-    """Run every stage of the spec file `spec`; returns {stage: StageResult dict}."""
+@flow(name="llmlab", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
+def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None = None,
+             from_stage: str | None = None) -> dict[str, dict]:
+    """Run the stages of the spec file `spec`; returns {stage: StageResult dict}."""
     plan = load_spec(spec)
+    order = plan.stage_names()
+    unknown = [s for s in [*(force or []), *(only or []), *([from_stage] if from_stage else [])] if s not in order]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: this pipeline has {order}")
+    forced = set(force or []) | (set(order[order.index(from_stage):]) if from_stage else set())
+    storage = state_dir() / "prefect-results"
     parent = open_run(spec, flow_run.id)
     results: dict[str, dict] = {}
+    reused: dict[str, str] = {}
     try:
-        for name in plan.stage_names():
+        for name in order:
             deps = [] if name == "tokenizer" else plan.stages[name].inputs
             if "tokenizer" in results and name != "tokenizer":
                 deps = ["tokenizer", *deps]
-            results[name] = run_stage(spec, name, {d: results[d] for d in deps}, parent)
+            inputs = {d: results[d] for d in deps}
+            skip = bool(only) and name not in only
+            # with --only, any finished, intact output of another stage will do (even from older code)
+            recorded = intact_result(spec, name, inputs, strict=not skip)
+            if skip:
+                if recorded is None:
+                    raise RuntimeError(f"stage '{name}' has no finished output to run {only} on: run it first")
+                results[name], reused[name] = {**recorded, "reused": True}, recorded["mlflow_run_id"]
+                continue
+            state = run_stage.with_options(result_storage=storage, refresh_cache=name in forced or recorded is None)(
+                spec, name, inputs, parent, force=name in forced, return_state=True)
+            result = state.result()
+            if state.name == "Cached" or result["reused"]:
+                result = {**result, "reused": True}
+                reused[name] = result["mlflow_run_id"]
+            results[name] = result
     except BaseException:
-        close_run(spec, parent, "FAILED", results)
+        close_run(spec, parent, "FAILED", results, reused)
         raise
-    close_run(spec, parent, "FINISHED", results)
+    close_run(spec, parent, "FINISHED", results, reused)
     return results

@@ -86,16 +86,26 @@ def inspect(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> No
 
 
 @app.command()
-def run(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
-    """Run a pipeline as a local Prefect flow (stage outputs under the spec's workdir)."""
-    _load_or_exit(file)
+def run(
+    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    force: list[str] = typer.Option([], "--force", help="rerun this stage even if it finished (repeatable)"),
+    only: list[str] = typer.Option([], "--only", help="run only this stage, on the others' finished outputs (repeatable)"),
+    from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+) -> None:
+    """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
+    spec = _load_or_exit(file)
+    names = spec.stage_names()
+    for flag, value in [("--force", s) for s in force] + [("--only", s) for s in only] + ([("--from", from_stage)] if from_stage else []):
+        if value not in names:
+            typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
+            raise typer.Exit(2)
     from llmlab.paths import configure_environment
 
     configure_environment()
     from flows.pipeline import pipeline
 
     try:
-        results = pipeline(spec=str(file))
+        results = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
         raise typer.Exit(130)
@@ -106,7 +116,8 @@ def run(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
     typer.echo("")
     for name, r in results.items():
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}
-        typer.echo(f"{name:<10} {r['status']:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
+        status = "reused" if r["reused"] else r["status"]
+        typer.echo(f"{name:<10} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
 
 
 def main() -> None:

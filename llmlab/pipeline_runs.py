@@ -49,10 +49,13 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
     return run_id
 
 
-def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[str, dict]) -> None:
+def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[str, dict],
+                       reused: dict[str, str]) -> None:
+    """Record each stage's run id, status and duration on the parent; `llmlab.reused.<stage>` names
+    the run whose finished output was reused instead of running the stage again."""
     _, tracker = _tracker(spec_file)
     run = tracker.run(run_id)
-    tags = {}
+    tags = {f"llmlab.reused.{name}": rid for name, rid in reused.items()}
     for name, r in results.items():
         tags[f"llmlab.stage.{name}.run_id"] = r["mlflow_run_id"]
         tags[f"llmlab.stage.{name}.status"] = r["status"]

@@ -41,6 +41,7 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)  # name -> path, e.g. model, tokenizer
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    reused: bool = False  # True when a finished output was reused instead of running
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,27 +93,48 @@ def stage_kind(spec: Pipeline, stage: str) -> str:
     return "tokenizer" if stage == "tokenizer" else spec.stages[stage].kind
 
 
-def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None) -> dict[str, Any]:
-    """Run one stage of a spec file; returns StageResult.to_dict(). Raises on failure."""
-    from llmlab.train.loop import TrainingInterrupted
-    from llmlab.tracking import Tracker
+def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
+                  force: bool = False) -> dict[str, Any]:
+    """Run one stage of a spec file; returns StageResult.to_dict(). Raises on failure.
+
+    Holds a lock on the stage's output folder, so concurrent runs never write into each other; a
+    run that waited for the lock reuses what the other run finished (unless `force`). `force`
+    also discards the stage's checkpoints, so it starts from step 0."""
+    from llmlab.reuse import cache_key, finished_result, stage_lock
 
     spec = load_spec(spec_file)
+    out_dir = Path(spec.output_root) / stage
+    with stage_lock(out_dir, stage):
+        if not force:
+            done = finished_result(spec, stage, inputs)
+            if done is not None:
+                print(f"[{stage}] reusing the finished output in {out_dir} (same config, inputs and code)")
+                return {**done, "reused": True}
+        elif (out_dir / "checkpoints").exists():
+            shutil.rmtree(out_dir / "checkpoints")
+        return _execute(spec, spec_file, stage, inputs, parent_run_id, cache_key(spec, stage, inputs))
+
+
+def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
+             key: str) -> dict[str, Any]:
+    from llmlab.tracking import Tracker
+    from llmlab.train.loop import TrainingInterrupted
+
     kind = stage_kind(spec, stage)
     out_dir = Path(spec.output_root) / stage
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = resolved_config(spec, stage)
     chash = config_hash(config)
     in_results = {k: StageResult.from_dict(v) for k, v in inputs.items()}
     tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
     run = tracker.start_stage_run(parent_run_id, stage, kind, tags={
-        "llmlab.config_hash": chash, "llmlab.version": __version__,
+        "llmlab.config_hash": chash, "llmlab.cache_key": key, "llmlab.version": __version__,
         **{f"llmlab.input.{k}.run_id": v.mlflow_run_id for k, v in in_results.items()},
         **{f"llmlab.input.{k}.fingerprint": v.fingerprint for k, v in in_results.items()},
     })
     run.log_params(config)
-    record = {"stage": stage, "kind": kind, "config": config, "config_hash": chash, "status": "running",
-              "inputs": {k: v.fingerprint for k, v in in_results.items()}, "mlflow_run_id": run.run_id,
+    record = {"stage": stage, "kind": kind, "config": config, "config_hash": chash, "cache_key": key,
+              "status": "running", "inputs": {k: v.fingerprint for k, v in in_results.items()},
+              "input_runs": {k: v.mlflow_run_id for k, v in in_results.items()}, "mlflow_run_id": run.run_id,
               "llmlab_version": __version__, "started": time.time()}
     atomic_write_json(out_dir / "stage.json", record)
     atomic_write_json(out_dir / "config.json", config)
@@ -141,7 +163,7 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
     run.set_tags({"llmlab.fingerprint": result.fingerprint})
     atomic_write_json(out_dir / "stage.json", {**record, "status": "finished", "fingerprint": result.fingerprint,
                                                "outputs": outputs, "metrics": metrics, "finished": time.time(),
-                                               "seconds": result.seconds})
+                                               "seconds": result.seconds, "result": result.to_dict()})
     run.finish("FINISHED")
     return result.to_dict()
 
@@ -216,6 +238,11 @@ class _StageCallbacks:
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.ctx.run.set_tags({f"llmlab.{k}": v for k, v in info.items()})
+        # metrics logged after the checkpoint we resume from will be logged again: drop them
+        metrics = self.ctx.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            rows = [r for r in metrics.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= info["resumed_from"]]
+            atomic_write_text(metrics, "".join(r + "\n" for r in rows))
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         self.ctx.log(metrics, step)

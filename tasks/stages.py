@@ -1,18 +1,37 @@
-"""One Prefect task runs any stage: the stage kind is looked up inside llmlab (`stages.RUNNERS`).
+"""Prefect tasks over llmlab's stage functions: paths, configs and fingerprints in, small dicts out.
 
-The task is a thin wrapper over `llmlab.stages.execute_stage`; it passes paths, fingerprints and
-run ids, never models or tensors.
+`run_stage` runs any stage kind (looked up inside llmlab). Its cache key is llmlab's own
+(`llmlab.reuse.cache_key`: resolved config + input fingerprints + code version); results persist as
+JSON under the state directory, so a new flow run — even against a fresh Prefect database — shows
+finished stages as Cached, and `prefect flow-run retry` resumes a failed run. The flow sets
+`refresh_cache` when the recorded output is gone or altered, so a cache entry is never trusted blindly.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 
+from llmlab.reuse import cache_key, finished_result
+from llmlab.spec import load_spec
 from llmlab.stages import execute_stage
 
 
-@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, log_prints=True)
-def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None) -> dict:
+def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return cache_key(load_spec(parameters["spec"]), parameters["stage"], parameters["inputs"])
+
+
+@task(name="stage", task_run_name="{stage}", cache_key_fn=_key, persist_result=True,
+      result_serializer="json", log_prints=True)
+def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None, force: bool = False) -> dict:
     """Run stage `stage` of spec file `spec` on its upstream results; returns its StageResult dict."""
-    return execute_stage(spec, stage, inputs, parent_run_id)
+    return execute_stage(spec, stage, inputs, parent_run_id, force=force)
+
+
+@task(name="check-outputs", task_run_name="check-{stage}", cache_policy=NO_CACHE, persist_result=False)
+def intact_result(spec: str, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict | None:
+    """The finished result of a stage if its outputs are whole and (when strict) match its key."""
+    return finished_result(load_spec(spec), stage, inputs, strict)

@@ -6,48 +6,26 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from e2e_helpers import shrunk_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def shrunk_tiny(tmp_path: Path, name: str = "tiny-test") -> Path:
-    """pipelines/tiny.yaml with the same stages and data, a smaller model and a few steps."""
-    raw = yaml.safe_load((ROOT / "pipelines/tiny.yaml").read_text())
-    raw["name"] = name
-    raw["workdir"] = str(tmp_path / "runs")
-    raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
-    raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
-    raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_size=4, eval_every=6, eval_steps=4,
-                                              save_every=6, log_every=3)
-    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8)
-    spec = tmp_path / f"{name}.yaml"
-    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return spec
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(scope="module")
 def finished_run(harness, tmp_path_factory):
     """Run the flow once; several tests inspect the outputs."""
-    import os
-
     tmp = tmp_path_factory.mktemp("tiny")
     state = tmp / "state"
-    os.environ["LLMLAB_STATE_DIR"] = str(state)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLMLAB_STATE_DIR", str(state))
     from flows.pipeline import pipeline
 
     spec = shrunk_tiny(tmp)
     results = pipeline(spec=str(spec))
-    return {"spec": spec, "results": results, "state": state}
+    yield {"spec": spec, "results": results, "state": state}
+    mp.undo()
 
 
 def test_every_stage_finishes_with_outputs(finished_run):

@@ -1,0 +1,86 @@
+"""Reusing finished stages: cache keys, integrity checks, and a lock per stage output.
+
+    key = cache_key(spec, "pretrain", inputs)          # config + input fingerprints + code version
+    intact = finished_result(spec, "pretrain", inputs)   # StageResult dict if outputs are whole, else None
+    with stage_lock(out_dir): ...                        # one writer per stage output, across processes
+
+A stage's cache key is its resolved config, the fingerprints of its inputs and a hash of llmlab's
+own source (so a code change invalidates results) — never a path string alone. A cached result is
+trusted only while `stage.json` says finished for the same key and the output still has the
+fingerprint recorded there; otherwise the stage runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmlab.checkpoint import fingerprint
+from llmlab.spec import Pipeline, config_hash
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of every .py file of the llmlab package (a code change means new results)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
+    """What decides whether a finished result can stand in for running the stage again."""
+    from llmlab.stages import resolved_config
+
+    payload = {"config": config_hash(resolved_config(spec, stage)), "code": code_version(),
+               "inputs": {k: v["fingerprint"] for k, v in sorted(inputs.items())}}
+    return f"{spec.name}-{stage}-{config_hash(payload)}"
+
+
+def finished_result(spec: Pipeline, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict[str, Any] | None:
+    """The recorded result of this stage if it finished with this exact key (any key when not
+    `strict`) and its main output still has the recorded fingerprint; None when it must run (again)."""
+    from llmlab.stages import MAIN_OUTPUT, stage_kind
+
+    record_file = Path(spec.output_root) / stage / "stage.json"
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("status") != "finished" or (strict and record.get("cache_key") != cache_key(spec, stage, inputs)):
+        return None
+    main = Path(record["outputs"][MAIN_OUTPUT[stage_kind(spec, stage)]])
+    if not main.exists() or fingerprint(main) != record["fingerprint"]:
+        return None
+    return record["result"]
+
+
+@contextlib.contextmanager
+def stage_lock(out_dir: Path, label: str) -> Iterator[None]:
+    """Hold an exclusive lock on a stage's output folder (waits for another run holding it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{label}] another run is writing {out_dir}; waiting for it", flush=True)
+            started = time.monotonic()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            print(f"[{label}] lock acquired after {time.monotonic() - started:.0f}s", flush=True)
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,24 @@
+"""Helpers for whole-pipeline tests."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", **stage_updates) -> Path:
+    """pipelines/tiny.yaml with the same stages and data, a small model and a few steps."""
+    raw = yaml.safe_load((ROOT / "pipelines/tiny.yaml").read_text())
+    raw["name"] = name
+    raw["workdir"] = str(tmp_path / "runs")
+    raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
+    raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
+    raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_size=4, eval_every=6, eval_steps=4,
+                                              save_every=6, log_every=3)
+    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8)
+    for stage, changes in stage_updates.items():
+        raw["stages"][stage].update(changes)
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec

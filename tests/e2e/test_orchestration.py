@@ -1,0 +1,187 @@
+"""Rerunning only what failed or changed, recomputing what was deleted, resuming a killed stage,
+and concurrent runs of one stage. Whole pipelines through the Prefect flow."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e_helpers import shrunk_tiny
+
+pytestmark = pytest.mark.slow
+
+
+def started(results_dir: Path, stage: str) -> float:
+    return json.loads((results_dir / stage / "stage.json").read_text())["started"]
+
+
+def mlflow_runs(state: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{state / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_failed_stage_reruns_alone_and_finished_stages_are_cached(harness, isolated):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import pipeline
+
+    evaldata = isolated / "evaldata"
+    evaldata.mkdir()  # empty: the eval stage fails when it reads it
+    spec = shrunk_tiny(isolated, "fail-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
+    with pytest.raises(FileNotFoundError, match="no supported files"):
+        pipeline(spec=str(spec))
+    runs = isolated / "runs"
+    assert json.loads((runs / "eval" / "stage.json").read_text())["status"] == "failed"
+    before = {s: started(runs, s) for s in ("tokenizer", "pretrain")}
+    # the flag goes away: the data appears
+    (evaldata / "notes.txt").write_text("\n\n".join(f"Paragraph {i}: the quick brown fox returns the value {i}." for i in range(300)))
+    state = pipeline(spec=str(spec), return_state=True)
+    results = state.result()
+    assert {s: started(runs, s) for s in ("tokenizer", "pretrain")} == before  # not executed again
+    assert results["tokenizer"]["reused"] and results["pretrain"]["reused"] and not results["eval"]["reused"]
+    assert json.loads((runs / "eval" / "stage.json").read_text())["status"] == "finished"
+
+    async def task_states(flow_run_id):
+        async with get_client() as client:
+            trs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {tr.name: tr.state.name for tr in trs}
+
+    import asyncio
+
+    names = asyncio.run(task_states(state.state_details.flow_run_id))
+    assert names["tokenizer"] == "Cached" and names["pretrain"] == "Cached" and names["eval"] == "Completed"
+    # MLflow: the new parent run names the reused child runs
+    client, all_runs = mlflow_runs(isolated / "state", "fail-test")
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
+    assert parents[1].data.tags["llmlab.reused.pretrain"] == results["pretrain"]["mlflow_run_id"]
+    assert "llmlab.reused.eval" not in parents[1].data.tags
+
+
+def test_deleted_or_altered_output_is_recomputed_not_trusted(harness, isolated):
+    from flows.pipeline import pipeline
+
+    spec = shrunk_tiny(isolated, "delete-test")
+    first = pipeline(spec=str(spec))
+    runs = isolated / "runs"
+    # an altered tokenizer output no longer matches its recorded fingerprint
+    (runs / "tokenizer" / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    second = pipeline(spec=str(spec))
+    assert not second["tokenizer"]["reused"]
+    assert second["tokenizer"]["fingerprint"] == first["tokenizer"]["fingerprint"]  # deterministic retrain
+    assert second["pretrain"]["reused"]  # same tokenizer fingerprint: pretrain's key is unchanged
+    import shutil
+
+    shutil.rmtree(runs / "pretrain" / "model")
+    third = pipeline(spec=str(spec))
+    assert not third["pretrain"]["reused"] and (runs / "pretrain" / "model" / "model.safetensors").is_file()
+    assert third["pretrain"]["fingerprint"] == first["pretrain"]["fingerprint"]
+
+
+def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
+    from flows.pipeline import pipeline
+
+    spec = shrunk_tiny(isolated, "edit-test")
+    pipeline(spec=str(spec))
+    runs = isolated / "runs"
+    before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "eval")}
+    spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4})  # an eval-only change
+    results = pipeline(spec=str(spec))
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "eval")] == [True, True, False]
+    assert started(runs, "pretrain") == before["pretrain"]
+    # --force pretrain reruns it from step 0; --only eval runs eval alone
+    results = pipeline(spec=str(spec), force=["pretrain"])
+    assert not results["pretrain"]["reused"] and results["tokenizer"]["reused"]
+    assert started(runs, "pretrain") > before["pretrain"]
+    t = started(runs, "tokenizer")
+    results = pipeline(spec=str(spec), only=["eval"], force=["eval"])
+    assert results["tokenizer"]["reused"] and results["pretrain"]["reused"] and not results["eval"]["reused"]
+    results = pipeline(spec=str(spec), from_stage="pretrain")
+    assert results["tokenizer"]["reused"] and not results["pretrain"]["reused"] and not results["eval"]["reused"]
+    assert started(runs, "tokenizer") == t
+
+
+def cli(args, cwd, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "llmlab.cli", *args], cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def losses(metrics_file: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
+    """`llmlab run` killed with SIGKILL mid-pretrain; the rerun resumes and matches an uninterrupted run."""
+    train = dict(max_steps=40, warmup_steps=2, batch_size=4, eval_every=20, eval_steps=2, save_every=5, log_every=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    for d in (killed, clean):
+        d.mkdir()
+    specs = {}
+    for d in (killed, clean):
+        specs[d] = shrunk_tiny(d, "kill-test")
+        raw = yaml.safe_load(specs[d].read_text())
+        raw["stages"]["pretrain"]["train"].update(train)
+        specs[d].write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = cli(["run", str(specs[killed])], killed, {**env, "LLMLAB_STATE_DIR": str(killed / "state")})
+    metrics = killed / "runs" / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and max(losses(metrics), default=0) >= 13):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(metrics)) < 40, "the run finished before it could be killed"
+    done = cli(["run", str(specs[killed])], killed, {**env, "LLMLAB_STATE_DIR": str(killed / "state")})
+    out_resumed = done.communicate(timeout=300)[0]
+    assert done.returncode == 0, out_resumed[-3000:]
+    resumed_at = int(out_resumed.split("resuming from step ")[1].split()[0])
+    assert resumed_at >= 10 and resumed_at % 5 == 0
+    ref = cli(["run", str(specs[clean])], clean, {**env, "LLMLAB_STATE_DIR": str(clean / "state")})
+    out_ref = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out_ref[-3000:]
+    got, want = losses(metrics), losses(clean / "runs" / "pretrain" / "metrics.jsonl")
+    assert sorted(got) == list(range(1, 41)) == sorted(want)  # history kept, no duplicated steps
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(want[step], abs=1e-5), step
+
+
+def _run_stage_in_process(spec, cwd, state, queue):
+    os.chdir(cwd)
+    os.environ["LLMLAB_STATE_DIR"] = state
+    from llmlab.stages import execute_stage
+
+    tok = json.loads((Path(cwd) / "runs" / "tokenizer" / "stage.json").read_text())["result"]
+    queue.put(execute_stage(spec, "pretrain", {"tokenizer": tok}, None))
+
+
+def test_concurrent_runs_of_one_stage_never_collide(isolated):
+    from llmlab.stages import execute_stage
+
+    spec = shrunk_tiny(isolated, "concurrent-test")
+    execute_stage(str(spec), "tokenizer", {}, None)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_run_stage_in_process, args=(str(spec), str(isolated), str(isolated / "state"), queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(r["reused"] for r in results) == [False, True]  # one trained, the other waited and reused
+    assert results[0]["fingerprint"] == results[1]["fingerprint"]
+    record = json.loads((isolated / "runs" / "pretrain" / "stage.json").read_text())
+    assert record["status"] == "finished" and record["fingerprint"] == results[0]["fingerprint"]
+
