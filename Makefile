@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install demo test test-fast clean mlflow-ui prefect-ui
+.PHONY: install demo test test-fast clean mlflow-ui prefect-ui serve stop
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,10 @@ mlflow-ui: install
 
 prefect-ui: install
 	PREFECT_HOME=$(CURDIR)/.llmlab/prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 --analytics-off
+
+# Prefect server + process worker + MLflow UI on 127.0.0.1, deployments registered (make stop ends them)
+serve: install
+	$(BIN)/llmlab serve
+
+stop:
+	$(BIN)/llmlab stop

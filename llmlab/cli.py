@@ -120,6 +120,55 @@ def run(
         typer.echo(f"{name:<10} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
 
 
+@app.command()
+def serve(
+    prefect_port: int = typer.Option(None, help="Prefect server port (default $LLMLAB_PREFECT_PORT or 4200)"),
+    mlflow_port: int = typer.Option(None, help="MLflow UI port (default $LLMLAB_MLFLOW_PORT or 5000)"),
+) -> None:
+    """Start a Prefect server, a process worker and the MLflow UI on 127.0.0.1; register the deployments."""
+    from llmlab.serve import serve as start
+
+    try:
+        info = start(prefect_port, mlflow_port)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Prefect UI  {info['prefect_ui']}\nMLflow UI   {info['mlflow_ui']}")
+    typer.echo(f"run a pipeline: PREFECT_API_URL={info['prefect_api_url']} prefect deployment run 'llmlab/tiny'")
+    typer.echo("stop everything: make stop")
+
+
+@app.command()
+def stop() -> None:
+    """Stop exactly what `llmlab serve` started."""
+    from llmlab.serve import stop as halt
+
+    stopped = halt()
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def runs(
+    pipeline: str | None = typer.Argument(None, help="pipeline name (default: all)"),
+    limit: int = typer.Option(20, help="how many runs to show"),
+) -> None:
+    """Recent pipeline runs from MLflow: status, duration, and each stage's status and cache hits."""
+    from llmlab.pipeline_runs import list_runs
+
+    found = list_runs(pipeline, limit)
+    if not found:
+        typer.echo("no pipeline runs recorded yet" + (f" for '{pipeline}'" if pipeline else ""))
+        return
+    import datetime
+
+    for r in found:
+        when = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{when}  {r['pipeline']:<16} {r['status']:<9} {r['seconds']:>7.1f}s  run {r['run_id']}")
+        for st in r["stages"]:
+            mark = "cached" if st["reused"] else st["status"]
+            typer.echo(f"    {st['stage']:<12} {mark:<9} {st['seconds']:>7.1f}s")
+
+
 def main() -> None:
     app()
 

@@ -43,3 +43,11 @@ def configure_environment() -> None:
     prefect_home = state_dir() / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect does not create missing parents
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    # while `llmlab serve` runs, talk to its server instead of starting a temporary one that would
+    # write into the same database
+    if "PREFECT_API_URL" not in os.environ:
+        from llmlab.serve import running
+
+        served = running()
+        if served is not None:
+            os.environ["PREFECT_API_URL"] = served["prefect_api_url"]

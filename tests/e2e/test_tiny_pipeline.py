@@ -1,6 +1,7 @@
 """The shipped tiny pipeline, shrunk to seconds, end to end through the Prefect flow and MLflow."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,21 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     ev = {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     assert {"results.json", "report.md"} <= ev
     assert client.get_metric_history(children["eval"].info.run_id, "pretrain/eval/ppl")
+    # lineage: the final model is registered under the pipeline name, with every stage's run
+    (version,) = client.search_model_versions("name = 'tiny-test'")
+    assert version.run_id == pre.info.run_id and version.tags["llmlab.fingerprint"] == results["pretrain"]["fingerprint"]
+    assert version.tags["llmlab.lineage.tokenizer"] == f"{children['tokenizer'].info.run_id}@{results['tokenizer']['fingerprint']}"
+    assert parent.data.tags["llmlab.registered_model"] == "tiny-test/1"
+
+
+def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
+    env = {**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "runs", "tiny-test"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    lines = out.splitlines()
+    assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
+    assert [line.split()[0] for line in lines[1:4]] == ["tokenizer", "pretrain", "eval"]
+    assert all("finished" in line for line in lines[1:4])
 
 
 def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):

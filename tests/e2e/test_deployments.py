@@ -1,0 +1,80 @@
+"""`make serve` path: a real Prefect server and process worker and the MLflow UI on free loopback
+ports; a deployment run through the worker; `stop` ends exactly what was started."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from e2e_helpers import ROOT, shrunk_tiny
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_prefect_yaml_deploys_every_pipeline():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deployed = {d["parameters"]["spec"] for d in config["deployments"]}
+    assert deployed == {f"pipelines/{p.name}" for p in (ROOT / "pipelines").glob("*.yaml")}
+    for d in config["deployments"]:
+        assert d["entrypoint"] == "flows/pipeline.py:pipeline" and d["work_pool"]["name"] == "llmlab"
+        assert d["name"] == Path(d["parameters"]["spec"]).stem
+    (step,) = config["pull"]
+    assert "prefect.deployments.steps.set_working_directory" in step
+
+
+def test_serve_deploy_run_on_worker_and_stop(tmp_path):
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["LLMLAB_STATE_DIR"] = str(state)
+    pport, mport = free_port(), free_port()
+    llmlab = [sys.executable, "-m", "llmlab.cli"]
+    started = subprocess.run([*llmlab, "serve", "--prefect-port", str(pport), "--mlflow-port", str(mport)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    info = json.loads((state / "serve.json").read_text()) if (state / "serve.json").exists() else None
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert set(info["processes"]) == {"prefect-server", "prefect-worker", "mlflow-ui"}
+        spec = shrunk_tiny(tmp_path, "deploy-test")
+        run_env = {**env, "PREFECT_API_URL": info["prefect_api_url"]}
+        prefect = str(Path(sys.executable).parent / "prefect")
+        out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny", "--param", f"spec={spec}", "--watch"],
+                             cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "Completed" in out.stdout
+        # MLflow's UI server shows the pipeline's runs
+        req = urllib.request.Request(f"{info['mlflow_ui']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=deploy-test")
+        exp = json.loads(urllib.request.urlopen(req, timeout=10).read())["experiment"]
+        body = json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode()
+        req = urllib.request.Request(f"{info['mlflow_ui']}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
+        stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.stage"}
+        assert stages == {"tokenizer", "pretrain", "eval"}
+        parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
+        assert len(parent) == 1 and parent[0]["info"]["status"] == "FINISHED"
+        assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"
+    finally:
+        stopped = subprocess.run([*llmlab, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "prefect-server" in stopped.stdout
+    for pgid in info["processes"].values():
+        assert not alive(pgid)
+    assert not (state / "serve.json").exists()
