@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -53,13 +54,30 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert set(info["processes"]) == {"prefect-server", "prefect-worker", "mlflow-ui"}
-        spec = shrunk_tiny(tmp_path, "deploy-test")
+        evaldata = tmp_path / "evaldata"
+        evaldata.mkdir()  # empty: the eval stage fails on it
+        spec = shrunk_tiny(tmp_path, "deploy-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
         run_env = {**env, "PREFECT_API_URL": info["prefect_api_url"]}
         prefect = str(Path(sys.executable).parent / "prefect")
         out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny", "--param", f"spec={spec}", "--watch"],
                              cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "Completed" in out.stdout
+        assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # failed on the worker
+        flow_run_id = out.stdout.split("UUID:")[1].split()[0]
+        first = {s: json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] for s in ("tokenizer", "pretrain")}
+        (evaldata / "notes.txt").write_text("\n\n".join(f"Paragraph {i}: the value {i} is returned." for i in range(300)))
+        retry = subprocess.run([prefect, "flow-run", "retry", flow_run_id], cwd=tmp_path, env=run_env,
+                               capture_output=True, text=True, timeout=120)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"{info['prefect_api_url']}/flow_runs/{flow_run_id}", timeout=10) as r:
+                run_state = json.loads(r.read())["state"]["type"]
+            if run_state in ("COMPLETED", "FAILED", "CRASHED"):
+                break
+            time.sleep(1)
+        assert run_state == "COMPLETED"
+        for s, t in first.items():  # the retry reused the finished stages
+            assert json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] == t
         # MLflow's UI server shows the pipeline's runs
         req = urllib.request.Request(f"{info['mlflow_ui']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=deploy-test")
         exp = json.loads(urllib.request.urlopen(req, timeout=10).read())["experiment"]
@@ -70,7 +88,7 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.stage"}
         assert stages == {"tokenizer", "pretrain", "eval"}
         parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
-        assert len(parent) == 1 and parent[0]["info"]["status"] == "FINISHED"
+        assert sorted(p["info"]["status"] for p in parent) == ["FAILED", "FINISHED"]
         assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"
     finally:
         stopped = subprocess.run([*llmlab, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
