@@ -1,0 +1,493 @@
+"""Supervised fine-tuning data: conversation formats, assistant-only labels, batches with packing.
+
+Formats (detected per source from its columns, or named with `format:`), each turned into a list
+of {"role", "content"} messages:
+
+    messages           messages: [{role, content}, ...]            (system/user/assistant, multi-turn)
+    sharegpt           conversations: [{from, value}, ...]         (human/gpt/system)
+    alpaca             instruction, input, output
+    instruction        instruction, response
+    prompt_completion  prompt, completion
+    question_answer    question, answer
+
+Conversations are rendered with the tokenizer's chat template. Labels are the token ids of the
+assistant turns (content and end-of-turn token) and IGNORE_INDEX everywhere else. The mask comes
+from the template: its `{% generation %}` markers when it has them
+(`return_assistant_tokens_mask=True`), else from character offsets: each assistant turn is the text
+that rendering messages[:i+1] adds to rendering messages[:i] with the generation prompt, mapped to
+tokens with the offsets mapping (trailing whitespace after the end-of-turn token excluded).
+
+Longer conversations are cut to `max_seq_len` tokens (counted in `SFTData.stats`); one left with no
+assistant token is dropped (counted too).
+
+Validation: a source's own "validation" split when it has one (built-in task sources, hub datasets
+with that split), else a `val_fraction` of its examples chosen by a stable hash of the
+conversation, never used for training.
+
+    data = prepare_sft_data([{"path": "builtin:tasks"}], tokenizer, max_seq_len=128, seed=0,
+                            val_fraction=0.05)
+    batches = SFTBatches(data.train, batch_size=16, seed=0, packing=False, max_seq_len=128,
+                         pad_id=tokenizer.pad_token_id)
+    batch = batches.next_batch()   # {input_ids, attention_mask, labels} or, packed,
+                                   # {input_ids, attention_mask, segment_ids, labels}
+    for batch in eval_batches(data.val, batch_size=32, pad_id=tokenizer.pad_token_id): ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+
+from llmlab.train.objectives import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+Example = tuple[list[int], list[int]]  # (input_ids, labels)
+
+SOURCE_KEYS = ("path", "subset", "split", "weight", "format")
+SOURCE_DEFAULTS = {"subset": None, "split": "train", "weight": 1.0, "format": None}
+DETECT_SAMPLE_ROWS = 20
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+                  "system": "system"}
+
+
+# ----------------------------------------------------------------------------------------- formats
+
+
+def _messages(row: dict) -> list[dict]:
+    out = []
+    for m in row["messages"]:
+        role, content = m.get("role"), m.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message role {role!r} is not system, user or assistant")
+        out.append({"role": role, "content": "" if content is None else str(content)})
+    return out
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    out = []
+    for m in row["conversations"]:
+        speaker = str(m.get("from", "")).lower()
+        if speaker not in SHAREGPT_ROLES:
+            raise ValueError(f"ShareGPT speaker {m.get('from')!r} is not one of "
+                             f"{', '.join(sorted(SHAREGPT_ROLES))}")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": str(m.get("value") or "")})
+    return out
+
+
+def _turn(prompt, answer) -> list[dict]:
+    return [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(answer)}]
+
+
+def _alpaca(row: dict) -> list[dict]:
+    extra = (row.get("input") or "").strip()
+    prompt = row["instruction"] if not extra else f"{row['instruction']}\n\n{extra}"
+    return _turn(prompt, row["output"])
+
+
+@dataclass(frozen=True)
+class Format:
+    columns: tuple[str, ...]  # all must be present
+    convert: Callable[[dict], list[dict]]
+
+    def matches(self, keys: set[str]) -> bool:
+        return set(self.columns) <= keys
+
+
+# Order matters: the first match wins (alpaca before instruction: both have `instruction`).
+FORMATS: dict[str, Format] = {
+    "messages": Format(("messages",), _messages),
+    "sharegpt": Format(("conversations",), _sharegpt),
+    "alpaca": Format(("instruction", "input", "output"), _alpaca),
+    "instruction": Format(("instruction", "response"),
+                          lambda r: _turn(r["instruction"], r["response"])),
+    "prompt_completion": Format(("prompt", "completion"),
+                                lambda r: _turn(r["prompt"], r["completion"])),
+    "question_answer": Format(("question", "answer"), lambda r: _turn(r["question"], r["answer"])),
+}
+
+
+def _formats_help() -> str:
+    return "; ".join(f"{name} ({', '.join(f.columns)})" for name, f in FORMATS.items())
+
+
+def detect_format(rows_sample: list[dict], source_name: str) -> str:
+    """The first format whose columns every sampled row has; ValueError naming the source, the
+    columns it has and the known formats otherwise."""
+    if not rows_sample:
+        raise ValueError(f"SFT data source {source_name!r} has no rows")
+    keys = set.intersection(*(set(r) for r in rows_sample))
+    for name, fmt in FORMATS.items():
+        if fmt.matches(keys):
+            return name
+    found = sorted(set().union(*(set(r) for r in rows_sample)))
+    raise ValueError(
+        f"could not detect the SFT format of {source_name!r}: its rows have columns "
+        f"{', '.join(found) or '(none)'}. Known formats and the columns they need: "
+        f"{_formats_help()}. Rename the columns, or set `format:` on the data entry.")
+
+
+def to_messages(row: dict, fmt: str) -> list[dict]:
+    """The conversation a row stands for, as chat messages."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown SFT format {fmt!r}; known: {', '.join(FORMATS)}")
+    missing = [c for c in FORMATS[fmt].columns if c not in row]
+    if missing:
+        raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has "
+                         f"{', '.join(map(str, row))}")
+    messages = FORMATS[fmt].convert(row)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant turn: nothing to learn from")
+    return messages
+
+
+# ------------------------------------------------------------------------------------ tokenizing
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(tokenizer) -> bool:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    return bool(template) and bool(_GENERATION_TAG.search(template))
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (content and
+    end-of-turn, trailing whitespace excluded), found by rendering prefixes of the conversation."""
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        if not (text.startswith(through) and through.startswith(before)):
+            raise ValueError("the chat template does not render conversations incrementally "
+                             "(a prefix renders differently), so assistant turns cannot be located; "
+                             "use a template with {% generation %} markers")
+        end = len(through.rstrip())
+        spans.append((len(before), end))
+    return text, spans
+
+
+def assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, mask) of a rendered conversation; mask 1 on assistant tokens and end-of-turn."""
+    if has_generation_markers(tokenizer):
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    for start, end in enc["offset_mapping"]:
+        inside = any(start < s_end and end > s_start for s_start, s_end in spans) if end > start else False
+        mask.append(int(inside))
+    return list(enc["input_ids"]), mask
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): labels are the ids on assistant tokens, IGNORE_INDEX
+    elsewhere (the first position always: nothing predicts it); cut to `max_seq_len` tokens."""
+    ids, mask = assistant_mask(tokenizer, messages)
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    truncated = len(ids) > max_seq_len
+    return ids[:max_seq_len], labels[:max_seq_len], truncated
+
+
+# ------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class SFTData:
+    train: list[Example]
+    val: list[Example]
+    stats: dict = field(default_factory=dict)
+
+
+def is_validation_example(messages: list[dict], val_fraction: float) -> bool:
+    """Stable hash of the conversation: the same example always lands on the same side."""
+    if val_fraction <= 0:
+        return False
+    key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    return h / 2**64 < val_fraction
+
+
+def _normalise_source(source: dict) -> dict:
+    unknown = set(source) - set(SOURCE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown SFT data keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
+    if "path" not in source:
+        raise ValueError(f"SFT data entry {source!r} has no 'path'")
+    return {**SOURCE_DEFAULTS, **source}
+
+
+def _builtin_task_source(path: str):
+    from llmlab.data.sources import BUILTIN_PREFIX
+    from llmlab.data.tasks import TASK_SOURCES
+
+    if path.startswith(BUILTIN_PREFIX) and path[len(BUILTIN_PREFIX):] in TASK_SOURCES:
+        return TASK_SOURCES[path[len(BUILTIN_PREFIX):]]
+    return None
+
+
+def open_split(path: str, subset: str | None, split: str) -> Iterator[dict] | None:
+    """Rows of one split of a source, or None when the source has no such split. Built-in task
+    generators have train/validation/test; hub datasets have what they have; local files and
+    other built-in sources are one split only (None for anything but the requested train split)."""
+    from llmlab.data.sources import BUILTIN_PREFIX, DataSourceError, _is_local, iter_rows
+
+    tasks = _builtin_task_source(path)
+    if tasks is not None:
+        return tasks(split)
+    if path.startswith(BUILTIN_PREFIX) or _is_local(path):
+        return None
+    try:
+        return iter_rows(path, subset, split)
+    except DataSourceError:
+        return None
+
+
+def _conversations(rows: Iterator[dict], source: dict, name: str) -> Iterator[list[dict]]:
+    first = list(islice(rows, DETECT_SAMPLE_ROWS))
+    fmt = source["format"] or detect_format(first, name)
+    if fmt not in FORMATS:
+        raise ValueError(f"{name!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    for k, row in enumerate(_chain(first, rows)):
+        try:
+            yield to_messages(row, fmt)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{name!r} row {k} is not valid {fmt!r} data: {e}") from e
+
+
+def _chain(first: list[dict], rest: Iterator[dict]) -> Iterator[dict]:
+    yield from first
+    yield from rest
+
+
+def _weighted_order(counts: list[int], weights: list[float], seed: int) -> list[tuple[int, int]]:
+    """Interleave several lists by weight: (source index, item index) pairs; each next item comes
+    from source i with probability w_i / sum(w) over sources not yet exhausted."""
+    rng = random.Random(seed)
+    pos = [0] * len(counts)
+    live = [i for i, (c, w) in enumerate(zip(counts, weights)) if c > 0 and w > 0]
+    order = []
+    while live:
+        i = rng.choices(live, [weights[j] for j in live])[0]
+        order.append((i, pos[i]))
+        pos[i] += 1
+        if pos[i] >= counts[i]:
+            live.remove(i)
+    return order
+
+
+def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int,
+                     val_fraction: float, max_examples: int | None = None,
+                     max_val_examples: int | None = None) -> SFTData:
+    """Read, convert, tokenize and split SFT sources in memory; see the module docstring.
+
+    `max_examples` caps the training examples (after interleaving), `max_val_examples` the
+    validation ones (default: max_examples, or all)."""
+    from llmlab.data.sources import iter_rows
+
+    sources = [_normalise_source(s) for s in sources]
+    for s in sources:
+        if not s["weight"] >= 0:
+            raise ValueError(f"SFT source {s['path']!r} has weight {s['weight']}; weights must be >= 0")
+    stats = {"truncated": 0, "dropped_no_target": 0, "sources": []}
+    per_source_train: list[list[Example]] = []
+    per_source_val: list[list[Example]] = []
+
+    def encode(messages) -> Example | None:
+        ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_len)
+        stats["truncated"] += int(truncated)
+        if all(label == IGNORE_INDEX for label in labels):
+            stats["dropped_no_target"] += 1
+            return None
+        return ids, labels
+
+    for s in sources:
+        name = s["path"]
+        train_rows = _builtin_task_source(name)
+        train_rows = train_rows(s["split"]) if train_rows else iter_rows(name, s["subset"], s["split"])
+        val_rows = open_split(name, s["subset"], "validation") if s["split"] != "validation" else None
+        train, val = [], []
+        for messages in _conversations(train_rows, s, name):
+            if val_rows is None and is_validation_example(messages, val_fraction):
+                ex = encode(messages)
+                if ex is not None:
+                    val.append(ex)
+            else:
+                ex = encode(messages)
+                if ex is not None:
+                    train.append(ex)
+            if max_examples is not None and len(train) >= max_examples:
+                break
+        if val_rows is not None:
+            for messages in _conversations(val_rows, s, f"{name} (validation split)"):
+                ex = encode(messages)
+                if ex is not None:
+                    val.append(ex)
+                if len(val) >= (max_val_examples or max_examples or float("inf")):
+                    break
+        stats["sources"].append({"path": name, "train": len(train), "val": len(val),
+                                 "validation": "split" if val_rows is not None else "held-out fraction"})
+        per_source_train.append(train)
+        per_source_val.append(val)
+
+    weights = [float(s["weight"]) for s in sources]
+    order = _weighted_order([len(t) for t in per_source_train], weights, seed)
+    train = [per_source_train[i][j] for i, j in order]
+    if max_examples is not None:
+        train = train[:max_examples]
+    val = [ex for v in per_source_val for ex in v]
+    cap = max_val_examples if max_val_examples is not None else max_examples
+    if cap is not None:
+        val = val[:cap]
+    if not train:
+        raise ValueError(f"no SFT training examples from {[s['path'] for s in sources]}")
+    stats.update(train_examples=len(train), val_examples=len(val),
+                 train_tokens=sum(len(ids) for ids, _ in train),
+                 train_target_tokens=sum(sum(l != IGNORE_INDEX for l in lab) for _, lab in train))
+    if stats["truncated"]:
+        log.warning("%d SFT examples were longer than max_seq_len=%d tokens and were truncated",
+                    stats["truncated"], max_seq_len)
+    if stats["dropped_no_target"]:
+        log.warning("%d SFT examples had no assistant token left after truncation and were dropped",
+                    stats["dropped_no_target"])
+    return SFTData(train=train, val=val, stats=stats)
+
+
+# -------------------------------------------------------------------------------------- batches
+
+
+def pad_batch(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded {input_ids, attention_mask, labels}; padding has labels IGNORE_INDEX."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (ids, lab) in enumerate(examples):
+        input_ids[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[r, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention[r, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pack_rows(rows: list[list[Example]], max_seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Each row's examples laid end to end in `max_seq_len` tokens: segment ids 0, 1, ... per
+    example and one more for the padding (labels IGNORE_INDEX, attention_mask 0), so with
+    `segment_ids` no token attends outside its own example and positions restart per example."""
+    B = len(rows)
+    input_ids = torch.full((B, max_seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((B, max_seq_len), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.zeros((B, max_seq_len), dtype=torch.long)
+    attention = torch.zeros((B, max_seq_len), dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for seg, (ids, lab) in enumerate(row):
+            n = len(ids)
+            input_ids[r, pos:pos + n] = torch.tensor(ids, dtype=torch.long)
+            labels[r, pos:pos + n] = torch.tensor(lab, dtype=torch.long)
+            labels[r, pos] = IGNORE_INDEX  # never predicted from the previous example
+            segments[r, pos:pos + n] = seg
+            attention[r, pos:pos + n] = 1
+            pos += n
+        segments[r, pos:] = len(row)
+    return {"input_ids": input_ids, "attention_mask": attention, "segment_ids": segments,
+            "labels": labels}
+
+
+class SFTBatches:
+    """Resumable SFT batches: each epoch visits every example once in the order of
+    `random.Random(f"{seed}:{epoch}")`; a batch that reaches an epoch's end continues into the next.
+
+    Without packing a batch is `batch_size` examples, right-padded to the longest. With packing a
+    batch is `batch_size` rows of exactly `max_seq_len` tokens, each holding as many consecutive
+    examples as fit (`segment_ids` keep them apart). `state_dict()` is (epoch, position)."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, packing: bool,
+                 max_seq_len: int, pad_id: int):
+        if not examples:
+            raise ValueError("SFTBatches needs at least one example")
+        too_long = max(len(ids) for ids, _ in examples)
+        if too_long > max_seq_len:
+            raise ValueError(f"an example has {too_long} tokens, more than max_seq_len={max_seq_len}")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.packing = packing
+        self.max_seq_len = max_seq_len
+        self.pad_id = pad_id
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            order = list(range(len(self.examples)))
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+            self._order, self._order_epoch = order, self.epoch
+        return self._order
+
+    def _peek(self) -> Example:
+        if self.position >= len(self.examples):
+            self.epoch += 1
+            self.position = 0
+        return self.examples[self._epoch_order()[self.position]]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self.packing:
+            picked = []
+            for _ in range(self.batch_size):
+                picked.append(self._peek())
+                self.position += 1
+            return pad_batch(picked, self.pad_id)
+        rows: list[list[Example]] = []
+        row: list[Example] = []
+        used = 0
+        while True:
+            ex = self._peek()
+            if used + len(ex[0]) > self.max_seq_len:  # row full: the example opens the next row
+                rows.append(row)
+                row, used = [], 0
+                if len(rows) == self.batch_size:
+                    break
+            row.append(ex)
+            used += len(ex[0])
+            self.position += 1
+        return pack_rows(rows, self.max_seq_len, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not 0 <= state["position"] <= len(self.examples):
+            raise ValueError(f"SFT batch position {state['position']} is outside these "
+                             f"{len(self.examples)} examples; was the state saved for other data?")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Validation batches in a fixed order (the examples' own), right-padded."""
+    return [pad_batch(examples[i:i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,104 @@
+"""Built-in tasks: right answers, deterministic splits that never overlap, plausible wrong answers."""
+
+import random
+
+import pytest
+
+from llmlab.data import tasks
+from llmlab.data.tasks import (SPLIT_SIZES, SPLITS, TASK_SOURCES, TASKS, exact_match,
+                               iter_examples, preference_rows, prompt_rows, prompt_split, sft_rows)
+
+
+def solve(prompt: str) -> str:
+    """An independent solver for every task's prompt."""
+    if prompt.endswith("="):
+        a, b = prompt[:-1].split("+")
+        return str(int(a) + int(b))
+    op, _, arg = prompt.partition(" ")
+    if op == "rev":
+        return " ".join(reversed(arg.split(" ")))
+    if op == "sort":
+        return "".join(sorted(arg))
+    if op == "max":
+        return max(arg)
+    if op == "copy":
+        return arg
+    raise AssertionError(f"unknown prompt {prompt!r}")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_answers_are_right_and_splits_hold(task):
+    for split in SPLITS:
+        for name, prompt, answer in iter_examples(split, size=300, mix={task: 1.0}):
+            assert name == task
+            assert solve(prompt) == answer
+            assert prompt_split(prompt) == split
+
+
+def test_held_out_prompts_never_occur_in_training():
+    train = {p for _, p, _ in iter_examples("train")}
+    val = {p for _, p, _ in iter_examples("validation")}
+    test = {p for _, p, _ in iter_examples("test")}
+    assert len(train) > 2000 and len(val) > 100 and len(test) > 100
+    assert not train & val and not train & test and not val & test
+    # Also the whole prompt space of the small tasks: every prompt has exactly one split.
+    for n in range(1000):
+        assert prompt_split(f"{n}+1=") in SPLITS
+
+
+def test_sizes_determinism_and_seed():
+    for split in SPLITS:
+        rows = list(TASK_SOURCES["tasks"](split))
+        assert len(rows) == SPLIT_SIZES[split]
+    a = list(sft_rows("validation", seed=3))
+    assert a == list(sft_rows("validation", seed=3))
+    assert a != list(sft_rows("validation", seed=4))
+    mix = {r["task"] for r in sft_rows("train", size=2000)}
+    assert mix == set(tasks.DEFAULT_MIX)
+
+
+def test_row_shapes():
+    row = next(TASK_SOURCES["tasks"]("train"))
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    assert row["messages"][1]["content"] == row["answer"] == solve(row["messages"][0]["content"])
+    p = next(TASK_SOURCES["tasks-prompts"]("test"))
+    assert set(p) == {"prompt", "answer", "task"} and solve(p["prompt"]) == p["answer"]
+    one = list(TASK_SOURCES["tasks-reverse"]("train"))[:50]
+    assert {r["task"] for r in one} == {"reverse"}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_rejected_answers_are_wrong_but_plausible(task):
+    rows = list(preference_rows("train", size=400, mix={task: 1.0}))
+    for r in rows:
+        assert r["chosen"] == solve(r["prompt"])
+        assert r["rejected"] != r["chosen"]
+        assert not exact_match(r["rejected"], r["chosen"])
+        # plausible: same kind of answer, about the same length
+        assert abs(len(r["rejected"]) - len(r["chosen"])) <= 1
+        assert r["rejected"].replace(" ", "").isdigit() == r["chosen"].replace(" ", "").isdigit()
+
+
+def test_wrong_answer_edge_cases():
+    rng = random.Random(0)
+    for prompt, answer in [("rev a a a", "a a a"), ("sort 999", "999"), ("max 0000", "0"),
+                           ("copy z z z", "z z z"), ("0+0=", "0"), ("999+1=", "1000")]:
+        task = {"rev": "reverse", "sort": "sort", "max": "max", "copy": "copy"}.get(prompt.split()[0], "add")
+        for _ in range(20):
+            assert tasks.wrong_answer(task, prompt, answer, rng) != answer
+
+
+def test_exact_match_and_reward():
+    assert exact_match(" 348\n", "348")
+    assert not exact_match("3488", "348")
+    assert not exact_match("", "348")
+    assert exact_match("348<|im_end|>\n<|im_start|>user", "348")
+    assert not exact_match("<|im_end|>348", "348")
+    assert tasks.reward("t a c ", "t a c") == 1.0 and tasks.reward("tac", "t a c") == 0.0
+
+
+def test_bad_split_and_mix():
+    with pytest.raises(ValueError, match="unknown split"):
+        next(sft_rows("dev"))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        next(prompt_rows("train", mix={"nope": 1.0}))
