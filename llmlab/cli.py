@@ -121,6 +121,26 @@ def run(
 
 
 @app.command()
+def merge(
+    source: Path = typer.Argument(..., help="an adapter folder, or a stage output folder that holds adapters/"),
+    out: Path = typer.Argument(..., help="where to write the merged model"),
+    base_model: str | None = typer.Option(None, help="base model dir or hub name (default: the one the adapters record)"),
+) -> None:
+    """Fold LoRA adapters into their base model: a plain transformers model folder."""
+    from llmlab.merge import MergeError, merge_adapters, merge_stage_output
+
+    try:
+        if (source / "adapter_config.json").is_file():
+            merged = merge_adapters(source, base_model, out)
+        else:
+            merged = merge_stage_output(source, out, base_model)
+    except MergeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"merged model written to {merged}")
+
+
+@app.command()
 def serve(
     prefect_port: int = typer.Option(None, help="Prefect server port (default $LLMLAB_PREFECT_PORT or 4200)"),
     mlflow_port: int = typer.Option(None, help="MLflow UI port (default $LLMLAB_MLFLOW_PORT or 5000)"),

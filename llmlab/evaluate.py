@@ -12,7 +12,7 @@ training split) is the bar a model must clear to have learned anything beyond to
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -20,17 +20,21 @@ import torch
 from llmlab.train.objectives import target_count, token_nll_sum
 
 
-def perplexity(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
-    """Mean next-token loss (nats) and perplexity over fixed batches of token ids."""
+def perplexity(model: torch.nn.Module, batches: list[torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean next-token loss (nats) and perplexity over fixed batches: token-id tensors (every token
+    is a target) or batch dicts whose `labels` mask what counts (e.g. assistant tokens only)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
     with torch.no_grad():
-        for x in batches:
-            x = x.to(device)
-            total += token_nll_sum(model(input_ids=x).logits, x).double().cpu()
-            count += int(target_count(x))
+        for batch in batches:
+            if not isinstance(batch, dict):
+                batch = {"input_ids": batch, "labels": batch}
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch.pop("labels")
+            total += token_nll_sum(model(**batch).logits, labels).double().cpu()
+            count += int(target_count(labels))
     if was_training:
         model.train()
     loss = float(total / max(count, 1))
@@ -50,15 +54,49 @@ def unigram_perplexity(train_tokens: np.ndarray, batches: list[torch.Tensor], vo
     return math.exp(nll / max(n, 1))
 
 
+def checkable_prompts(rows: Iterator[dict], limit: int, source: str) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from rows with `prompt` or chat `messages`, and an `answer` column."""
+    pairs = []
+    for row in rows:
+        if "answer" not in row or not ("prompt" in row or "messages" in row):
+            raise ValueError(f"eval tasks source {source}: rows need an `answer` column and a `prompt` or "
+                             f"`messages` column; found {sorted(row)}")
+        if "prompt" in row:
+            prompt = row["prompt"]
+        else:  # the conversation before the last assistant turn; here, its last user message
+            prompt = [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
+        pairs.append((prompt, str(row["answer"])))
+        if len(pairs) >= limit:
+            break
+    return pairs
+
+
+def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16,
+                         batch_size: int = 64) -> tuple[float, list[str]]:
+    """Share of prompts whose greedy completion is exactly the answer. Prompts are rendered with
+    the tokenizer's chat template when it has one (instruction-tuned use), else used as they are."""
+    from llmlab.data.tasks import exact_match
+    from llmlab.generate import generate
+
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                if tokenizer.chat_template else p for p, _ in pairs]
+    completions: list[str] = []
+    for i in range(0, len(rendered), batch_size):
+        completions += generate(model, tokenizer, rendered[i:i + batch_size], max_new_tokens, temperature=0.0)
+    hits = [exact_match(c, a) for c, (_, a) in zip(completions, pairs)]
+    return sum(hits) / max(len(hits), 1), completions
+
+
 def render_report(results: dict[str, Any]) -> str:
     """A Markdown report: one row per model, then each model's sample generations."""
     models = results["models"]
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
              f"({results['batches']} batches x {results['batch_size']} x {results['seq_len']}).", "",
-             "| model | eval loss | perplexity | unigram perplexity |", "|---|---|---|---|"]
+             "| model | eval loss | perplexity | unigram perplexity | exact match |", "|---|---|---|---|---|"]
     for name, m in models.items():
-        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} |")
+        em = f"{m['exact_match']:.3f}" if "exact_match" in m else "–"
+        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | {em} |")
     lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
     for prompt_i, prompt in enumerate(results["prompts"]):
         lines.append(f"**Prompt:** `{prompt}`")

@@ -44,14 +44,15 @@ def sample(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: int | list[int] | None,
     pad_token_id: int = 0,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Sampled:
-    """Sample up to `max_new_tokens` per row from left-padded prompts (B, T) with one KV cache."""
+    """Sample up to `max_new_tokens` per row from left-padded prompts (B, T) with one KV cache.
+    A row stops at the first of its stop ids (`eos_token_id`: one id or several)."""
     was_training = model.training
     model.eval()
     B = input_ids.size(0)
@@ -61,6 +62,8 @@ def sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                            dtype=torch.long, device=device)
     step_input = input_ids
     for t in range(max_new_tokens):
         logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1, :].float()
@@ -72,8 +75,8 @@ def sample(
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         out[:, t] = nxt
         lengths += (~done).long()
-        if eos_token_id is not None:
-            done |= nxt == eos_token_id
+        if stop_ids.numel():
+            done |= torch.isin(nxt, stop_ids)
         if bool(done.all()):
             out = out[:, : t + 1]
             break
@@ -82,6 +85,16 @@ def sample(
     if was_training:
         model.train()
     return Sampled(out, lengths)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS, plus the chat template's end-of-turn token when the tokenizer has one (<|im_end|>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
 
 
 def generate(
@@ -95,7 +108,7 @@ def generate(
     seed: int = 0,
     prefix_ids: list[int] | None = None,
 ) -> list[str]:
-    """Complete each prompt; returns the new text only (EOS not included).
+    """Complete each prompt; returns the new text only (the stop token not included).
 
     `prefix_ids` is put before every prompt (e.g. EOS: our pretraining separates documents with
     EOS, so a plain-text prompt after EOS reads as the start of a document)."""
@@ -109,12 +122,13 @@ def generate(
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[i, width - len(e):] = 1
     gen = torch.Generator(device=device).manual_seed(seed)
-    result = sample(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id, pad,
+    stops = stop_token_ids(tokenizer)
+    result = sample(model, ids.to(device), mask.to(device), max_new_tokens, stops, pad,
                     temperature, top_k, top_p, gen)
     texts = []
     for row, n in zip(result.tokens.tolist(), result.lengths.tolist()):
         row = row[:n]
-        if row and row[-1] == tokenizer.eos_token_id:
+        if row and row[-1] in stops:
             row = row[:-1]
         texts.append(tokenizer.decode(row, skip_special_tokens=False))
     return texts

@@ -135,16 +135,66 @@ class ModelSpec(StrictModel):
 
 
 class AdamW(StrictModel):
-    """torch.optim.AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101)."""
+    """torch.optim.AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101): Adam with decoupled weight decay."""
 
     name: Literal["adamw"] = "adamw"
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # first-moment (momentum) decay
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)  # second-moment decay
+    eps: float = Field(1e-8, gt=0)  # added to the denominator
 
 
-OptimizerSpec = Annotated[Union[AdamW], Field(discriminator="name")]
-OPTIMIZER_NAMES = ("adamw",)
+class Adafactor(StrictModel):
+    """torch.optim.Adafactor (Shazeer & Stern 2018, arXiv 1804.04235): factored second moments, no
+    first moment; the step is relative to each parameter's RMS. Defaults are torch's."""
+
+    name: Literal["adafactor"] = "adafactor"
+    beta2_decay: float = Field(-0.8, le=0.0)  # beta2_t = 1 - t^beta2_decay
+    eps1: float | None = Field(None, gt=0)  # floor of the second moment; None = dtype's machine eps
+    eps2: float = Field(1e-3, gt=0)  # floor of the parameter RMS that scales the step
+    d: float = Field(1.0, gt=0)  # update clipping threshold (on the update's RMS)
+
+
+class Lion(StrictModel):
+    """Lion (Chen et al. 2023, arXiv 2302.06675): the sign of an interpolated momentum. Use a 3-10x
+    smaller lr and a larger weight decay than AdamW (the paper's advice)."""
+
+    name: Literal["lion"] = "lion"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # interpolation of momentum and gradient for the update
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)  # momentum decay
+
+
+class Sophia(StrictModel):
+    """Sophia-G (Liu et al. 2023, arXiv 2305.14342): momentum divided by an EMA of a diagonal
+    Hessian estimate (Gauss-Newton-Bartlett, refreshed every `k` steps), clipped elementwise at
+    `rho`: every parameter moves at most rho * lr per step (so lr is larger than AdamW's)."""
+
+    name: Literal["sophia"] = "sophia"
+    beta1: float = Field(0.965, ge=0.0, lt=1.0)  # gradient momentum decay
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)  # Hessian-estimate EMA decay (per refresh)
+    rho: float = Field(0.04, gt=0)  # elementwise clip of m / h: |update| <= rho * lr
+    k: int = Field(10, ge=1)  # optimizer steps between Hessian estimates
+    eps: float = Field(1e-12, gt=0)  # floor of the Hessian estimate in the denominator
+
+
+class Muon(StrictModel):
+    """Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon): Newton-Schulz-orthogonalised
+    momentum for 2-D hidden weight matrices; embeddings, the output head and 1-D parameters use AdamW
+    at `adamw_lr_ratio` x lr."""
+
+    name: Literal["muon"] = "muon"
+    momentum: float = Field(0.95, ge=0.0, lt=1.0)  # momentum decay
+    nesterov: bool = True  # orthogonalise g + momentum * buf instead of buf
+    ns_steps: int = Field(5, ge=1, le=50)  # Newton-Schulz iterations
+    ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs (bf16 is 35x slower there)
+    adamw_lr_ratio: float = Field(0.1, gt=0)  # lr of the AdamW-handled parameters, relative to lr
+    adamw_beta1: float = Field(0.9, ge=0.0, lt=1.0)  # AdamW part: first-moment decay
+    adamw_beta2: float = Field(0.999, ge=0.0, lt=1.0)  # AdamW part: second-moment decay
+    adamw_eps: float = Field(1e-8, gt=0)  # AdamW part: denominator epsilon
+
+
+OPTIMIZER_CLASSES: dict[str, type[StrictModel]] = {"adamw": AdamW, "adafactor": Adafactor, "lion": Lion, "sophia": Sophia, "muon": Muon}
+OptimizerSpec = Annotated[Union[AdamW, Adafactor, Lion, Sophia, Muon], Field(discriminator="name")]
+OPTIMIZER_NAMES = tuple(OPTIMIZER_CLASSES)
 
 
 class TrainSpec(StrictModel):
@@ -203,6 +253,69 @@ class PretrainStage(StageBase):
             yield ("from",), "pretrain continues from at most one stage"
 
 
+class LoraSpec(StrictModel):
+    """LoRA adapters through peft (Hu et al. 2021, arXiv 2106.09685); presence turns LoRA on."""
+
+    preset: Literal["minimal", "attention_only", "ffn_only", "all", "custom"] = "minimal"  # which projections
+    r: int = Field(8, ge=1)  # adapter rank
+    alpha: float = Field(16.0, gt=0)  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the adapter's input
+    target_modules: list[str] | None = None  # module names, only with preset: custom
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.preset == "custom" and not self.target_modules:
+            yield ("target_modules",), "preset: custom needs target_modules (e.g. [q_proj, v_proj])"
+        if self.preset != "custom" and self.target_modules:
+            yield ("target_modules",), f"target_modules is only read with preset: custom (preset is {self.preset})"
+
+
+class SftTrain(TrainSpec):
+    """TrainSpec with the seed's SFT defaults."""
+
+    max_steps: int = Field(5000, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+
+
+class SftStage(StageBase):
+    """Supervised fine-tuning on conversations; loss on assistant tokens (and end of turn) only."""
+
+    kind: Literal["sft"]
+    model: str | None = None  # start from this transformers model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)
+    train: SftTrain = Field(default_factory=SftTrain)
+    lora: LoraSpec | None = None  # adapters instead of full fine-tuning
+    packing: bool = False  # several short examples per row, no attention across them
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.model is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(self.inputs) > 1:
+            yield ("from",), "sft starts from one model"
+
+
+class MergeStage(StageBase):
+    """Fold LoRA adapters into a plain model: from an sft stage with `lora`, or an adapter folder."""
+
+    kind: Literal["merge"]
+    adapters: str | None = None  # an adapter folder, when not `from` a stage
+    base_model: str | None = None  # its base model (default: the adapter config's base_model_name_or_path)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.adapters is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an sft stage with lora) or `adapters` (a folder)"
+        if len(self.inputs) > 1:
+            yield ("from",), "merge takes one stage"
+
+
 DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
 
 
@@ -217,6 +330,8 @@ class EvalStage(StageBase):
     seq_len: int | None = Field(None, ge=8)  # None = the model's max_seq_len
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
     max_new_tokens: int = Field(32, ge=1)
+    tasks: list[DataSource] = Field(default_factory=list)  # held-out checkable prompts, e.g. builtin:tasks split test
+    tasks_limit: int = Field(200, ge=1)  # prompts scored per model for exact match
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
@@ -224,9 +339,9 @@ class EvalStage(StageBase):
             yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
 
 
-Stage = Annotated[Union[PretrainStage, EvalStage], Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "eval")
-PLANNED_KINDS = ("sft", "merge", "dpo", "reward", "ppo", "grpo", "export")
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, EvalStage], Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "eval")
+PLANNED_KINDS = ("dpo", "reward", "ppo", "grpo", "export")
 
 
 class TrackingSpec(StrictModel):
@@ -376,6 +491,11 @@ def _structural_issues(err: ValidationError) -> list[tuple[Loc, str]]:
             valid = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
             near = _nearest(str(loc[-1]), valid)
             hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+            owners = [n for n, c in OPTIMIZER_CLASSES.items() if c is not owner and loc[-1] in c.model_fields]
+            if owner in OPTIMIZER_CLASSES.values() and owners:  # a field of another optimizer
+                out.append((loc, f"unknown key '{loc[-1]}' for optimizer '{_kind(owner, 'name')}' — "
+                                 f"'{loc[-1]}' is a field of {', '.join(owners)}"))
+                continue
             out.append((loc, f"unknown key '{loc[-1]}' — {hint}"))
         elif e["type"] == "union_tag_invalid":
             tag = str(e["input"].get("kind", e["input"].get("name", ""))) if isinstance(e["input"], dict) else ""
@@ -432,6 +552,11 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
                 near = difflib.get_close_matches(dep, [n for n in names if n != name], n=1)
                 hint = f" — did you mean '{near[0]}'?" if near else f" (stages: {', '.join(names)})"
                 yield (("stages", name, "from"), f"unknown stage '{dep}'{hint}")
+        if isinstance(body, dict) and body.get("kind") == "merge" and isinstance(src, str) and isinstance(stages.get(src), dict):
+            up = stages[src]
+            if up.get("kind") != "sft" or not up.get("lora"):
+                yield (("stages", name, "from"), f"merge needs adapters, but stage '{src}' has none "
+                        f"(it is {up.get('kind')}{' without lora' if up.get('kind') == 'sft' else ''}): merge an sft stage with a lora block")
         seen.append(name)
 
 

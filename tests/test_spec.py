@@ -122,7 +122,7 @@ def test_graph_rules():
 def test_unknown_and_planned_stage_kinds():
     issues = issues_of(with_changes(stages__x={"kind": "evl", "from": "pretrain"}))
     assert "did you mean 'eval'" in issues[0].message
-    issues = issues_of(with_changes(stages__x={"kind": "sft", "from": "pretrain"}))
+    issues = issues_of(with_changes(stages__x={"kind": "dpo", "from": "pretrain"}))
     assert "not available in this version" in issues[0].message
 
 
@@ -188,3 +188,22 @@ def test_cli_inspect_prints_graph_params_and_memory():
                          capture_output=True, text=True, check=True)
     assert f"parameters: {expected:,}" in out.stdout
     assert "pretrain" in out.stdout and "memory ~" in out.stdout and "rule of thumb" in out.stdout
+
+
+def test_sft_and_merge_rules():
+    raw = yaml.safe_load(BASE)
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"],
+                     "sft": {"kind": "sft", "from": "pretrain", "data": [{"path": "builtin:tasks"}]},
+                     "merge": {"kind": "merge", "from": "sft"}}
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.merge.from" and "merge needs adapters" in issue.message and "without lora" in issue.message
+    raw["stages"]["sft"]["lora"] = {"preset": "custom"}
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.sft.lora.target_modules"
+    raw["stages"]["sft"]["lora"] = {"preset": "minimal", "r": 4}
+    spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))
+    train = spec.stages["sft"].train  # the seed's SFT defaults
+    assert (train.lr, train.weight_decay, train.batch_size, train.gradient_accumulation_steps, train.warmup_steps,
+            train.max_steps, train.eval_steps) == (5e-6, 0.01, 4, 16, 100, 5000, 50)
+    raw["stages"]["sft"]["model"] = "./somewhere"
+    assert "exactly one of `from`" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message

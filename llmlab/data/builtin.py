@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from llmlab.data.tasks import TASK_SOURCES
 from llmlab.paths import cache_dir
 
 MIN_DOC_CHARS = 40
@@ -160,17 +161,19 @@ def cached_rows(name: str, extract: Callable[[], Iterator[str]]) -> Iterator[dic
             yield json.loads(line)
 
 
-def stdlib_rows() -> Iterator[dict]:
-    """`builtin:stdlib`: standard-library docstrings and pydoc topics, one row per document."""
+def stdlib_rows(split: str = "train") -> Iterator[dict]:
+    """`builtin:stdlib`: standard-library docstrings and pydoc topics, one row per document. Text
+    sources have one split; held-out documents are carved out by hash downstream."""
     return cached_rows("stdlib", _stdlib_texts)
 
 
-def pydocs_rows() -> Iterator[dict]:
+def pydocs_rows(split: str = "train") -> Iterator[dict]:
     """`builtin:pydocs`: the stdlib documents followed by the installed packages' docstrings."""
     return cached_rows("pydocs", _pydocs_texts)
 
 
-BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
+BUILTIN_SOURCES: dict[str, Callable[[str], Iterator[dict]]] = {  # name -> fn(split) -> rows
     "stdlib": stdlib_rows,
     "pydocs": pydocs_rows,
+    **TASK_SOURCES,  # tasks, tasks-preference, tasks-prompts, tasks-<task>: train/validation/test
 }

@@ -103,7 +103,7 @@ def iter_rows(path: str, subset: str | None = None, split: str = "train",
         if name not in BUILTIN_SOURCES:
             raise ValueError(f"unknown built-in source {path!r}; known: "
                              f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_SOURCES))}")
-        return BUILTIN_SOURCES[name]()
+        return BUILTIN_SOURCES[name](split)
     if _is_local(path):
         files = local_files(path)
         return chain.from_iterable(_iter_file(f, streaming) for f in files)

@@ -7,6 +7,8 @@ Extending a run: when a resumed run raises `max_steps`, the schedule does not re
 jump the lr back up) and does not keep the old horizon (which would hit the floor early). It continues
 from the factor it had reached at the resume step and decays from there to the floor over the new
 horizon: `factor(s) = floor + (f_resume - floor) * shape((s - s_resume) / (max_steps - s_resume))`.
+A resume still inside the warmup just moves the horizon (the warmup finishes, nothing jumps). Note
+that extending a run that already reached its end continues at the floor (f_resume = floor).
 
     sched = Schedule("cosine", warmup_steps=100, max_steps=1000, min_lr_ratio=0.1)
     lr = base_lr * sched.factor(step)
@@ -50,6 +52,10 @@ class Schedule:
     def extend(self, new_max_steps: int, step: int) -> None:
         """Resume with a new horizon: continue from the current factor (see module docstring)."""
         if new_max_steps == self.max_steps:
+            return
+        if self.anchor_factor is None and step <= self.warmup_steps:
+            # the decay has not begun: finish the warmup, then decay over the new horizon
+            self.max_steps = new_max_steps
             return
         self.anchor_factor = self.factor(step)
         self.anchor_step = step

@@ -9,6 +9,8 @@
 - Resumable: model, optimizer, schedule, step, RNG and data position are checkpointed atomically every
   `save_every` steps; a run started on a folder that holds a checkpoint continues it, reproducing the
   uninterrupted run's losses. SIGINT/SIGTERM save a checkpoint at the next step boundary and stop.
+- An optimizer with `hessian_due()` (Sophia) gets, when due, an extra forward/backward of
+  `optimizer.hessian_loss(model, batch)` on the step's first micro-batch, then `update_hessian(n)`.
 """
 
 from __future__ import annotations
@@ -216,6 +218,14 @@ def train(
                 g["lr"] = g["base_lr"] * lr_factor
             micro = [batches.next_batch() for _ in range(cfg.gradient_accumulation_steps)]
             micro = [{k: v.to(device) for k, v in b.items()} for b in micro]
+            if hasattr(optimizer, "hessian_due") and optimizer.hessian_due():
+                # curvature-aware optimizers (Sophia) estimate the Hessian on this step's first
+                # micro-batch at the current weights, before the step's gradients accumulate
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    h_loss, h_count = optimizer.hessian_loss(model, micro[0])
+                h_loss.backward()
+                optimizer.update_hessian(h_count)
+                optimizer.zero_grad(set_to_none=True)
             units = sum(torch.as_tensor(objective.count(b), device=device) for b in micro).clamp(min=1)
             step_loss = torch.zeros((), device=device)
             for b in micro:

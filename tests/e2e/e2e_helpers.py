@@ -16,7 +16,11 @@ def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", **stage_updates) -> Pat
     raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
     raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_size=4, eval_every=6, eval_steps=4,
                                               save_every=6, log_every=3)
-    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8)
+    if "sft" in raw["stages"]:
+        raw["stages"]["sft"]["train"].update(max_steps=6, warmup_steps=1, batch_size=4, eval_every=3, eval_steps=2,
+                                             save_every=3, log_every=3)
+        raw["stages"]["sft"]["max_examples"] = 200
+    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8, tasks_limit=8)
     for stage, changes in stage_updates.items():
         raw["stages"][stage].update(changes)
     spec = tmp_path / f"{name}.yaml"

@@ -97,7 +97,7 @@ def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
     before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "eval")}
     spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4})  # an eval-only change
     results = pipeline(spec=str(spec))
-    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "eval")] == [True, True, False]
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "eval")] == [True, True, True, True, False]
     assert started(runs, "pretrain") == before["pretrain"]
     # --force pretrain reruns it from step 0; --only eval runs eval alone
     results = pipeline(spec=str(spec), force=["pretrain"])
@@ -106,8 +106,8 @@ def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
     t = started(runs, "tokenizer")
     results = pipeline(spec=str(spec), only=["eval"], force=["eval"])
     assert results["tokenizer"]["reused"] and results["pretrain"]["reused"] and not results["eval"]["reused"]
-    results = pipeline(spec=str(spec), from_stage="pretrain")
-    assert results["tokenizer"]["reused"] and not results["pretrain"]["reused"] and not results["eval"]["reused"]
+    results = pipeline(spec=str(spec), from_stage="sft")
+    assert results["pretrain"]["reused"] and not results["sft"]["reused"] and not results["merge"]["reused"]
     assert started(runs, "tokenizer") == t
 
 

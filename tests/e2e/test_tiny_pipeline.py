@@ -33,7 +33,7 @@ def test_every_stage_finishes_with_outputs(finished_run):
     from llmlab.checkpoint import fingerprint
 
     results = finished_run["results"]
-    assert list(results) == ["tokenizer", "pretrain", "eval"]
+    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "eval"]
     for name, r in results.items():
         record = json.loads((Path(r["output_dir"]) / "stage.json").read_text())
         assert record["status"] == "finished" and r["status"] == "finished"
@@ -43,6 +43,12 @@ def test_every_stage_finishes_with_outputs(finished_run):
     assert fingerprint(model_dir) == results["pretrain"]["fingerprint"]
     assert json.loads((Path(results["pretrain"]["output_dir"]) / "stage.json").read_text())["inputs"] == {
         "tokenizer": results["tokenizer"]["fingerprint"]}
+    # LoRA SFT wrote peft adapters (best and final); merge wrote a plain model with the chat template
+    sft_dir = Path(results["sft"]["output_dir"])
+    assert {p.name for p in (sft_dir / "adapters").iterdir()} == {"best", "final"}
+    assert (sft_dir / "adapters" / "best" / "adapter_config.json").is_file()
+    merged = Path(results["merge"]["outputs"]["model"])
+    assert (merged / "chat_template.jinja").is_file() and (merged / "model.safetensors").is_file()
     # no temporary names left behind
     assert not list(Path(results["pretrain"]["output_dir"]).rglob(".*.tmp"))
 
@@ -54,7 +60,12 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     # same sources, val_fraction, seq_len and batches: the eval stage must reproduce pretrain's number
     assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
     assert len(scores["samples"]) == len(report["prompts"])
-    assert (Path(results["eval"]["output_dir"]) / "report.md").read_text().count("| pretrain |") == 1
+    text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
+    assert text.count("| pretrain |") == 1 and text.count("| merge |") == 1
+    assert report["tasks"]["prompts"] == 8
+    for model in ("pretrain", "merge"):
+        assert 0.0 <= report["models"][model]["exact_match"] <= 1.0
+        assert len(report["task_samples"][model]) == 8
 
 
 def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
@@ -70,7 +81,7 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
     assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"tokenizer", "pretrain", "eval"}
+    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "eval"}
     pre = children["pretrain"]
     assert pre.data.tags["llmlab.kind"] == "pretrain" and pre.info.run_id == results["pretrain"]["mlflow_run_id"]
     assert pre.data.params["train.lr"] == "0.002" and pre.data.params["model.d_model"] == "32"
@@ -86,9 +97,12 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     ev = {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     assert {"results.json", "report.md"} <= ev
     assert client.get_metric_history(children["eval"].info.run_id, "pretrain/eval/ppl")
+    sft = children["sft"]
+    assert float(sft.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft.data.params["lora.preset"] == "all"
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
-    assert version.run_id == pre.info.run_id and version.tags["llmlab.fingerprint"] == results["pretrain"]["fingerprint"]
+    assert version.run_id == children["merge"].info.run_id
+    assert version.tags["llmlab.fingerprint"] == results["merge"]["fingerprint"]
     assert version.tags["llmlab.lineage.tokenizer"] == f"{children['tokenizer'].info.run_id}@{results['tokenizer']['fingerprint']}"
     assert parent.data.tags["llmlab.registered_model"] == "tiny-test/1"
 
@@ -99,8 +113,8 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
                          env=env, check=True).stdout
     lines = out.splitlines()
     assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
-    assert [line.split()[0] for line in lines[1:4]] == ["tokenizer", "pretrain", "eval"]
-    assert all("finished" in line for line in lines[1:4])
+    assert [line.split()[0] for line in lines[1:6]] == ["tokenizer", "pretrain", "sft", "merge", "eval"]
+    assert all("finished" in line for line in lines[1:6])
 
 
 def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):

@@ -1,0 +1,103 @@
+"""What the training runners share: checkpoint folders tied to a config, callbacks that send the
+loop's metrics to metrics.jsonl and MLflow, model loading, loss-curve plots, model artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from llmlab.checkpoint import atomic_write_json, atomic_write_text
+from llmlab.spec import config_hash
+from llmlab.stages import StageContext, resolved_config
+
+MODEL_ARTIFACT_LIMIT = 200 * 2**20  # model folders larger than this are tracked by path + fingerprint
+
+
+def log_model(ctx: StageContext, model_dir: Path) -> None:
+    """Small models go to MLflow whole; large ones by path and fingerprint only."""
+    size = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
+    if size <= MODEL_ARTIFACT_LIMIT:
+        ctx.run.log_artifact(model_dir, "model")
+    ctx.run.set_tags({"llmlab.model_path": str(model_dir.resolve()), "llmlab.model_bytes": size})
+
+
+def _checkpoint_identity(ctx: StageContext, config: dict) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: everything but the horizon."""
+    stable = {k: v for k, v in config.items() if k != "train"}
+    stable["train"] = {k: v for k, v in config["train"].items()
+                       if k not in ("max_steps", "load_optimizer", "eval_every", "save_every", "log_every", "optimizer")}
+    return {"config": config_hash(stable), "inputs": {k: v.fingerprint for k, v in ctx.inputs.items()}}
+
+
+def prepare_checkpoints(ctx: StageContext) -> Path:
+    """The stage's checkpoint folder, emptied when its checkpoints belong to a different config."""
+    ckpt = ctx.out_dir / "checkpoints"
+    identity = _checkpoint_identity(ctx, resolved_config(ctx.spec, ctx.name))
+    id_file = ckpt / "identity.json"
+    if ckpt.exists() and (not id_file.is_file() or json.loads(id_file.read_text()) != identity):
+        print(f"[{ctx.name}] config or inputs changed since the last checkpoint: starting afresh")
+        shutil.rmtree(ckpt)
+        (ctx.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(id_file, identity)
+    return ckpt
+
+
+class StageCallbacks:
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.ctx.run.set_tags({f"llmlab.{k}": v for k, v in info.items()})
+        # metrics logged after the checkpoint we resume from will be logged again: drop them
+        metrics = self.ctx.out_dir / "metrics.jsonl"
+        if metrics.exists():
+            rows = [r for r in metrics.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= info["resumed_from"]]
+            atomic_write_text(metrics, "".join(r + "\n" for r in rows))
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.ctx.log(metrics, step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.ctx.log(metrics, step)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if self.ctx.run is not None:
+            self.ctx.run.flush()  # what is checkpointed is also in MLflow
+
+
+def load_model(path: str) -> Any:
+    """A causal LM from a local folder (ours or any transformers model) or a hub name, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmlab.model  # noqa: F401  (registers the llmlab architecture)
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
+    """train/loss and eval/loss against optimizer step, as a PNG."""
+    if not metrics_file.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train/loss", "eval/loss"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval") else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

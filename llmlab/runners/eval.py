@@ -1,0 +1,86 @@
+"""The eval stage: every input model scored on the same held-out batches, samples, a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmlab.checkpoint import atomic_write_json, atomic_write_text
+from llmlab.runners.common import load_model
+from llmlab.stages import StageContext
+
+
+def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    """Score every input model on the same held-out batches; samples from fixed prompts; a report."""
+    import numpy as np
+
+    from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
+    from llmlab.data.sources import iter_rows
+    from llmlab.evaluate import checkable_prompts, exact_match_accuracy, perplexity, render_report, unigram_perplexity
+    from llmlab.generate import generate
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import pick_device
+
+    stage, spec = ctx.config, ctx.spec
+    results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
+                               "temperature": stage.temperature, "batches": stage.batches,
+                               "batch_size": stage.batch_size, "models": {}}
+    metrics: dict[str, float] = {}
+    pairs = [p for src in stage.tasks for p in checkable_prompts(iter_rows(src.path, src.subset, src.split),
+                                                                   stage.tasks_limit, src.path)][: stage.tasks_limit]
+    if pairs:
+        results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
+    for name in stage.inputs:
+        model_dir = ctx.inputs[name].outputs["model"]
+        model = load_model(model_dir).to(pick_device())
+        tok = load_tokenizer(model_dir)
+        seq_len = stage.seq_len or model.config.max_seq_len
+        data = prepare_pretrain_data([s.model_dump(exclude={"format"}) for s in stage.data], model_dir, seq_len, spec.seed,
+                                     stage.val_fraction, None)
+        batches = eval_batches(data.val_path, seq_len, stage.batch_size, stage.batches)
+        scores = perplexity(model, batches)
+        train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
+        scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
+        samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature,
+                           seed=spec.seed, prefix_ids=[tok.eos_token_id])
+        if pairs:
+            scores["exact_match"], answers = exact_match_accuracy(model, tok, pairs)
+            results.setdefault("task_samples", {})[name] = [
+                {"prompt": p, "answer": a, "completion": c} for (p, a), c in list(zip(pairs, answers))[:10]]
+        results["models"][name] = {**scores, "samples": samples}
+        results["seq_len"] = seq_len
+        results["val_tokens"] = int(sum(b.numel() for b in batches))
+        for key, value in scores.items():
+            metrics[f"{name}/{key}"] = value
+        em = f", exact match {scores['exact_match']:.3f} on {len(pairs)} held-out tasks" if pairs else ""
+        print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
+              f"(unigram {scores['unigram_ppl']:.2f}){em}")
+    ctx.log(metrics, 0)
+    results_file = ctx.out_dir / "results.json"
+    atomic_write_json(results_file, results)
+    report = ctx.out_dir / "report.md"
+    atomic_write_text(report, render_report(results))
+    plot = plot_bars(results, ctx.out_dir / "perplexity.png")
+    for path, where in ((results_file, None), (report, None), (plot, "plots")):
+        ctx.run.log_artifact(path, where)
+    return {"results": str(results_file), "report": str(report)}, metrics
+
+
+def plot_bars(results: dict[str, Any], out: Path) -> Path:
+    """Held-out perplexity per model, with the unigram baseline, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(names, [results["models"][n]["eval/ppl"] for n in names], label="model")
+    ax.scatter(names, [results["models"][n]["unigram_ppl"] for n in names], color="red", zorder=3, label="unigram baseline")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"{results['pipeline']}: {results['stage']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

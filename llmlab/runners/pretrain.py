@@ -1,0 +1,75 @@
+"""The pretrain stage: a causal LM on packed text, from scratch or continued from `from`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmlab.checkpoint import atomic_dir
+from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.stages import StageContext
+
+
+class LMBatches:
+    """Adapts a BlockSampler to the loop's batch dicts (labels = inputs; the model shifts)."""
+
+    def __init__(self, sampler: Any):
+        self.sampler = sampler
+
+    def next_batch(self) -> dict[str, Any]:
+        x = self.sampler.next_batch()
+        return {"input_ids": x, "labels": x}
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_data
+    from llmlab.evaluate import perplexity
+    from llmlab.model import LlmlabConfig, build_model, count_parameters
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import load_best, pick_device, train
+    from llmlab.train.objectives import LanguageModeling
+
+    stage, spec = ctx.config, ctx.spec
+    if stage.inputs:  # continued pretraining: the upstream model and its tokenizer
+        tok_dir = ctx.inputs[stage.inputs[0]].outputs["model"]
+        model = load_model(tok_dir)
+    else:
+        tok_dir = ctx.tokenizer_dir()
+        tok = load_tokenizer(tok_dir)
+        config = LlmlabConfig(**spec.model.model_dump(), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        model = build_model(config, seed=spec.seed)
+    tok = load_tokenizer(tok_dir)
+    seq_len = model.config.max_seq_len
+    data = prepare_pretrain_data([s.model_dump(exclude={"format"}) for s in stage.data], tok_dir, seq_len, spec.seed,
+                                 stage.val_fraction, stage.max_tokens)
+    print(f"[{ctx.name}] data: {data.meta['train_tokens']:,} training tokens, {data.meta['val_tokens']:,} validation tokens"
+          f"{' (cached)' if data.from_cache else ''}")
+    ctx.run.set_tags({"llmlab.train_tokens": data.meta["train_tokens"], "llmlab.val_tokens": data.meta["val_tokens"],
+                      "llmlab.params": count_parameters(model)})
+    sampler = BlockSampler(data.train_path, seq_len, stage.train.batch_size, spec.seed)
+    val = eval_batches(data.val_path, seq_len, stage.train.batch_size, stage.train.eval_steps)
+    model.to(pick_device())
+    ckpt = prepare_checkpoints(ctx)
+    result = train(model, LanguageModeling(), LMBatches(sampler), stage.train, ckpt,
+                   evaluate=lambda m: perplexity(m, val), callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
+    if stage.train.save_best_only:
+        load_best(model, result)
+    final = perplexity(model, val)
+    model_dir = ctx.out_dir / "model"
+    with atomic_dir(model_dir) as tmp:
+        model.to("cpu").save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    log_model(ctx, model_dir)
+    metrics = {**final, "train/steps": float(result.step)}
+    if result.best_step is not None:
+        metrics["best_step"] = float(result.best_step)
+    return {"model": str(model_dir), "checkpoints": str(ckpt)}, metrics

@@ -1,0 +1,96 @@
+"""The sft stage: supervised fine-tuning on conversations, full or with LoRA adapters.
+
+Starts from an upstream stage's model (`from`) or any transformers causal LM (`model:` dir or hub
+name). The loss counts assistant tokens and their end-of-turn token only. Outputs: `model/` (full
+fine-tuning) or `adapters/final` and `adapters/best` in peft's format (LoRA; the merge stage
+folds them into a plain model). Validation loss is on held-out conversations, never training ones.
+"""
+
+from __future__ import annotations
+
+
+from llmlab.checkpoint import atomic_dir
+from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.stages import StageContext
+
+
+def base_model_dir(ctx: StageContext) -> str:
+    stage = ctx.config
+    return ctx.inputs[stage.inputs[0]].outputs["model"] if stage.inputs else stage.model
+
+
+def model_context(model) -> int:
+    cfg = model.config
+    for key in ("max_seq_len", "max_position_embeddings", "n_positions"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return 2048
+
+
+def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
+    from llmlab.evaluate import perplexity
+    from llmlab.lora import apply_lora, save_adapters, target_modules, trainable_share
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import load_best, pick_device, train
+    from llmlab.train.objectives import LanguageModeling
+
+    stage, spec = ctx.config, ctx.spec
+    base = base_model_dir(ctx)
+    tok = load_tokenizer(base)
+    if not tok.chat_template:
+        raise ValueError(f"the tokenizer of {base} has no chat template, so conversations cannot be rendered; "
+                         f"start from a model whose tokenizer has one (llmlab's tokenizer stage adds one)")
+    model = load_model(base)
+    seq_len = model_context(model)
+    data = prepare_sft_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
+                            stage.val_fraction, stage.max_examples,
+                            max_val_examples=stage.train.batch_size * stage.train.eval_steps)
+    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation conversations; "
+          f"{data.stats['truncated']} truncated to {seq_len} tokens")
+    ctx.run.set_tags({"llmlab.train_examples": len(data.train), "llmlab.val_examples": len(data.val),
+                      "llmlab.truncated": data.stats["truncated"]})
+    if stage.lora is not None:
+        lora = stage.lora
+        targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)
+        trainable, total = trainable_share(model)
+        print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
+              f"train ({100 * trainable / total:.2f}%)")
+        ctx.run.set_tags({"llmlab.lora_targets": ",".join(targets), "llmlab.lora_trainable_share": f"{trainable / total:.6f}"})
+        ctx.log({"lora/trainable_params": float(trainable), "lora/trainable_share": trainable / total}, 0)
+    pad = tok.pad_token_id
+    batches = SFTBatches(data.train, stage.train.batch_size, spec.seed, stage.packing, seq_len, pad)
+    val = eval_batches(data.val, stage.train.batch_size, pad)
+    model.to(pick_device())
+    ckpt = prepare_checkpoints(ctx)
+    result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=lambda m: perplexity(m, val),
+                   callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
+    model.to("cpu")
+    outputs: dict[str, str] = {"checkpoints": str(ckpt)}
+    if stage.lora is not None:
+        final_dir = save_adapters(model, ctx.out_dir / "adapters" / "final", base_model=base, tokenizer=tok)
+        load_best(model, result)
+        best_dir = save_adapters(model, ctx.out_dir / "adapters" / "best", base_model=base, tokenizer=tok)
+        outputs.update(adapters=str(best_dir if stage.train.save_best_only else final_dir),
+                       output=str(ctx.out_dir / "adapters"))
+        ctx.run.log_artifact(ctx.out_dir / "adapters", "adapters")
+    else:
+        if stage.train.save_best_only:
+            load_best(model, result)
+        model_dir = ctx.out_dir / "model"
+        with atomic_dir(model_dir) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        log_model(ctx, model_dir)
+        outputs.update(model=str(model_dir), output=str(model_dir))
+    final = perplexity(model.to(pick_device()), val)
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    metrics = {**final, "train/steps": float(result.step)}
+    if result.best_step is not None:
+        metrics["best_step"] = float(result.best_step)
+    return outputs, metrics
+
+
