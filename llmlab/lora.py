@@ -69,10 +69,18 @@ def is_lora_parameter(name: str) -> bool:
     return "lora_" in name
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """LoRA matrices and peft's trainable-token deltas: everything an adapter folder holds."""
+    return "lora_" in name or "trainable_tokens_" in name
+
+
 def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float,
-               targets: list[str]) -> PeftModel:
+               targets: list[str], trainable_token_ids: list[int] | None = None) -> PeftModel:
     """Wrap `model` with LoRA adapters (task CAUSAL_LM) on the `targets` modules; only the
-    adapters are trainable. ValueError if no module of the model matches a target."""
+    adapters are trainable. `trainable_token_ids` also trains those rows of the input embedding
+    (tied output head included) through peft's trainable tokens — for chat special tokens a base
+    model never saw, whose random embeddings LoRA alone cannot fix. ValueError if no module of the
+    model matches a target."""
     from peft import LoraConfig, get_peft_model
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -80,11 +88,15 @@ def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float,
     if missing:
         raise ValueError(f"LoRA target modules {missing} are not in the model; its leaf module "
                          f"names include {sorted(n for n in names if n.endswith('_proj'))}")
+    extra = {}
+    if trainable_token_ids:
+        extra = {"trainable_token_indices": sorted(set(trainable_token_ids)),
+                 "ensure_weight_tying": bool(getattr(model.config, "tie_word_embeddings", False))}
     config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout),
-                        target_modules=list(targets), task_type="CAUSAL_LM")
+                        target_modules=list(targets), task_type="CAUSAL_LM", **extra)
     peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
-        p.requires_grad_(is_lora_parameter(name))
+        p.requires_grad_(is_adapter_parameter(name))
     return peft_model
 
 

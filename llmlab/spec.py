@@ -261,6 +261,7 @@ class LoraSpec(StrictModel):
     alpha: float = Field(16.0, gt=0)  # scaling: the update is (alpha / r) * B @ A
     dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the adapter's input
     target_modules: list[str] | None = None  # module names, only with preset: custom
+    train_special_tokens: bool = True  # also train special-token embeddings (chat markers a base model never saw)
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.preset == "custom" and not self.target_modules:

@@ -92,3 +92,33 @@ def test_adapters_reload_with_peft_to_identical_logits(tmp_path):
         via_helper = load_adapters(base_dir, out).eval()
         assert torch.equal(via_helper(input_ids=x).logits, want)
         assert not torch.equal(tiny()(input_ids=x).logits, want)  # the adapters do something
+
+
+def test_trainable_special_tokens_change_only_their_rows_and_survive_merge(tmp_path):
+    from llmlab.merge import merge_adapters
+
+    base = tiny()
+    base.save_pretrained(tmp_path / "base")
+    special = [0, 3, 4]
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], trainable_token_ids=special)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.tensor([[0, 3, 10, 11, 4, 12, 13, 4]])
+    for _ in range(5):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("trainable_tokens" in n for n in names) and any("lora_" in n for n in names)
+    save_adapters(model, tmp_path / "adapters", base_model=tmp_path / "base")
+    merged_dir = merge_adapters(tmp_path / "adapters", None, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        got = merged(input_ids=x).logits
+    assert (want - got).abs().max() < 1e-5
+    w_base = tiny().get_input_embeddings().weight
+    w_merged = merged.get_input_embeddings().weight
+    changed = (w_merged - w_base).abs().sum(-1) > 0
+    assert sorted(torch.nonzero(changed).flatten().tolist()) == special

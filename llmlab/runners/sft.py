@@ -53,7 +53,8 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if stage.lora is not None:
         lora = stage.lora
         targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
-        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets)
+        special = tok.all_special_ids if lora.train_special_tokens else None
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, special)
         trainable, total = trainable_share(model)
         print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
               f"train ({100 * trainable / total:.2f}%)")
