@@ -65,14 +65,20 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         flow_run_id = out.stdout.split("UUID:")[1].split()[0]
         first = {s: json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] for s in ("tokenizer", "pretrain")}
         (evaldata / "notes.txt").write_text("\n\n".join(f"Paragraph {i}: the value {i} is returned." for i in range(300)))
+        def flow_run() -> dict:
+            with urllib.request.urlopen(f"{info['prefect_api_url']}/flow_runs/{flow_run_id}", timeout=10) as r:
+                return json.loads(r.read())
+
+        runs_before = flow_run()["run_count"]
         retry = subprocess.run([prefect, "flow-run", "retry", flow_run_id], cwd=tmp_path, env=run_env,
                                capture_output=True, text=True, timeout=120)
         assert retry.returncode == 0, retry.stdout + retry.stderr
+        # right after `retry` the run may still read FAILED: wait for a new attempt to end
         deadline = time.time() + 300
         while time.time() < deadline:
-            with urllib.request.urlopen(f"{info['prefect_api_url']}/flow_runs/{flow_run_id}", timeout=10) as r:
-                run_state = json.loads(r.read())["state"]["type"]
-            if run_state in ("COMPLETED", "FAILED", "CRASHED"):
+            fr = flow_run()
+            run_state = fr["state"]["type"]
+            if fr["run_count"] > runs_before and run_state in ("COMPLETED", "FAILED", "CRASHED"):
                 break
             time.sleep(1)
         assert run_state == "COMPLETED"
