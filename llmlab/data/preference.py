@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -64,6 +63,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
+
+from llmlab.data.order import EpochWalk
 
 from llmlab.data.sft import pad_batch, tokenize_conversation
 from llmlab.train.objectives import IGNORE_INDEX
@@ -464,39 +465,17 @@ class PreferenceBatches:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.pairs = pairs
         self.batch_size = batch_size
-        self.seed = seed
         self.pad_id = pad_id
-        self.epoch = 0
-        self.position = 0
-        self._order_epoch = -1
-        self._order: list[int] = []
-
-    def _epoch_order(self) -> list[int]:
-        if self._order_epoch != self.epoch:
-            order = list(range(len(self.pairs)))
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-            self._order, self._order_epoch = order, self.epoch
-        return self._order
+        self.walk = EpochWalk(len(pairs), seed, "pairs")
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        picked = []
-        for _ in range(self.batch_size):
-            if self.position >= len(self.pairs):
-                self.epoch += 1
-                self.position = 0
-            picked.append(self.pairs[self._epoch_order()[self.position]])
-            self.position += 1
-        return collate_pairs(picked, self.pad_id)
+        return collate_pairs([self.pairs[self.walk.take()] for _ in range(self.batch_size)], self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.walk.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if not 0 <= state["position"] <= len(self.pairs):
-            raise ValueError(f"preference batch position {state['position']} is outside these "
-                             f"{len(self.pairs)} pairs; was the state saved for other data?")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.walk.load_state_dict(state)
 
 
 def eval_batches(pairs: list[Pair], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -46,6 +46,8 @@ from itertools import islice
 
 import torch
 
+from llmlab.data.order import EpochWalk
+
 from llmlab.train.objectives import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -433,34 +435,19 @@ class SFTBatches:
             raise ValueError(f"an example has {too_long} tokens, more than max_seq_len={max_seq_len}")
         self.examples = examples
         self.batch_size = batch_size
-        self.seed = seed
         self.packing = packing
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id
-        self.epoch = 0
-        self.position = 0
-        self._order_epoch = -1
-        self._order: list[int] = []
-
-    def _epoch_order(self) -> list[int]:
-        if self._order_epoch != self.epoch:
-            order = list(range(len(self.examples)))
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-            self._order, self._order_epoch = order, self.epoch
-        return self._order
+        self.walk = EpochWalk(len(examples), seed, "examples")
 
     def _peek(self) -> Example:
-        if self.position >= len(self.examples):
-            self.epoch += 1
-            self.position = 0
-        return self.examples[self._epoch_order()[self.position]]
+        return self.examples[self.walk.peek()]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.packing:
             picked = []
             for _ in range(self.batch_size):
-                picked.append(self._peek())
-                self.position += 1
+                picked.append(self.examples[self.walk.take()])
             return pad_batch(picked, self.pad_id)
         rows: list[list[Example]] = []
         row: list[Example] = []
@@ -474,18 +461,14 @@ class SFTBatches:
                     break
             row.append(ex)
             used += len(ex[0])
-            self.position += 1
+            self.walk.advance()
         return pack_rows(rows, self.max_seq_len, self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.walk.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if not 0 <= state["position"] <= len(self.examples):
-            raise ValueError(f"SFT batch position {state['position']} is outside these "
-                             f"{len(self.examples)} examples; was the state saved for other data?")
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.walk.load_state_dict(state)
 
 
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
