@@ -133,6 +133,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _bar(done: float, width: int = 20) -> str:
+    """A text progress bar, e.g. [#######-------------] 35%; one per log line, so it reads the same
+    in a terminal, in Prefect's logs and in CI output."""
+    filled = int(round(done * width))
+    return f"[{'#' * filled}{'-' * (width - filled)}] {100 * done:3.0f}%"
+
+
 def _fmt_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
@@ -253,7 +260,7 @@ def train(
                     raise FloatingPointError(f"[{label}] loss is {loss_val} at step {step}: lower lr or check data")
                 cb.on_log(step, last)
                 rate = (step - resumed_from) / max(now - run_start, 1e-9)
-                print(f"[{label}] step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {last['train/lr']:.2e} "
+                print(f"[{label}] {_bar(step / cfg.max_steps)} step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {last['train/lr']:.2e} "
                       f"{last['train/tokens_per_sec']:,.0f} tok/s eta {_fmt_eta((cfg.max_steps - step) / max(rate, 1e-9))}", flush=True)
                 window_loss.zero_()
                 window_units.zero_()
