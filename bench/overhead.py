@@ -59,7 +59,7 @@ for name in spec.stage_names():
     out = Path(spec.output_root) / name
     out.mkdir(parents=True, exist_ok=True)
     ctx = stages.StageContext(spec, name, block, out, ins, NullRun())
-    outputs, metrics = stages.RUNNERS[stages.stage_kind(spec, name)](ctx)
+    outputs, metrics = stages.runner(stages.stage_kind(spec, name))(ctx)
     results[name] = stages.StageResult(name, "", str(out), "", "", None, "finished", outputs, metrics).to_dict()
 print(f"SECONDS {time.perf_counter() - t0:.2f}")
 """
