@@ -215,6 +215,7 @@ def train(
     model.train()
     window_loss = torch.zeros((), device=device)
     window_units = torch.zeros((), device=device)
+    window_extra: dict[str, torch.Tensor] = {}  # objective metrics (e.g. dpo/accuracy), summed like the loss
     window_tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     last: dict[str, float] = {}
     grad_norm = torch.zeros(())
@@ -237,9 +238,11 @@ def train(
             step_loss = torch.zeros((), device=device)
             for b in micro:
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss_sum, _extra = objective(model, b)
+                    loss_sum, extra = objective(model, b)
                 (loss_sum / units).backward()
                 step_loss += loss_sum.detach()
+                for key, value in extra.items():
+                    window_extra[key] = window_extra.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
                 window_tokens += int(b["input_ids"].numel())
             if cfg.grad_clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -256,6 +259,9 @@ def train(
                 loss_val = (window_loss / window_units).item()
                 last = {"train/loss": loss_val, "train/lr": cfg.lr * lr_factor, "train/grad_norm": float(grad_norm),
                         "train/tokens_per_sec": window_tokens / max(now - window_start, 1e-9)}
+                # per-method metrics, averaged over the window's units like the loss
+                last.update({key: float(value / window_units) for key, value in window_extra.items()})
+                window_extra.clear()
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"[{label}] loss is {loss_val} at step {step}: lower lr or check data")
                 cb.on_log(step, last)

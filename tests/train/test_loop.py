@@ -199,3 +199,24 @@ def test_checkpoint_holds_no_pickled_objects(tmp_path):
     # weights_only=True refuses arbitrary pickles: loading proves the checkpoint is plain data
     state = torch.load(latest_checkpoint(tmp_path / "ck") / "state.pt", weights_only=True)
     assert json.dumps(state["schedule"])
+
+
+def test_objective_metrics_are_logged_as_window_means(tmp_path):
+    """Extra metrics an objective returns (summed per micro-batch) reach the log, divided by units."""
+
+    class Counting(LanguageModeling):
+        def __call__(self, model, batch):
+            loss, _ = super().__call__(model, batch)
+            return loss, {"obj/targets": self.count(batch).float(), "obj/rows": torch.tensor(float(batch["input_ids"].shape[0]))}
+
+    seen = []
+
+    class Rec(Callbacks):
+        def on_log(self, step, metrics):
+            seen.append(metrics)
+
+    train(tiny_model(), Counting(), Batches(4), cfg(max_steps=4, log_every=2), tmp_path / "ck", callbacks=Rec(), seed=1)
+    assert len(seen) == 2
+    for m in seen:
+        assert m["obj/targets"] == pytest.approx(1.0)  # sum of targets / sum of targets
+        assert m["obj/rows"] == pytest.approx(1 / (SEQ - 1))  # rows per target token: each row has SEQ-1
