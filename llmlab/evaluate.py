@@ -87,16 +87,37 @@ def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[st
     return sum(hits) / max(len(hits), 1), completions
 
 
+def preference_accuracy(model: torch.nn.Module, pairs: list[dict], pad_id: int, batch_size: int = 32) -> float:
+    """Share of held-out pairs whose chosen response the model finds more likely than the rejected
+    one (summed log-probabilities of the response tokens)."""
+    from llmlab.data.preference import eval_batches
+    from llmlab.train.dpo import sequence_logps
+
+    device = next(model.parameters()).device
+    correct = total = 0
+    with torch.no_grad():
+        for batch in eval_batches(pairs, batch_size, pad_id):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logps = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   batch["labels"])
+            half = logps.shape[0] // 2
+            correct += int((logps[:half] > logps[half:]).sum())
+            total += half
+    return correct / max(total, 1)
+
+
 def render_report(results: dict[str, Any]) -> str:
     """A Markdown report: one row per model, then each model's sample generations."""
     models = results["models"]
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
              f"({results['batches']} batches x {results['batch_size']} x {results['seq_len']}).", "",
-             "| model | eval loss | perplexity | unigram perplexity | exact match |", "|---|---|---|---|---|"]
+             "| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy |",
+             "|---|---|---|---|---|---|"]
     for name, m in models.items():
         em = f"{m['exact_match']:.3f}" if "exact_match" in m else "–"
-        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | {em} |")
+        pa = f"{m['preference_accuracy']:.3f}" if "preference_accuracy" in m else "–"
+        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | {em} | {pa} |")
     lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
     for prompt_i, prompt in enumerate(results["prompts"]):
         lines.append(f"**Prompt:** `{prompt}`")

@@ -317,6 +317,61 @@ class MergeStage(StageBase):
             yield ("from",), "merge takes one stage"
 
 
+class DpoTrain(TrainSpec):
+    """TrainSpec with the seed's RLHF defaults. `batch_size` counts preference pairs per optimizer
+    step and `mini_batch_size` pairs per forward; accumulation is their ratio."""
+
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1.4e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # the seed's max_grad_norm
+    batch_size: int = Field(128, ge=1)  # pairs per optimizer step
+    mini_batch_size: int = Field(32, ge=1)  # pairs per forward pass
+    gradient_accumulation_steps: int = Field(1, ge=1)  # derived: batch_size / mini_batch_size; leave at 1
+    eval_every: int = Field(50, ge=1)
+    eval_steps: int = Field(10, ge=1)  # validation mini-batches
+    save_every: int = Field(50, ge=1)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.batch_size % self.mini_batch_size:
+            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+        if self.gradient_accumulation_steps != 1:
+            yield ("gradient_accumulation_steps",), "DPO accumulates batch_size / mini_batch_size mini-batches per step: set those instead"
+
+
+class DpoStage(StageBase):
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs."""
+
+    kind: Literal["dpo"]
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)
+    train: DpoTrain = Field(default_factory=DpoTrain)
+    beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the seed's clip_range, renamed)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: assumed share of flipped labels
+    sft_weight: float = Field(0.0, ge=0)  # NLL on the chosen response, added to the loss (RPO)
+    lora: LoraSpec | None = None  # with LoRA the reference is the same model with adapters disabled
+    reference_stage: str | None = None  # an earlier stage whose model is the reference (default: the start model)
+    reference_model: str | None = None  # a model dir or hub name as the reference
+    precompute_reference: bool = False  # score the reference once before training, then drop it
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+
+    @property
+    def inputs(self) -> list[str]:
+        return super().inputs + ([self.reference_stage] if self.reference_stage else [])
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        own = super().inputs
+        if (self.model is None) == (not own):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(own) > 1:
+            yield ("from",), "dpo starts from one model"
+        if self.reference_stage and self.reference_model:
+            yield ("reference_model",), "give reference_stage or reference_model, not both"
+
+
 DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
 
 
@@ -333,6 +388,8 @@ class EvalStage(StageBase):
     max_new_tokens: int = Field(32, ge=1)
     tasks: list[DataSource] = Field(default_factory=list)  # held-out checkable prompts, e.g. builtin:tasks split test
     tasks_limit: int = Field(200, ge=1)  # prompts scored per model for exact match
+    preferences: list[DataSource] = Field(default_factory=list)  # held-out pairs, e.g. builtin:tasks-preference split test
+    preferences_limit: int = Field(200, ge=1)  # pairs scored per model for preference accuracy
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
@@ -340,9 +397,9 @@ class EvalStage(StageBase):
             yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
 
 
-Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, EvalStage], Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "merge", "eval")
-PLANNED_KINDS = ("dpo", "reward", "ppo", "grpo", "export")
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, EvalStage], Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "eval")
+PLANNED_KINDS = ("reward", "ppo", "grpo", "export")
 
 
 class TrackingSpec(StrictModel):
@@ -542,7 +599,8 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
         yield ("stages", "tokenizer"), "the name 'tokenizer' is reserved for the tokenizer stage: rename this stage"
     for name, body in stages.items():
         src = body.get("from") if isinstance(body, dict) else None
-        for dep in [src] if isinstance(src, str) else (src or []):
+        ref = body.get("reference_stage") if isinstance(body, dict) else None
+        for dep in ([src] if isinstance(src, str) else (src or [])) + ([ref] if isinstance(ref, str) else []):
             if not isinstance(dep, str):
                 continue
             if dep == name:

@@ -179,9 +179,10 @@ RUNNERS: dict[str, str] = {
     "pretrain": "llmlab.runners.pretrain:run_pretrain",
     "sft": "llmlab.runners.sft:run_sft",
     "merge": "llmlab.runners.merge:run_merge",
+    "dpo": "llmlab.runners.dpo:run_dpo",
     "eval": "llmlab.runners.eval:run_eval",
 }
-MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "eval": "results"}
+MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "eval": "results"}
 
 
 def runner(kind: str) -> Callable[[StageContext], tuple[dict[str, str], dict[str, float]]]:

@@ -122,7 +122,7 @@ def test_graph_rules():
 def test_unknown_and_planned_stage_kinds():
     issues = issues_of(with_changes(stages__x={"kind": "evl", "from": "pretrain"}))
     assert "did you mean 'eval'" in issues[0].message
-    issues = issues_of(with_changes(stages__x={"kind": "dpo", "from": "pretrain"}))
+    issues = issues_of(with_changes(stages__x={"kind": "grpo", "from": "pretrain"}))
     assert "not available in this version" in issues[0].message
 
 

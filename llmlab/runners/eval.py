@@ -16,7 +16,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
 
     from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
     from llmlab.data.sources import iter_rows
-    from llmlab.evaluate import checkable_prompts, exact_match_accuracy, perplexity, render_report, unigram_perplexity
+    from llmlab.data.preference import prepare_preference_data
+    from llmlab.evaluate import (checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy, render_report,
+                                 unigram_perplexity)
     from llmlab.generate import generate
     from llmlab.tokenizer import load_tokenizer
     from llmlab.train.loop import pick_device
@@ -43,6 +45,11 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
         samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature,
                            seed=spec.seed, prefix_ids=[tok.eos_token_id])
+        if stage.preferences:  # the named split's rows, tokenized with this model's template
+            prefs = prepare_preference_data([p.model_dump(exclude={"column"}) for p in stage.preferences], tok, seq_len,
+                                            spec.seed, 0.5, stage.preferences_limit, max_val_examples=1).train
+            scores["preference_accuracy"] = preference_accuracy(model, prefs, tok.pad_token_id)
+            results["preferences"] = {"pairs": len(prefs)}
         if pairs:
             scores["exact_match"], answers = exact_match_accuracy(model, tok, pairs)
             results.setdefault("task_samples", {})[name] = [
@@ -53,6 +60,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         for key, value in scores.items():
             metrics[f"{name}/{key}"] = value
         em = f", exact match {scores['exact_match']:.3f} on {len(pairs)} held-out tasks" if pairs else ""
+        em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
         print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
               f"(unigram {scores['unigram_ppl']:.2f}){em}")
     ctx.log(metrics, 0)

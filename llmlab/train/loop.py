@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import signal

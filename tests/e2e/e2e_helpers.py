@@ -20,7 +20,11 @@ def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", **stage_updates) -> Pat
         raw["stages"]["sft"]["train"].update(max_steps=6, warmup_steps=1, batch_size=4, eval_every=3, eval_steps=2,
                                              save_every=3, log_every=3)
         raw["stages"]["sft"]["max_examples"] = 200
-    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8, tasks_limit=8)
+    if "dpo" in raw["stages"]:
+        raw["stages"]["dpo"]["train"].update(max_steps=4, warmup_steps=1, batch_size=8, mini_batch_size=4, eval_every=2,
+                                             eval_steps=2, save_every=2, log_every=2)
+        raw["stages"]["dpo"]["max_examples"] = 64
+    raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8, tasks_limit=8, preferences_limit=8)
     for stage, changes in stage_updates.items():
         raw["stages"][stage].update(changes)
     spec = tmp_path / f"{name}.yaml"

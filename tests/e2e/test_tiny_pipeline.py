@@ -33,7 +33,8 @@ def test_every_stage_finishes_with_outputs(finished_run):
     from llmlab.checkpoint import fingerprint
 
     results = finished_run["results"]
-    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "eval"]
+    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "dpo", "eval"]
+    assert (Path(results["dpo"]["outputs"]["model"]) / "model.safetensors").is_file()
     for name, r in results.items():
         record = json.loads((Path(r["output_dir"]) / "stage.json").read_text())
         assert record["status"] == "finished" and r["status"] == "finished"
@@ -61,10 +62,11 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
     assert len(scores["samples"]) == len(report["prompts"])
     text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
-    assert text.count("| pretrain |") == 1 and text.count("| merge |") == 1
-    assert report["tasks"]["prompts"] == 8
-    for model in ("pretrain", "merge"):
+    assert text.count("| pretrain |") == 1 and text.count("| merge |") == 1 and text.count("| dpo |") == 1
+    assert report["tasks"]["prompts"] == 8 and report["preferences"]["pairs"] == 8
+    for model in ("pretrain", "merge", "dpo"):
         assert 0.0 <= report["models"][model]["exact_match"] <= 1.0
+        assert 0.0 <= report["models"][model]["preference_accuracy"] <= 1.0
         assert len(report["task_samples"][model]) == 8
 
 
@@ -81,7 +83,9 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
     assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "eval"}
+    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "dpo", "eval"}
+    assert client.get_metric_history(children["dpo"].info.run_id, "dpo/accuracy")
+    assert children["dpo"].data.tags["llmlab.reference"].endswith("precomputed")
     pre = children["pretrain"]
     assert pre.data.tags["llmlab.kind"] == "pretrain" and pre.info.run_id == results["pretrain"]["mlflow_run_id"]
     assert pre.data.params["train.lr"] == "0.002" and pre.data.params["model.d_model"] == "32"
@@ -101,8 +105,8 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert float(sft.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft.data.params["lora.preset"] == "all"
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
-    assert version.run_id == children["merge"].info.run_id
-    assert version.tags["llmlab.fingerprint"] == results["merge"]["fingerprint"]
+    assert version.run_id == children["dpo"].info.run_id
+    assert version.tags["llmlab.fingerprint"] == results["dpo"]["fingerprint"]
     assert version.tags["llmlab.lineage.tokenizer"] == f"{children['tokenizer'].info.run_id}@{results['tokenizer']['fingerprint']}"
     assert parent.data.tags["llmlab.registered_model"] == "tiny-test/1"
 
@@ -113,8 +117,8 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
                          env=env, check=True).stdout
     lines = out.splitlines()
     assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
-    assert [line.split()[0] for line in lines[1:6]] == ["tokenizer", "pretrain", "sft", "merge", "eval"]
-    assert all("finished" in line for line in lines[1:6])
+    assert [line.split()[0] for line in lines[1:7]] == ["tokenizer", "pretrain", "sft", "merge", "dpo", "eval"]
+    assert all("finished" in line for line in lines[1:7])
 
 
 def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):

@@ -1,0 +1,117 @@
+"""The dpo stage: Direct Preference Optimization on preference pairs.
+
+The reference model, by default the stage's starting model, costs no second copy when it need not:
+- with `lora:`, the reference is the same network with its adapters disabled;
+- with `precompute_reference: true`, reference log-probs are scored once before training and the
+  reference model is dropped;
+- otherwise a frozen copy; or `reference_stage` / `reference_model` names another model.
+Outputs: `model/` (full training) or `adapters/{final,best}` (LoRA), like the sft stage.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from llmlab.checkpoint import atomic_dir
+from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.sft import model_context
+from llmlab.stages import StageContext
+
+
+def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) -> dict[str, float]:
+    """Held-out DPO loss, preference accuracy, margin and rewards (means over pairs)."""
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    pairs = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, extra = objective(model, batch)
+            n = objective.count(batch)
+            pairs += n
+            for key, value in {"eval/loss": loss, **{f"eval/{k.split('/')[-1] if k.startswith('dpo/') else k}": v
+                                                     for k, v in extra.items()}}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return {k: v / max(pairs, 1) for k, v in totals.items()}
+
+
+def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+    from llmlab.lora import apply_lora, save_adapters, target_modules, trainable_share
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
+    from llmlab.train.loop import load_best, pick_device, train
+
+    stage, spec = ctx.config, ctx.spec
+    own = [s for s in stage.inputs if s != stage.reference_stage] or [None]
+    base = ctx.inputs[own[0]].outputs["model"] if own[0] else stage.model
+    tok = load_tokenizer(base)
+    model = load_model(base)
+    seq_len = model_context(model)
+    mini = stage.train.mini_batch_size
+    data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
+                                   stage.val_fraction, stage.max_examples, max_val_examples=mini * stage.train.eval_steps)
+    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation pairs; "
+          f"{data.stats['malformed']} malformed rows skipped")
+    ctx.run.set_tags({"llmlab.train_pairs": len(data.train), "llmlab.val_pairs": len(data.val),
+                      "llmlab.malformed_rows": data.stats["malformed"]})
+    device = pick_device()
+    ref_dir = ctx.inputs[stage.reference_stage].outputs["model"] if stage.reference_stage else stage.reference_model
+    ref_model = load_model(ref_dir).to(device).eval() if ref_dir else None
+    if stage.lora is not None:
+        lora = stage.lora
+        targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets,
+                           tok.all_special_ids if lora.train_special_tokens else None)
+        trainable, total = trainable_share(model)
+        ctx.run.set_tags({"llmlab.lora_targets": ",".join(targets), "llmlab.lora_trainable_share": f"{trainable / total:.6f}"})
+    model.to(device)
+    if ref_model is not None:
+        reference = model_reference(ref_model)
+        kind = f"model {ref_dir}"
+    elif stage.lora is not None:
+        reference = model_reference(model, disable_adapters=True)  # no second copy
+        kind = "the same model with adapters disabled"
+    else:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = model_reference(ref_model)
+        kind = "a frozen copy of the starting model"
+    if stage.precompute_reference:
+        attach_reference_logps(reference, data.train, mini, tok.pad_token_id, device)
+        attach_reference_logps(reference, data.val, mini, tok.pad_token_id, device)
+        reference, ref_model = None, None  # scored once: the reference leaves memory
+        kind += ", precomputed"
+    print(f"[{ctx.name}] reference: {kind}")
+    ctx.run.set_tags({"llmlab.reference": kind})
+    objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference)
+    batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
+    val = eval_batches(data.val, mini, tok.pad_token_id)
+    cfg = stage.train.model_copy(update={"batch_size": mini, "gradient_accumulation_steps": stage.train.batch_size // mini})
+    ckpt = prepare_checkpoints(ctx)
+    result = train(model, objective, batches, cfg, ckpt, evaluate=lambda m: dpo_evaluate(m, objective, val),
+                   callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
+    model.to("cpu")
+    outputs: dict[str, str] = {"checkpoints": str(ckpt)}
+    if stage.lora is not None:
+        final_dir = save_adapters(model, ctx.out_dir / "adapters" / "final", base_model=base, tokenizer=tok)
+        load_best(model, result)
+        best_dir = save_adapters(model, ctx.out_dir / "adapters" / "best", base_model=base, tokenizer=tok)
+        outputs.update(adapters=str(best_dir if stage.train.save_best_only else final_dir), output=str(ctx.out_dir / "adapters"))
+        ctx.run.log_artifact(ctx.out_dir / "adapters", "adapters")
+    else:
+        if stage.train.save_best_only:
+            load_best(model, result)
+        model_dir = ctx.out_dir / "model"
+        with atomic_dir(model_dir) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        log_model(ctx, model_dir)
+        outputs.update(model=str(model_dir), output=str(model_dir))
+    final = dpo_evaluate(model.to(device), objective, val)
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    return outputs, {**final, "train/steps": float(result.step)}
