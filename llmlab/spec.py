@@ -359,8 +359,14 @@ class DpoStage(StageBase):
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
 
     @property
+    def start(self) -> str | None:
+        """The stage whose model DPO starts from (None: `model`)."""
+        own = super().inputs
+        return own[0] if own else None
+
+    @property
     def inputs(self) -> list[str]:
-        return super().inputs + ([self.reference_stage] if self.reference_stage else [])
+        return list(dict.fromkeys(super().inputs + ([self.reference_stage] if self.reference_stage else [])))
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         own = super().inputs

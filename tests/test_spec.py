@@ -207,3 +207,22 @@ def test_sft_and_merge_rules():
             train.max_steps, train.eval_steps) == (5e-6, 0.01, 4, 16, 100, 5000, 50)
     raw["stages"]["sft"]["model"] = "./somewhere"
     assert "exactly one of `from`" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
+
+
+def test_dpo_rules_and_seed_rlhf_defaults():
+    raw = yaml.safe_load(BASE)
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"],
+                     "dpo": {"kind": "dpo", "from": "pretrain", "data": [{"path": "builtin:tasks-preference"}],
+                             "train": {"batch_size": 10, "mini_batch_size": 4, "gradient_accumulation_steps": 2}}}
+    paths = {i.path: i.message for i in issues_of(yaml.safe_dump(raw, sort_keys=False))}
+    assert "multiple of mini_batch_size" in paths["stages.dpo.train.mini_batch_size"]
+    assert "batch_size / mini_batch_size" in paths["stages.dpo.train.gradient_accumulation_steps"]
+    raw["stages"]["dpo"]["train"] = {}
+    raw["stages"]["dpo"]["reference_stage"] = "later"
+    assert "unknown stage 'later'" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
+    raw["stages"]["dpo"]["reference_stage"] = "pretrain"
+    spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))
+    dpo = spec.stages["dpo"]
+    assert (dpo.beta, dpo.train.lr, dpo.train.weight_decay, dpo.train.grad_clip, dpo.train.batch_size,
+            dpo.train.mini_batch_size) == (0.2, 1.4e-5, 0.0, 1.0, 128, 32)
+    assert dpo.inputs == ["pretrain"] and dpo.start == "pretrain"

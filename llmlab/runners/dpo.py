@@ -46,8 +46,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.train.loop import load_best, pick_device, train
 
     stage, spec = ctx.config, ctx.spec
-    own = [s for s in stage.inputs if s != stage.reference_stage] or [None]
-    base = ctx.inputs[own[0]].outputs["model"] if own[0] else stage.model
+    base = ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
     tok = load_tokenizer(base)
     model = load_model(base)
     seq_len = model_context(model)

@@ -63,3 +63,23 @@ def test_lora_dpo_uses_the_adapter_free_model_as_reference(tmp_path, base, monke
     assert (tmp_path / "runs" / "dpo" / "adapters" / "best" / "adapter_config.json").is_file()
     first = next(r for r in rows if "train/loss" in r)
     assert first["train/loss"] == pytest.approx(0.6931, abs=1e-3)  # adapters start at zero: policy == reference
+
+
+def test_a_named_reference_model_is_used_instead_of_the_start_model(tmp_path, base, monkeypatch):
+    other = tmp_path / "other"
+    from transformers import AutoModelForCausalLM
+
+    import llmlab.model  # noqa: F401
+
+    ref = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(other)
+    result, rows = run_dpo(tmp_path / "run", base, monkeypatch, reference_model=str(other))
+    first = next(r for r in rows if "train/loss" in r)
+    assert first["train/loss"] != pytest.approx(0.6931, abs=1e-3)  # policy != reference from step 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'state' / 'mlflow.db'}")
+    assert client.get_run(result["mlflow_run_id"]).data.tags["llmlab.reference"] == f"model {other}"
