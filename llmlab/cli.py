@@ -16,7 +16,10 @@ from pathlib import Path
 
 import typer
 
+from llmlab.paths import quiet_defaults
 from llmlab.spec import Pipeline, SpecError, json_schema, load_spec
+
+quiet_defaults()  # before transformers is imported by any command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmlab: a language model's whole life from one YAML spec.")
 
@@ -121,6 +124,52 @@ def run(
 
 
 @app.command()
+def chat(
+    model: str = typer.Argument(..., help="a model dir, a stage output dir (runs/tiny/dpo), or SPEC.yaml:STAGE"),
+    temperature: float = typer.Option(0.7, help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
+    max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
+) -> None:
+    """Chat with a model: its chat template when it has one, plain continuation otherwise."""
+    from llmlab.chat import ModelNotFound, chat_loop, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+    except (ModelNotFound, SpecError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    chat_loop(model_dir, temperature, top_p, max_new_tokens)
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
+    prompts: Path = typer.Option(..., help="a .txt file (one prompt per line) or .jsonl (a 'prompt' field per line)"),
+    out: Path | None = typer.Option(None, help="where to write the JSONL (default: standard output)"),
+    temperature: float = typer.Option(0.0, help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+    max_new_tokens: int = typer.Option(256, help="longest completion in tokens"),
+) -> None:
+    """Complete every prompt of a file; one JSON line per prompt: {"prompt", "completion"}."""
+    from llmlab.chat import ModelNotFound, generate_file, read_prompts, resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(model)
+        rows = generate_file(model_dir, read_prompts(prompts), temperature, top_p, max_new_tokens)
+    except (ModelNotFound, SpecError, ValueError, FileNotFoundError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        from llmlab.checkpoint import atomic_write_text
+
+        atomic_write_text(out, text)
+        typer.echo(f"{len(rows)} completions written to {out}", err=True)
+
+
+@app.command()
 def merge(
     source: Path = typer.Argument(..., help="an adapter folder, or a stage output folder that holds adapters/"),
     out: Path = typer.Argument(..., help="where to write the merged model"),
@@ -138,6 +187,43 @@ def merge(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
     typer.echo(f"merged model written to {merged}")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
+    out: Path = typer.Argument(..., help="where to write the exported model"),
+    format: str = typer.Option("hf", "--format", help="hf (transformers, our model code) or llama (stock LlamaForCausalLM)"),
+) -> None:
+    """Export a model: `hf` for transformers with llmlab's code, `llama` for stock transformers (no llmlab needed)."""
+    from llmlab.chat import ModelNotFound, resolve_model_dir
+    from llmlab.export import ExportError, export_model
+
+    try:
+        written = export_model(resolve_model_dir(model), out, format)
+    except (ModelNotFound, ExportError, SpecError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{format} model written to {written}")
+
+
+@app.command()
+def init(
+    path: Path | None = typer.Argument(None, help="where to write the spec (default: pipelines/<name>.yaml)"),
+    defaults: bool = typer.Option(False, "--defaults", help="no questions: the offline tiny recipe"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
+) -> None:
+    """A wizard that asks for the architecture, size, stages and each stage's optimizer, then writes a spec."""
+    from llmlab.wizard import run_wizard, write_spec
+
+    spec = run_wizard(lambda key, question, default: typer.prompt(question, default=default), typer.echo, defaults)
+    target = path or Path("pipelines") / f"{spec['name']}.yaml"
+    try:
+        write_spec(spec, target, overwrite=force)
+    except FileExistsError:
+        typer.echo(f"{target} exists: pass --force to overwrite, or give another path", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {target}; next: llmlab inspect {target} && llmlab run {target}")
 
 
 @app.command()

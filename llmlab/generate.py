@@ -10,6 +10,7 @@ positions are filled with the pad id and masked. Temperature 0 is greedy.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,48 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-@torch.no_grad()
+def iter_sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None,
+    pad_token_id: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next tokens (B,), rows still running before this token (B,)) step by step from
+    left-padded prompts (B, T), one KV cache for the whole batch. A row stops at the first of its
+    stop ids (`eos_token_id`: one id or several); stopped rows get `pad_token_id`."""
+    B = input_ids.size(0)
+    device = input_ids.device
+    cache = KVCache()
+    mask = attention_mask.clone()
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                            dtype=torch.long, device=device)
+    step_input = input_ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1, :].float()
+            if temperature == 0.0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            running = ~done
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            yield nxt, running
+            if stop_ids.numel():
+                done = done | torch.isin(nxt, stop_ids)
+            if bool(done.all()):
+                return
+            step_input = nxt[:, None]
+            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows: masked, ignored
+
+
 def sample(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -51,39 +93,17 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Sampled:
-    """Sample up to `max_new_tokens` per row from left-padded prompts (B, T) with one KV cache.
-    A row stops at the first of its stop ids (`eos_token_id`: one id or several)."""
+    """All of `iter_sample` at once: (B, N) new tokens and each row's length (stop token included)."""
     was_training = model.training
     model.eval()
-    B = input_ids.size(0)
-    device = input_ids.device
-    cache = KVCache()
-    mask = attention_mask.clone()
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
-    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                            dtype=torch.long, device=device)
-    step_input = input_ids
-    for t in range(max_new_tokens):
-        logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1, :].float()
-        if temperature == 0.0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        out[:, t] = nxt
-        lengths += (~done).long()
-        if stop_ids.numel():
-            done |= torch.isin(nxt, stop_ids)
-        if bool(done.all()):
-            out = out[:, : t + 1]
-            break
-        step_input = nxt[:, None]
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows: masked, ignored
+    tokens, lengths = [], torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device)
+    for nxt, running in iter_sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                    temperature, top_k, top_p, generator):
+        tokens.append(nxt)
+        lengths += running.long()
     if was_training:
         model.train()
+    out = torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros((input_ids.size(0), 0))
     return Sampled(out, lengths)
 
 

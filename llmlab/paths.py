@@ -35,11 +35,16 @@ QUIET_OFFLINE_DEFAULTS = {
 }
 
 
+def quiet_defaults() -> None:
+    """No telemetry, no progress bars from transformers/datasets; values already set win."""
+    for key, value in QUIET_OFFLINE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def configure_environment() -> None:
     """Defaults for a run started by llmlab: state under the state dir, no telemetry, quiet
     progress bars. Values already in the environment win. Call before importing prefect."""
-    for key, value in QUIET_OFFLINE_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    quiet_defaults()
     prefect_home = state_dir() / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect does not create missing parents
     os.environ.setdefault("PREFECT_HOME", str(prefect_home))
