@@ -231,6 +231,16 @@ class StageBase(StrictModel):
     """Fields every stage has. `from` names the stages whose outputs this one consumes."""
 
     from_: str | list[str] | None = Field(None, alias="from")
+    gates: list[str] = Field(default_factory=list)  # e.g. "eval/ppl < 40", "exact_match >= previous"
+
+    def gate_issues(self) -> Iterator[tuple[Loc, str]]:
+        from llmlab.gates import parse_gate
+
+        for i, gate in enumerate(self.gates):
+            try:
+                parse_gate(gate)
+            except ValueError as exc:
+                yield ("gates", i), str(exc)
 
     @property
     def inputs(self) -> list[str]:
@@ -584,6 +594,9 @@ def _rule_issues(obj: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
     if isinstance(obj, StrictModel):
         for rel, msg in obj.rules():
             yield loc + rel, msg
+        if isinstance(obj, StageBase):
+            for rel, msg in obj.gate_issues():
+                yield loc + rel, msg
         for name, field in type(obj).model_fields.items():
             yield from _rule_issues(getattr(obj, name), loc + (field.alias or name,))
     elif isinstance(obj, list):

@@ -156,6 +156,19 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         atomic_write_json(out_dir / "stage.json", {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         run.finish("FAILED")
         raise
+    gates = [] if stage == "tokenizer" else spec.stages[stage].gates
+    if gates:
+        from llmlab.gates import GateFailed, check_gates
+
+        upstream = [r for name, r in in_results.items() if name != "tokenizer"]
+        failures = check_gates(gates, metrics, upstream[0].metrics if upstream else None)
+        if failures:
+            message = f"stage '{stage}' stopped the pipeline: " + "; ".join(failures)
+            atomic_write_json(out_dir / "stage.json", {**record, "status": "failed", "error": message, "metrics": metrics})
+            run.set_tags({"llmlab.gates": "failed"})
+            run.finish("FAILED")
+            raise GateFailed(message)
+        run.set_tags({"llmlab.gates": "passed"})
     main = outputs[MAIN_OUTPUT[kind]]
     result = StageResult(stage, kind, str(out_dir), fingerprint(main), chash, run.run_id, "finished",
                          outputs, metrics, round(time.perf_counter() - started, 2))

@@ -189,3 +189,16 @@ def test_concurrent_runs_of_one_stage_never_collide(isolated):
     record = json.loads((isolated / "runs" / "pretrain" / "stage.json").read_text())
     assert record["status"] == "finished" and record["fingerprint"] == results[0]["fingerprint"]
 
+
+
+def test_a_failed_gate_stops_the_pipeline_before_the_next_stage(harness, isolated):
+    from flows.pipeline import pipeline
+    from llmlab.gates import GateFailed
+
+    spec = shrunk_tiny(isolated, "gate-test", pretrain={"gates": ["eval/ppl < 1.5"]})
+    with pytest.raises(GateFailed, match=r"gate 'eval/ppl < 1.5' failed: eval/ppl = [0-9.]+, bound < 1.5"):
+        pipeline(spec=str(spec))
+    runs = isolated / "runs"
+    record = json.loads((runs / "pretrain" / "stage.json").read_text())
+    assert record["status"] == "failed" and "eval/ppl" in record["error"]
+    assert not (runs / "sft").exists()  # nothing after the gate ran
