@@ -170,6 +170,23 @@ def generate(
 
 
 @app.command()
+def report(
+    run: str = typer.Argument(..., help="a pipeline run id (MLflow parent run) or a pipeline name (its newest run)"),
+    out: Path | None = typer.Option(None, help="output folder (default: reports/<run>)"),
+) -> None:
+    """Rebuild a past run's evaluation report (table, plots, training curves) from MLflow."""
+    from llmlab.tracking import rebuild_report
+
+    target = out or Path("reports") / run
+    try:
+        files = rebuild_report(run, target)
+    except LookupError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2)
+    typer.echo("\n".join(str(f) for f in files))
+
+
+@app.command()
 def merge(
     source: Path = typer.Argument(..., help="an adapter folder, or a stage output folder that holds adapters/"),
     out: Path = typer.Argument(..., help="where to write the merged model"),

@@ -108,7 +108,7 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[dict], pad_id: int, 
 
 def render_report(results: dict[str, Any]) -> str:
     """A Markdown report: one row per model, then each model's sample generations."""
-    models = results["models"]
+    models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
              f"({results['batches']} batches x {results['batch_size']} x {results['seq_len']}).", "",

@@ -126,3 +126,45 @@ class Tracker:
 
     def run(self, run_id: str) -> StageRun:
         return StageRun(self.client, run_id)
+
+
+def stage_histories(client: Any, run_id: str, keys: tuple[str, ...] = ("train/loss", "eval/loss")) -> dict[str, list[tuple[int, float]]]:
+    """A run's metric histories as [(step, value)], for training-curve plots."""
+    return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
+
+
+def rebuild_report(run: str, out_dir: Path, uri: str | None = None) -> list[Path]:
+    """Rebuild the eval report of a past pipeline run from MLflow alone. `run` is a parent run id
+    or a pipeline (experiment) name, meaning its newest run. Raises LookupError with the reason."""
+    import json
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from llmlab.report import write_report
+
+    client = MlflowClient(uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(run)
+    if exp is not None:
+        parents = client.search_runs([exp.experiment_id], filter_string="tags.`llmlab.pipeline` != ''",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise LookupError(f"pipeline '{run}' has no recorded runs")
+        parent = parents[0]
+    else:
+        try:
+            parent = client.get_run(run)
+        except Exception:
+            raise LookupError(f"no pipeline named '{run}' and no run with that id in {uri or default_tracking_uri()}") from None
+    tags = parent.data.tags
+    evals = [s for s in tags.get("llmlab.stages", "").split(",")
+             if s and f"llmlab.stage.{s}.run_id" in tags
+             and client.get_run(tags[f"llmlab.stage.{s}.run_id"]).data.tags.get("llmlab.kind") == "eval"]
+    if not evals:
+        raise LookupError(f"run {parent.info.run_id} has no finished eval stage to report")
+    eval_run = tags[f"llmlab.stage.{evals[-1]}.run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = json.loads(Path(client.download_artifacts(eval_run, "results.json", tmp)).read_text())
+    histories = {name: stage_histories(client, tags[f"llmlab.stage.{name}.run_id"]) for name in results["models"]
+                 if f"llmlab.stage.{name}.run_id" in tags}
+    return write_report(results, histories, out_dir)

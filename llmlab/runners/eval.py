@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from llmlab.checkpoint import atomic_write_json, atomic_write_text
+from llmlab.checkpoint import atomic_write_json
 from llmlab.runners.common import load_model
 from llmlab.stages import StageContext
 
@@ -17,8 +16,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
     from llmlab.data.sources import iter_rows
     from llmlab.data.preference import prepare_preference_data
-    from llmlab.evaluate import (checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy, render_report,
-                                 unigram_perplexity)
+    from llmlab.evaluate import checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy, unigram_perplexity
+    from llmlab.report import write_report
+    from llmlab.tracking import stage_histories
     from llmlab.generate import generate
     from llmlab.tokenizer import load_tokenizer
     from llmlab.train.loop import pick_device
@@ -26,7 +26,8 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
-                               "batch_size": stage.batch_size, "models": {}}
+                               "batch_size": stage.batch_size, "models": {},
+                               "model_order": list(stage.inputs)}
     metrics: dict[str, float] = {}
     pairs = [p for src in stage.tasks for p in checkable_prompts(iter_rows(src.path, src.subset, src.split),
                                                                    stage.tasks_limit, src.path)][: stage.tasks_limit]
@@ -66,29 +67,10 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.log(metrics, 0)
     results_file = ctx.out_dir / "results.json"
     atomic_write_json(results_file, results)
-    report = ctx.out_dir / "report.md"
-    atomic_write_text(report, render_report(results))
-    plot = plot_bars(results, ctx.out_dir / "perplexity.png")
-    for path, where in ((results_file, None), (report, None), (plot, "plots")):
-        ctx.run.log_artifact(path, where)
-    return {"results": str(results_file), "report": str(report)}, metrics
-
-
-def plot_bars(results: dict[str, Any], out: Path) -> Path:
-    """Held-out perplexity per model, with the unigram baseline, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["models"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(names, [results["models"][n]["eval/ppl"] for n in names], label="model")
-    ax.scatter(names, [results["models"][n]["unigram_ppl"] for n in names], color="red", zorder=3, label="unigram baseline")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"{results['pipeline']}: {results['stage']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.inputs
+                 if ctx.inputs[name].mlflow_run_id}
+    files = write_report(results, histories, ctx.out_dir)
+    ctx.run.log_artifact(results_file)
+    for path in files:
+        ctx.run.log_artifact(path, None if path.suffix in (".md", ".html") else "plots")
+    return {"results": str(results_file), "report": str(ctx.out_dir / "report.md")}, metrics

@@ -126,3 +126,24 @@ def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):
     bad.write_text("name: x\ntokenizer: {name: gpt2}\nstages: {p: {kind: pretrain}}\n")
     out = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(bad)], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "stages.p.data" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_report_files_and_llmlab_report_rebuilds_from_mlflow(finished_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    eval_dir = Path(finished_run["results"]["eval"]["output_dir"])
+    assert {"report.md", "report.html", "metrics.png", "training_curves.png", "results.json"} <= {p.name for p in eval_dir.iterdir()}
+    client = MlflowClient(f"sqlite:///{finished_run['state'] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny-test")
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    env = {**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "report", parent.info.run_id, "--out", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert all(f"| {m} |" in text for m in ("pretrain", "merge", "dpo"))
+    assert (tmp_path / "r" / "training_curves.png").stat().st_size > 1000
+    assert text == (eval_dir / "report.md").read_text()  # the same report, from MLflow alone
+    missing = subprocess.run([sys.executable, "-m", "llmlab.cli", "report", "no-such-pipeline"], capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and "no pipeline named 'no-such-pipeline'" in missing.stderr
