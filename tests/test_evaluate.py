@@ -42,3 +42,55 @@ def test_report_lists_every_model_and_sample():
     text = render_report(results)
     assert "| a | 1.0000 | 2.70 | 9.00 |" in text and "| b | 2.0000 | 7.40 | 9.00 |" in text
     assert "- a: `x⏎y`" in text and "- b: `z`" in text
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from llmlab.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("evalmodel")
+    tok = train_tokenizer([f"{i}+1={i + 1} sort 321 rev a b" for i in range(300)], 320, d)
+    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return build_model(cfg, seed=1).eval(), tok
+
+
+def test_preference_accuracy_against_log_probs_summed_by_hand(chat_model):
+    from llmlab.data.preference import tokenize_pair
+    from llmlab.evaluate import preference_accuracy
+
+    model, tok = chat_model
+    raw = [("3+1=", "4", "5"), ("sort 321", "123", "132"), ("7+1=", "8", "9"), ("rev a b", "b a", "a b")]
+    pairs = [tokenize_pair(tok, [{"role": "user", "content": p}], c, r, 64) for p, c, r in raw]
+
+    def logp(ids, labels):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        return sum(float(lp[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != -100)
+
+    expected = sum(logp(p["chosen_ids"], p["chosen_labels"]) > logp(p["rejected_ids"], p["rejected_labels"]) for p in pairs)
+    assert preference_accuracy(model, pairs, tok.pad_token_id, batch_size=3) == pytest.approx(expected / len(pairs))
+
+
+def test_exact_match_accuracy_against_greedy_decoding_by_hand(chat_model):
+    from llmlab.data.tasks import exact_match
+    from llmlab.evaluate import exact_match_accuracy
+
+    model, tok = chat_model
+    prompts = ["3+1=", "sort 321", "rev a b"]
+    completions = []
+    for p in prompts:  # uncached greedy decoding, one prompt at a time
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False)["input_ids"]
+        new = []
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")):
+                break
+            new.append(nxt)
+        completions.append(tok.decode(new))
+    answers = [completions[0], "nope", completions[2]]  # two answers equal what greedy decoding gives
+    acc, got = exact_match_accuracy(model, tok, list(zip(prompts, answers)), max_new_tokens=6)
+    assert got == completions
+    assert acc == pytest.approx(sum(exact_match(c, a) for c, a in zip(completions, answers)) / 3)
