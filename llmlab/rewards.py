@@ -1,0 +1,238 @@
+"""Reward functions for online RL (PPO, GRPO): built-ins, your own functions, reward models.
+
+A reward function is a plain callable, TRL style:
+
+    fn(prompts: list[str], completions: list[str], **kw) -> list[float]
+
+one score per (prompt, completion); `kw` carries the prompt rows' other columns as lists aligned
+with the prompts (e.g. `answers=[...]`), and must be accepted even when unused.
+
+A spec names one with a string that `load_reward` resolves, in this order:
+- a built-in name from `REWARD_FUNCTIONS`:
+    exact_match     1.0 when the completion is the row's answer (kw `answers`), else 0.0, by
+                    `llmlab.data.tasks.exact_match` (text from the first end-of-turn marker on and
+                    surrounding whitespace ignored).
+    format          1.0 when the completion, cut at its first end-of-turn marker ("<|im_end|>" or
+                    "<|eos|>"), is non-empty after stripping whitespace and holds no chat special
+                    token ("<|im_start|>", "<|im_end|>", "<|bos|>", "<|eos|>", "<|pad|>"), else 0.0.
+    length_penalty  −max(0, n − target) / target, n the completion's length in characters (cut at
+                    the first end-of-turn marker), target kw `target_length` (int, or one per row;
+                    default 64): 0 up to the target, −1 at twice the target, linear in between/after.
+- "module:function": `function` from the importable `module` (e.g. "my_rewards:brevity" for
+  my_rewards.py in the project folder);
+- otherwise a model folder or hub name: a sequence-classification model with one output
+  (`RewardModel`), scoring `prompt + completion`.
+
+    from llmlab.rewards import load_reward
+    reward = load_reward("exact_match")
+    reward(["2+2="], ["4<|im_end|>"], answers=["4"])        # [1.0]
+    rm = load_reward("out/reward-model")                    # RewardModel
+    rm(prompts, completions)                                # [float, ...] (single logit each)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from llmlab.data.tasks import END_OF_TURN_MARKERS, exact_match
+from llmlab.tokenizer import SPECIAL_TOKENS
+
+RewardFn = Callable[..., list[float]]
+
+DEFAULT_TARGET_LENGTH = 64
+
+
+def _cut(completion: str) -> str:
+    for marker in END_OF_TURN_MARKERS:
+        completion = completion.split(marker, 1)[0]
+    return completion
+
+
+def _per_row(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"kw {name!r} has {len(value)} values for {n} completions")
+        return list(value)
+    return [value] * n
+
+
+def exact_match_reward(prompts: list[str], completions: list[str], answers: Sequence[str] | None = None,
+                       **kw) -> list[float]:
+    """1.0 where the completion is the row's answer (`llmlab.data.tasks.exact_match`), else 0.0."""
+    if answers is None:
+        answers = kw.get("answer")
+    if answers is None:
+        raise ValueError("reward 'exact_match' needs kw `answers` (one answer per completion); "
+                         "the prompt rows must have an 'answer' column")
+    answers = _per_row(answers, len(completions), "answers")
+    return [1.0 if exact_match(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+def format_reward(prompts: list[str], completions: list[str], **kw) -> list[float]:
+    """1.0 where the completion, cut at its first end-of-turn marker, is non-empty (after strip)
+    and has no leftover chat special token in it; else 0.0."""
+    out = []
+    for c in completions:
+        text = _cut(c)
+        ok = bool(text.strip()) and not any(tok in text for tok in SPECIAL_TOKENS)
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+def length_penalty_reward(prompts: list[str], completions: list[str],
+                          target_length: int | Sequence[int] = DEFAULT_TARGET_LENGTH,
+                          **kw) -> list[float]:
+    """−max(0, n − target) / target with n the completion's character count before its first
+    end-of-turn marker: 0 up to `target_length`, then linearly more negative (−1 at twice it)."""
+    targets = _per_row(target_length, len(completions), "target_length")
+    out = []
+    for c, target in zip(completions, targets):
+        if target is None or target <= 0:
+            raise ValueError(f"reward 'length_penalty': target_length must be > 0, got {target!r}")
+        out.append(-max(0, len(_cut(c)) - target) / target)
+    return out
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {
+    "exact_match": exact_match_reward,
+    "format": format_reward,
+    "length_penalty": length_penalty_reward,
+}
+
+_SIGNATURE_FIX = "it must accept (prompts, completions, **kwargs) and return a list of floats"
+
+
+def check_reward_signature(fn: Callable, ref: str) -> None:
+    """Raise TypeError unless `fn` takes two positional arguments and **kwargs."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"reward function {ref!r}: cannot read its signature ({e}); "
+                        f"{_SIGNATURE_FIX}") from e
+    params = list(sig.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    has_varkw = any(p.kind == p.VAR_KEYWORD for p in params)
+    problems = []
+    if len(positional) < 2 and not has_varargs:
+        problems.append("it does not take two positional arguments (prompts, completions)")
+    if not has_varkw:
+        problems.append("it has no **kwargs (extra columns such as answers= are passed by name)")
+    if problems:
+        raise TypeError(f"reward function {ref!r} has signature {sig}: {'; '.join(problems)}; "
+                        f"{_SIGNATURE_FIX}")
+
+
+def load_function(ref: str) -> RewardFn:
+    """Import "module:function", checking it exists, is callable and has a reward signature."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"reward function {ref!r}: expected 'module:function', e.g. "
+                         f"'my_rewards:brevity'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.split(".")[0] == e.name.split(".")[0] and (
+                module_name == e.name or module_name.startswith(e.name + ".")):
+            raise ImportError(f"reward function {ref!r}: no module named {e.name!r} — is it "
+                              f"importable from the project folder? (put {module_name}.py "
+                              f"next to the spec or install it)") from e
+        raise ImportError(f"reward function {ref!r}: importing {module_name!r} failed, it needs "
+                          f"module {e.name!r}, which is not installed") from e
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items()
+                        if callable(v) and not n.startswith("_"))
+        raise AttributeError(f"reward function {ref!r}: module {module_name!r} has no attribute "
+                             f"{attr!r}; callables it has: {', '.join(public) or 'none'}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise TypeError(f"reward function {ref!r}: {module_name}.{attr} is a "
+                        f"{type(fn).__name__}, not a function; {_SIGNATURE_FIX}")
+    check_reward_signature(fn, ref)
+    return fn
+
+
+class RewardModel:
+    """A frozen sequence-classification model (one output) as a reward function.
+
+    Scores `prompt + completion` texts in batches of `batch_size`, right-padded (so positions are
+    those of the unpadded text and the model's last-non-pad-token pooling picks the last real
+    token) and truncated from the left to `max_length` tokens (the completion is kept). Returns the
+    single logit per text. Needs the tokenizer next to the model (or `tokenizer=` a path/name)."""
+
+    def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int = 1024,
+                 device: str | None = None, tokenizer: str | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from llmlab.tokenizer import load_tokenizer
+
+        self.name = str(name_or_path)
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.tokenizer = load_tokenizer(str(tokenizer or name_or_path))
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(self.name)
+        except (OSError, ValueError) as e:
+            raise OSError(f"reward model {self.name!r}: could not load it as a sequence-"
+                          f"classification model (local folder or hub name; offline?): {e}") from e
+        if model.config.num_labels != 1:
+            raise ValueError(f"reward model {self.name!r} has num_labels="
+                             f"{model.config.num_labels}; a reward model has one output "
+                             f"(num_labels=1)")
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.requires_grad_(False)
+        model.eval()
+        self.device = torch.device(device) if device else torch.device("cpu")
+        self.model = model.to(self.device)
+
+    def __call__(self, prompts: list[str], completions: list[str], **kw) -> list[float]:
+        import torch
+
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                enc = {k: v.to(self.device) for k, v in enc.items()
+                       if k in ("input_ids", "attention_mask")}
+                logits = self.model(**enc).logits
+                scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+    def __repr__(self) -> str:
+        return f"RewardModel({self.name!r})"
+
+
+def load_reward(ref: str) -> RewardFn:
+    """Resolve a reward reference: a built-in name, "module:function", or a reward model folder /
+    hub name (see the module docstring)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ValueError(f"reward reference must be a non-empty string, got {ref!r}")
+    ref = ref.strip()
+    if ref in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[ref]
+    local = Path(ref).expanduser()
+    if ":" in ref and not local.exists():
+        return load_function(ref)
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").exists():
+            raise ValueError(f"reward {ref!r}: {str(local)!r} is not a model folder (no "
+                             f"config.json); expected a built-in ({', '.join(REWARD_FUNCTIONS)}), "
+                             f"'module:function', or a reward model folder")
+        return RewardModel(str(local))
+    try:
+        return RewardModel(ref)
+    except OSError as e:
+        raise ValueError(f"unknown reward {ref!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}), "
+                         f"not 'module:function', not a local folder, and loading it from the "
+                         f"Hugging Face hub failed ({e})") from e
