@@ -112,12 +112,15 @@ def render_report(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
              f"({results['batches']} batches x {results['batch_size']} x {results['seq_len']}).", "",
-             "| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy |",
-             "|---|---|---|---|---|---|"]
+             "| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy | mean reward |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(m: dict, key: str) -> str:
+        return f"{m[key]:.3f}" if key in m else "–"
+
     for name, m in models.items():
-        em = f"{m['exact_match']:.3f}" if "exact_match" in m else "–"
-        pa = f"{m['preference_accuracy']:.3f}" if "preference_accuracy" in m else "–"
-        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | {em} | {pa} |")
+        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | "
+                     f"{cell(m, 'exact_match')} | {cell(m, 'preference_accuracy')} | {cell(m, 'reward_mean')} |")
     lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
     for prompt_i, prompt in enumerate(results["prompts"]):
         lines.append(f"**Prompt:** `{prompt}`")

@@ -14,7 +14,7 @@ from llmlab.checkpoint import atomic_write_text
 
 CURVES = ("train/loss", "eval/loss")  # the training curves drawn per stage
 BARS = (("eval/ppl", "held-out perplexity"), ("exact_match", "exact match, held-out tasks"),
-        ("preference_accuracy", "preference accuracy, held-out pairs"))
+        ("preference_accuracy", "preference accuracy, held-out pairs"), ("reward_mean", "mean reward"))
 
 
 def _plt():

@@ -406,6 +406,7 @@ class EvalStage(StageBase):
     tasks_limit: int = Field(200, ge=1)  # prompts scored per model for exact match
     preferences: list[DataSource] = Field(default_factory=list)  # held-out pairs, e.g. builtin:tasks-preference split test
     preferences_limit: int = Field(200, ge=1)  # pairs scored per model for preference accuracy
+    reward: str | None = None  # mean reward of the task completions: a builtin (exact_match), module:function or model dir
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
 
     def rules(self) -> Iterator[tuple[Loc, str]]:

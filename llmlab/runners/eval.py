@@ -33,6 +33,13 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                                                                    stage.tasks_limit, src.path)][: stage.tasks_limit]
     if pairs:
         results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
+    reward_fn = None
+    if stage.reward is not None:
+        from llmlab.rewards import load_reward
+
+        if not pairs:
+            raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
+        reward_fn = load_reward(stage.reward)
     for name in stage.inputs:
         model_dir = ctx.inputs[name].outputs["model"]
         model = load_model(model_dir).to(pick_device())
@@ -53,6 +60,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             results["preferences"] = {"pairs": len(prefs)}
         if pairs:
             scores["exact_match"], answers = exact_match_accuracy(model, tok, pairs)
+            if reward_fn is not None:
+                rewards = reward_fn([p for p, _ in pairs], answers, answers=[a for _, a in pairs])
+                scores["reward_mean"] = sum(rewards) / len(rewards)
             results.setdefault("task_samples", {})[name] = [
                 {"prompt": p, "answer": a, "completion": c} for (p, a), c in list(zip(pairs, answers))[:10]]
         results["models"][name] = {**scores, "samples": samples}
@@ -62,6 +72,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             metrics[f"{name}/{key}"] = value
         em = f", exact match {scores['exact_match']:.3f} on {len(pairs)} held-out tasks" if pairs else ""
         em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
+        em += f", mean reward ({stage.reward}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""
         print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
               f"(unigram {scores['unigram_ppl']:.2f}){em}")
     ctx.log(metrics, 0)

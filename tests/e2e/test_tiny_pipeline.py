@@ -67,6 +67,8 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     for model in ("pretrain", "merge", "dpo"):
         assert 0.0 <= report["models"][model]["exact_match"] <= 1.0
         assert 0.0 <= report["models"][model]["preference_accuracy"] <= 1.0
+        # the builtin exact_match reward is 1 per exact match, so its mean is the exact-match rate
+        assert report["models"][model]["reward_mean"] == pytest.approx(report["models"][model]["exact_match"])
         assert len(report["task_samples"][model]) == 8
 
 
