@@ -101,3 +101,34 @@ def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, result: Any, lora: bool,
+                 best_only: bool) -> dict[str, str]:
+    """Write a fine-tuning stage's outputs and leave `model` holding the weights it exported.
+
+    LoRA: peft adapters `adapters/final` and `adapters/best` (the stage's output is best when
+    `best_only`, else final). Full training: `model/` with the tokenizer (best or last weights)."""
+    from llmlab.checkpoint import atomic_dir
+    from llmlab.lora import is_adapter_parameter, save_adapters
+    from llmlab.train.loop import load_best
+
+    model.to("cpu")
+    if lora:
+        adapters = ctx.out_dir / "adapters"
+        final_dir = save_adapters(model, adapters / "final", base_model=base, tokenizer=tokenizer)
+        final_state = {n: p.detach().clone() for n, p in model.named_parameters() if is_adapter_parameter(n)}
+        load_best(model, result)
+        best_dir = save_adapters(model, adapters / "best", base_model=base, tokenizer=tokenizer)
+        if not best_only:
+            model.load_state_dict(final_state, strict=False)
+        ctx.run.log_artifact(adapters, "adapters")
+        return {"adapters": str(best_dir if best_only else final_dir), "output": str(adapters)}
+    if best_only:
+        load_best(model, result)
+    model_dir = ctx.out_dir / "model"
+    with atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log_model(ctx, model_dir)
+    return {"model": str(model_dir), "output": str(model_dir)}

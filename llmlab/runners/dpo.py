@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from llmlab.checkpoint import atomic_dir
-from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.common import StageCallbacks, load_model, plot_curves, prepare_checkpoints, save_trained
 from llmlab.runners.sft import model_context
 from llmlab.stages import StageContext
 
@@ -40,10 +39,10 @@ def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) ->
 
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-    from llmlab.lora import apply_lora, save_adapters, target_modules, trainable_share
+    from llmlab.lora import apply_lora, target_modules, trainable_share
     from llmlab.tokenizer import load_tokenizer
     from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
-    from llmlab.train.loop import load_best, pick_device, train
+    from llmlab.train.loop import pick_device, train
 
     stage, spec = ctx.config, ctx.spec
     base = ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
@@ -92,23 +91,8 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ckpt = prepare_checkpoints(ctx)
     result = train(model, objective, batches, cfg, ckpt, evaluate=lambda m: dpo_evaluate(m, objective, val),
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
-    model.to("cpu")
-    outputs: dict[str, str] = {"checkpoints": str(ckpt)}
-    if stage.lora is not None:
-        final_dir = save_adapters(model, ctx.out_dir / "adapters" / "final", base_model=base, tokenizer=tok)
-        load_best(model, result)
-        best_dir = save_adapters(model, ctx.out_dir / "adapters" / "best", base_model=base, tokenizer=tok)
-        outputs.update(adapters=str(best_dir if stage.train.save_best_only else final_dir), output=str(ctx.out_dir / "adapters"))
-        ctx.run.log_artifact(ctx.out_dir / "adapters", "adapters")
-    else:
-        if stage.train.save_best_only:
-            load_best(model, result)
-        model_dir = ctx.out_dir / "model"
-        with atomic_dir(model_dir) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        log_model(ctx, model_dir)
-        outputs.update(model=str(model_dir), output=str(model_dir))
+    outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
+                                                        stage.train.save_best_only)}
     final = dpo_evaluate(model.to(device), objective, val)
     plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
     if plot:

@@ -9,8 +9,7 @@ folds them into a plain model). Validation loss is on held-out conversations, ne
 from __future__ import annotations
 
 
-from llmlab.checkpoint import atomic_dir
-from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.common import StageCallbacks, load_model, plot_curves, prepare_checkpoints, save_trained
 from llmlab.stages import StageContext
 
 
@@ -30,9 +29,9 @@ def model_context(model) -> int:
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
     from llmlab.evaluate import perplexity
-    from llmlab.lora import apply_lora, save_adapters, target_modules, trainable_share
+    from llmlab.lora import apply_lora, target_modules, trainable_share
     from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import load_best, pick_device, train
+    from llmlab.train.loop import pick_device, train
     from llmlab.train.objectives import LanguageModeling
 
     stage, spec = ctx.config, ctx.spec
@@ -67,24 +66,8 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ckpt = prepare_checkpoints(ctx)
     result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=lambda m: perplexity(m, val),
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
-    model.to("cpu")
-    outputs: dict[str, str] = {"checkpoints": str(ckpt)}
-    if stage.lora is not None:
-        final_dir = save_adapters(model, ctx.out_dir / "adapters" / "final", base_model=base, tokenizer=tok)
-        load_best(model, result)
-        best_dir = save_adapters(model, ctx.out_dir / "adapters" / "best", base_model=base, tokenizer=tok)
-        outputs.update(adapters=str(best_dir if stage.train.save_best_only else final_dir),
-                       output=str(ctx.out_dir / "adapters"))
-        ctx.run.log_artifact(ctx.out_dir / "adapters", "adapters")
-    else:
-        if stage.train.save_best_only:
-            load_best(model, result)
-        model_dir = ctx.out_dir / "model"
-        with atomic_dir(model_dir) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        log_model(ctx, model_dir)
-        outputs.update(model=str(model_dir), output=str(model_dir))
+    outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
+                                                        stage.train.save_best_only)}
     final = perplexity(model.to(pick_device()), val)
     plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
     if plot:
