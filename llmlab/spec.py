@@ -388,6 +388,18 @@ class DpoStage(StageBase):
             yield ("reference_model",), "give reference_stage or reference_model, not both"
 
 
+class ExportStage(StageBase):
+    """Export a stage's model: `hf` (transformers format, llmlab's code registered) or `llama`
+    (a stock LlamaForCausalLM, for Llama-compatible architectures; logits equal ours)."""
+
+    kind: Literal["export"]
+    format: Literal["hf", "llama"] = "hf"
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if len(self.inputs) != 1:
+            yield ("from",), "export takes exactly one stage in `from`"
+
+
 DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
 
 
@@ -414,9 +426,9 @@ class EvalStage(StageBase):
             yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
 
 
-Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, EvalStage], Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "eval")
-PLANNED_KINDS = ("reward", "ppo", "grpo", "export")
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, EvalStage, ExportStage], Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "eval", "export")
+PLANNED_KINDS = ("reward", "ppo", "grpo")
 
 
 class TrackingSpec(StrictModel):

@@ -193,9 +193,10 @@ RUNNERS: dict[str, str] = {
     "sft": "llmlab.runners.sft:run_sft",
     "merge": "llmlab.runners.merge:run_merge",
     "dpo": "llmlab.runners.dpo:run_dpo",
+    "export": "llmlab.runners.export:run_export",
     "eval": "llmlab.runners.eval:run_eval",
 }
-MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "eval": "results"}
+MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "eval": "results", "export": "model"}
 
 
 def runner(kind: str) -> Callable[[StageContext], tuple[dict[str, str], dict[str, float]]]:

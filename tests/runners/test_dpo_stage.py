@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from llmlab.model import LlmlabConfig, build_model
+from llmlab.runners.common import load_model
 from llmlab.stages import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
@@ -83,3 +84,24 @@ def test_a_named_reference_model_is_used_instead_of_the_start_model(tmp_path, ba
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'state' / 'mlflow.db'}")
     assert client.get_run(result["mlflow_run_id"]).data.tags["llmlab.reference"] == f"model {other}"
+
+
+def test_export_stage_writes_a_stock_llama_from_an_upstream_stage(tmp_path, base, monkeypatch):
+    """kind: export after a stage: a plain Llama checkpoint that stock transformers loads."""
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    spec = {"name": "export-test", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)},
+            "stages": {"sft": {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 16,
+                               "train": {"max_steps": 1, "warmup_steps": 0, "batch_size": 4, "gradient_accumulation_steps": 1,
+                                         "eval_every": 1, "eval_steps": 1, "save_every": 1, "log_every": 1}},
+                       "export": {"kind": "export", "from": "sft", "format": "llama"}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sft = execute_stage(str(tmp_path / "s.yaml"), "sft", {}, None)
+    out = execute_stage(str(tmp_path / "s.yaml"), "export", {"sft": sft}, None)
+    llama = LlamaForCausalLM.from_pretrained(out["outputs"]["model"])
+    ours = load_model(sft["outputs"]["model"])
+    x = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        assert (llama(input_ids=x).logits - ours(input_ids=x).logits).abs().max() < 1e-4

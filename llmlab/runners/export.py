@@ -1,0 +1,20 @@
+"""The export stage: a stage's model written as `hf` (transformers, llmlab's code) or `llama`
+(stock LlamaForCausalLM, no llmlab needed to load it). An architecture Llama cannot express fails
+the stage with every blocking option named."""
+
+from __future__ import annotations
+
+from llmlab.runners.common import log_model
+from llmlab.stages import StageContext
+
+
+def run_export(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.export import export_model
+
+    upstream = ctx.inputs[ctx.config.inputs[0]]
+    if "model" not in upstream.outputs:
+        raise ValueError(f"export: stage '{upstream.stage}' wrote no model/ (adapters only?): export its merge stage")
+    target = export_model(upstream.outputs["model"], ctx.out_dir / "model", ctx.config.format)
+    ctx.run.set_tags({"llmlab.export_format": ctx.config.format})
+    log_model(ctx, target)
+    return {"model": str(target)}, {}
