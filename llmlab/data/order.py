@@ -1,5 +1,6 @@
-"""A resumable, seeded, per-epoch shuffled walk over N items — the cursor of every in-memory
-batch source (SFT examples, preference pairs).
+"""Orders and splits of examples: `held_out` (the one hash rule that keeps validation data out of
+training) and `EpochWalk`, a resumable, seeded, per-epoch shuffled walk over N items — the cursor
+of every in-memory batch source (SFT examples, preference pairs).
 
     walk = EpochWalk(len(items), seed)
     i = walk.peek(); walk.advance()          # or: i = walk.take()
@@ -11,7 +12,20 @@ reaches an epoch's end continues into the next epoch's order.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
+
+
+def held_out(key: object, fraction: float) -> bool:
+    """Whether an example belongs to the held-out share `fraction`: a stable hash of the example
+    itself (text, or JSON of a conversation / pair), the same on every run and machine, so an
+    example and every copy of it always land on the same side."""
+    if fraction <= 0:
+        return False
+    blob = key if isinstance(key, str) else json.dumps(key, sort_keys=True, ensure_ascii=False)
+    h = int.from_bytes(hashlib.blake2b(blob.encode("utf-8"), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
 
 
 class EpochWalk:

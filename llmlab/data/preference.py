@@ -53,8 +53,6 @@ every pair of a batch also has "ref_logps" (a (chosen, rejected) pair of floats,
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import sys
@@ -64,17 +62,15 @@ from itertools import islice
 
 import torch
 
-from llmlab.data.order import EpochWalk
+from llmlab.data.order import EpochWalk, held_out
 
-from llmlab.data.sft import pad_batch, tokenize_conversation
+from llmlab.data.sft import normalise_source, pad_batch, tokenize_conversation
 from llmlab.train.objectives import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 Pair = dict  # {chosen_ids, chosen_labels, rejected_ids, rejected_labels[, ref_logps]}
 
-SOURCE_KEYS = ("path", "subset", "split", "weight", "format")
-SOURCE_DEFAULTS = {"subset": None, "split": "train", "weight": 1.0, "format": None}
 DETECT_SAMPLE_ROWS = 20
 MALFORMED_SHOWN = 5
 ROLES = ("system", "user", "assistant")
@@ -288,26 +284,7 @@ class PreferenceData:
 
 def is_validation_pair(prompt: list[dict], chosen: str, rejected: str, val_fraction: float) -> bool:
     """Stable hash of the example: the same pair always lands on the same side."""
-    if val_fraction <= 0:
-        return False
-    key = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False).encode("utf-8")
-    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-    return h / 2**64 < val_fraction
-
-
-def _normalise_source(source: dict) -> dict:
-    unknown = set(source) - set(SOURCE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown preference data keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
-    if "path" not in source:
-        raise ValueError(f"preference data entry {source!r} has no 'path'")
-    s = {**SOURCE_DEFAULTS, **source}
-    if not s["weight"] >= 0:
-        raise ValueError(f"preference source {s['path']!r} has weight {s['weight']}; weights must be >= 0")
-    if s["format"] is not None and s["format"] not in PREFERENCE_FORMATS:
-        raise ValueError(f"{s['path']!r}: unknown preference format {s['format']!r}; known: "
-                         f"{', '.join(PREFERENCE_FORMATS)}")
-    return s
+    return held_out([prompt, chosen, rejected], val_fraction)
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:
@@ -342,7 +319,7 @@ def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, se
     from llmlab.data.sft import _builtin_task_source, _weighted_order, open_split
     from llmlab.data.sources import iter_rows
 
-    sources = [_normalise_source(s) for s in sources]
+    sources = [normalise_source(s, "preference", PREFERENCE_FORMATS) for s in sources]
     if not sources:
         raise ValueError("no preference data sources given")
     stats = {"malformed": 0, "malformed_examples": [], "truncated": 0, "dropped_no_target": 0,

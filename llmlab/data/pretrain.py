@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmlab.data.order import held_out
 from llmlab.data.sources import interleave, iter_texts, source_fingerprint
 from llmlab.paths import cache_dir
 from llmlab.tokenizer import tokenizer_fingerprint
@@ -64,10 +65,7 @@ class PretrainData:
 def is_validation(text: str, val_fraction: float) -> bool:
     """Whether a document belongs to the validation set: a stable hash of its text (the same on
     every run and machine), so a document, and every copy of it, always lands on the same side."""
-    if val_fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
-    return h / 2**64 < val_fraction
+    return held_out(text, val_fraction)
 
 
 def _normalise_source(source: dict) -> dict:

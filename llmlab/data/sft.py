@@ -35,18 +35,16 @@ conversation, never used for training.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
 
-from llmlab.data.order import EpochWalk
+from llmlab.data.order import EpochWalk, held_out
 
 from llmlab.train.objectives import IGNORE_INDEX
 
@@ -226,20 +224,23 @@ class SFTData:
 
 def is_validation_example(messages: list[dict], val_fraction: float) -> bool:
     """Stable hash of the conversation: the same example always lands on the same side."""
-    if val_fraction <= 0:
-        return False
-    key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-    return h / 2**64 < val_fraction
+    return held_out(messages, val_fraction)
 
 
-def _normalise_source(source: dict) -> dict:
+def normalise_source(source: dict, what: str, formats: Iterable[str]) -> dict:
+    """A data-source dict with defaults filled in; clear errors for unknown keys, no path, a
+    negative weight or an unknown format (`what` names the data kind in messages)."""
     unknown = set(source) - set(SOURCE_KEYS)
     if unknown:
-        raise ValueError(f"unknown SFT data keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
+        raise ValueError(f"unknown {what} data keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
     if "path" not in source:
-        raise ValueError(f"SFT data entry {source!r} has no 'path'")
-    return {**SOURCE_DEFAULTS, **source}
+        raise ValueError(f"{what} data entry {source!r} has no 'path'")
+    s = {**SOURCE_DEFAULTS, **source}
+    if not s["weight"] >= 0:
+        raise ValueError(f"{what} source {s['path']!r} has weight {s['weight']}; weights must be >= 0")
+    if s["format"] is not None and s["format"] not in formats:
+        raise ValueError(f"{s['path']!r}: unknown {what} format {s['format']!r}; known: {', '.join(formats)}")
+    return s
 
 
 def _builtin_task_source(path: str):
@@ -310,10 +311,7 @@ def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int
     validation ones (default: max_examples, or all)."""
     from llmlab.data.sources import iter_rows
 
-    sources = [_normalise_source(s) for s in sources]
-    for s in sources:
-        if not s["weight"] >= 0:
-            raise ValueError(f"SFT source {s['path']!r} has weight {s['weight']}; weights must be >= 0")
+    sources = [normalise_source(s, "SFT", FORMATS) for s in sources]
     stats = {"truncated": 0, "dropped_no_target": 0, "sources": []}
     per_source_train: list[list[Example]] = []
     per_source_val: list[list[Example]] = []
