@@ -48,7 +48,10 @@ def read_until(fd, marker: bytes, timeout: float = 120) -> bytes:
 def test_chat_streams_resets_and_exits_on_ctrl_c(model_dir):
     pid, fd = pty.fork()
     if pid == 0:  # the child: the real CLI on a terminal
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a runner started in the background ignores SIGINT
+        # a runner started in the background ignores SIGINT, and a thread of the test process (the
+        # Prefect test server) may block it: give the CLI the terminal's normal Ctrl+C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         os.execv(sys.executable, [sys.executable, "-m", "llmlab.cli", "chat", str(model_dir.parent),
                                   "--max-new-tokens", "6", "--temperature", "0"])
     try:
@@ -60,7 +63,12 @@ def test_chat_streams_resets_and_exits_on_ctrl_c(model_dir):
         os.write(fd, b"/reset\r")
         assert b"conversation cleared" in read_until(fd, b"> ")
         os.write(fd, b"\x03")  # Ctrl+C at the prompt
-        assert b"bye" in read_until(fd, b"bye")
+        try:
+            assert b"bye" in read_until(fd, b"bye", timeout=60)
+        except TimeoutError as exc:  # say why: the child's signal masks, for whoever reads the CI log
+            status = open(f"/proc/{pid}/status").read()
+            masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+            raise AssertionError(f"no reaction to Ctrl+C; child {masks}") from exc
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
