@@ -316,7 +316,7 @@ def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, se
 
     `max_examples` caps the training pairs (after interleaving sources by weight),
     `max_val_examples` the validation ones (default: max_examples, or all)."""
-    from llmlab.data.sft import _builtin_task_source, _weighted_order, open_split
+    from llmlab.data.sft import _builtin_task_source, merge_sources, open_split
     from llmlab.data.sources import iter_rows
 
     sources = [normalise_source(s, "preference", PREFERENCE_FORMATS) for s in sources]
@@ -385,14 +385,8 @@ def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, se
         per_source_train.append(train)
         per_source_val.append(val)
 
-    weights = [float(s["weight"]) for s in sources]
-    order = _weighted_order([len(t) for t in per_source_train], weights, seed)
-    train = [per_source_train[i][j] for i, j in order]
-    if max_examples is not None:
-        train = train[:max_examples]
-    val = [p for v in per_source_val for p in v]
-    if val_cap is not None:
-        val = val[:val_cap]
+    train, val = merge_sources(per_source_train, per_source_val, [float(s["weight"]) for s in sources], seed,
+                               max_examples, val_cap)
     if not train:
         raise ValueError(f"no preference training pairs from {[s['path'] for s in sources]} "
                          f"(all usable pairs went to validation, or every source has weight 0)")

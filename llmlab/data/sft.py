@@ -302,6 +302,16 @@ def _weighted_order(counts: list[int], weights: list[float], seed: int) -> list[
     return order
 
 
+def merge_sources(per_source_train: list[list], per_source_val: list[list], weights: list[float], seed: int,
+                  max_train: int | None, max_val: int | None) -> tuple[list, list]:
+    """Interleave each source's training examples by relative weight (seeded), concatenate the
+    validation ones, and apply the caps — shared by SFT and preference data."""
+    order = _weighted_order([len(t) for t in per_source_train], weights, seed)
+    train = [per_source_train[i][j] for i, j in order][:max_train]
+    val = [ex for v in per_source_val for ex in v][:max_val]
+    return train, val
+
+
 def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int,
                      val_fraction: float, max_examples: int | None = None,
                      max_val_examples: int | None = None) -> SFTData:
@@ -353,15 +363,9 @@ def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int
         per_source_train.append(train)
         per_source_val.append(val)
 
-    weights = [float(s["weight"]) for s in sources]
-    order = _weighted_order([len(t) for t in per_source_train], weights, seed)
-    train = [per_source_train[i][j] for i, j in order]
-    if max_examples is not None:
-        train = train[:max_examples]
-    val = [ex for v in per_source_val for ex in v]
     cap = max_val_examples if max_val_examples is not None else max_examples
-    if cap is not None:
-        val = val[:cap]
+    train, val = merge_sources(per_source_train, per_source_val, [float(s["weight"]) for s in sources], seed,
+                               max_examples, cap)
     if not train:
         raise ValueError(f"no SFT training examples from {[s['path'] for s in sources]}")
     stats.update(train_examples=len(train), val_examples=len(val),
