@@ -168,6 +168,7 @@ class RewardModel:
         import torch
         from transformers import AutoModelForSequenceClassification
 
+        import llmlab.model  # noqa: F401  (registers llmlab reward models with the Auto classes)
         from llmlab.tokenizer import load_tokenizer
 
         self.name = str(name_or_path)
@@ -213,9 +214,9 @@ class RewardModel:
         return f"RewardModel({self.name!r})"
 
 
-def load_reward(ref: str) -> RewardFn:
+def load_reward(ref: str, device: str | None = None) -> RewardFn:
     """Resolve a reward reference: a built-in name, "module:function", or a reward model folder /
-    hub name (see the module docstring)."""
+    hub name (see the module docstring); a reward model runs on `device` (default CPU)."""
     if not isinstance(ref, str) or not ref.strip():
         raise ValueError(f"reward reference must be a non-empty string, got {ref!r}")
     ref = ref.strip()
@@ -229,9 +230,9 @@ def load_reward(ref: str) -> RewardFn:
             raise ValueError(f"reward {ref!r}: {str(local)!r} is not a model folder (no "
                              f"config.json); expected a built-in ({', '.join(REWARD_FUNCTIONS)}), "
                              f"'module:function', or a reward model folder")
-        return RewardModel(str(local))
+        return RewardModel(str(local), device=device)
     try:
-        return RewardModel(ref)
+        return RewardModel(ref, device=device)
     except OSError as e:
         raise ValueError(f"unknown reward {ref!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}), "
                          f"not 'module:function', not a local folder, and loading it from the "

@@ -388,6 +388,132 @@ class DpoStage(StageBase):
             yield ("reference_model",), "give reference_stage or reference_model, not both"
 
 
+class RewardTrain(DpoTrain):
+    """DpoTrain's fields and pair semantics (batch_size pairs per step, mini_batch_size per forward)."""
+
+    lr: float = Field(1e-5, gt=0)
+
+
+class RewardStage(StageBase):
+    """A reward model on preference pairs (Bradley-Terry: -log sigmoid(r_chosen - r_rejected)): the
+    starting model's backbone with a scalar head on the last token. Later ppo/grpo stages use it by
+    name (`reward_stage`)."""
+
+    kind: Literal["reward"]
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)  # preference pairs (the dpo stage's formats)
+    train: RewardTrain = Field(default_factory=RewardTrain)
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.model is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(self.inputs) > 1:
+            yield ("from",), "reward starts from one model"
+
+
+class RlTrain(TrainSpec):
+    """TrainSpec with the seed's RLHF defaults. One step is one optimizer update on a mini-batch:
+    each rollout batch of `batch_size` completions gives ppo_epochs x batch_size / mini_batch_size
+    steps. `gradient_accumulation_steps` splits a mini-batch into that many forward passes."""
+
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1.41e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1)  # completions per rollout batch
+    mini_batch_size: int = Field(32, ge=1)  # completions per optimizer step
+    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per mini-batch
+    ppo_epochs: int = Field(4, ge=1)  # passes over each rollout batch
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.batch_size % self.mini_batch_size:
+            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            yield ("gradient_accumulation_steps",), (f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                                                     f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+
+
+class RlStageBase(StageBase):
+    """What PPO and GRPO share: prompts, a reward, sampling, a KL to the starting model, LoRA."""
+
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)  # prompts: a prompt column, chat messages or hh-rlhf transcripts
+    train: RlTrain = Field(default_factory=RlTrain)
+    reward: str | None = None  # a builtin (exact_match, format, length_penalty), module:function, or a reward model dir / hub name
+    reward_stage: str | None = None  # or: an earlier reward stage, by name
+    lora: LoraSpec | None = None  # with LoRA the KL reference is the same model with adapters disabled
+    max_new_tokens: int = Field(128, ge=1)  # completion length limit
+    max_prompt_length: int | None = Field(None, ge=1)  # prompts are cut from the left; None = context - max_new_tokens
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
+    clip_range: float = Field(0.2, gt=0)  # the policy ratio's clip epsilon
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # prompts held out by hash when a source has no validation split
+    max_prompts: int | None = Field(None, ge=1)  # training prompts read; None = all
+    eval_prompts: int = Field(64, ge=1)  # held-out prompts scored (greedy) at each evaluation
+
+    @property
+    def start(self) -> str | None:
+        own = super().inputs
+        return own[0] if own else None
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(super().inputs + ([self.reward_stage] if self.reward_stage else [])))
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        own = super().inputs
+        if (self.model is None) == (not own):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(own) > 1:
+            yield ("from",), f"{self.kind} starts from one model"
+        if (self.reward is None) == (self.reward_stage is None):
+            yield ("reward",), ("give exactly one of `reward` (a builtin such as exact_match, module:function, or a reward "
+                                "model dir / hub name) or `reward_stage` (an earlier reward stage)")
+
+
+class PpoStage(RlStageBase):
+    """PPO (Schulman et al. 2017, arXiv 1707.06347) with the InstructGPT recipe: a value head, GAE,
+    clipped policy and value losses, a per-token KL penalty to the starting model."""
+
+    kind: Literal["ppo"]
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs use the same one
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
+    clip_range_value: float = Field(0.2, gt=0)  # the value prediction's clip
+    gamma: float = Field(1.0, ge=0, le=1)  # discount
+    gae_lambda: float = Field(0.95, ge=0, le=1)  # GAE's bias/variance trade-off
+    kl_coef: float = Field(0.05, ge=0)  # per-token KL penalty (initial value when adaptive)
+    target_kl: float | None = Field(None, gt=0)  # nats per completion; set = adapt kl_coef toward it (Ziegler et al. 2019)
+    kl_horizon: int = Field(10000, ge=1)  # episodes over which the adaptive coefficient moves
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature
+
+
+class GrpoStage(RlStageBase):
+    """GRPO (Shao et al. 2024, arXiv 2402.03300): group_size completions per prompt, advantages
+    normalised within the group, the clipped objective, a k3 KL to the starting model, no value."""
+
+    kind: Literal["grpo"]
+    group_size: int = Field(4, ge=2)  # completions per prompt
+    grpo_temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs use the same one
+    kl_coef: float = Field(0.04, ge=0)  # weight of the k3 KL term (0 = no reference model)
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.grpo_temperature
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.train.batch_size % self.group_size:
+            yield ("train", "batch_size"), f"batch_size ({self.train.batch_size}) counts completions: make it a multiple of group_size ({self.group_size})"
+
+
 class ExportStage(StageBase):
     """Export a stage's model: `hf` (transformers format, llmlab's code registered) or `llama`
     (a stock LlamaForCausalLM, for Llama-compatible architectures; logits equal ours)."""
@@ -426,9 +552,9 @@ class EvalStage(StageBase):
             yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
 
 
-Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, EvalStage, ExportStage], Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "eval", "export")
-PLANNED_KINDS = ("reward", "ppo", "grpo")
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, RewardStage, PpoStage, GrpoStage, EvalStage, ExportStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "reward", "ppo", "grpo", "eval", "export")
 
 
 class TrackingSpec(StrictModel):
@@ -586,13 +712,10 @@ def _structural_issues(err: ValidationError) -> list[tuple[Loc, str]]:
             out.append((loc, f"unknown key '{loc[-1]}' — {hint}"))
         elif e["type"] == "union_tag_invalid":
             tag = str(e["input"].get("kind", e["input"].get("name", ""))) if isinstance(e["input"], dict) else ""
-            if tag in PLANNED_KINDS:
-                out.append((loc + ("kind",), f"stage kind '{tag}' is not available in this version of llmlab (available: {', '.join(STAGE_KINDS)})"))
-            else:
-                expected = e["ctx"]["expected_tags"]
-                near = difflib.get_close_matches(tag, [t.strip(" '") for t in expected.split(",")], n=1)
-                hint = f"did you mean '{near[0]}'? " if near else ""
-                out.append((loc, f"unknown value '{tag}': {hint}choose one of {expected}"))
+            expected = e["ctx"]["expected_tags"]
+            near = difflib.get_close_matches(tag, [t.strip(" '") for t in expected.split(",")], n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            out.append((loc, f"unknown value '{tag}': {hint}choose one of {expected}"))
         elif e["type"] == "union_tag_not_found":
             out.append((loc, f"missing '{e['ctx']['discriminator'].strip(chr(39))}': say which kind of block this is"))
         elif e["type"] == "missing":
@@ -631,18 +754,29 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
         yield ("stages", "tokenizer"), "the name 'tokenizer' is reserved for the tokenizer stage: rename this stage"
     for name, body in stages.items():
         src = body.get("from") if isinstance(body, dict) else None
-        ref = body.get("reference_stage") if isinstance(body, dict) else None
-        for dep in ([src] if isinstance(src, str) else (src or [])) + ([ref] if isinstance(ref, str) else []):
+        deps = [("from", d) for d in ([src] if isinstance(src, str) else (src or []))]
+        for key in ("reference_stage", "reward_stage"):
+            if isinstance(body, dict) and isinstance(body.get(key), str):
+                deps.append((key, body[key]))
+        for key, dep in deps:
             if not isinstance(dep, str):
                 continue
             if dep == name:
-                yield (("stages", name, "from"), f"stage '{name}' cannot take its own output (a cycle)")
+                yield (("stages", name, key), f"stage '{name}' cannot take its own output (a cycle)")
             elif dep in names and dep not in seen:
-                yield (("stages", name, "from"), f"'{dep}' is declared after '{name}': a stage may only use earlier stages (declare '{dep}' first; cycles are not allowed)")
+                yield (("stages", name, key), f"'{dep}' is declared after '{name}': a stage may only use earlier stages (declare '{dep}' first; cycles are not allowed)")
             elif dep not in names:
                 near = difflib.get_close_matches(dep, [n for n in names if n != name], n=1)
                 hint = f" — did you mean '{near[0]}'?" if near else f" (stages: {', '.join(names)})"
-                yield (("stages", name, "from"), f"unknown stage '{dep}'{hint}")
+                yield (("stages", name, key), f"unknown stage '{dep}'{hint}")
+            elif isinstance(stages.get(dep), dict):
+                dep_kind = stages[dep].get("kind")
+                if key == "reward_stage" and dep_kind != "reward":
+                    yield (("stages", name, key), f"reward_stage '{dep}' is a {dep_kind} stage; name a stage of kind reward "
+                                                  f"(or use `reward:` for a builtin, module:function or reward model)")
+                elif key != "reward_stage" and dep_kind == "reward":
+                    yield (("stages", name, key), f"'{dep}' is a reward model (a scalar head), not a language model: "
+                                                  f"use it as `reward_stage` of a ppo or grpo stage")
         if isinstance(body, dict) and body.get("kind") == "merge" and isinstance(src, str) and isinstance(stages.get(src), dict):
             up = stages[src]
             if up.get("kind") != "sft" or not up.get("lora"):

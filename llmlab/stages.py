@@ -193,10 +193,13 @@ RUNNERS: dict[str, str] = {
     "sft": "llmlab.runners.sft:run_sft",
     "merge": "llmlab.runners.merge:run_merge",
     "dpo": "llmlab.runners.dpo:run_dpo",
+    "reward": "llmlab.runners.reward:run_reward",
+    "ppo": "llmlab.runners.rl:run_rl",
+    "grpo": "llmlab.runners.rl:run_rl",
     "export": "llmlab.runners.export:run_export",
     "eval": "llmlab.runners.eval:run_eval",
 }
-MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "eval": "results", "export": "model"}
+MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "reward": "model", "ppo": "output", "grpo": "output", "eval": "results", "export": "model"}
 
 
 def runner(kind: str) -> Callable[[StageContext], tuple[dict[str, str], dict[str, float]]]:

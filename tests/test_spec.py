@@ -119,11 +119,11 @@ def test_graph_rules():
     assert issue.path == "stages.eval.from" and "declared after" in issue.message
 
 
-def test_unknown_and_planned_stage_kinds():
+def test_unknown_stage_kind():
     issues = issues_of(with_changes(stages__x={"kind": "evl", "from": "pretrain"}))
     assert "did you mean 'eval'" in issues[0].message
-    issues = issues_of(with_changes(stages__x={"kind": "grpo", "from": "pretrain"}))
-    assert "not available in this version" in issues[0].message
+    issues = issues_of(with_changes(stages__x={"kind": "gpro", "from": "pretrain"}))
+    assert "did you mean 'grpo'" in issues[0].message
 
 
 def test_tokenizer_needs_exactly_one_source():

@@ -7,15 +7,16 @@ Importing this package registers the "llmlab" architecture with transformers' Au
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from llmlab.model.attention import KVCache
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.memory import count_parameters, estimate_training_memory
-from llmlab.model.model import LlmlabForCausalLM
+from llmlab.model.model import LlmlabForCausalLM, LlmlabForSequenceClassification
 
 AutoConfig.register("llmlab", LlmlabConfig, exist_ok=True)
 AutoModelForCausalLM.register(LlmlabConfig, LlmlabForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(LlmlabConfig, LlmlabForSequenceClassification, exist_ok=True)
 
 
 def build_model(config: LlmlabConfig, seed: int | None = None) -> LlmlabForCausalLM:
@@ -32,6 +33,7 @@ __all__ = [
     "KVCache",
     "LlmlabConfig",
     "LlmlabForCausalLM",
+    "LlmlabForSequenceClassification",
     "build_model",
     "count_parameters",
     "estimate_training_memory",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from llmlab.model.attention import Attention, KVCache, build_attention_mask
 from llmlab.model.config import LlmlabConfig
@@ -204,3 +204,50 @@ class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+
+
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None) -> torch.Tensor:
+    """(B,) column of each row's last real token: the last set attention-mask position (left or
+    right padding), else the last non-pad token, else the last column."""
+    B, T = input_ids.shape
+    if attention_mask is not None:
+        real = attention_mask.bool()
+    elif pad_token_id is not None:
+        real = input_ids != pad_token_id
+    else:
+        return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+    cols = torch.arange(T, device=input_ids.device).expand(B, T)
+    return torch.where(real, cols, torch.zeros_like(cols)).max(dim=1).values
+
+
+class LlmlabForSequenceClassification(PreTrainedModel):
+    """The llmlab transformer with a linear `score` head read at each row's last real token: a
+    reward model when `num_labels == 1` (the reward stage trains it with the Bradley-Terry loss).
+    Built from a causal LM folder with `from_pretrained(path, num_labels=1)`: the backbone loads,
+    the head starts fresh; the LM head is not used."""
+
+    config_class = LlmlabConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    _init_weights = LlmlabForCausalLM._init_weights
+
+    def __init__(self, config: LlmlabConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = LlmlabModel(config)
+        self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+        """Logits (B, num_labels) at each row's last real token."""
+        hidden = self.model(input_ids, attention_mask, position_ids)  # (B, T, d_model)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+        pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, d_model)
+        return SequenceClassifierOutput(logits=self.score(pooled))

@@ -132,3 +132,19 @@ def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, resul
         tokenizer.save_pretrained(tmp)
     log_model(ctx, model_dir)
     return {"model": str(model_dir), "output": str(model_dir)}
+
+
+def attach_lora(ctx: StageContext, model: Any, tokenizer: Any, lora: Any) -> Any:
+    """Wrap `model` with the stage's LoRA adapters (special-token rows too, by default); report
+    what trains to stdout and MLflow."""
+    from llmlab.lora import apply_lora, target_modules, trainable_share
+
+    targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
+    special = tokenizer.all_special_ids if lora.train_special_tokens else None
+    model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, special)
+    trainable, total = trainable_share(model)
+    print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
+          f"train ({100 * trainable / total:.2f}%)")
+    ctx.run.set_tags({"llmlab.lora_targets": ",".join(targets), "llmlab.lora_trainable_share": f"{trainable / total:.6f}"})
+    ctx.log({"lora/trainable_params": float(trainable), "lora/trainable_share": trainable / total}, 0)
+    return model

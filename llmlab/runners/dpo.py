@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmlab.runners.common import StageCallbacks, load_model, plot_curves, prepare_checkpoints, save_trained
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
 from llmlab.runners.sft import model_context
 from llmlab.stages import StageContext
 
@@ -39,7 +39,6 @@ def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) ->
 
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-    from llmlab.lora import apply_lora, target_modules, trainable_share
     from llmlab.tokenizer import load_tokenizer
     from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
     from llmlab.train.loop import pick_device, train
@@ -60,12 +59,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ref_dir = ctx.inputs[stage.reference_stage].outputs["model"] if stage.reference_stage else stage.reference_model
     ref_model = load_model(ref_dir).to(device).eval() if ref_dir else None
     if stage.lora is not None:
-        lora = stage.lora
-        targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
-        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets,
-                           tok.all_special_ids if lora.train_special_tokens else None)
-        trainable, total = trainable_share(model)
-        ctx.run.set_tags({"llmlab.lora_targets": ",".join(targets), "llmlab.lora_trainable_share": f"{trainable / total:.6f}"})
+        model = attach_lora(ctx, model, tok, stage.lora)
     model.to(device)
     if ref_model is not None:
         reference = model_reference(ref_model)

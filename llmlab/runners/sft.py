@@ -9,7 +9,7 @@ folds them into a plain model). Validation loss is on held-out conversations, ne
 from __future__ import annotations
 
 
-from llmlab.runners.common import StageCallbacks, load_model, plot_curves, prepare_checkpoints, save_trained
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
 from llmlab.stages import StageContext
 
 
@@ -29,7 +29,6 @@ def model_context(model) -> int:
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
     from llmlab.evaluate import perplexity
-    from llmlab.lora import apply_lora, target_modules, trainable_share
     from llmlab.tokenizer import load_tokenizer
     from llmlab.train.loop import pick_device, train
     from llmlab.train.objectives import LanguageModeling
@@ -50,15 +49,7 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.run.set_tags({"llmlab.train_examples": len(data.train), "llmlab.val_examples": len(data.val),
                       "llmlab.truncated": data.stats["truncated"]})
     if stage.lora is not None:
-        lora = stage.lora
-        targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
-        special = tok.all_special_ids if lora.train_special_tokens else None
-        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, special)
-        trainable, total = trainable_share(model)
-        print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
-              f"train ({100 * trainable / total:.2f}%)")
-        ctx.run.set_tags({"llmlab.lora_targets": ",".join(targets), "llmlab.lora_trainable_share": f"{trainable / total:.6f}"})
-        ctx.log({"lora/trainable_params": float(trainable), "lora/trainable_share": trainable / total}, 0)
+        model = attach_lora(ctx, model, tok, stage.lora)
     pad = tok.pad_token_id
     batches = SFTBatches(data.train, stage.train.batch_size, spec.seed, stage.packing, seq_len, pad)
     val = eval_batches(data.val, stage.train.batch_size, pad)

@@ -68,7 +68,7 @@ class TrainingInterrupted(Exception):
 class TrainResult:
     step: int  # optimizer steps done
     resumed_from: int  # the step a checkpoint resumed from (0 = fresh start)
-    best_eval_loss: float | None
+    best_eval_loss: float | None  # the best value of `best_metric`
     best_step: int | None
     best_path: Path | None  # model weights of the best evaluation (None: no evaluation ran)
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -154,8 +154,12 @@ def train(
     callbacks: Callbacks | None = None,
     seed: int = 0,
     label: str = "train",
+    best_metric: str = "eval/loss",
+    maximize: bool = False,
 ) -> TrainResult:
-    """Run (or resume) training as configured by `cfg` (a spec TrainSpec). See module docstring."""
+    """Run (or resume) training as configured by `cfg` (a spec TrainSpec). See module docstring.
+    The best model is the evaluation with the lowest `best_metric` (highest with `maximize`, e.g.
+    an RL stage's held-out reward)."""
     cb = callbacks or Callbacks()
     ckpt_dir = Path(ckpt_dir)
     device = next(model.parameters()).device
@@ -200,8 +204,8 @@ def train(
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             metrics = evaluate(model) if evaluate else {}
         model.train()
-        loss = metrics.get("eval/loss") if metrics else None
-        if loss is not None and (best_loss is None or loss < best_loss):
+        loss = metrics.get(best_metric) if metrics else None
+        if loss is not None and (best_loss is None or (loss > best_loss if maximize else loss < best_loss)):
             best_loss, best_step = loss, step
             with atomic_dir(ckpt_dir / "best") as tmp:
                 torch.save({"model": model.state_dict(), "step": step, "eval_loss": loss}, tmp / "state.pt")

@@ -1,0 +1,69 @@
+"""The reward stage: a reward model trained on preference pairs (Bradley–Terry), for ppo/grpo.
+
+The starting model's backbone gets a fresh scalar head (`LlmlabForSequenceClassification`, or any
+transformers model's sequence-classification class); the whole network trains. Reports held-out
+pair accuracy. Output: `model/`, a sequence-classification model with one label and the tokenizer,
+which a later stage names with `reward_stage:` (or any tool loads with
+`AutoModelForSequenceClassification`).
+"""
+
+from __future__ import annotations
+
+from llmlab.runners.common import StageCallbacks, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.sft import base_model_dir, model_context
+from llmlab.stages import StageContext
+
+
+def load_reward_backbone(path: str, pad_token_id: int | None):
+    """A one-output sequence-classification model from a causal LM folder (head initialised fresh)
+    or from a reward model folder."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import llmlab.model  # noqa: F401  (registers llmlab's classes)
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.checkpoint import atomic_dir
+    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import load_best, pick_device, train
+    from llmlab.train.reward import RewardObjective, reward_evaluate
+
+    stage, spec = ctx.config, ctx.spec
+    base = base_model_dir(ctx)
+    tok = load_tokenizer(base)
+    model = load_reward_backbone(base, tok.pad_token_id)
+    mini = stage.train.mini_batch_size
+    data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, model_context(model),
+                                   spec.seed, stage.val_fraction, stage.max_examples,
+                                   max_val_examples=mini * stage.train.eval_steps)
+    print(f"[{ctx.name}] reward model on {len(data.train):,} training and {len(data.val):,} validation pairs; "
+          f"{data.stats['malformed']} malformed rows skipped")
+    ctx.run.set_tags({"llmlab.train_pairs": len(data.train), "llmlab.val_pairs": len(data.val)})
+    model.to(pick_device())
+    val = eval_batches(data.val, mini, tok.pad_token_id)
+    batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
+    cfg = stage.train.model_copy(update={"batch_size": mini, "gradient_accumulation_steps": stage.train.batch_size // mini})
+    ckpt = prepare_checkpoints(ctx)
+    result = train(model, RewardObjective(), batches, cfg, ckpt, evaluate=lambda m: reward_evaluate(m, val),
+                   callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name, best_metric="eval/loss")
+    if stage.train.save_best_only:
+        load_best(model, result)
+    final = reward_evaluate(model, val)
+    model_dir = ctx.out_dir / "model"
+    model.to("cpu")
+    with atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    log_model(ctx, model_dir)
+    print(f"[{ctx.name}] held-out pair accuracy {final['eval/accuracy']:.3f}, margin {final['eval/margin']:.3f}")
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    return {"model": str(model_dir), "checkpoints": str(ckpt)}, {**final, "train/steps": float(result.step)}

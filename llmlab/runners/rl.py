@@ -1,0 +1,145 @@
+"""The ppo and grpo stages: online RL on prompts against a reward, from a starting model.
+
+Both sample completions from the policy (batched, KV-cached), score them with the stage's reward (a
+builtin, `module:function`, a reward model folder / hub name, or an earlier reward stage), and
+update the policy with the clipped objective over `ppo_epochs` passes of mini-batches (one loop
+step per mini-batch). The KL reference is the starting model: a frozen copy, or, with `lora:`, the
+same network with its adapters disabled. PPO adds a value head on the policy's last hidden state
+(saved as `value_head.pt`); GRPO has none. Held-out prompts are scored greedily at every
+evaluation (mean reward, exact match when the prompts have answers); the best evaluation's weights
+are the stage's output unless `save_best_only: false`. Outputs as the sft stage: `model/` or
+`adapters/{final,best}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from contextlib import nullcontext
+
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
+from llmlab.runners.sft import model_context
+from llmlab.stages import StageContext
+
+
+def _reference(model, disable_adapters: bool, temperature: float, chunk: int):
+    """rollout -> (B, N) reference log-probs of its sampled tokens."""
+    from llmlab.train.rollout import rollout_logps
+
+    def score(rollout):
+        with model.disable_adapter() if disable_adapters else nullcontext():
+            return rollout_logps(model, rollout, temperature, chunk)[0]
+
+    return score
+
+
+def _policy_only_best(result, ckpt, wrapper):
+    """The loop's best state holds the policy and its value head: keep the policy's weights only,
+    so the shared writer of model/adapters can load them."""
+    import torch
+
+    from llmlab.checkpoint import atomic_dir
+
+    if result.best_path is None:
+        return result
+    state = torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)
+    with atomic_dir(ckpt / "best-policy") as tmp:
+        torch.save({**state, "model": wrapper.policy_state_dict(state["model"])}, tmp / "state.pt")
+    return dataclasses.replace(result, best_path=ckpt / "best-policy")
+
+
+def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    import torch
+
+    from llmlab.data.prompts import prepare_prompt_data
+    from llmlab.generate import stop_token_ids
+    from llmlab.rewards import load_reward
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import autocast_dtype, pick_device, train
+    from llmlab.train.rollout import RolloutBatches, Sampling, disable_dropout, rl_evaluate
+
+    stage, spec = ctx.config, ctx.spec
+    ppo = stage.kind == "ppo"
+    base = ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
+    tok = load_tokenizer(base)
+    model = load_model(base)
+    context = model_context(model)
+    max_prompt = stage.max_prompt_length or context - stage.max_new_tokens
+    if max_prompt < 1 or max_prompt + stage.max_new_tokens > context:
+        raise ValueError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
+                         f"must fit the model's context of {context} tokens; lower max_new_tokens or max_prompt_length")
+    data = prepare_prompt_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, max_prompt, spec.seed,
+                               stage.val_fraction, stage.max_prompts, max_val_prompts=stage.eval_prompts)
+    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} held-out prompts; "
+          f"{data.stats['truncated']} cut to {max_prompt} tokens")
+    device = pick_device()
+    reward_name = stage.reward or f"reward stage {stage.reward_stage}"
+    reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
+                            device=str(device))
+    ctx.run.set_tags({"llmlab.train_prompts": len(data.train), "llmlab.val_prompts": len(data.val),
+                      "llmlab.reward": reward_name})
+    lora = stage.lora is not None
+    if lora:
+        model = attach_lora(ctx, model, tok, stage.lora)
+    disable_dropout(model)  # old and new log-probs must come from the same deterministic policy
+    model.to(device)
+    T = stage.sampling_temperature
+    micro = stage.train.mini_batch_size // stage.train.gradient_accumulation_steps
+    reference = None
+    if ppo or stage.kl_coef > 0:
+        if lora:
+            reference = _reference(model, True, T, micro)
+            kind = "the same model with adapters disabled"
+        else:
+            reference = _reference(copy.deepcopy(model).eval().requires_grad_(False), False, T, micro)
+            kind = "a frozen copy of the starting model"
+        ctx.run.set_tags({"llmlab.reference": kind})
+    sampling = Sampling(stage.max_new_tokens, T, stage.top_k, stage.top_p, stop_token_ids(tok),
+                        tok.pad_token_id if tok.pad_token_id is not None else 0)
+    if ppo:
+        from llmlab.train.ppo import PolicyWithValue, PPOObjective, PPOPrepare
+        from llmlab.train.rl import AdaptiveKL
+
+        trained = PolicyWithValue(model, model.get_output_embeddings().in_features).to(device)
+        prepare = PPOPrepare(trained, reference, tok, reward_fn, reward_name, sampling,
+                             AdaptiveKL(stage.kl_coef, stage.target_kl, stage.kl_horizon), stage.gamma, stage.gae_lambda,
+                             micro, spec.seed)
+        objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T)
+        prompts_per_rollout = stage.train.batch_size
+    else:
+        from llmlab.train.grpo import GRPOObjective, GRPOPrepare
+
+        trained = model
+        prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed)
+        objective = GRPOObjective(stage.clip_range, stage.kl_coef, T)
+        prompts_per_rollout = stage.train.batch_size // stage.group_size
+    per_rollout = stage.train.ppo_epochs * stage.train.batch_size // stage.train.mini_batch_size
+    print(f"[{ctx.name}] {stage.kind}: {stage.train.batch_size} completions per rollout "
+          f"({prompts_per_rollout} prompts), {per_rollout} optimizer steps per rollout, "
+          f"{-(-stage.train.max_steps // per_rollout)} rollouts; reward: {reward_name}")
+    amp = autocast_dtype(stage.train.precision, device)
+    batches = RolloutBatches(data.train, prepare, prompts_per_rollout, stage.train.mini_batch_size,
+                             stage.train.gradient_accumulation_steps, stage.train.ppo_epochs, spec.seed, amp, device.type)
+    cfg = stage.train.model_copy(update={"batch_size": micro})
+
+    def evaluate(m):
+        return rl_evaluate(m.policy if ppo else m, tok, data.val, reward_fn, reward_name, sampling)
+
+    ckpt = prepare_checkpoints(ctx)
+    result = train(trained, objective, batches, cfg, ckpt, evaluate=evaluate if data.val else None,
+                   callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name,
+                   best_metric="eval/reward_mean", maximize=True)
+    outputs = {"checkpoints": str(ckpt)}
+    if ppo:
+        torch.save(trained.value_head.state_dict(), ctx.out_dir / "value_head.pt")
+        outputs["value_head"] = str(ctx.out_dir / "value_head.pt")
+        result = _policy_only_best(result, ckpt, trained)
+    outputs.update(save_trained(ctx, model, tok, base, result, lora, stage.train.save_best_only))
+    final = rl_evaluate(model.to(device), tok, data.val, reward_fn, reward_name, sampling) if data.val else {}
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    metrics = {**final, "train/steps": float(result.step)}
+    if result.best_step is not None:
+        metrics["best_step"] = float(result.best_step)
+    return outputs, metrics

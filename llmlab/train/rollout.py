@@ -1,0 +1,256 @@
+"""Rollouts for online RL: sample completions, score them, and feed PPO/GRPO mini-batches to the loop.
+
+    rollout = sample_rollout(policy, prompts, sampling, generator)    # batched, KV-cached
+    logits, logps, values = policy_logps(policy, rollout.input_ids, rollout.attention_mask,
+                                         rollout.prompt_width, temperature)
+    scores = score_completions(reward_fn, prompts, rollout.completions)
+
+Log-probabilities are always computed on the token ids that were sampled (the sequence is never
+decoded and re-tokenised), with one forward pass over prompt + completion whose logits are divided
+by the sampling temperature — the same function gives the "old" log-probs at rollout time and the
+new ones in the loss, so the first PPO epoch's ratio is exactly 1. (top-k / top-p shape what is
+sampled; the log-probs are those of the tempered, unfiltered distribution, as in TRL.) Dropout
+must be off in the policy (`disable_dropout`), or old and new would differ by noise.
+
+`RolloutBatches` is the loop's batch source for PPO and GRPO: when its queue is empty it takes the
+next prompts, calls the method's `prepare(prompts, rollout_index)` (which samples, scores and
+computes advantages), and queues `ppo_epochs` shuffled passes of mini-batches (each split into
+`gradient_accumulation_steps` micro-batches). One loop step = one mini-batch update. Its state
+(prompt cursor, rollout count, the pending queue) is checkpointed, so a resumed run continues with
+the exact rollouts of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from llmlab.data.order import EpochWalk
+from llmlab.data.prompts import Prompt
+from llmlab.generate import sample
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_ids: list[int]
+    pad_id: int
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor  # (B, P + N): prompts left-padded to P, completions right-padded to N
+    attention_mask: torch.Tensor  # (B, P + N)
+    completion_mask: torch.Tensor  # (B, N) float: 1 on sampled tokens (stop token included)
+    prompt_width: int  # P
+    completions: list[str]  # decoded sampled tokens, stop token included
+    stopped: torch.Tensor  # (B,) bool: the row ended with a stop token (else it hit max_new_tokens)
+    seconds: float  # generation wall time
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (policy-gradient ratios need a deterministic policy)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], s: Sampling,
+                   generator: torch.Generator | None) -> Rollout:
+    """Sample one completion per prompt (batched, KV-cached, left-padded) and assemble the
+    prompt + completion sequences the losses score."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, s.pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    start = time.perf_counter()
+    out = sample(model, ids, mask, s.max_new_tokens, s.stop_ids, s.pad_id, s.temperature, s.top_k, s.top_p, generator)
+    seconds = time.perf_counter() - start
+    N = out.tokens.size(1)
+    completion_mask = (torch.arange(N, device=device)[None, :] < out.lengths[:, None]).long()
+    tokens = torch.where(completion_mask.bool(), out.tokens, torch.full_like(out.tokens, s.pad_id))
+    completions, stopped = [], []
+    for row, n in zip(tokens.tolist(), out.lengths.tolist()):
+        completions.append(tokenizer.decode(row[:n], skip_special_tokens=False))
+        stopped.append(n > 0 and row[n - 1] in s.stop_ids)
+    return Rollout(torch.cat([ids, tokens], dim=1), torch.cat([mask, completion_mask], dim=1),
+                   completion_mask.float(), ids.size(1), completions, torch.tensor(stopped), seconds)
+
+
+def policy_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                 temperature: float, value_head: torch.nn.Module | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits (B, N, V) / temperature, log-probs (B, N) of the sampled completion tokens, values
+    (B, N) or None): position P + t − 1 predicts completion token t. With `value_head`, the values
+    are read from the final hidden states at the same positions (the input of the LM head)."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if value_head is not None:
+        head = model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda mod, args, out: captured.__setitem__("hidden", args[0]))
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    logits = logits[:, prompt_width - 1:-1].float() / temperature  # (B, P+N, V) -> (B, N, V)
+    targets = input_ids[:, prompt_width:]  # (B, N)
+    logps = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    values = None
+    if value_head is not None:
+        hidden = captured["hidden"][:, prompt_width - 1:-1]  # (B, N, d_model)
+        values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+    return logits, logps, values
+
+
+def reward_kwargs(prompts: list[Prompt]) -> dict[str, list]:
+    """The prompt rows' other columns, one list per column every row has (e.g. answer=[...])."""
+    common = set.intersection(*(set(p.extras) for p in prompts)) if prompts else set()
+    return {k: [p.extras[k] for p in prompts] for k in sorted(common)}
+
+
+def score_completions(reward_fn: Callable, prompts: list[Prompt], completions: list[str], name: str) -> torch.Tensor:
+    """(B,) rewards from `reward_fn(prompt texts, completions, **columns)`; a clear error when the
+    function returns the wrong number of values or something that is not a finite number."""
+    scores = reward_fn([p.text for p in prompts], completions, **reward_kwargs(prompts))
+    try:
+        values = [float(v) for v in scores]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"reward {name!r} must return a list of numbers, one per completion; got {scores!r:.200}") from e
+    if len(values) != len(completions):
+        raise ValueError(f"reward {name!r} returned {len(values)} scores for {len(completions)} completions")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"reward {name!r} returned non-finite scores {bad[:5]}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def chunked(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def rollout_logps(model: torch.nn.Module, rollout: Rollout, temperature: float, chunk: int,
+                  value_head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and values) of a whole rollout under `model`, `chunk` rows per forward."""
+    logps, values = [], []
+    for part in chunked(rollout.input_ids.size(0), chunk):
+        _, lp, v = policy_logps(model, rollout.input_ids[part], rollout.attention_mask[part], rollout.prompt_width,
+                                temperature, value_head)
+        logps.append(lp)
+        if v is not None:
+            values.append(v)
+    return torch.cat(logps), (torch.cat(values) if values else None)
+
+
+class Preparer(Protocol):
+    """A method's rollout step: prompts -> row tensors (all (B, ...)) and rollout statistics."""
+
+    def __call__(self, prompts: list[Prompt], rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class RolloutBatches:
+    """The loop's batch source for PPO/GRPO; see the module docstring. Micro-batches carry the row
+    tensors, `prompt_width`, and the rollout's statistics as 0-d tensors under `stats/<name>`."""
+
+    def __init__(self, prompts: list[Prompt], prepare: Preparer, prompts_per_rollout: int, mini_batch_size: int,
+                 micro_batches: int, ppo_epochs: int, seed: int, amp: torch.dtype | None = None, device_type: str = "cpu"):
+        self.prompts, self.prepare = prompts, prepare
+        self.amp, self.device_type = amp, device_type  # the loop's autocast, so old and new log-probs match
+        self.prompts_per_rollout, self.mini, self.micro, self.epochs = prompts_per_rollout, mini_batch_size, micro_batches, ppo_epochs
+        self.seed = seed
+        self.walk = EpochWalk(len(prompts), seed, "prompts")
+        self.rollouts = 0
+        self.queue: list[dict[str, torch.Tensor]] = []
+        self._cycle_start: float | None = None
+        self._last_generation = 0.0
+
+    def _fill(self) -> None:
+        now = time.perf_counter()
+        prompts = [self.prompts[self.walk.take()] for _ in range(self.prompts_per_rollout)]
+        with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            rows, stats = self.prepare(prompts, self.rollouts)
+        gen = stats.pop("generation_seconds")
+        # the share of the previous rollout-and-update cycle spent generating (first cycle: of the
+        # rollout step itself)
+        if self._cycle_start is not None:
+            stats["rl/generation_share"] = self._last_generation / max(now - self._cycle_start, 1e-9)
+        else:
+            stats["rl/generation_share"] = gen / max(time.perf_counter() - now, 1e-9)
+        self._cycle_start, self._last_generation = now, gen
+        B = next(iter(rows.values())).size(0)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        extra = {"prompt_width": rows.pop("prompt_width")}
+        extra.update({f"stats/{k}": torch.tensor(float(v)) for k, v in stats.items()})
+        for _ in range(self.epochs):
+            order = torch.randperm(B, generator=g)
+            for mini in chunked(B, self.mini):
+                idx = order[mini]
+                for part in chunked(idx.numel(), idx.numel() // self.micro):
+                    sel = idx[part]
+                    self.queue.append({**{k: v[sel] for k, v in rows.items()}, **extra})
+        self.rollouts += 1
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if not self.queue:
+            self._fill()
+        return self.queue.pop(0)
+
+    def state_dict(self) -> dict:
+        return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queue": self.queue,
+                "prepare": self.prepare.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.walk.load_state_dict(state["walk"])
+        self.rollouts = int(state["rollouts"])
+        self.queue = list(state["queue"])
+        self.prepare.load_state_dict(state["prepare"])
+
+
+def stats_metrics(batch: dict[str, Any], rows: int) -> dict[str, torch.Tensor]:
+    """A micro-batch's rollout statistics, scaled by its rows (the loop averages summed metrics)."""
+    return {k.split("/", 1)[1]: v * rows for k, v in batch.items() if k.startswith("stats/")}
+
+
+@torch.no_grad()
+def rl_evaluate(model: torch.nn.Module, tokenizer, prompts: list[Prompt], reward_fn: Callable, reward_name: str,
+                s: Sampling, batch_size: int = 64) -> dict[str, float]:
+    """Greedy completions of held-out prompts: mean reward, exact match (when the prompts have an
+    `answer` column), mean completion length and the share that stopped on their own."""
+    from llmlab.data.tasks import exact_match
+
+    greedy = Sampling(s.max_new_tokens, 0.0, 0, 1.0, s.stop_ids, s.pad_id)
+    rewards, hits, lengths, stopped = [], [], [], []
+    for part in chunked(len(prompts), batch_size):
+        chunk = prompts[part]
+        r = sample_rollout(model, tokenizer, [p.ids for p in chunk], greedy, None)
+        rewards += score_completions(reward_fn, chunk, r.completions, reward_name).tolist()
+        lengths += r.completion_mask.sum(1).tolist()
+        stopped += r.stopped.float().tolist()
+        if all("answer" in p.extras for p in chunk):
+            hits += [float(exact_match(c, str(p.extras["answer"]))) for c, p in zip(r.completions, chunk)]
+    n = max(len(rewards), 1)
+    out = {"eval/reward_mean": sum(rewards) / n, "eval/completion_length": sum(lengths) / n,
+           "eval/stopped_share": sum(stopped) / n}
+    if hits:
+        out["eval/exact_match"] = sum(hits) / len(hits)
+    return out
