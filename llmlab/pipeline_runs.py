@@ -78,7 +78,7 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict]) -> t
     with its lineage (every stage's run id and fingerprint) as tags. A model whose fingerprint is
     already registered is not registered again. Returns (name, version) or None."""
     spec = load_spec(spec_file)
-    with_model = [name for name, r in results.items() if "model" in r["outputs"]]
+    with_model = [name for name, r in results.items() if "model" in r["outputs"] and r["kind"] != "reward"]
     if not with_model:
         return None
     final = results[with_model[-1]]

@@ -226,3 +226,52 @@ def test_dpo_rules_and_seed_rlhf_defaults():
     assert (dpo.beta, dpo.train.lr, dpo.train.weight_decay, dpo.train.grad_clip, dpo.train.batch_size,
             dpo.train.mini_batch_size) == (0.2, 1.4e-5, 0.0, 1.0, 128, 32)
     assert dpo.inputs == ["pretrain"] and dpo.start == "pretrain"
+
+
+def rl_spec(**stages) -> str:
+    raw = yaml.safe_load(BASE)
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"], **stages}
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+PROMPTS = [{"path": "builtin:tasks-prompts"}]
+PAIRS = [{"path": "builtin:tasks-preference"}]
+
+
+def test_ppo_and_grpo_have_the_seed_defaults():
+    spec = parse_spec(rl_spec(ppo={"kind": "ppo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match"},
+                              grpo={"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match"}))
+    ppo, grpo = spec.stages["ppo"], spec.stages["grpo"]
+    assert (ppo.train.ppo_epochs, ppo.clip_range, ppo.vf_coef, ppo.gamma, ppo.gae_lambda, ppo.train.batch_size,
+            ppo.train.mini_batch_size, ppo.max_new_tokens, ppo.temperature, ppo.top_k, ppo.top_p) == (
+        4, 0.2, 0.1, 1.0, 0.95, 128, 32, 128, 1.0, 0, 1.0)
+    assert (grpo.group_size, grpo.grpo_temperature, grpo.sampling_temperature) == (4, 1.0, 1.0)
+    assert ppo.start == "pretrain" and ppo.inputs == ["pretrain"]
+
+
+def test_rl_reward_rules():
+    both = {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match", "reward_stage": "rm"}
+    (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, grpo=both))
+    assert issue.path == "stages.grpo.reward" and "exactly one of `reward`" in issue.message
+    neither = {"kind": "ppo", "from": "pretrain", "data": PROMPTS}
+    assert "exactly one of `reward`" in issues_of(rl_spec(ppo=neither))[0].message
+    wrong_kind = {"kind": "ppo", "from": "pretrain", "data": PROMPTS, "reward_stage": "pretrain"}
+    (issue,) = issues_of(rl_spec(ppo=wrong_kind))
+    assert issue.path == "stages.ppo.reward_stage" and "is a pretrain stage; name a stage of kind reward" in issue.message
+    later = {"kind": "ppo", "from": "pretrain", "data": PROMPTS, "reward_stage": "rm"}
+    (issue,) = issues_of(rl_spec(ppo=later, rm={"kind": "reward", "from": "pretrain", "data": PAIRS}))
+    assert "declared after 'ppo'" in issue.message
+    spec = parse_spec(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, ppo=later))
+    assert spec.stages["ppo"].inputs == ["pretrain", "rm"] and spec.stages["ppo"].start == "pretrain"
+
+
+def test_rl_batch_rules_and_a_reward_model_is_not_a_language_model():
+    grpo = {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "format", "group_size": 3,
+            "train": {"batch_size": 16, "mini_batch_size": 6, "gradient_accumulation_steps": 4}}
+    paths = {i.path: i.message for i in issues_of(rl_spec(grpo=grpo))}
+    assert "multiple of group_size (3)" in paths["stages.grpo.train.batch_size"]
+    assert "multiple of mini_batch_size" in paths["stages.grpo.train.mini_batch_size"]
+    assert "multiple of gradient_accumulation_steps" in paths["stages.grpo.train.gradient_accumulation_steps"]
+    (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS},
+                                 eval={"kind": "eval", "from": ["pretrain", "rm"], "data": [{"path": "builtin:stdlib"}]}))
+    assert issue.path == "stages.eval.from" and "is a reward model" in issue.message

@@ -26,16 +26,13 @@ datasets), else a `val_fraction` of its prompts chosen by a stable hash, never t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Callable, Iterator
 
 from llmlab.data.order import held_out
+from llmlab.data.preference import _hh_split, parse_hh_transcript
 from llmlab.data.sft import DETECT_SAMPLE_ROWS, _builtin_task_source, _chain, merge_sources, normalise_source, open_split
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
 
 @dataclass
 class Prompt:
@@ -69,37 +66,21 @@ def _check_messages(messages: Any) -> list[dict]:
 def _before_last_assistant(messages: list) -> list[dict]:
     messages = _check_messages(messages)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    head = messages if last is None else messages[:last]
+    ends_with_user = bool(messages) and messages[-1]["role"] == "user"
+    head = messages if last is None or ends_with_user else messages[:last]
     if not head or head[-1]["role"] != "user":
         raise ValueError("no user turn before the last assistant turn: nothing to answer")
     return head
 
 
-def hh_rlhf_prompt(transcript: str) -> str:
-    """Everything up to and including the last "\\n\\nAssistant:" of an hh-rlhf transcript."""
-    if not isinstance(transcript, str):
-        raise TypeError(f"an hh-rlhf transcript is a string, not {type(transcript).__name__}")
-    cut = transcript.rfind("\n\nAssistant:")
-    if cut < 0:
-        raise ValueError("transcript has no '\\n\\nAssistant:' turn")
-    return transcript[:cut + len("\n\nAssistant:")]
-
-
-def hh_rlhf_messages(prompt_text: str) -> list[dict]:
-    """The turns of an hh-rlhf prompt (ending in "Assistant:") as chat messages, last one a user turn."""
-    parts = HH_TURN.split(prompt_text)
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[1::2], parts[2::2])]
-    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-        messages.pop()
+def _hh(row: dict) -> tuple[list[dict], str | None]:
+    """hh-rlhf: the transcript up to and including its last "\n\nAssistant:" (text), and its
+    turns before that as messages (parsed as the preference data parses them)."""
+    prefix, _ = _hh_split(row["chosen"], "chosen")
+    messages = parse_hh_transcript(prefix)
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("no Human turn before the last Assistant turn")
-    return messages
-
-
-def _hh(row: dict) -> tuple[list[dict], str | None]:
-    text = hh_rlhf_prompt(row["chosen"])
-    return hh_rlhf_messages(text), text
+    return messages, prefix + "\n\nAssistant:"
 
 
 # name -> (columns that identify it, row -> (messages, plain prompt text or None), columns consumed)

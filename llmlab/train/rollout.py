@@ -56,10 +56,14 @@ class Rollout:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (policy-gradient ratios need a deterministic policy)."""
+    """Set every dropout probability to 0 (policy-gradient ratios need a deterministic policy):
+    dropout modules, and attention dropout rates kept as floats (ours, transformers' Llama)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for attr in ("dropout", "attention_dropout", "attn_dropout"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +220,7 @@ class RolloutBatches:
         return self.queue.pop(0)
 
     def state_dict(self) -> dict:
-        return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queue": self.queue,
+        return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queue": list(self.queue),
                 "prepare": self.prepare.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -7,9 +7,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", **stage_updates) -> Path:
-    """pipelines/tiny.yaml with the same stages and data, a small model and a few steps."""
-    raw = yaml.safe_load((ROOT / "pipelines/tiny.yaml").read_text())
+def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.yaml", **stage_updates) -> Path:
+    """pipelines/tiny.yaml (or another shipped pipeline) with the same stages and data, a small
+    model and a few steps."""
+    raw = yaml.safe_load((ROOT / "pipelines" / pipeline).read_text())
     raw["name"] = name
     raw["workdir"] = str(tmp_path / "runs")
     raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
@@ -24,6 +25,15 @@ def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", **stage_updates) -> Pat
         raw["stages"]["dpo"]["train"].update(max_steps=4, warmup_steps=1, batch_size=8, mini_batch_size=4, eval_every=2,
                                              eval_steps=2, save_every=2, log_every=2)
         raw["stages"]["dpo"]["max_examples"] = 64
+    if "reward" in raw["stages"]:
+        raw["stages"]["reward"]["train"].update(max_steps=4, warmup_steps=1, batch_size=8, mini_batch_size=4, eval_every=2,
+                                                eval_steps=2, save_every=2, log_every=2)
+        raw["stages"]["reward"]["max_examples"] = 64
+    for rl in ("grpo", "ppo"):
+        if rl in raw["stages"]:
+            raw["stages"][rl]["train"].update(max_steps=2, warmup_steps=0, batch_size=16, mini_batch_size=8, eval_every=2,
+                                              save_every=2, log_every=1)
+            raw["stages"][rl].update(max_new_tokens=6, eval_prompts=8, max_prompts=64)
     raw["stages"]["eval"].update(batch_size=4, batches=4, max_new_tokens=8, tasks_limit=8, preferences_limit=8)
     for stage, changes in stage_updates.items():
         raw["stages"][stage].update(changes)

@@ -92,7 +92,7 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.stage"}
-        assert stages == {"tokenizer", "pretrain", "sft", "merge", "dpo", "eval"}
+        assert stages == {"tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"}
         parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
         assert sorted(p["info"]["status"] for p in parent) == ["FAILED", "FINISHED"]
         assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"

@@ -97,11 +97,11 @@ def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
     before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "eval")}
     spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4})  # an eval-only change
     results = pipeline(spec=str(spec))
-    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "eval")] == [True] * 5 + [False]
-    # a DPO field changes: everything before it is reused, dpo and eval run
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval")] == [True] * 6 + [False]
+    # a DPO field changes: everything before it is reused, dpo and what depends on it (grpo, eval) run
     spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4}, dpo={"beta": 0.3})
     results = pipeline(spec=str(spec))
-    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "eval")] == [True] * 4 + [False] * 2
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval")] == [True] * 4 + [False] * 3
     assert started(runs, "pretrain") == before["pretrain"]
     # --force pretrain reruns it from step 0; --only eval runs eval alone
     results = pipeline(spec=str(spec), force=["pretrain"])

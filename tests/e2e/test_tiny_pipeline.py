@@ -33,8 +33,11 @@ def test_every_stage_finishes_with_outputs(finished_run):
     from llmlab.checkpoint import fingerprint
 
     results = finished_run["results"]
-    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "dpo", "eval"]
+    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
     assert (Path(results["dpo"]["outputs"]["model"]) / "model.safetensors").is_file()
+    assert (Path(results["grpo"]["outputs"]["model"]) / "model.safetensors").is_file()
+    assert json.loads((Path(results["grpo"]["output_dir"]) / "stage.json").read_text())["inputs"]["dpo"] == \
+        results["dpo"]["fingerprint"]
     for name, r in results.items():
         record = json.loads((Path(r["output_dir"]) / "stage.json").read_text())
         assert record["status"] == "finished" and r["status"] == "finished"
@@ -62,9 +65,9 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
     assert len(scores["samples"]) == len(report["prompts"])
     text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
-    assert text.count("| pretrain |") == 1 and text.count("| merge |") == 1 and text.count("| dpo |") == 1
+    assert all(text.count(f"| {m} |") == 1 for m in ("pretrain", "merge", "dpo", "grpo"))
     assert report["tasks"]["prompts"] == 8 and report["preferences"]["pairs"] == 8
-    for model in ("pretrain", "merge", "dpo"):
+    for model in ("pretrain", "merge", "dpo", "grpo"):
         assert 0.0 <= report["models"][model]["exact_match"] <= 1.0
         assert 0.0 <= report["models"][model]["preference_accuracy"] <= 1.0
         # the builtin exact_match reward is 1 per exact match, so its mean is the exact-match rate
@@ -85,8 +88,11 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
     assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "dpo", "eval"}
+    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"}
     assert client.get_metric_history(children["dpo"].info.run_id, "dpo/accuracy")
+    for key in ("rl/reward_mean", "rl/kl", "rl/zero_variance_share", "rl/generation_share", "eval/reward_mean"):
+        assert client.get_metric_history(children["grpo"].info.run_id, key), key
+    assert children["grpo"].data.tags["llmlab.reward"] == "exact_match"
     assert children["dpo"].data.tags["llmlab.reference"].endswith("precomputed")
     pre = children["pretrain"]
     assert pre.data.tags["llmlab.kind"] == "pretrain" and pre.info.run_id == results["pretrain"]["mlflow_run_id"]
@@ -107,8 +113,8 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert float(sft.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft.data.params["lora.preset"] == "all"
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
-    assert version.run_id == children["dpo"].info.run_id
-    assert version.tags["llmlab.fingerprint"] == results["dpo"]["fingerprint"]
+    assert version.run_id == children["grpo"].info.run_id
+    assert version.tags["llmlab.fingerprint"] == results["grpo"]["fingerprint"]
     assert version.tags["llmlab.lineage.tokenizer"] == f"{children['tokenizer'].info.run_id}@{results['tokenizer']['fingerprint']}"
     assert parent.data.tags["llmlab.registered_model"] == "tiny-test/1"
 
@@ -119,8 +125,8 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
                          env=env, check=True).stdout
     lines = out.splitlines()
     assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
-    assert [line.split()[0] for line in lines[1:7]] == ["tokenizer", "pretrain", "sft", "merge", "dpo", "eval"]
-    assert all("finished" in line for line in lines[1:7])
+    assert [line.split()[0] for line in lines[1:8]] == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
+    assert all("finished" in line for line in lines[1:8])
 
 
 def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):
@@ -143,9 +149,32 @@ def test_report_files_and_llmlab_report_rebuilds_from_mlflow(finished_run, tmp_p
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "r" / "report.md").read_text()
-    assert all(f"| {m} |" in text for m in ("pretrain", "merge", "dpo"))
+    assert all(f"| {m} |" in text for m in ("pretrain", "merge", "dpo", "grpo"))
     assert (tmp_path / "r" / "training_curves.png").stat().st_size > 1000
     assert text == (eval_dir / "report.md").read_text()  # the same report, from MLflow alone
     missing = subprocess.run([sys.executable, "-m", "llmlab.cli", "report", "no-such-pipeline"], capture_output=True,
                              text=True, env=env)
     assert missing.returncode == 2 and "no pipeline named 'no-such-pipeline'" in missing.stderr
+
+
+def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, isolated):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import pipeline
+
+    spec = shrunk_tiny(isolated, "tiny-ppo-test", pipeline="tiny-ppo.yaml")
+    results = pipeline(spec=str(spec))
+    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "reward", "ppo", "eval"]
+    rm_dir = Path(results["reward"]["outputs"]["model"])
+    assert json.loads((rm_dir / "config.json").read_text())["architectures"] == ["LlmlabForSequenceClassification"]
+    assert 0.0 <= results["reward"]["metrics"]["eval/accuracy"] <= 1.0
+    # ppo consumed the merged model and the reward stage's model
+    inputs = json.loads((Path(results["ppo"]["output_dir"]) / "stage.json").read_text())["inputs"]
+    assert (inputs["merge"], inputs["reward"]) == (results["merge"]["fingerprint"], results["reward"]["fingerprint"])
+    assert Path(results["ppo"]["outputs"]["value_head"]).is_file()
+    client = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}")
+    run = client.get_run(results["ppo"]["mlflow_run_id"])
+    assert run.data.tags["llmlab.reward"] == "reward stage reward"
+    assert client.get_metric_history(run.info.run_id, "rl/explained_variance")
+    (version,) = client.search_model_versions("name = 'tiny-ppo-test'")
+    assert version.run_id == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model

@@ -1,0 +1,142 @@
+"""The reward, grpo and ppo stages on a tiny model: a reward model separates separable pairs, both RL
+stages raise the reward of a toy task in a few steps, LoRA uses the adapter-free model as the KL
+reference, and PPO runs against a reward stage by name."""
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from llmlab.model import LlmlabConfig, build_model
+from llmlab.rewards import load_reward
+from llmlab.stages import execute_stage
+from llmlab.tokenizer import train_tokenizer
+
+TOY_REWARDS = '''
+def readable(prompts, completions, **kw):
+    """Share of the completion's characters that are ASCII letters, digits or spaces (a random
+    model writes about half stray bytes, so the reward has room and spread)."""
+    out = []
+    for c in completions:
+        out.append(sum(ch.isascii() and (ch.isalnum() or ch == " ") for ch in c) / max(len(c), 1))
+    return out
+'''
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl-base")
+    texts = [f"{i}+1={i + 1} rev a b c sort 321 good bad answer is" for i in range(300)]
+    tok = train_tokenizer(texts, 330, root)
+    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    build_model(cfg, seed=0).save_pretrained(root)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy_rewards.py").write_text(TOY_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("toy_rewards", None)
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+def run(project, base, stages: dict, name: str, inputs: dict | None = None):
+    spec = {"name": "rl-test", "workdir": str(project / "runs"), "tokenizer": {"path": str(base)}, "stages": stages}
+    (project / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = execute_stage(str(project / "s.yaml"), name, inputs or {}, None)
+    rows = [json.loads(line) for line in (project / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+    return result, rows
+
+
+def rl_stage(kind, base, **changes):
+    stage = {"kind": kind, "model": str(base), "data": [{"path": "builtin:tasks-prompts"}], "reward": "toy_rewards:readable",
+             "max_new_tokens": 6, "eval_prompts": 16, "max_prompts": 400,
+             "train": {"max_steps": 24, "lr": 2e-2, "scheduler": "none", "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
+                       "eval_every": 12, "save_every": 12, "log_every": 2}}
+    if kind == "grpo":
+        stage["group_size"] = 4
+    stage.update(changes)
+    return stage
+
+
+def mean(rows, key, part):
+    values = [r[key] for r in rows if key in r]
+    k = max(len(values) // 4, 1)
+    return sum(values[:k] if part == "first" else values[-k:]) / k
+
+
+def test_reward_stage_separates_separable_pairs(project, base):
+    pairs = [{"prompt": f"item {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(400)]
+    (project / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    stage = {"kind": "reward", "model": str(base), "data": [{"path": "pairs.jsonl"}], "val_fraction": 0.1,
+             "train": {"max_steps": 30, "lr": 3e-3, "batch_size": 16, "mini_batch_size": 8, "eval_every": 15,
+                       "eval_steps": 5, "save_every": 15, "log_every": 5}}
+    result, rows = run(project, base, {"rm": stage}, "rm")
+    assert result["metrics"]["eval/accuracy"] >= 0.95
+    assert {"reward/accuracy", "reward/margin"} <= set(rows[0])
+    # the output is a sequence-classification model that the rewards loader scores with
+    rm = load_reward(result["outputs"]["model"])
+    tok = rm.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "item 999"}], tokenize=False, add_generation_prompt=True)
+    good, bad = rm([prompt, prompt], ["good answer 999<|im_end|>", "bad answer 999<|im_end|>"])
+    assert good > bad
+
+
+def test_grpo_stage_raises_the_reward_and_logs_every_metric(project, base):
+    result, rows = run(project, base, {"grpo": rl_stage("grpo", base)}, "grpo")
+    assert mean(rows, "rl/reward_mean", "last") > mean(rows, "rl/reward_mean", "first") + 0.1
+    logged = set().union(*rows)
+    assert {"rl/reward_mean", "rl/reward_std", "rl/kl", "rl/entropy", "rl/clip_fraction", "rl/approx_kl",
+            "rl/group_reward_std", "rl/zero_variance_share", "rl/best_of_n", "rl/rollout_tokens_per_sec",
+            "rl/generation_share", "eval/reward_mean", "eval/exact_match"} <= logged
+    assert all(0 < r["rl/generation_share"] <= 1 for r in rows if "rl/generation_share" in r)
+    assert (project / "runs" / "grpo" / "model" / "model.safetensors").is_file()
+    assert result["metrics"]["train/steps"] == 24
+
+
+def test_ppo_stage_raises_the_reward_with_a_value_head(project, base):
+    result, rows = run(project, base, {"ppo": rl_stage("ppo", base, kl_coef=0.01, vf_coef=0.5)}, "ppo")
+    assert mean(rows, "rl/reward_mean", "last") > mean(rows, "rl/reward_mean", "first") + 0.1
+    logged = set().union(*rows)
+    assert {"rl/value_loss", "rl/explained_variance", "rl/kl", "rl/kl_coef", "rl/clip_fraction", "rl/approx_kl",
+            "rl/entropy", "rl/rollout_tokens_per_sec", "rl/generation_share"} <= logged
+    head = torch.load(result["outputs"]["value_head"], weights_only=True)
+    assert head["weight"].abs().sum() > 0  # the value head learned (it starts at zero)
+    assert (project / "runs" / "ppo" / "model" / "model.safetensors").is_file()
+
+
+def test_lora_grpo_uses_the_adapter_free_model_as_reference(project, base):
+    from mlflow.tracking import MlflowClient
+
+    stage = rl_stage("grpo", base, lora={"preset": "all", "r": 4, "dropout": 0.1},
+                     train={"max_steps": 4, "lr": 1e-3, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
+                            "eval_every": 4, "save_every": 4, "log_every": 1})
+    result, rows = run(project, base, {"grpo": stage}, "grpo")
+    client = MlflowClient(f"sqlite:///{project / 'state' / 'mlflow.db'}")
+    assert client.get_run(result["mlflow_run_id"]).data.tags["llmlab.reference"] == "the same model with adapters disabled"
+    assert (project / "runs" / "grpo" / "adapters" / "best" / "adapter_config.json").is_file()
+    # adapters start at zero, dropout is off: the first rollout's policy is the reference
+    first = next(r for r in rows if "train/loss" in r)
+    assert first["rl/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert first["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ppo_scores_with_a_reward_stage_named_in_the_spec(project, base):
+    pairs = [{"prompt": "x", "chosen": "1 2 3", "rejected": "a b c"}] * 40
+    (project / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    stages = {"rm": {"kind": "reward", "model": str(base), "data": [{"path": "pairs.jsonl"}],
+                     "train": {"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "eval_every": 2, "eval_steps": 1,
+                               "save_every": 2}},
+              "ppo": rl_stage("ppo", base, reward=None, reward_stage="rm",
+                              train={"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+                                     "eval_every": 2, "save_every": 2, "log_every": 1})}
+    rm, _ = run(project, base, stages, "rm")
+    result, rows = run(project, base, stages, "ppo", inputs={"rm": rm})
+    assert "rl/reward_mean" in rows[0] and result["metrics"]["train/steps"] == 2
