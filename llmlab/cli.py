@@ -79,7 +79,17 @@ def inspect(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> No
         src = ", ".join(stage.inputs) or ("tokenizer" if spec.tokenizer.train else "-")
         line = f"  {name:<10} kind {stage.kind:<9} from {src}"
         train = getattr(stage, "train", None)
-        if train is not None:
+        if train is not None and hasattr(train, "ppo_epochs"):  # ppo/grpo: a step is one mini-batch update
+            per_rollout = train.ppo_epochs * train.batch_size // train.mini_batch_size
+            micro = train.mini_batch_size // train.gradient_accumulation_steps
+            mem = estimate_training_memory(config, micro, spec.model.max_seq_len)
+            line += (f"; {train.max_steps:,} updates of {train.mini_batch_size} completions, "
+                     f"{-(-train.max_steps // per_rollout):,} rollouts of {train.batch_size}; memory ~{_fmt_bytes(mem['total_bytes'])}")
+        elif train is not None and hasattr(train, "mini_batch_size"):  # dpo/reward: batch_size counts pairs
+            mem = estimate_training_memory(config, 2 * train.mini_batch_size, spec.model.max_seq_len)
+            line += (f"; {train.max_steps:,} steps x {train.batch_size} pairs ({2 * train.mini_batch_size} seqs per forward)"
+                     f"; memory ~{_fmt_bytes(mem['total_bytes'])}")
+        elif train is not None:
             mem = estimate_training_memory(config, train.batch_size, spec.model.max_seq_len)
             tokens = train.max_steps * train.batch_size * train.gradient_accumulation_steps * spec.model.max_seq_len
             line += (f"; {train.max_steps:,} steps x {train.batch_size}x{train.gradient_accumulation_steps} seqs"

@@ -188,6 +188,10 @@ def test_cli_inspect_prints_graph_params_and_memory():
                          capture_output=True, text=True, check=True)
     assert f"parameters: {expected:,}" in out.stdout
     assert "pretrain" in out.stdout and "memory ~" in out.stdout and "rule of thumb" in out.stdout
+    grpo = spec.stages["grpo"].train  # RL steps are mini-batch updates; rollouts = steps / updates per rollout
+    rollouts = -(-grpo.max_steps // (grpo.ppo_epochs * grpo.batch_size // grpo.mini_batch_size))
+    assert f"{grpo.max_steps} updates of {grpo.mini_batch_size} completions, {rollouts} rollouts of {grpo.batch_size}" in out.stdout
+    assert f"x {spec.stages['dpo'].train.batch_size} pairs" in out.stdout
 
 
 def test_sft_and_merge_rules():

@@ -100,7 +100,8 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         from llmlab.train.ppo import PolicyWithValue, PPOObjective, PPOPrepare
         from llmlab.train.rl import AdaptiveKL
 
-        trained = PolicyWithValue(model, model.get_output_embeddings().in_features).to(device)
+        hidden = getattr(model.config, "d_model", None) or model.config.hidden_size
+        trained = PolicyWithValue(model, hidden).to(device)
         prepare = PPOPrepare(trained, reference, tok, reward_fn, reward_name, sampling,
                              AdaptiveKL(stage.kl_coef, stage.target_kl, stage.kl_horizon), stage.gamma, stage.gae_lambda,
                              micro, spec.seed)

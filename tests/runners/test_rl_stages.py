@@ -1,6 +1,6 @@
 """The reward, grpo and ppo stages on a tiny model: a reward model separates separable pairs, both RL
 stages raise the reward of a toy task in a few steps, LoRA uses the adapter-free model as the KL
-reference, and PPO runs against a reward stage by name."""
+reference, PPO (with LoRA) runs against a reward stage by name, and a stage resumes exactly."""
 
 import json
 import sys
@@ -48,6 +48,7 @@ def project(tmp_path, monkeypatch):
 
 
 def run(project, base, stages: dict, name: str, inputs: dict | None = None):
+    project.mkdir(parents=True, exist_ok=True)
     spec = {"name": "rl-test", "workdir": str(project / "runs"), "tokenizer": {"path": str(base)}, "stages": stages}
     (project / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     result = execute_stage(str(project / "s.yaml"), name, inputs or {}, None)
@@ -102,11 +103,14 @@ def test_grpo_stage_raises_the_reward_and_logs_every_metric(project, base):
 
 
 def test_ppo_stage_raises_the_reward_with_a_value_head(project, base):
-    result, rows = run(project, base, {"ppo": rl_stage("ppo", base, kl_coef=0.01, vf_coef=0.5)}, "ppo")
+    stage = rl_stage("ppo", base, kl_coef=0.01, vf_coef=0.5, target_kl=1e-4)  # adaptive: KL is above target
+    result, rows = run(project, base, {"ppo": stage}, "ppo")
     assert mean(rows, "rl/reward_mean", "last") > mean(rows, "rl/reward_mean", "first") + 0.1
     logged = set().union(*rows)
     assert {"rl/value_loss", "rl/explained_variance", "rl/kl", "rl/kl_coef", "rl/clip_fraction", "rl/approx_kl",
             "rl/entropy", "rl/rollout_tokens_per_sec", "rl/generation_share"} <= logged
+    coefs = [r["rl/kl_coef"] for r in rows if "rl/kl_coef" in r]
+    assert coefs[0] == pytest.approx(0.01) and coefs[-1] > coefs[0]  # the coefficient adapted upward
     head = torch.load(result["outputs"]["value_head"], weights_only=True)
     assert head["weight"].abs().sum() > 0  # the value head learned (it starts at zero)
     assert (project / "runs" / "ppo" / "model" / "model.safetensors").is_file()
@@ -134,9 +138,34 @@ def test_ppo_scores_with_a_reward_stage_named_in_the_spec(project, base):
     stages = {"rm": {"kind": "reward", "model": str(base), "data": [{"path": "pairs.jsonl"}],
                      "train": {"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "eval_every": 2, "eval_steps": 1,
                                "save_every": 2}},
-              "ppo": rl_stage("ppo", base, reward=None, reward_stage="rm",
+              "ppo": rl_stage("ppo", base, reward=None, reward_stage="rm", lora={"preset": "all", "r": 4},
                               train={"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
                                      "eval_every": 2, "save_every": 2, "log_every": 1})}
     rm, _ = run(project, base, stages, "rm")
     result, rows = run(project, base, stages, "ppo", inputs={"rm": rm})
-    assert "rl/reward_mean" in rows[0] and result["metrics"]["train/steps"] == 2
+    first = next(r for r in rows if "train/loss" in r)
+    assert "rl/value_loss" in first and result["metrics"]["train/steps"] == 2
+    assert first["rl/kl"] == pytest.approx(0.0, abs=1e-5)  # LoRA: the reference is the adapter-free policy
+    assert (project / "runs" / "ppo" / "adapters" / "best" / "adapter_config.json").is_file()
+
+
+def test_an_interrupted_grpo_stage_resumes_with_the_same_rollouts_and_losses(project, base):
+    """Run 6 steps straight (4 per rollout: steps 5-6 use a second rollout); then 3 steps and (the
+    same config, a longer horizon) resume to 6: the checkpoint carries the rollout queue, the prompt
+    cursor and the RNG, so steps 4-6 match."""
+    def stage(steps):
+        return rl_stage("grpo", base, train={"max_steps": steps, "lr": 1e-2, "scheduler": "none", "batch_size": 16,
+                                              "mini_batch_size": 8, "ppo_epochs": 2, "eval_every": 100,
+                                              "save_every": 3, "log_every": 1})
+
+    _, straight = run(project / "a", base, {"grpo": stage(6)}, "grpo")
+    run(project / "b", base, {"grpo": stage(3)}, "grpo")
+    resumed, rows = run(project / "b", base, {"grpo": stage(6)}, "grpo")
+
+    def series(rs, key):
+        return [r[key] for r in rs if "train/loss" in r]
+
+    assert series(rows, "step") == series(straight, "step") == [1, 2, 3, 4, 5, 6]
+    assert series(rows, "rl/reward_mean")[4] != series(rows, "rl/reward_mean")[3]  # a second rollout was drawn
+    for key in ("train/loss", "rl/reward_mean", "rl/kl"):
+        assert series(rows, key) == pytest.approx(series(straight, key), abs=1e-6), key
