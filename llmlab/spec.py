@@ -241,12 +241,35 @@ class StageBase(StrictModel):
                 parse_gate(gate)
             except ValueError as exc:
                 yield ("gates", i), str(exc)
+        dist = getattr(self, "distributed", None)
+        if dist is not None and dist.strategy == "fsdp":
+            if getattr(self, "lora", None) is not None:
+                yield ("distributed", "strategy"), "LoRA trains under ddp only (the adapters are tiny; sharding buys nothing): set strategy: ddp"
+            train = getattr(self, "train", None)
+            if train is not None and train.optimizer.name == "muon":
+                yield ("distributed", "strategy"), "muon orthogonalises whole matrices, which fsdp shards: use ddp, or another optimizer"
 
     @property
     def inputs(self) -> list[str]:
         if self.from_ is None:
             return []
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class DistributedSpec(StrictModel):
+    """Run the stage under torchrun: `nproc_per_node` processes on each of `nnodes` machines.
+    Rank 0 alone writes checkpoints and logs; every rank trains on its own share of each batch, so
+    one step's global batch is batch_size x gradient_accumulation_steps x world size."""
+
+    nproc_per_node: int = Field(1, ge=1)  # processes per machine (GPUs per machine, or CPU workers)
+    nnodes: int = Field(1, ge=1)  # machines; more than 1 needs rdzv_endpoint (or $LLMLAB_RDZV_ENDPOINT)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2 shards weights, grads, optimizer state
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl on GPUs, gloo on CPU
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous (multi-node); None = $LLMLAB_RDZV_ENDPOINT or local
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
 
 
 class PretrainStage(StageBase):
@@ -257,6 +280,7 @@ class PretrainStage(StageBase):
     train: TrainSpec = Field(default_factory=TrainSpec)
     val_fraction: float = Field(0.01, gt=0, lt=1)  # share of documents held out, chosen by hash
     max_tokens: int | None = Field(None, ge=1)  # training tokens to prepare; None = all the data
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if len(self.inputs) > 1:
@@ -305,6 +329,7 @@ class SftStage(StageBase):
     packing: bool = False  # several short examples per row, no attention across them
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if (self.model is None) == (not self.inputs):
@@ -367,6 +392,7 @@ class DpoStage(StageBase):
     precompute_reference: bool = False  # score the reference once before training, then drop it
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     @property
     def start(self) -> str | None:
@@ -405,6 +431,7 @@ class RewardStage(StageBase):
     train: RewardTrain = Field(default_factory=RewardTrain)
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if (self.model is None) == (not self.inputs):
@@ -455,6 +482,7 @@ class RlStageBase(StageBase):
     val_fraction: float = Field(0.05, gt=0, lt=1)  # prompts held out by hash when a source has no validation split
     max_prompts: int | None = Field(None, ge=1)  # training prompts read; None = all
     eval_prompts: int = Field(64, ge=1)  # held-out prompts scored (greedy) at each evaluation
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP; rollouts per rank)
 
     @property
     def start(self) -> str | None:
@@ -471,6 +499,8 @@ class RlStageBase(StageBase):
             yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
         if len(own) > 1:
             yield ("from",), f"{self.kind} starts from one model"
+        if self.distributed is not None and self.distributed.strategy == "fsdp":
+            yield ("distributed", "strategy"), f"{self.kind} runs under ddp only (rollouts need the whole policy on each rank): set strategy: ddp"
         if (self.reward is None) == (self.reward_stage is None):
             yield ("reward",), ("give exactly one of `reward` (a builtin such as exact_match, module:function, or a reward "
                                 "model dir / hub name) or `reward_stage` (an earlier reward stage)")

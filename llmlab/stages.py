@@ -62,6 +62,12 @@ class StageContext:
     out_dir: Path
     inputs: dict[str, StageResult]
     run: Any  # tracking.StageRun or None
+    stage_dir: Path | None = None  # the stage's real folder (= out_dir except on ranks > 0 of a distributed stage)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints live: the stage's own folder, on every rank."""
+        return (self.stage_dir or self.out_dir) / "checkpoints"
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as f:
@@ -146,8 +152,14 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         metrics_file.unlink()  # a fresh start: metrics of an older, discarded attempt go
     ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run)
     started = time.perf_counter()
+    dist_spec = getattr(ctx.config, "distributed", None)
     try:
-        outputs, metrics = runner(kind)(ctx)
+        if dist_spec is not None and dist_spec.world_size > 1:
+            from llmlab.distributed import run_under_torchrun
+
+            outputs, metrics = run_under_torchrun(spec_file, stage, dist_spec, inputs, run.run_id, out_dir)
+        else:
+            outputs, metrics = runner(kind)(ctx)
     except TrainingInterrupted:
         atomic_write_json(out_dir / "stage.json", {**record, "status": "interrupted"})
         run.finish("KILLED")

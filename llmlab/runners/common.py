@@ -32,16 +32,21 @@ def _checkpoint_identity(ctx: StageContext, config: dict) -> dict[str, Any]:
 
 
 def prepare_checkpoints(ctx: StageContext) -> Path:
-    """The stage's checkpoint folder, emptied when its checkpoints belong to a different config."""
-    ckpt = ctx.out_dir / "checkpoints"
-    identity = _checkpoint_identity(ctx, resolved_config(ctx.spec, ctx.name))
-    id_file = ckpt / "identity.json"
-    if ckpt.exists() and (not id_file.is_file() or json.loads(id_file.read_text()) != identity):
-        print(f"[{ctx.name}] config or inputs changed since the last checkpoint: starting afresh")
-        shutil.rmtree(ckpt)
-        (ctx.out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(id_file, identity)
+    """The stage's checkpoint folder, emptied when its checkpoints belong to a different config
+    (by rank 0 alone in a distributed stage; the others wait for it)."""
+    from llmlab.distributed import barrier, current
+
+    ckpt = ctx.checkpoint_dir
+    if current().main:
+        identity = _checkpoint_identity(ctx, resolved_config(ctx.spec, ctx.name))
+        id_file = ckpt / "identity.json"
+        if ckpt.exists() and (not id_file.is_file() or json.loads(id_file.read_text()) != identity):
+            print(f"[{ctx.name}] config or inputs changed since the last checkpoint: starting afresh")
+            shutil.rmtree(ckpt)
+            (ctx.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(id_file, identity)
+    barrier()
     return ckpt
 
 

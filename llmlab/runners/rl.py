@@ -40,11 +40,15 @@ def _policy_only_best(result, ckpt, wrapper):
 
     from llmlab.checkpoint import atomic_dir
 
+    from llmlab.distributed import barrier, current
+
     if result.best_path is None:
         return result
-    state = torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)
-    with atomic_dir(ckpt / "best-policy") as tmp:
-        torch.save({**state, "model": wrapper.policy_state_dict(state["model"])}, tmp / "state.pt")
+    if current().main:
+        state = torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)
+        with atomic_dir(ckpt / "best-policy") as tmp:
+            torch.save({**state, "model": wrapper.policy_state_dict(state["model"])}, tmp / "state.pt")
+    barrier()
     return dataclasses.replace(result, best_path=ckpt / "best-policy")
 
 
@@ -83,8 +87,18 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         model = attach_lora(ctx, model, tok, stage.lora)
     disable_dropout(model)  # old and new log-probs must come from the same deterministic policy
     model.to(device)
+    from llmlab.distributed import current
+
+    par = current()
     T = stage.sampling_temperature
-    micro = stage.train.mini_batch_size // stage.train.gradient_accumulation_steps
+    train_cfg = stage.train
+    per_rollout_prompts = train_cfg.batch_size // (1 if ppo else stage.group_size)
+    if per_rollout_prompts % par.world or train_cfg.mini_batch_size % (par.world * train_cfg.gradient_accumulation_steps):
+        raise ValueError(f"stage '{ctx.name}' on {par.world} processes: each rank takes an equal share, so the prompts per "
+                         f"rollout ({per_rollout_prompts}) must be a multiple of {par.world} and mini_batch_size "
+                         f"({train_cfg.mini_batch_size}) of {par.world} x gradient_accumulation_steps")
+    rank_mini = train_cfg.mini_batch_size // par.world
+    micro = rank_mini // train_cfg.gradient_accumulation_steps
     reference = None
     if ppo or stage.kl_coef > 0:
         if lora:
@@ -119,8 +133,8 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
           f"({prompts_per_rollout} prompts), {per_rollout} optimizer steps per rollout, "
           f"{-(-stage.train.max_steps // per_rollout)} rollouts; reward: {reward_name}")
     amp = autocast_dtype(stage.train.precision, device)
-    batches = RolloutBatches(data.train, prepare, prompts_per_rollout, stage.train.mini_batch_size,
-                             stage.train.gradient_accumulation_steps, stage.train.ppo_epochs, spec.seed, amp, device.type)
+    batches = RolloutBatches(data.train, prepare, prompts_per_rollout, rank_mini, stage.train.gradient_accumulation_steps,
+                             stage.train.ppo_epochs, spec.seed, amp, device.type, par.rank, par.world)
     cfg = stage.train.model_copy(update={"batch_size": micro})
 
     def evaluate(m):

@@ -160,11 +160,17 @@ def train(
     """Run (or resume) training as configured by `cfg` (a spec TrainSpec). See module docstring.
     The best model is the evaluation with the lowest `best_metric` (highest with `maximize`, e.g.
     an RL stage's held-out reward)."""
+    from llmlab.distributed import Engine, ShardedBatches, all_sum, any_rank, barrier, current
+
     cb = callbacks or Callbacks()
     ckpt_dir = Path(ckpt_dir)
     device = next(model.parameters()).device
     amp = autocast_dtype(cfg.precision, device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    par = current()
+    engine = Engine(model, par)  # single process, DDP or FSDP2 (see llmlab.distributed)
+    if par.active and not getattr(batches, "per_rank", False):
+        batches = ShardedBatches(batches, par.rank, par.world)
+    optimizer = build_optimizer(engine.owner, cfg.optimizer, cfg.lr, cfg.weight_decay)
     schedule = Schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.power)
     step, best_loss, best_step = 0, None, None
     torch.manual_seed(seed)
@@ -173,9 +179,9 @@ def train(
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         state = load_checkpoint(resume)
-        model.load_state_dict(state["model"])
+        engine.load_model_state(state["model"])
         if cfg.load_optimizer:
-            optimizer.load_state_dict(state["optimizer"])
+            engine.load_optimizer_state(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         schedule.extend(cfg.max_steps, state["step"])
         batches.load_state_dict(state["data"])
@@ -184,38 +190,55 @@ def train(
     resumed_from = step
     best_path = ckpt_dir / "best" if (ckpt_dir / "best" / "state.pt").is_file() else None
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    cb.on_start({"resumed_from": resumed_from, "trainable_params": trainable, "total_params": total,
-                 "device": str(device), "precision": str(amp or torch.float32)})
-    print(f"[{label}] {trainable:,} trainable of {total:,} parameters on {device} ({amp or torch.float32});"
-          f" {'resuming from step ' + str(step) if step else 'starting'} -> {cfg.max_steps} steps")
+    trainable = sum(p.numel() for p in engine.owner.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in engine.owner.parameters())
+    info = {"resumed_from": resumed_from, "trainable_params": trainable, "total_params": total,
+            "device": str(device), "precision": str(amp or torch.float32)}
+    if par.active:
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in engine.owner.parameters())
+        info.update(world_size=par.world, strategy=par.strategy, parameters_on_this_rank=local)
+    cb.on_start(info)
+    say = print if par.main else (lambda *a, **k: None)
+    where = f"{par.world} processes ({par.strategy}) on {device}" if par.active else str(device)
+    say(f"[{label}] {trainable:,} trainable of {total:,} parameters on {where} ({amp or torch.float32});"
+        f" {'resuming from step ' + str(step) if step else 'starting'} -> {cfg.max_steps} steps")
+    if par.active:
+        say(f"[{label}] global batch per step = batch_size {cfg.batch_size} x accumulation "
+            f"{cfg.gradient_accumulation_steps} x world size {par.world} = "
+            f"{cfg.batch_size * cfg.gradient_accumulation_steps * par.world}")
 
     def checkpoint() -> None:
-        path = save_checkpoint(ckpt_dir, step, {
-            "model": model, "optimizer": optimizer, "schedule": schedule, "data": batches,
-            "rng": _rng_state(), "step": step, "best_eval_loss": best_loss, "best_step": best_step,
-        })
-        cb.on_checkpoint(step, path)
+        model_state, optim_state = engine.model_state(), engine.optimizer_state(optimizer)  # collective under FSDP
+        if par.main:
+            path = save_checkpoint(ckpt_dir, step, {
+                "model": model_state, "optimizer": optim_state, "schedule": schedule, "data": batches,
+                "rng": _rng_state(), "step": step, "best_eval_loss": best_loss, "best_step": best_step,
+            })
+            cb.on_checkpoint(step, path)
+        barrier()
 
     def run_eval() -> dict[str, float]:
         nonlocal best_loss, best_step, best_path
-        model.eval()
+        evaluated = engine.eval_model
+        evaluated.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            metrics = evaluate(model) if evaluate else {}
-        model.train()
+            metrics = evaluate(evaluated) if evaluate else {}  # every rank, the same data: the same numbers
+        evaluated.train()
         loss = metrics.get(best_metric) if metrics else None
         if loss is not None and (best_loss is None or (loss > best_loss if maximize else loss < best_loss)):
             best_loss, best_step = loss, step
-            with atomic_dir(ckpt_dir / "best") as tmp:
-                torch.save({"model": model.state_dict(), "step": step, "eval_loss": loss}, tmp / "state.pt")
+            state = engine.model_state()
+            if par.main:
+                with atomic_dir(ckpt_dir / "best") as tmp:
+                    torch.save({"model": state, "step": step, "eval_loss": loss}, tmp / "state.pt")
+            barrier()
             best_path = ckpt_dir / "best"
         if metrics:
             cb.on_eval(step, metrics)
-            print(f"[{label}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            say(f"[{label}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    model.train()
+    engine.train_model.train()
     window_loss = torch.zeros((), device=device)
     window_units = torch.zeros((), device=device)
     window_extra: dict[str, torch.Tensor] = {}  # objective metrics (e.g. dpo/accuracy), summed like the loss
@@ -233,43 +256,51 @@ def train(
                 # curvature-aware optimizers (Sophia) estimate the Hessian on this step's first
                 # micro-batch at the current weights, before the step's gradients accumulate
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    h_loss, h_count = optimizer.hessian_loss(model, micro[0])
+                    h_loss, h_count = optimizer.hessian_loss(engine.train_model, micro[0])
                 h_loss.backward()
                 optimizer.update_hessian(h_count)
                 optimizer.zero_grad(set_to_none=True)
-            units = sum(torch.as_tensor(objective.count(b), device=device) for b in micro).clamp(min=1)
+            local_units = sum(torch.as_tensor(objective.count(b), device=device, dtype=torch.float32) for b in micro)
+            # the step's normaliser counts every rank's units; DDP/FSDP average gradients over
+            # ranks, so each rank's loss is scaled by the world size to make the sum exact
+            units = all_sum(torch.as_tensor(local_units, device=device)).clamp(min=1)
+            scale = float(par.world)
             step_loss = torch.zeros((), device=device)
-            for b in micro:
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss_sum, extra = objective(model, b)
-                (loss_sum / units).backward()
+            for i, b in enumerate(micro):
+                with engine.no_sync(last=i == len(micro) - 1), \
+                        torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss_sum, extra = objective(engine.train_model, b)
+                    (loss_sum / units * scale).backward()
                 step_loss += loss_sum.detach()
                 for key, value in extra.items():
                     window_extra[key] = window_extra.get(key, 0.0) + torch.as_tensor(value, device=device).detach().float()
                 window_tokens += int(b["input_ids"].numel())
-            if cfg.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in engine.owner.parameters() if p.grad is not None],
+                cfg.grad_clip if cfg.grad_clip is not None else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             window_loss += step_loss
-            window_units += units
+            window_units += local_units
 
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 now = time.perf_counter()
-                loss_val = (window_loss / window_units).item()
+                all_units = all_sum(window_units)  # over every rank's micro-batches
+                loss_val = (all_sum(window_loss) / all_units).item()
+                tokens = float(all_sum(torch.tensor(float(window_tokens), device=device)))
                 last = {"train/loss": loss_val, "train/lr": cfg.lr * lr_factor, "train/grad_norm": float(grad_norm),
-                        "train/tokens_per_sec": window_tokens / max(now - window_start, 1e-9)}
+                        "train/tokens_per_sec": tokens / max(now - window_start, 1e-9)}
                 # per-method metrics, averaged over the window's units like the loss
-                last.update({key: float(value / window_units) for key, value in window_extra.items()})
+                last.update({key: float(all_sum(value) / all_units) for key, value in sorted(window_extra.items())})
                 window_extra.clear()
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"[{label}] loss is {loss_val} at step {step}: lower lr or check data")
                 cb.on_log(step, last)
                 rate = (step - resumed_from) / max(now - run_start, 1e-9)
-                print(f"[{label}] {_bar(step / cfg.max_steps)} step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {last['train/lr']:.2e} "
+                say(f"[{label}] {_bar(step / cfg.max_steps)} step {step}/{cfg.max_steps} loss {loss_val:.4f} lr {last['train/lr']:.2e} "
                       f"{last['train/tokens_per_sec']:,.0f} tok/s eta {_fmt_eta((cfg.max_steps - step) / max(rate, 1e-9))}", flush=True)
                 window_loss.zero_()
                 window_units.zero_()
@@ -278,12 +309,13 @@ def train(
                 last.update(run_eval())
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 checkpoint()
-            if stop.raised:
+            if any_rank(stop.raised):  # a signal may reach one worker first: all stop at this step
                 if step % cfg.save_every != 0 and step != cfg.max_steps:
                     checkpoint()
                 raise TrainingInterrupted(step)
     if evaluate is not None and step == resumed_from and best_path is None:
         last.update(run_eval())  # a resumed, already finished run still reports its numbers
+    engine.finish()
     return TrainResult(step, resumed_from, best_loss, best_step, best_path, last)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from llmlab.data.prompts import Prompt
+from llmlab.distributed import current, mean_float
 from llmlab.train.rl import (AdaptiveKL, entropy_from_logits, gae, kl_penalty_rewards, masked_mean, masked_whiten,
                              ppo_policy_loss, value_loss)
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
@@ -34,6 +35,11 @@ class PolicyWithValue(torch.nn.Module):
         self.value_head = torch.nn.Linear(hidden_size, 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits / T, completion log-probs, values), as `policy_logps` (a module call, so DDP syncs it)."""
+        return policy_logps(self.policy, input_ids, attention_mask, prompt_width, temperature, self.value_head)
 
     def policy_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The policy's own entries of a state dict of this module."""
@@ -73,7 +79,7 @@ class PPOPrepare:
                  "rl/completion_length": float(mask.sum(1).mean()), "rl/stopped_share": float(r.stopped.float().mean()),
                  "rl/rollout_tokens_per_sec": float(mask.sum()) / max(r.seconds, 1e-9),
                  "generation_seconds": r.seconds}
-        self.kl.update(kl, n_steps=len(prompts))
+        self.kl.update(mean_float(kl), n_steps=len(prompts) * current().world)  # every rank keeps the same coefficient
         rows = {"input_ids": r.input_ids, "attention_mask": r.attention_mask, "completion_mask": mask,
                 "old_logps": logps, "old_values": values, "advantages": adv, "returns": returns,
                 "prompt_width": torch.tensor(r.prompt_width)}
@@ -99,8 +105,8 @@ class PPOObjective:
     def __call__(self, model: PolicyWithValue, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].size(0)
         mask = batch["completion_mask"]
-        logits, logps, values = policy_logps(model.policy, batch["input_ids"], batch["attention_mask"],
-                                             int(batch["prompt_width"]), self.temperature, model.value_head)
+        logits, logps, values = model(batch["input_ids"], batch["attention_mask"], int(batch["prompt_width"]),
+                                      self.temperature)
         pg, clip_fraction, approx_kl = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.clip_range)
         vf = value_loss(values, batch["old_values"], batch["returns"], mask, self.clip_range_value)
         with torch.no_grad():

@@ -176,9 +176,15 @@ class RolloutBatches:
     """The loop's batch source for PPO/GRPO; see the module docstring. Micro-batches carry the row
     tensors, `prompt_width`, and the rollout's statistics as 0-d tensors under `stats/<name>`."""
 
+    per_rank = True  # under torchrun each rank makes its own rollouts (the loop does not deal batches out)
+
     def __init__(self, prompts: list[Prompt], prepare: Preparer, prompts_per_rollout: int, mini_batch_size: int,
-                 micro_batches: int, ppo_epochs: int, seed: int, amp: torch.dtype | None = None, device_type: str = "cpu"):
+                 micro_batches: int, ppo_epochs: int, seed: int, amp: torch.dtype | None = None, device_type: str = "cpu",
+                 rank: int = 0, world: int = 1):
+        """`prompts_per_rollout` counts all ranks' prompts; rank r takes every world-th of them.
+        `mini_batch_size` is this rank's share of an update's rows."""
         self.prompts, self.prepare = prompts, prepare
+        self.rank, self.world = rank, world
         self.amp, self.device_type = amp, device_type  # the loop's autocast, so old and new log-probs match
         self.prompts_per_rollout, self.mini, self.micro, self.epochs = prompts_per_rollout, mini_batch_size, micro_batches, ppo_epochs
         self.seed = seed
@@ -190,9 +196,10 @@ class RolloutBatches:
 
     def _fill(self) -> None:
         now = time.perf_counter()
-        prompts = [self.prompts[self.walk.take()] for _ in range(self.prompts_per_rollout)]
+        prompts = [self.prompts[self.walk.take()] for _ in range(self.prompts_per_rollout)][self.rank::self.world]
+        key = self.rollouts * self.world + self.rank  # distinct samples per rank and rollout
         with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            rows, stats = self.prepare(prompts, self.rollouts)
+            rows, stats = self.prepare(prompts, key)
         gen = stats.pop("generation_seconds")
         # the share of the previous rollout-and-update cycle spent generating (first cycle: of the
         # rollout step itself)
@@ -202,7 +209,7 @@ class RolloutBatches:
             stats["rl/generation_share"] = gen / max(time.perf_counter() - now, 1e-9)
         self._cycle_start, self._last_generation = now, gen
         B = next(iter(rows.values())).size(0)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         extra = {"prompt_width": rows.pop("prompt_width")}
         extra.update({f"stats/{k}": torch.tensor(float(v)) for k, v in stats.items()})
         for _ in range(self.epochs):
