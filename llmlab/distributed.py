@@ -295,8 +295,9 @@ def run_under_torchrun(spec_file: str, stage: str, dist_spec: Any, inputs: dict[
         if result.get("status") == "interrupted":
             raise TrainingInterrupted(int(result["step"]))
         if rc != 0 or result.get("status") != "finished":
+            errors = [f"rank {f.stem.split('rank')[-1]}: {f.read_text()}" for f in sorted(work.glob("error-rank*.txt"))]
             raise RuntimeError(f"stage '{stage}' failed under torchrun (exit {rc}): "
-                               f"{result.get('error') or ''.join(tail[-15:])}")
+                               f"{result.get('error') or '; '.join(errors) or ''.join(tail[-15:])}")
         return result["outputs"], result["metrics"]
     finally:
         import shutil
@@ -335,6 +336,7 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
         out_dir = stage_dir
     else:
         run, out_dir = _NoRun(run_id), Path(tempfile.mkdtemp(prefix=f"llmlab-{stage}-rank{par.rank}-"))
+        sys.stdout = open(os.devnull, "w")  # rank 0 reports progress; errors still reach stderr
     ctx = StageContext(spec, stage, block, out_dir, inputs, run, stage_dir=stage_dir)
     status: dict[str, Any]
     try:
@@ -348,6 +350,8 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
         import traceback
 
         traceback.print_exc()
+        # the first failing rank's error: torchrun stops the others before rank 0 can report
+        Path(result_file).with_name(f"error-rank{par.rank}.txt").write_text(status["error"])
     if par.main:
         if run is not None and hasattr(run, "flush"):
             run.flush()
@@ -362,4 +366,8 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
 
 
 if __name__ == "__main__":
-    sys.exit(worker(*sys.argv[1:6]))
+    # run as `-m llmlab.distributed`, this file is __main__; the loop imports llmlab.distributed, so
+    # the worker must run in (and set the rank state of) that module, not this copy of it
+    from llmlab import distributed as _module
+
+    sys.exit(_module.worker(*sys.argv[1:6]))

@@ -279,3 +279,22 @@ def test_rl_batch_rules_and_a_reward_model_is_not_a_language_model():
     (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS},
                                  eval={"kind": "eval", "from": ["pretrain", "rm"], "data": [{"path": "builtin:stdlib"}]}))
     assert issue.path == "stages.eval.from" and "is a reward model" in issue.message
+
+
+def test_distributed_block_rules():
+    dist = {"nproc_per_node": 2, "strategy": "fsdp"}
+    stages = {"sft": {"kind": "sft", "from": "pretrain", "data": [{"path": "builtin:tasks"}], "lora": {"r": 4},
+                      "distributed": dist},
+              "grpo": {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "format", "distributed": dist},
+              "more": {"kind": "pretrain", "from": "pretrain", "data": [{"path": "builtin:stdlib"}], "distributed": dist,
+                       "train": {"warmup_steps": 1, "optimizer": {"name": "muon"}}}}
+    paths = {i.path: i.message for i in issues_of(rl_spec(**stages))}
+    assert "LoRA trains under ddp only" in paths["stages.sft.distributed.strategy"]
+    assert "grpo runs under ddp only" in paths["stages.grpo.distributed.strategy"]
+    assert "muon" in paths["stages.more.distributed.strategy"]
+    ok = {"kind": "pretrain", "data": [{"path": "builtin:stdlib"}], "train": {"max_steps": 10, "warmup_steps": 1},
+          "distributed": {"nproc_per_node": 4, "nnodes": 2}}
+    spec = parse_spec(rl_spec(more=ok))
+    d = spec.stages["more"].distributed
+    assert (d.world_size, d.strategy, d.backend) == (8, "ddp", "auto")
+    assert "Input should be 'ddp' or 'fsdp' (got 'zero3')" in issues_of(rl_spec(more={**ok, "distributed": {"strategy": "zero3"}}))[0].message
