@@ -1,0 +1,247 @@
+"""The spec's building blocks: the strict base model, data sources, tokenizer, model, optimizers,
+training, LoRA and distributed blocks. Stages are in `llmlab.spec_stages`, the pipeline and loading
+in `llmlab.spec` (which re-exports everything here). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Loc = tuple[Union[str, int], ...]
+
+
+class StrictModel(BaseModel):
+    """Base of every spec block: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        """Cross-field problems of this block, as (location relative to the block, message)."""
+        return iter(())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSource(StrictModel):
+    """One data source; several sources interleave by relative weight (the seed's semantics)."""
+
+    path: str = Field(description="builtin:<name>, a local file or folder, or a hub dataset name")
+    subset: str | None = None  # hub dataset configuration name
+    split: str = "train"  # which split to read; held-out data is carved out per document
+    weight: float = Field(1.0, gt=0)  # relative share of documents drawn from this source
+    column: str = "text"  # the text column for plain-text data
+    format: str | None = None  # row format for SFT/preference data; None = detect
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        from llmlab.data.builtin import (
+            BUILTIN_SOURCES,  # a plain dict; imports nothing heavy
+        )
+
+        if self.path.startswith("builtin:"):
+            name = self.path.split(":", 1)[1]
+            if name not in BUILTIN_SOURCES:
+                near = difflib.get_close_matches(name, list(BUILTIN_SOURCES), n=1)
+                hint = f"did you mean 'builtin:{near[0]}'? " if near else ""
+                yield ("path",), f"unknown built-in source '{name}': {hint}available: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
+        elif self.path.startswith(("/", "./", "../", "~")) and not Path(self.path).expanduser().exists():
+            yield ("path",), f"no such file or folder: {self.path} (paths are relative to the folder you run llmlab from)"
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerTrain(StrictModel):
+    """Train a byte-level BPE tokenizer; it becomes the pipeline's first stage, `tokenizer`."""
+
+    vocab_size: int = Field(4096, ge=300)  # includes special tokens
+    data: list[DataSource] = Field(min_length=1)
+    min_frequency: int = Field(2, ge=1)  # merges seen fewer times are not learned
+    max_documents: int | None = Field(50_000, ge=1)  # documents read for training; None = all
+
+
+class TokenizerSpec(StrictModel):
+    """Exactly one of: train a tokenizer, load one by hub name, or load one from a local path."""
+
+    train: TokenizerTrain | None = None
+    name: str | None = None  # hub name, e.g. Qwen/Qwen2.5-0.5B (the seed's default; needs network)
+    path: str | None = None  # local tokenizer directory
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        given = [k for k in ("train", "name", "path") if getattr(self, k) is not None]
+        if len(given) != 1:
+            yield (), f"give exactly one of train, name, path (got {', '.join(given) or 'none'})"
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelSpec(StrictModel):
+    """The decoder's architecture: the seed's fields and defaults, plus a few it lacked."""
+
+    positional_encoding: Literal["sinusoidal", "rope", "alibi", "yarn"] = "rope"
+    attention_type: Literal["mha", "mqa", "gqa"] = "gqa"
+    norm_type: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    activation: Literal["relu", "gelu", "silu", "leaky_relu", "swiglu"] = "swiglu"
+    d_model: int = Field(896, ge=8)  # hidden size
+    n_heads: int = Field(14, ge=1)  # query heads
+    n_kv_heads: int = Field(2, ge=1)  # key/value heads (gqa); mha = n_heads, mqa = 1
+    d_ff: int = Field(4864, ge=1)  # feed-forward inner size
+    n_layers: int = Field(24, ge=1)
+    max_seq_len: int = Field(1024, ge=8)  # training context length
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    sliding_window: int | None = Field(None, ge=1)  # None = full causal attention
+    attention_bias: bool = False  # bias on q/k/v/o projections
+    norm_eps: float = Field(1e-6, gt=0)
+    tie_word_embeddings: bool = True  # share the input embedding with the output head
+    rope_theta: float = Field(10000.0, gt=0)  # RoPE/YaRN base
+    yarn_scale: float = Field(4.0, ge=1.0)  # YaRN context-extension factor s
+    yarn_original_max_seq_len: int | None = Field(None, ge=8)  # YaRN's L; None = max_seq_len / s
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.d_model % self.n_heads:
+            yield ("n_heads",), f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+        elif (self.d_model // self.n_heads) % 2 and self.positional_encoding in ("rope", "yarn"):
+            yield ("n_heads",), f"{self.positional_encoding} needs an even head size; d_model / n_heads = {self.d_model // self.n_heads}"
+        if self.attention_type == "gqa" and self.n_heads % self.n_kv_heads:
+            yield ("n_kv_heads",), f"gqa needs n_heads ({self.n_heads}) divisible by n_kv_heads ({self.n_kv_heads})"
+        if self.attention_type == "mqa" and self.n_kv_heads != 1:
+            yield ("n_kv_heads",), f"mqa means one KV head: set n_kv_heads: 1 (got {self.n_kv_heads})"
+        if self.attention_type == "mha" and self.n_kv_heads != self.n_heads:
+            yield ("n_kv_heads",), f"mha means n_kv_heads = n_heads: set n_kv_heads: {self.n_heads} (got {self.n_kv_heads})"
+        if self.yarn_original_max_seq_len is not None and self.yarn_original_max_seq_len > self.max_seq_len:
+            yield ("yarn_original_max_seq_len",), "must not exceed max_seq_len"
+
+    @property
+    def num_kv_heads(self) -> int:
+        return {"mha": self.n_heads, "mqa": 1, "gqa": self.n_kv_heads}[self.attention_type]
+
+
+# --------------------------------------------------------------------------- training
+
+
+class AdamW(StrictModel):
+    """torch.optim.AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101): Adam with decoupled weight decay."""
+
+    name: Literal["adamw"] = "adamw"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # first-moment (momentum) decay
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)  # second-moment decay
+    eps: float = Field(1e-8, gt=0)  # added to the denominator
+
+
+class Adafactor(StrictModel):
+    """torch.optim.Adafactor (Shazeer & Stern 2018, arXiv 1804.04235): factored second moments, no
+    first moment; the step is relative to each parameter's RMS. Defaults are torch's."""
+
+    name: Literal["adafactor"] = "adafactor"
+    beta2_decay: float = Field(-0.8, le=0.0)  # beta2_t = 1 - t^beta2_decay
+    eps1: float | None = Field(None, gt=0)  # floor of the second moment; None = dtype's machine eps
+    eps2: float = Field(1e-3, gt=0)  # floor of the parameter RMS that scales the step
+    d: float = Field(1.0, gt=0)  # update clipping threshold (on the update's RMS)
+
+
+class Lion(StrictModel):
+    """Lion (Chen et al. 2023, arXiv 2302.06675): the sign of an interpolated momentum. Use a 3-10x
+    smaller lr and a larger weight decay than AdamW (the paper's advice)."""
+
+    name: Literal["lion"] = "lion"
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # interpolation of momentum and gradient for the update
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)  # momentum decay
+
+
+class Sophia(StrictModel):
+    """Sophia-G (Liu et al. 2023, arXiv 2305.14342): momentum divided by an EMA of a diagonal
+    Hessian estimate (Gauss-Newton-Bartlett, refreshed every `k` steps), clipped elementwise at
+    `rho`: every parameter moves at most rho * lr per step (so lr is larger than AdamW's)."""
+
+    name: Literal["sophia"] = "sophia"
+    beta1: float = Field(0.965, ge=0.0, lt=1.0)  # gradient momentum decay
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)  # Hessian-estimate EMA decay (per refresh)
+    rho: float = Field(0.04, gt=0)  # elementwise clip of m / h: |update| <= rho * lr
+    k: int = Field(10, ge=1)  # optimizer steps between Hessian estimates
+    eps: float = Field(1e-12, gt=0)  # floor of the Hessian estimate in the denominator
+
+
+class Muon(StrictModel):
+    """Muon (Jordan et al. 2024, kellerjordan.github.io/posts/muon): Newton-Schulz-orthogonalised
+    momentum for 2-D hidden weight matrices; embeddings, the output head and 1-D parameters use AdamW
+    at `adamw_lr_ratio` x lr."""
+
+    name: Literal["muon"] = "muon"
+    momentum: float = Field(0.95, ge=0.0, lt=1.0)  # momentum decay
+    nesterov: bool = True  # orthogonalise g + momentum * buf instead of buf
+    ns_steps: int = Field(5, ge=1, le=50)  # Newton-Schulz iterations
+    ns_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs (bf16 is 35x slower there)
+    adamw_lr_ratio: float = Field(0.1, gt=0)  # lr of the AdamW-handled parameters, relative to lr
+    adamw_beta1: float = Field(0.9, ge=0.0, lt=1.0)  # AdamW part: first-moment decay
+    adamw_beta2: float = Field(0.999, ge=0.0, lt=1.0)  # AdamW part: second-moment decay
+    adamw_eps: float = Field(1e-8, gt=0)  # AdamW part: denominator epsilon
+
+
+OPTIMIZER_CLASSES: dict[str, type[StrictModel]] = {"adamw": AdamW, "adafactor": Adafactor, "lion": Lion, "sophia": Sophia, "muon": Muon}
+OptimizerSpec = Annotated[Union[AdamW, Adafactor, Lion, Sophia, Muon], Field(discriminator="name")]
+OPTIMIZER_NAMES = tuple(OPTIMIZER_CLASSES)
+
+
+class TrainSpec(StrictModel):
+    """The seed's training fields. One step is one optimizer update (after all accumulation)."""
+
+    max_steps: int = Field(10_000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)  # never applied to norms, biases or embeddings
+    scheduler: Literal["none", "cosine", "linear", "polynomial"] = "cosine"
+    warmup_steps: int = Field(1000, ge=0)  # linear warmup from 0, in optimizer steps
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule's floor, as a fraction of lr
+    power: float = Field(1.0, gt=0)  # exponent of the polynomial schedule
+    batch_size: int = Field(1, ge=1)  # sequences per micro-batch
+    gradient_accumulation_steps: int = Field(64, ge=1)  # micro-batches per optimizer step
+    grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping
+    eval_every: int = Field(500, ge=1)  # optimizer steps between validations
+    eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
+    save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints
+    save_best_only: bool = True  # the exported model is the best validation one, not the last
+    log_every: int = Field(10, ge=1)  # optimizer steps between logged metrics
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 only on hardware fast at it
+    load_optimizer: bool = True  # on resume, restore optimizer state (false to switch optimizers)
+    optimizer: OptimizerSpec = Field(default_factory=AdamW)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.warmup_steps > self.max_steps:
+            yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters through peft (Hu et al. 2021, arXiv 2106.09685); presence turns LoRA on."""
+
+    preset: Literal["minimal", "attention_only", "ffn_only", "all", "custom"] = "minimal"  # which projections
+    r: int = Field(8, ge=1)  # adapter rank
+    alpha: float = Field(16.0, gt=0)  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the adapter's input
+    target_modules: list[str] | None = None  # module names, only with preset: custom
+    train_special_tokens: bool = True  # also train special-token embeddings (chat markers a base model never saw)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.preset == "custom" and not self.target_modules:
+            yield ("target_modules",), "preset: custom needs target_modules (e.g. [q_proj, v_proj])"
+        if self.preset != "custom" and self.target_modules:
+            yield ("target_modules",), f"target_modules is only read with preset: custom (preset is {self.preset})"
+
+
+class DistributedSpec(StrictModel):
+    """Run the stage under torchrun: `nproc_per_node` processes on each of `nnodes` machines.
+    Rank 0 alone writes checkpoints and logs; every rank trains on its own share of each batch, so
+    one step's global batch is batch_size x gradient_accumulation_steps x world size."""
+
+    nproc_per_node: int = Field(1, ge=1)  # processes per machine (GPUs per machine, or CPU workers)
+    nnodes: int = Field(1, ge=1)  # machines; more than 1 needs rdzv_endpoint (or $LLMLAB_RDZV_ENDPOINT)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2 shards weights, grads, optimizer state
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto = nccl on GPUs, gloo on CPU
+    rdzv_endpoint: str | None = None  # host:port of the rendezvous (multi-node); None = $LLMLAB_RDZV_ENDPOINT or local
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes

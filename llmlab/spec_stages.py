@@ -1,0 +1,346 @@
+"""The spec's stage blocks, one class per stage kind, and the `Stage` union `Pipeline.stages` holds.
+Cross-field rules live next to the fields (`rules()`); the graph (`from`, `reference_stage`,
+`reward_stage`) is checked in `llmlab.spec`. Never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Iterator, Literal, Union
+
+from pydantic import Field
+
+from llmlab.spec_blocks import (
+    DataSource,
+    DistributedSpec,
+    Loc,
+    LoraSpec,
+    StrictModel,
+    TrainSpec,
+)
+
+
+class StageBase(StrictModel):
+    """Fields every stage has. `from` names the stages whose outputs this one consumes."""
+
+    from_: str | list[str] | None = Field(None, alias="from")
+    gates: list[str] = Field(default_factory=list)  # e.g. "eval/ppl < 40", "exact_match >= previous"
+
+    def gate_issues(self) -> Iterator[tuple[Loc, str]]:
+        from llmlab.gates import parse_gate
+
+        for i, gate in enumerate(self.gates):
+            try:
+                parse_gate(gate)
+            except ValueError as exc:
+                yield ("gates", i), str(exc)
+        dist = getattr(self, "distributed", None)
+        if dist is not None and dist.strategy == "fsdp":
+            if getattr(self, "lora", None) is not None:
+                yield ("distributed", "strategy"), "LoRA trains under ddp only (the adapters are tiny; sharding buys nothing): set strategy: ddp"
+            train = getattr(self, "train", None)
+            if train is not None and train.optimizer.name == "muon":
+                yield ("distributed", "strategy"), "muon orthogonalises whole matrices, which fsdp shards: use ddp, or another optimizer"
+
+    @property
+    def inputs(self) -> list[str]:
+        if self.from_ is None:
+            return []
+        return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class PretrainStage(StageBase):
+    """Train a causal LM on packed text; from scratch, or continued from `from`."""
+
+    kind: Literal["pretrain"]
+    data: list[DataSource] = Field(min_length=1)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    val_fraction: float = Field(0.01, gt=0, lt=1)  # share of documents held out, chosen by hash
+    max_tokens: int | None = Field(None, ge=1)  # training tokens to prepare; None = all the data
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if len(self.inputs) > 1:
+            yield ("from",), "pretrain continues from at most one stage"
+
+
+class SftTrain(TrainSpec):
+    """TrainSpec with the seed's SFT defaults."""
+
+    max_steps: int = Field(5000, ge=1)
+    lr: float = Field(5e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_steps: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+
+
+class SftStage(StageBase):
+    """Supervised fine-tuning on conversations; loss on assistant tokens (and end of turn) only."""
+
+    kind: Literal["sft"]
+    model: str | None = None  # start from this transformers model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)
+    train: SftTrain = Field(default_factory=SftTrain)
+    lora: LoraSpec | None = None  # adapters instead of full fine-tuning
+    packing: bool = False  # several short examples per row, no attention across them
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.model is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(self.inputs) > 1:
+            yield ("from",), "sft starts from one model"
+
+
+class MergeStage(StageBase):
+    """Fold LoRA adapters into a plain model: from an sft stage with `lora`, or an adapter folder."""
+
+    kind: Literal["merge"]
+    adapters: str | None = None  # an adapter folder, when not `from` a stage
+    base_model: str | None = None  # its base model (default: the adapter config's base_model_name_or_path)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.adapters is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an sft stage with lora) or `adapters` (a folder)"
+        if len(self.inputs) > 1:
+            yield ("from",), "merge takes one stage"
+
+
+class DpoTrain(TrainSpec):
+    """TrainSpec with the seed's RLHF defaults. `batch_size` counts preference pairs per optimizer
+    step and `mini_batch_size` pairs per forward; accumulation is their ratio."""
+
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1.4e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)  # the seed's max_grad_norm
+    batch_size: int = Field(128, ge=1)  # pairs per optimizer step
+    mini_batch_size: int = Field(32, ge=1)  # pairs per forward pass
+    gradient_accumulation_steps: int = Field(1, ge=1)  # derived: batch_size / mini_batch_size; leave at 1
+    eval_every: int = Field(50, ge=1)
+    eval_steps: int = Field(10, ge=1)  # validation mini-batches
+    save_every: int = Field(50, ge=1)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.batch_size % self.mini_batch_size:
+            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+        if self.gradient_accumulation_steps != 1:
+            yield ("gradient_accumulation_steps",), "DPO accumulates batch_size / mini_batch_size mini-batches per step: set those instead"
+
+
+class DpoStage(StageBase):
+    """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs."""
+
+    kind: Literal["dpo"]
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)
+    train: DpoTrain = Field(default_factory=DpoTrain)
+    beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the seed's clip_range, renamed)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: assumed share of flipped labels
+    sft_weight: float = Field(0.0, ge=0)  # NLL on the chosen response, added to the loss (RPO)
+    lora: LoraSpec | None = None  # with LoRA the reference is the same model with adapters disabled
+    reference_stage: str | None = None  # an earlier stage whose model is the reference (default: the start model)
+    reference_model: str | None = None  # a model dir or hub name as the reference
+    precompute_reference: bool = False  # score the reference once before training, then drop it
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
+
+    @property
+    def start(self) -> str | None:
+        """The stage whose model DPO starts from (None: `model`)."""
+        own = super().inputs
+        return own[0] if own else None
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(super().inputs + ([self.reference_stage] if self.reference_stage else [])))
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        own = super().inputs
+        if (self.model is None) == (not own):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(own) > 1:
+            yield ("from",), "dpo starts from one model"
+        if self.reference_stage and self.reference_model:
+            yield ("reference_model",), "give reference_stage or reference_model, not both"
+
+
+class RewardTrain(DpoTrain):
+    """DpoTrain's fields and pair semantics (batch_size pairs per step, mini_batch_size per forward)."""
+
+    lr: float = Field(1e-5, gt=0)
+
+
+class RewardStage(StageBase):
+    """A reward model on preference pairs (Bradley-Terry: -log sigmoid(r_chosen - r_rejected)): the
+    starting model's backbone with a scalar head on the last token. Later ppo/grpo stages use it by
+    name (`reward_stage`)."""
+
+    kind: Literal["reward"]
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)  # preference pairs (the dpo stage's formats)
+    train: RewardTrain = Field(default_factory=RewardTrain)
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if (self.model is None) == (not self.inputs):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(self.inputs) > 1:
+            yield ("from",), "reward starts from one model"
+
+
+class RlTrain(TrainSpec):
+    """TrainSpec with the seed's RLHF defaults. One step is one optimizer update on a mini-batch:
+    each rollout batch of `batch_size` completions gives ppo_epochs x batch_size / mini_batch_size
+    steps. `gradient_accumulation_steps` splits a mini-batch into that many forward passes."""
+
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(1.41e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(128, ge=1)  # completions per rollout batch
+    mini_batch_size: int = Field(32, ge=1)  # completions per optimizer step
+    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per mini-batch
+    ppo_epochs: int = Field(4, ge=1)  # passes over each rollout batch
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(50, ge=1)
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.batch_size % self.mini_batch_size:
+            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            yield ("gradient_accumulation_steps",), (f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                                                     f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+
+
+class RlStageBase(StageBase):
+    """What PPO and GRPO share: prompts, a reward, sampling, a KL to the starting model, LoRA."""
+
+    model: str | None = None  # start from this model dir or hub name instead of `from`
+    data: list[DataSource] = Field(min_length=1)  # prompts: a prompt column, chat messages or hh-rlhf transcripts
+    train: RlTrain = Field(default_factory=RlTrain)
+    reward: str | None = None  # a builtin (exact_match, format, length_penalty), module:function, or a reward model dir / hub name
+    reward_stage: str | None = None  # or: an earlier reward stage, by name
+    lora: LoraSpec | None = None  # with LoRA the KL reference is the same model with adapters disabled
+    max_new_tokens: int = Field(128, ge=1)  # completion length limit
+    max_prompt_length: int | None = Field(None, ge=1)  # prompts are cut from the left; None = context - max_new_tokens
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
+    clip_range: float = Field(0.2, gt=0)  # the policy ratio's clip epsilon
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # prompts held out by hash when a source has no validation split
+    max_prompts: int | None = Field(None, ge=1)  # training prompts read; None = all
+    eval_prompts: int = Field(64, ge=1)  # held-out prompts scored (greedy) at each evaluation
+    distributed: DistributedSpec | None = None  # run under torchrun (DDP; rollouts per rank)
+
+    @property
+    def start(self) -> str | None:
+        own = super().inputs
+        return own[0] if own else None
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(super().inputs + ([self.reward_stage] if self.reward_stage else [])))
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        own = super().inputs
+        if (self.model is None) == (not own):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(own) > 1:
+            yield ("from",), f"{self.kind} starts from one model"
+        if self.distributed is not None and self.distributed.strategy == "fsdp":
+            yield ("distributed", "strategy"), f"{self.kind} runs under ddp only (rollouts need the whole policy on each rank): set strategy: ddp"
+        if (self.reward is None) == (self.reward_stage is None):
+            yield ("reward",), ("give exactly one of `reward` (a builtin such as exact_match, module:function, or a reward "
+                                "model dir / hub name) or `reward_stage` (an earlier reward stage)")
+
+
+class PpoStage(RlStageBase):
+    """PPO (Schulman et al. 2017, arXiv 1707.06347) with the InstructGPT recipe: a value head, GAE,
+    clipped policy and value losses, a per-token KL penalty to the starting model."""
+
+    kind: Literal["ppo"]
+    temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs use the same one
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
+    clip_range_value: float = Field(0.2, gt=0)  # the value prediction's clip
+    gamma: float = Field(1.0, ge=0, le=1)  # discount
+    gae_lambda: float = Field(0.95, ge=0, le=1)  # GAE's bias/variance trade-off
+    kl_coef: float = Field(0.05, ge=0)  # per-token KL penalty (initial value when adaptive)
+    target_kl: float | None = Field(None, gt=0)  # nats per completion; set = adapt kl_coef toward it (Ziegler et al. 2019)
+    kl_horizon: int = Field(10000, ge=1)  # episodes over which the adaptive coefficient moves
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.temperature
+
+
+class GrpoStage(RlStageBase):
+    """GRPO (Shao et al. 2024, arXiv 2402.03300): group_size completions per prompt, advantages
+    normalised within the group, the clipped objective, a k3 KL to the starting model, no value."""
+
+    kind: Literal["grpo"]
+    group_size: int = Field(4, ge=2)  # completions per prompt
+    grpo_temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs use the same one
+    kl_coef: float = Field(0.04, ge=0)  # weight of the k3 KL term (0 = no reference model)
+
+    @property
+    def sampling_temperature(self) -> float:
+        return self.grpo_temperature
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.train.batch_size % self.group_size:
+            yield ("train", "batch_size"), f"batch_size ({self.train.batch_size}) counts completions: make it a multiple of group_size ({self.group_size})"
+
+
+class ExportStage(StageBase):
+    """Export a stage's model: `hf` (transformers format, llmlab's code registered) or `llama`
+    (a stock LlamaForCausalLM, for Llama-compatible architectures; logits equal ours)."""
+
+    kind: Literal["export"]
+    format: Literal["hf", "llama"] = "hf"
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if len(self.inputs) != 1:
+            yield ("from",), "export takes exactly one stage in `from`"
+
+
+DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
+
+
+class EvalStage(StageBase):
+    """Held-out loss/perplexity of each input model, plus sample generations from fixed prompts."""
+
+    kind: Literal["eval"]
+    data: list[DataSource] = Field(min_length=1)  # text; only held-out documents are scored
+    val_fraction: float = Field(0.01, gt=0, lt=1)  # must match the pretrain stage's to stay held out
+    batch_size: int = Field(8, ge=1)
+    batches: int = Field(20, ge=1)  # evaluation batches per model
+    seq_len: int | None = Field(None, ge=8)  # None = the model's max_seq_len
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = Field(32, ge=1)
+    tasks: list[DataSource] = Field(default_factory=list)  # held-out checkable prompts, e.g. builtin:tasks split test
+    tasks_limit: int = Field(200, ge=1)  # prompts scored per model for exact match
+    preferences: list[DataSource] = Field(default_factory=list)  # held-out pairs, e.g. builtin:tasks-preference split test
+    preferences_limit: int = Field(200, ge=1)  # pairs scored per model for preference accuracy
+    reward: str | None = None  # mean reward of the task completions: a builtin (exact_match), module:function or model dir
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if not self.inputs:
+            yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
+
+
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, RewardStage, PpoStage, GrpoStage, EvalStage, ExportStage],
+                  Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "reward", "ppo", "grpo", "eval", "export")
