@@ -88,8 +88,26 @@ def reply(model, tokenizer, ids: list[int], temperature: float, top_p: float, ma
     return tokenizer.decode(new, skip_special_tokens=False)
 
 
+def read_line(prompt: str) -> str:
+    """`input()` that a Ctrl+C always interrupts. The kernel may deliver SIGINT to any thread (torch's
+    OpenMP workers included); Python then only raises KeyboardInterrupt when the main thread runs,
+    and `input()` can sit in a blocking select() forever. Waiting in short slices keeps the main
+    thread running. (Line editing is the terminal's own: backspace, Ctrl+U; no history.)"""
+    import select
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.2)
+        if ready:
+            line = sys.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\r\n")
+
+
 def chat_loop(model_dir: Path, temperature: float, top_p: float, max_new_tokens: int,
-              read: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+              read: Callable[[str], str] = read_line, out: TextIO = sys.stdout) -> None:
     model, tokenizer = load(model_dir)
     mode = "chat" if tokenizer.chat_template else "plain continuation (base model)"
     out.write(f"{model_dir} — {mode}; /reset clears the conversation, Ctrl+C or Ctrl+D quits\n")
