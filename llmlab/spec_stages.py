@@ -33,6 +33,11 @@ class StageBase(StrictModel):
                 parse_gate(gate)
             except ValueError as exc:
                 yield ("gates", i), str(exc)
+        train = getattr(self, "train", None)
+        if train is not None and train.optimizer.name == "sophia" and getattr(self, "kind", "") in ("reward", "ppo"):
+            yield ("train", "optimizer", "name"), (f"sophia estimates curvature from the model's own next-token samples; a "
+                                                   f"{self.kind} stage trains a scalar head it cannot sample from: use adamw, "
+                                                   f"adafactor, lion or muon")
         dist = getattr(self, "distributed", None)
         if dist is not None and dist.strategy == "fsdp":
             if getattr(self, "lora", None) is not None:

@@ -298,3 +298,13 @@ def test_distributed_block_rules():
     d = spec.stages["more"].distributed
     assert (d.world_size, d.strategy, d.backend) == (8, "ddp", "auto")
     assert "Input should be 'ddp' or 'fsdp' (got 'zero3')" in issues_of(rl_spec(more={**ok, "distributed": {"strategy": "zero3"}}))[0].message
+
+
+def test_sophia_is_refused_where_there_is_no_language_model_head_to_sample():
+    sophia = {"max_steps": 10, "optimizer": {"name": "sophia"}}
+    stages = {"rm": {"kind": "reward", "from": "pretrain", "data": PAIRS, "train": sophia},
+              "ppo": {"kind": "ppo", "from": "pretrain", "data": PROMPTS, "reward": "format", "train": sophia},
+              "grpo": {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "format", "train": sophia}}
+    paths = {i.path: i.message for i in issues_of(rl_spec(**stages))}
+    assert "scalar head" in paths["stages.rm.train.optimizer.name"] and "stages.ppo.train.optimizer.name" in paths
+    assert not any(p.startswith("stages.grpo") for p in paths)  # grpo's policy is a language model

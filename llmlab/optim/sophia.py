@@ -40,10 +40,16 @@ def gnb_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
     Labels are sampled from the model's own next-token distribution (not the data's), at every
     position the batch's labels mark as a target (all positions when it has none)."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "segment_ids") if k in batch}
+    logits = model(**inputs).logits[:, :-1].float()
     with torch.no_grad():
         sampled = torch.distributions.Categorical(logits=logits).sample()
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX if "labels" in batch else torch.ones_like(sampled, dtype=torch.bool)
+    if "labels" in batch:
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    elif "attention_mask" in batch:  # e.g. GRPO rollouts: every real token, padding left out
+        mask = batch["attention_mask"][:, 1:].bool()
+    else:
+        mask = torch.ones_like(sampled, dtype=torch.bool)
     n = int(mask.sum())
     ce = F.cross_entropy(logits[mask], sampled[mask], reduction="sum")
     return ce / max(n, 1), n

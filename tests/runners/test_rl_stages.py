@@ -169,3 +169,13 @@ def test_an_interrupted_grpo_stage_resumes_with_the_same_rollouts_and_losses(pro
     assert series(rows, "rl/reward_mean")[4] != series(rows, "rl/reward_mean")[3]  # a second rollout was drawn
     for key in ("train/loss", "rl/reward_mean", "rl/kl"):
         assert series(rows, key) == pytest.approx(series(straight, key), abs=1e-6), key
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "sophia", "k": 2}, {"name": "lion"}])
+def test_grpo_trains_with_other_optimizers(project, base, optimizer):
+    stage = rl_stage("grpo", base, train={"max_steps": 4, "lr": 1e-4, "batch_size": 16, "mini_batch_size": 8,
+                                          "ppo_epochs": 1, "eval_every": 4, "save_every": 4, "log_every": 1,
+                                          "optimizer": optimizer})
+    result, rows = run(project, base, {"grpo": stage}, "grpo")
+    assert result["metrics"]["train/steps"] == 4
+    assert all(r["train/grad_norm"] > 0 for r in rows if "train/loss" in r)
