@@ -71,18 +71,26 @@ def checkable_prompts(rows: Iterator[dict], limit: int, source: str) -> list[tup
     return pairs
 
 
+def render_user_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as a user turn of the tokenizer's chat template (with the generation prompt), or
+    as it is when the tokenizer has no template."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            if tokenizer.chat_template else p for p in prompts]
+
+
 def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16,
-                         batch_size: int = 64) -> tuple[float, list[str]]:
-    """Share of prompts whose greedy completion is exactly the answer. Prompts are rendered with
-    the tokenizer's chat template when it has one (instruction-tuned use), else used as they are."""
+                         batch_size: int = 64, with_stop: bool = False) -> tuple[float, list[str]]:
+    """Share of prompts whose greedy completion is exactly the answer, and the completions (ending
+    with their stop token's text when `with_stop`, as RL rollouts are scored). Prompts are rendered
+    with the tokenizer's chat template when it has one (instruction-tuned use), else used as they are."""
     from llmlab.data.tasks import exact_match
     from llmlab.generate import generate
 
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                if tokenizer.chat_template else p for p, _ in pairs]
+    rendered = render_user_prompts(tokenizer, [p for p, _ in pairs])
     completions: list[str] = []
     for i in range(0, len(rendered), batch_size):
-        completions += generate(model, tokenizer, rendered[i:i + batch_size], max_new_tokens, temperature=0.0)
+        completions += generate(model, tokenizer, rendered[i:i + batch_size], max_new_tokens, temperature=0.0,
+                                keep_stop=with_stop)
     hits = [exact_match(c, a) for c, (_, a) in zip(completions, pairs)]
     return sum(hits) / max(len(hits), 1), completions
 

@@ -127,8 +127,10 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     prefix_ids: list[int] | None = None,
+    keep_stop: bool = False,
 ) -> list[str]:
-    """Complete each prompt; returns the new text only (the stop token not included).
+    """Complete each prompt; returns the new text only (the stop token not included unless
+    `keep_stop`: then a completion that stopped ends with its stop token's text).
 
     `prefix_ids` is put before every prompt (e.g. EOS: our pretraining separates documents with
     EOS, so a plain-text prompt after EOS reads as the start of a document)."""
@@ -148,7 +150,7 @@ def generate(
     texts = []
     for row, n in zip(result.tokens.tolist(), result.lengths.tolist()):
         row = row[:n]
-        if row and row[-1] in stops:
+        if row and row[-1] in stops and not keep_stop:
             row = row[:-1]
         texts.append(tokenizer.decode(row, skip_special_tokens=False))
     return texts

@@ -37,18 +37,12 @@ import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from llmlab.data.tasks import END_OF_TURN_MARKERS, exact_match
+from llmlab.data.tasks import cut_at_end_of_turn, exact_match
 from llmlab.tokenizer import SPECIAL_TOKENS
 
 RewardFn = Callable[..., list[float]]
 
 DEFAULT_TARGET_LENGTH = 64
-
-
-def _cut(completion: str) -> str:
-    for marker in END_OF_TURN_MARKERS:
-        completion = completion.split(marker, 1)[0]
-    return completion
 
 
 def _per_row(value, n: int, name: str) -> list:
@@ -76,7 +70,7 @@ def format_reward(prompts: list[str], completions: list[str], **kw) -> list[floa
     and has no leftover chat special token in it; else 0.0."""
     out = []
     for c in completions:
-        text = _cut(c)
+        text = cut_at_end_of_turn(c)
         ok = bool(text.strip()) and not any(tok in text for tok in SPECIAL_TOKENS)
         out.append(1.0 if ok else 0.0)
     return out
@@ -92,7 +86,7 @@ def length_penalty_reward(prompts: list[str], completions: list[str],
     for c, target in zip(completions, targets):
         if target is None or target <= 0:
             raise ValueError(f"reward 'length_penalty': target_length must be > 0, got {target!r}")
-        out.append(-max(0, len(_cut(c)) - target) / target)
+        out.append(-max(0, len(cut_at_end_of_turn(c)) - target) / target)
     return out
 
 

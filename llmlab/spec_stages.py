@@ -339,11 +339,23 @@ class EvalStage(StageBase):
     preferences: list[DataSource] = Field(default_factory=list)  # held-out pairs, e.g. builtin:tasks-preference split test
     preferences_limit: int = Field(200, ge=1)  # pairs scored per model for preference accuracy
     reward: str | None = None  # mean reward of the task completions: a builtin (exact_match), module:function or model dir
+    reward_stage: str | None = None  # or: an earlier reward stage's model scores them
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
 
+    @property
+    def models(self) -> list[str]:
+        """The stages whose models are evaluated (`from`)."""
+        return super().inputs
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(self.models + ([self.reward_stage] if self.reward_stage else [])))
+
     def rules(self) -> Iterator[tuple[Loc, str]]:
-        if not self.inputs:
+        if not self.models:
             yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
+        if self.reward and self.reward_stage:
+            yield ("reward",), "give `reward` or `reward_stage`, not both"
 
 
 Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, RewardStage, PpoStage, GrpoStage, EvalStage, ExportStage],

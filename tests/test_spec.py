@@ -308,3 +308,14 @@ def test_sophia_is_refused_where_there_is_no_language_model_head_to_sample():
     paths = {i.path: i.message for i in issues_of(rl_spec(**stages))}
     assert "scalar head" in paths["stages.rm.train.optimizer.name"] and "stages.ppo.train.optimizer.name" in paths
     assert not any(p.startswith("stages.grpo") for p in paths)  # grpo's policy is a language model
+
+
+def test_eval_scores_with_a_reward_stage_but_does_not_evaluate_it():
+    ev = {"kind": "eval", "from": ["pretrain"], "data": [{"path": "builtin:stdlib"}], "reward_stage": "rm",
+          "tasks": PROMPTS}
+    spec = parse_spec(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, eval=ev))
+    assert spec.stages["eval"].models == ["pretrain"] and spec.stages["eval"].inputs == ["pretrain", "rm"]
+    (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, eval={**ev, "reward": "format"}))
+    assert issue.path == "stages.eval.reward" and "not both" in issue.message
+    (issue,) = issues_of(rl_spec(eval={**ev, "reward_stage": "pretrain"}))
+    assert "name a stage of kind reward" in issue.message

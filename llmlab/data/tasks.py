@@ -243,12 +243,17 @@ def prompt_rows(split: str, seed: int = DEFAULT_SEED, size: int | None = None,
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eos|>")
 
 
+def cut_at_end_of_turn(completion: str) -> str:
+    """The completion up to its first end-of-turn marker (when special tokens were decoded)."""
+    for marker in END_OF_TURN_MARKERS:
+        completion = completion.split(marker, 1)[0]
+    return completion
+
+
 def exact_match(completion: str, answer: str) -> bool:
     """Whether what the model generated after the prompt is the answer: anything from the first
     end-of-turn marker on (when special tokens were decoded) and surrounding whitespace ignored."""
-    for marker in END_OF_TURN_MARKERS:
-        completion = completion.split(marker, 1)[0]
-    return completion.strip() == answer.strip()
+    return cut_at_end_of_turn(completion).strip() == answer.strip()
 
 
 def reward(completion: str, answer: str) -> float:

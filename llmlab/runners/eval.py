@@ -16,7 +16,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
     from llmlab.data.sources import iter_rows
     from llmlab.data.preference import prepare_preference_data
-    from llmlab.evaluate import checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy, unigram_perplexity
+    from llmlab.data.tasks import cut_at_end_of_turn
+    from llmlab.evaluate import (checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy,
+                                 render_user_prompts, unigram_perplexity)
     from llmlab.report import write_report
     from llmlab.tracking import stage_histories
     from llmlab.generate import generate
@@ -27,20 +29,21 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
                                "batch_size": stage.batch_size, "models": {},
-                               "model_order": list(stage.inputs)}
+                               "model_order": list(stage.models)}
     metrics: dict[str, float] = {}
     pairs = [p for src in stage.tasks for p in checkable_prompts(iter_rows(src.path, src.subset, src.split),
                                                                    stage.tasks_limit, src.path)][: stage.tasks_limit]
     if pairs:
         results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
-    reward_fn = None
-    if stage.reward is not None:
+    reward_fn, reward_name = None, stage.reward or (f"reward stage {stage.reward_stage}" if stage.reward_stage else None)
+    if reward_name is not None:
         from llmlab.rewards import load_reward
 
         if not pairs:
             raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
-        reward_fn = load_reward(stage.reward)
-    for name in stage.inputs:
+        reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
+                                device=str(pick_device()))
+    for name in stage.models:
         model_dir = ctx.inputs[name].outputs["model"]
         model = load_model(model_dir).to(pick_device())
         tok = load_tokenizer(model_dir)
@@ -59,10 +62,11 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             scores["preference_accuracy"] = preference_accuracy(model, prefs, tok.pad_token_id)
             results["preferences"] = {"pairs": len(prefs)}
         if pairs:
-            scores["exact_match"], answers = exact_match_accuracy(model, tok, pairs)
-            if reward_fn is not None:
-                rewards = reward_fn([p for p, _ in pairs], answers, answers=[a for _, a in pairs])
+            scores["exact_match"], ended = exact_match_accuracy(model, tok, pairs, with_stop=True)
+            if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
+                rewards = reward_fn(render_user_prompts(tok, [p for p, _ in pairs]), ended, answers=[a for _, a in pairs])
                 scores["reward_mean"] = sum(rewards) / len(rewards)
+            answers = [cut_at_end_of_turn(c) for c in ended]
             results.setdefault("task_samples", {})[name] = [
                 {"prompt": p, "answer": a, "completion": c} for (p, a), c in list(zip(pairs, answers))[:10]]
         results["models"][name] = {**scores, "samples": samples}
@@ -72,13 +76,13 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             metrics[f"{name}/{key}"] = value
         em = f", exact match {scores['exact_match']:.3f} on {len(pairs)} held-out tasks" if pairs else ""
         em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
-        em += f", mean reward ({stage.reward}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""
+        em += f", mean reward ({reward_name}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""
         print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
               f"(unigram {scores['unigram_ppl']:.2f}){em}")
     ctx.log(metrics, 0)
     results_file = ctx.out_dir / "results.json"
     atomic_write_json(results_file, results)
-    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.inputs
+    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.models
                  if ctx.inputs[name].mlflow_run_id}
     files = write_report(results, histories, ctx.out_dir)
     ctx.run.log_artifact(results_file)

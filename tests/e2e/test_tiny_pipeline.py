@@ -176,5 +176,10 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
     run = client.get_run(results["ppo"]["mlflow_run_id"])
     assert run.data.tags["llmlab.reward"] == "reward stage reward"
     assert client.get_metric_history(run.info.run_id, "rl/explained_variance")
+    report = json.loads(Path(results["eval"]["outputs"]["results"]).read_text())
+    assert report["model_order"] == ["merge", "ppo"]  # the reward stage scores; it is not evaluated
+    for model in ("merge", "ppo"):  # the reward model's score, not a 0/1 exact match
+        assert report["models"][model]["reward_mean"] not in (0.0, 1.0)
+        assert report["models"][model]["reward_mean"] != report["models"][model]["exact_match"]
     (version,) = client.search_model_versions("name = 'tiny-ppo-test'")
     assert version.run_id == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model
