@@ -286,10 +286,11 @@ def run_under_torchrun(spec_file: str, stage: str, dist_spec: Any, inputs: dict[
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        print(line, end="", flush=True)
-        tail = (tail + [line])[-40:]
-    rc = proc.wait()
+    with _waiting_through_ctrl_c():
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail = (tail + [line])[-40:]
+        rc = proc.wait()
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     try:
         if result.get("status") == "interrupted":
@@ -303,6 +304,25 @@ def run_under_torchrun(spec_file: str, stage: str, dist_spec: Any, inputs: dict[
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _waiting_through_ctrl_c() -> Iterator[None]:
+    """While the workers run, a Ctrl+C reaches them too (the same terminal): they save a checkpoint
+    and stop, and rank 0 reports it. The launching process keeps waiting for that report instead of
+    dying on KeyboardInterrupt (main thread only; elsewhere signals are not ours to handle)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: print("\nstopping the workers at the end of this step",
+                                                                   file=sys.stderr))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class _NoRun:

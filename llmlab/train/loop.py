@@ -98,6 +98,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.raised = False
+        self._first: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -107,9 +108,13 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:  # a second signal: stop now
+        # the same signal twice (Ctrl+C, Ctrl+C): stop now. A different one is the same request
+        # again: Ctrl+C in a terminal reaches torchrun's workers as SIGINT, then torchrun's SIGTERM.
+        if self.raised and signum == self._first:
             raise KeyboardInterrupt
-        self.raised = True
+        if self.raised:
+            return
+        self.raised, self._first = True, signum
         print(f"\nreceived signal {signum}: saving a checkpoint at the end of this step", file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:

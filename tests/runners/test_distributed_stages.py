@@ -123,3 +123,36 @@ def test_a_failing_rank_fails_the_stage_with_its_error(project, base):
     assert "failed under torchrun" in str(err.value) and "add data or lower val_fraction" in str(err.value)
     record = json.loads((project / "runs" / "pretrain" / "stage.json").read_text())
     assert record["status"] == "failed"
+
+
+def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_the_rerun_resumes(project, base):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stage = pretrain(base, DDP2, accumulation=1)
+    stage["train"].update(max_steps=400, save_every=5, eval_every=1000, log_every=5, warmup_steps=0)
+    spec = {"name": "dist-test", "workdir": str(project / "runs"), "tokenizer": {"path": str(base)},
+            "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "max_seq_len": 64},
+            "stages": {"pretrain": stage}}
+    (project / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    code = "from llmlab.stages import execute_stage; execute_stage('s.yaml', 'pretrain', {}, None)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = project / "runs" / "pretrain" / "checkpoints"
+    deadline = time.time() + 180
+    while not (ckpt.is_dir() and any(d.name.startswith("step-") for d in ckpt.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in the terminal does: the launcher, torchrun, workers
+    out, _ = proc.communicate(timeout=180)
+    record = json.loads((project / "runs" / "pretrain" / "stage.json").read_text())
+    assert record["status"] == "interrupted", out[-3000:]
+    saved = max(int(d.name.split("-")[-1]) for d in ckpt.iterdir() if d.name.startswith("step-"))
+    assert 0 < saved < 400
+    result, rows = run(project, base, "pretrain", stage)
+    assert result["status"] == "finished" and result["metrics"]["train/steps"] == 400
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(5, 401, 5))  # nothing lost, nothing logged twice
