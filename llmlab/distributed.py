@@ -91,13 +91,39 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the rank's GPU under nccl, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (picklable objects; e.g. evaluation metrics, so every rank
+    makes the same best-model decision)."""
+    if not current().active:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not current().active:
+        return [obj]
+    out: list[Any] = [None] * current().world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of `x` over ranks (a new tensor; `x` itself when single-process)."""
     if not current().active:
         return x
-    y = x.detach().clone()
+    y = x.detach().to(_collective_device(), copy=True)
     torch.distributed.all_reduce(y)
-    return y
+    return y.to(x.device)
 
 
 def mean_float(value: float) -> float:

@@ -55,6 +55,7 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name, best_metric="eval/loss")
     if stage.train.save_best_only:
         load_best(model, result)
+    model.eval()
     final = reward_evaluate(model, val)
     model_dir = ctx.out_dir / "model"
     model.to("cpu")

@@ -48,6 +48,8 @@ def _policy_only_best(result, ckpt, wrapper):
         state = torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)
         with atomic_dir(ckpt / "best-policy") as tmp:
             torch.save({**state, "model": wrapper.policy_state_dict(state["model"])}, tmp / "state.pt")
+            torch.save({k[len("value_head."):]: v for k, v in state["model"].items() if k.startswith("value_head.")},
+                       tmp / "value_head.pt")
     barrier()
     return dataclasses.replace(result, best_path=ckpt / "best-policy")
 
@@ -146,9 +148,12 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                    best_metric="eval/reward_mean", maximize=True)
     outputs = {"checkpoints": str(ckpt)}
     if ppo:
-        torch.save(trained.value_head.state_dict(), ctx.out_dir / "value_head.pt")
-        outputs["value_head"] = str(ctx.out_dir / "value_head.pt")
         result = _policy_only_best(result, ckpt, trained)
+        best_head = result.best_path / "value_head.pt" if result.best_path else None
+        head = (torch.load(best_head, weights_only=True) if stage.train.save_best_only and best_head
+                else trained.value_head.state_dict())  # the value head that goes with the exported policy
+        torch.save(head, ctx.out_dir / "value_head.pt")
+        outputs["value_head"] = str(ctx.out_dir / "value_head.pt")
     outputs.update(save_trained(ctx, model, tok, base, result, lora, stage.train.save_best_only))
     final = rl_evaluate(model.to(device), tok, data.val, reward_fn, reward_name, sampling) if data.val else {}
     plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)

@@ -165,7 +165,7 @@ def train(
     """Run (or resume) training as configured by `cfg` (a spec TrainSpec). See module docstring.
     The best model is the evaluation with the lowest `best_metric` (highest with `maximize`, e.g.
     an RL stage's held-out reward)."""
-    from llmlab.distributed import Engine, ShardedBatches, all_sum, any_rank, barrier, current
+    from llmlab.distributed import Engine, ShardedBatches, all_sum, any_rank, barrier, broadcast_object, current
 
     cb = callbacks or Callbacks()
     ckpt_dir = Path(ckpt_dir)
@@ -214,9 +214,10 @@ def train(
 
     def checkpoint() -> None:
         model_state, optim_state = engine.model_state(), engine.optimizer_state(optimizer)  # collective under FSDP
+        data_state = batches.state_dict()  # on every rank: a per-rank source (RL rollouts) gathers its ranks' queues
         if par.main:
             path = save_checkpoint(ckpt_dir, step, {
-                "model": model_state, "optimizer": optim_state, "schedule": schedule, "data": batches,
+                "model": model_state, "optimizer": optim_state, "schedule": schedule, "data": data_state,
                 "rng": _rng_state(), "step": step, "best_eval_loss": best_loss, "best_step": best_step,
             })
             cb.on_checkpoint(step, path)
@@ -227,8 +228,9 @@ def train(
         evaluated = engine.eval_model
         evaluated.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            metrics = evaluate(evaluated) if evaluate else {}  # every rank, the same data: the same numbers
+            metrics = evaluate(evaluated) if evaluate else {}  # every rank, the same data
         evaluated.train()
+        metrics = broadcast_object(metrics)  # rank 0's numbers everywhere: one best-model decision for all
         loss = metrics.get(best_metric) if metrics else None
         if loss is not None and (best_loss is None or (loss > best_loss if maximize else loss < best_loss)):
             best_loss, best_step = loss, step

@@ -20,7 +20,7 @@ import torch
 
 from llmlab.data.prompts import Prompt
 from llmlab.distributed import current, mean_float
-from llmlab.train.rl import (AdaptiveKL, entropy_from_logits, gae, kl_penalty_rewards, masked_mean, masked_whiten,
+from llmlab.train.rl import (AdaptiveKL, entropy_from_logits, gae, kl_penalty_rewards, masked_mean,
                              ppo_policy_loss, value_loss)
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
 
@@ -44,6 +44,17 @@ class PolicyWithValue(torch.nn.Module):
     def policy_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The policy's own entries of a state dict of this module."""
         return {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+
+
+def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`masked_whiten` with the mean and variance of every rank's rollout rows (one process: the same)."""
+    from llmlab.distributed import all_sum
+
+    m = mask.to(x.dtype)
+    count = all_sum(m.sum()).clamp(min=1.0)
+    mean = all_sum((x * m).sum()) / count
+    var = all_sum((((x - mean) ** 2) * m).sum()) / count
+    return (x - mean) * torch.rsqrt(var + eps) * m
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -72,7 +83,7 @@ class PPOPrepare:
         mask = r.completion_mask
         rewards = kl_penalty_rewards(scores, logps, ref_logps, mask, self.kl.value)
         adv, returns = gae(rewards, values, mask, self.gamma, self.lam)
-        adv = masked_whiten(adv, mask)
+        adv = whiten_across_ranks(adv, mask)  # over the whole rollout, every rank's rows
         kl = float(((logps - ref_logps) * mask).sum(1).mean())
         stats = {"rl/reward_mean": float(scores.mean()), "rl/reward_std": float(scores.std()) if scores.numel() > 1 else 0.0,
                  "rl/kl": kl, "rl/kl_coef": self.kl.value, "rl/explained_variance": explained_variance(values, returns, mask),
@@ -94,7 +105,9 @@ class PPOPrepare:
 
 class PPOObjective:
     """Clipped policy loss + vf_coef × clipped value loss on a micro-batch of rollout rows; the loop
-    protocol: `count` = rows, the loss and metrics come back multiplied by the rows."""
+    protocol: `count` = rows, the loss and metrics come back multiplied by the rows. Both losses are
+    token means within the micro-batch (as TRL's per-mini-batch means), so a mini-batch split into
+    micro-batches weighs its tokens by micro-batch, not exactly as one forward would."""
 
     def __init__(self, clip_range: float, clip_range_value: float, vf_coef: float, temperature: float):
         self.clip_range, self.clip_range_value, self.vf_coef, self.temperature = clip_range, clip_range_value, vf_coef, temperature

@@ -36,8 +36,13 @@ def response_end_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen (B,), rejected (B,)) scores of a 2B-row preference batch."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=response_end_mask(batch)).logits[:, 0].float()
+    """(chosen (B,), rejected (B,)) scores of a 2B-row preference batch. What follows the response
+    is masked and set to the pad id, so models that find the last token by the mask (ours) and by
+    the pad id (transformers' classifiers) both read the score at the response's end."""
+    mask = response_end_mask(batch)
+    pad = getattr(getattr(getattr(model, "module", model), "config", None), "pad_token_id", None)  # DDP: the module's
+    ids = batch["input_ids"] if pad is None else torch.where(mask.bool(), batch["input_ids"], torch.full_like(batch["input_ids"], pad))
+    scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
     half = scores.size(0) // 2
     return scores[:half], scores[half:]
 

@@ -227,13 +227,23 @@ class RolloutBatches:
         return self.queue.pop(0)
 
     def state_dict(self) -> dict:
-        return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queue": list(self.queue),
+        """Call on every rank: each rank's pending mini-batches are its own, so they are gathered."""
+        from llmlab.distributed import gather_objects
+
+        return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queues": gather_objects(list(self.queue)),
                 "prepare": self.prepare.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.walk.load_state_dict(state["walk"])
         self.rollouts = int(state["rollouts"])
-        self.queue = list(state["queue"])
+        queues = state["queues"]
+        if len(queues) == self.world:
+            self.queue = list(queues[self.rank])
+        else:  # saved on another number of processes: the unfinished rollout's updates are dropped
+            self.queue = []
+            if self.rank == 0 and any(queues):
+                print(f"resuming on {self.world} processes a run saved on {len(queues)}: the unfinished rollout's "
+                      f"{sum(len(q) for q in queues)} pending micro-batches are dropped; the next rollout starts now")
         self.prepare.load_state_dict(state["prepare"])
 
 

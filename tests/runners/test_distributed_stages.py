@@ -156,3 +156,30 @@ def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_the_rerun_resumes(project, 
     assert result["status"] == "finished" and result["metrics"]["train/steps"] == 400
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == list(range(5, 401, 5))  # nothing lost, nothing logged twice
+
+
+def test_a_two_process_grpo_stage_resumes_mid_rollout_exactly(project, base):
+    """Each rank's pending mini-batches are its own: the checkpoint gathers them and each rank gets
+    its own back, so 3 steps + resume to 6 equals 6 straight (4 updates per rollout)."""
+    from test_rl_stages import TOY_REWARDS  # a reward with spread, so every update moves the loss
+
+    (project / "toy_rewards.py").write_text(TOY_REWARDS)  # the workers import it from the project folder
+
+    def grpo(steps):
+        return {"kind": "grpo", "model": str(base), "data": [{"path": "builtin:tasks-prompts"}],
+                "reward": "toy_rewards:readable",
+                "group_size": 4, "max_new_tokens": 4, "eval_prompts": 4, "max_prompts": 64, "distributed": DDP2,
+                "train": {"max_steps": steps, "lr": 1e-2, "scheduler": "none", "warmup_steps": 0, "batch_size": 16,
+                          "mini_batch_size": 8, "ppo_epochs": 2, "eval_every": 100, "save_every": 3, "log_every": 1}}
+
+    _, straight = run(project, base, "grpo", grpo(6), "a")
+    run(project, base, "grpo", grpo(3), "b")
+    _, resumed = run(project, base, "grpo", grpo(6), "b")
+
+    def series(rows, key):
+        return [r[key] for r in rows if "train/loss" in r]
+
+    assert series(resumed, "step") == series(straight, "step") == [1, 2, 3, 4, 5, 6]
+    assert min(abs(x) for x in series(straight, "train/loss")[3:]) > 1e-4  # losses that would show a wrong batch
+    for key in ("train/loss", "rl/reward_mean", "rl/ratio_mean"):
+        assert series(resumed, key) == pytest.approx(series(straight, key), abs=1e-6), key

@@ -113,6 +113,8 @@ def test_ppo_stage_raises_the_reward_with_a_value_head(project, base):
     assert coefs[0] == pytest.approx(0.01) and coefs[-1] > coefs[0]  # the coefficient adapted upward
     head = torch.load(result["outputs"]["value_head"], weights_only=True)
     assert head["weight"].abs().sum() > 0  # the value head learned (it starts at zero)
+    best = torch.load(project / "runs" / "ppo" / "checkpoints" / "best-policy" / "value_head.pt", weights_only=True)
+    assert torch.equal(head["weight"], best["weight"])  # the head of the exported (best) policy, not the last one
     assert (project / "runs" / "ppo" / "model" / "model.safetensors").is_file()
 
 

@@ -207,3 +207,25 @@ def test_masked_whiten():
     assert w[0, 3].item() == 0.0
     assert masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert masked_mean(w ** 2, mask).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reward_pair_scores_mask_and_pad_what_follows_the_response():
+    from llmlab.train.objectives import IGNORE_INDEX
+    from llmlab.train.reward import pair_scores, response_end_mask
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]])
+    labels = torch.tensor([[IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]), "labels": labels}
+    assert response_end_mask(batch).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    seen = {}
+
+    class Scorer(torch.nn.Module):
+        config = type("C", (), {"pad_token_id": 0})()
+
+        def forward(self, input_ids, attention_mask):
+            seen["ids"] = input_ids
+            return type("O", (), {"logits": input_ids.sum(1, keepdim=True).float()})()
+
+    chosen, rejected = pair_scores(Scorer(), batch)
+    assert seen["ids"].tolist() == [[5, 6, 7, 0, 0], [5, 6, 7, 0, 0]]  # a pad-id classifier reads the same token
+    assert chosen.tolist() == rejected.tolist() == [18.0]

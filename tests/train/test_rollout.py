@@ -226,3 +226,14 @@ def test_a_few_grpo_updates_raise_the_reward(model, tok):
         loss.backward()
         opt.step()
     assert sum(means[-5:]) / 5 > 2 * max(sum(means[:5]) / 5, 0.05)
+
+
+def test_a_queue_saved_on_another_number_of_processes_is_dropped_not_duplicated(model, tok):
+    src = grpo_source(model, tok)
+    src.next_batch()
+    state = src.state_dict()
+    assert len(state["queues"]) == 1 and len(state["queues"][0]) == 7  # this process's pending micro-batches
+    other = grpo_source(model, tok)
+    other.rank, other.world = 0, 2  # resumed as rank 0 of 2
+    other.load_state_dict(state)
+    assert other.queue == [] and other.walk.state_dict() == src.walk.state_dict() and other.rollouts == 1
