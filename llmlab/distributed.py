@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -327,8 +328,6 @@ def run_under_torchrun(spec_file: str, stage: str, dist_spec: Any, inputs: dict[
                                f"{result.get('error') or '; '.join(errors) or ''.join(tail[-15:])}")
         return result["outputs"], result["metrics"]
     finally:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -403,8 +402,6 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
             run.flush()
         atomic_write_json(result_file, status)
     if not par.main:
-        import shutil
-
         shutil.rmtree(out_dir, ignore_errors=True)
     if par.active and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -248,7 +248,7 @@ def _rule_issues(obj: Any, loc: Loc) -> Iterator[tuple[Loc, str]]:
         for rel, msg in obj.rules():
             yield loc + rel, msg
         if isinstance(obj, StageBase):
-            for rel, msg in obj.gate_issues():
+            for rel, msg in obj.shared_issues():
                 yield loc + rel, msg
         for name, field in type(obj).model_fields.items():
             yield from _rule_issues(getattr(obj, name), loc + (field.alias or name,))

@@ -25,7 +25,8 @@ class StageBase(StrictModel):
     from_: str | list[str] | None = Field(None, alias="from")
     gates: list[str] = Field(default_factory=list)  # e.g. "eval/ppl < 40", "exact_match >= previous"
 
-    def gate_issues(self) -> Iterator[tuple[Loc, str]]:
+    def shared_issues(self) -> Iterator[tuple[Loc, str]]:
+        """Rules every stage kind obeys: gates parse; optimizer and distributed choices fit the stage."""
         from llmlab.gates import parse_gate
 
         for i, gate in enumerate(self.gates):
@@ -51,6 +52,25 @@ class StageBase(StrictModel):
         if self.from_ is None:
             return []
         return [self.from_] if isinstance(self.from_, str) else list(self.from_)
+
+
+class ModelStage(StageBase):
+    """A stage that trains one starting model: an earlier stage's (`from`) or a model dir / hub name."""
+
+    model: str | None = None  # start from this transformers model dir or hub name instead of `from`
+
+    @property
+    def start(self) -> str | None:
+        """The stage whose model this one starts from (None: `model`)."""
+        own = StageBase.inputs.fget(self)
+        return own[0] if own else None
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        own = StageBase.inputs.fget(self)
+        if (self.model is None) == (not own):
+            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
+        if len(own) > 1:
+            yield ("from",), f"{self.kind} starts from one model"
 
 
 class PretrainStage(StageBase):
@@ -82,11 +102,10 @@ class SftTrain(TrainSpec):
     save_every: int = Field(50, ge=1)
 
 
-class SftStage(StageBase):
+class SftStage(ModelStage):
     """Supervised fine-tuning on conversations; loss on assistant tokens (and end of turn) only."""
 
     kind: Literal["sft"]
-    model: str | None = None  # start from this transformers model dir or hub name instead of `from`
     data: list[DataSource] = Field(min_length=1)
     train: SftTrain = Field(default_factory=SftTrain)
     lora: LoraSpec | None = None  # adapters instead of full fine-tuning
@@ -94,12 +113,6 @@ class SftStage(StageBase):
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
-
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        if (self.model is None) == (not self.inputs):
-            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
-        if len(self.inputs) > 1:
-            yield ("from",), "sft starts from one model"
 
 
 class MergeStage(StageBase):
@@ -140,11 +153,10 @@ class DpoTrain(TrainSpec):
             yield ("gradient_accumulation_steps",), "DPO accumulates batch_size / mini_batch_size mini-batches per step: set those instead"
 
 
-class DpoStage(StageBase):
+class DpoStage(ModelStage):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs."""
 
     kind: Literal["dpo"]
-    model: str | None = None  # start from this model dir or hub name instead of `from`
     data: list[DataSource] = Field(min_length=1)
     train: DpoTrain = Field(default_factory=DpoTrain)
     beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the seed's clip_range, renamed)
@@ -159,21 +171,11 @@ class DpoStage(StageBase):
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     @property
-    def start(self) -> str | None:
-        """The stage whose model DPO starts from (None: `model`)."""
-        own = super().inputs
-        return own[0] if own else None
-
-    @property
     def inputs(self) -> list[str]:
         return list(dict.fromkeys(super().inputs + ([self.reference_stage] if self.reference_stage else [])))
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
-        own = super().inputs
-        if (self.model is None) == (not own):
-            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
-        if len(own) > 1:
-            yield ("from",), "dpo starts from one model"
+        yield from super().rules()
         if self.reference_stage and self.reference_model:
             yield ("reference_model",), "give reference_stage or reference_model, not both"
 
@@ -184,24 +186,17 @@ class RewardTrain(DpoTrain):
     lr: float = Field(1e-5, gt=0)
 
 
-class RewardStage(StageBase):
+class RewardStage(ModelStage):
     """A reward model on preference pairs (Bradley-Terry: -log sigmoid(r_chosen - r_rejected)): the
     starting model's backbone with a scalar head on the last token. Later ppo/grpo stages use it by
     name (`reward_stage`)."""
 
     kind: Literal["reward"]
-    model: str | None = None  # start from this model dir or hub name instead of `from`
     data: list[DataSource] = Field(min_length=1)  # preference pairs (the dpo stage's formats)
     train: RewardTrain = Field(default_factory=RewardTrain)
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
-
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        if (self.model is None) == (not self.inputs):
-            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
-        if len(self.inputs) > 1:
-            yield ("from",), "reward starts from one model"
 
 
 class RlTrain(TrainSpec):
@@ -229,10 +224,9 @@ class RlTrain(TrainSpec):
                                                      f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
 
 
-class RlStageBase(StageBase):
+class RlStageBase(ModelStage):
     """What PPO and GRPO share: prompts, a reward, sampling, a KL to the starting model, LoRA."""
 
-    model: str | None = None  # start from this model dir or hub name instead of `from`
     data: list[DataSource] = Field(min_length=1)  # prompts: a prompt column, chat messages or hh-rlhf transcripts
     train: RlTrain = Field(default_factory=RlTrain)
     reward: str | None = None  # a builtin (exact_match, format, length_penalty), module:function, or a reward model dir / hub name
@@ -249,20 +243,11 @@ class RlStageBase(StageBase):
     distributed: DistributedSpec | None = None  # run under torchrun (DDP; rollouts per rank)
 
     @property
-    def start(self) -> str | None:
-        own = super().inputs
-        return own[0] if own else None
-
-    @property
     def inputs(self) -> list[str]:
         return list(dict.fromkeys(super().inputs + ([self.reward_stage] if self.reward_stage else [])))
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
-        own = super().inputs
-        if (self.model is None) == (not own):
-            yield ("from",), "give exactly one of `from` (an earlier stage) or `model` (a model dir or hub name)"
-        if len(own) > 1:
-            yield ("from",), f"{self.kind} starts from one model"
+        yield from super().rules()
         if self.distributed is not None and self.distributed.strategy == "fsdp":
             yield ("distributed", "strategy"), f"{self.kind} runs under ddp only (rollouts need the whole policy on each rank): set strategy: ddp"
         if (self.reward is None) == (self.reward_stage is None):
@@ -345,7 +330,7 @@ class EvalStage(StageBase):
     @property
     def models(self) -> list[str]:
         """The stages whose models are evaluated (`from`)."""
-        return super().inputs
+        return StageBase.inputs.fget(self)
 
     @property
     def inputs(self) -> list[str]:

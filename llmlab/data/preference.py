@@ -316,8 +316,7 @@ def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, se
 
     `max_examples` caps the training pairs (after interleaving sources by weight),
     `max_val_examples` the validation ones (default: max_examples, or all)."""
-    from llmlab.data.sft import _builtin_task_source, merge_sources, open_split
-    from llmlab.data.sources import iter_rows
+    from llmlab.data.sft import merge_sources, source_splits
 
     sources = [normalise_source(s, "preference", PREFERENCE_FORMATS) for s in sources]
     if not sources:
@@ -342,9 +341,7 @@ def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, se
 
     for s in sources:
         name = s["path"]
-        tasks = _builtin_task_source(name)
-        train_rows = tasks(s["split"]) if tasks else iter_rows(name, s["subset"], s["split"])
-        val_rows = open_split(name, s["subset"], "validation") if s["split"] != "validation" else None
+        train_rows, val_rows = source_splits(s)
         train, val = [], []
         counts = {"rows": 0, "malformed": 0, "format": s["format"]}
         before = {k: stats[k] for k in ("dropped_no_target", "dropped_identical")}

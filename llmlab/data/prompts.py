@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from llmlab.data.order import held_out
 from llmlab.data.preference import _hh_split, parse_hh_transcript
-from llmlab.data.sft import DETECT_SAMPLE_ROWS, _builtin_task_source, _chain, merge_sources, normalise_source, open_split
+from llmlab.data.sft import DETECT_SAMPLE_ROWS, _chain, merge_sources, normalise_source, source_splits
 
 @dataclass
 class Prompt:
@@ -123,10 +123,10 @@ def render_prompt(tokenizer, messages: list[dict], text: str | None) -> str:
     return text if text is not None else "\n\n".join(m["content"] for m in messages)
 
 
-def encode_prompt(tokenizer, rendered: str, max_prompt_length: int) -> list[int]:
-    """Token ids of a rendered prompt (special tokens as in the text), cut from the left."""
-    ids = tokenizer(rendered, add_special_tokens=not tokenizer.chat_template)["input_ids"]
-    return ids[-max_prompt_length:]
+def encode_prompt(tokenizer, rendered: str) -> list[int]:
+    """Token ids of a rendered prompt: special tokens as they are in the text (a chat template
+    writes its own), the tokenizer's BOS added otherwise."""
+    return tokenizer(rendered, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
 def _prompts(rows: Iterator[dict], source: dict, name: str) -> Iterator[tuple[list[dict], str | None, dict]]:
@@ -143,7 +143,6 @@ def _prompts(rows: Iterator[dict], source: dict, name: str) -> Iterator[tuple[li
 def prepare_prompt_data(sources: list[dict], tokenizer, max_prompt_length: int, seed: int, val_fraction: float,
                         max_prompts: int | None = None, max_val_prompts: int | None = None) -> PromptData:
     """Read, extract, render and tokenize prompt sources; see the module docstring."""
-    from llmlab.data.sources import iter_rows
 
     sources = [normalise_source(s, "prompt", PROMPT_FORMATS) for s in sources]
     stats: dict = {"truncated": 0, "sources": []}
@@ -152,7 +151,7 @@ def prepare_prompt_data(sources: list[dict], tokenizer, max_prompt_length: int, 
 
     def make(messages, text, extras) -> Prompt:
         rendered = render_prompt(tokenizer, messages, text)
-        ids = encode_prompt(tokenizer, rendered, 10**9)
+        ids = encode_prompt(tokenizer, rendered)
         if len(ids) > max_prompt_length:
             stats["truncated"] += 1
             ids = ids[-max_prompt_length:]
@@ -161,9 +160,7 @@ def prepare_prompt_data(sources: list[dict], tokenizer, max_prompt_length: int, 
 
     for s in sources:
         name = s["path"]
-        tasks = _builtin_task_source(name)
-        train_rows = tasks(s["split"]) if tasks else iter_rows(name, s["subset"], s["split"])
-        val_rows = open_split(name, s["subset"], "validation") if s["split"] != "validation" else None
+        train_rows, val_rows = source_splits(s)
         train, val = [], []
         for messages, text, extras in _prompts(train_rows, s, name):
             if val_rows is None and held_out(messages, val_fraction):

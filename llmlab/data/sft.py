@@ -269,6 +269,18 @@ def open_split(path: str, subset: str | None, split: str) -> Iterator[dict] | No
         return None
 
 
+def source_splits(source: dict) -> tuple[Iterator[dict], Iterator[dict] | None]:
+    """A normalised source's training rows (its `split`) and its own validation rows, or None when
+    it has none (then a hashed fraction of the training rows is held out instead)."""
+    from llmlab.data.sources import iter_rows
+
+    name = source["path"]
+    tasks = _builtin_task_source(name)
+    train = tasks(source["split"]) if tasks else iter_rows(name, source["subset"], source["split"])
+    val = open_split(name, source["subset"], "validation") if source["split"] != "validation" else None
+    return train, val
+
+
 def _conversations(rows: Iterator[dict], source: dict, name: str) -> Iterator[list[dict]]:
     first = list(islice(rows, DETECT_SAMPLE_ROWS))
     fmt = source["format"] or detect_format(first, name)
@@ -319,7 +331,6 @@ def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int
 
     `max_examples` caps the training examples (after interleaving), `max_val_examples` the
     validation ones (default: max_examples, or all)."""
-    from llmlab.data.sources import iter_rows
 
     sources = [normalise_source(s, "SFT", FORMATS) for s in sources]
     stats = {"truncated": 0, "dropped_no_target": 0, "sources": []}
@@ -336,9 +347,7 @@ def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int
 
     for s in sources:
         name = s["path"]
-        train_rows = _builtin_task_source(name)
-        train_rows = train_rows(s["split"]) if train_rows else iter_rows(name, s["subset"], s["split"])
-        val_rows = open_split(name, s["subset"], "validation") if s["split"] != "validation" else None
+        train_rows, val_rows = source_splits(s)
         train, val = [], []
         for messages in _conversations(train_rows, s, name):
             if val_rows is None and is_validation_example(messages, val_fraction):

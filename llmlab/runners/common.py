@@ -108,6 +108,18 @@ def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
     return out
 
 
+def stage_metrics(ctx: StageContext, result: Any, final: dict[str, float]) -> dict[str, float]:
+    """A training stage's closing metrics (its final evaluation, steps, best step), with its loss
+    curve plotted and logged."""
+    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    if plot:
+        ctx.run.log_artifact(plot, "plots")
+    metrics = {**final, "train/steps": float(result.step)}
+    if result.best_step is not None:
+        metrics["best_step"] = float(result.best_step)
+    return metrics
+
+
 def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, result: Any, lora: bool,
                  best_only: bool) -> dict[str, str]:
     """Write a fine-tuning stage's outputs and leave `model` holding the weights it exported.

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
-from llmlab.runners.sft import model_context
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.stages import StageContext
 
 
@@ -44,7 +44,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     from llmlab.train.loop import pick_device, train
 
     stage, spec = ctx.config, ctx.spec
-    base = ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
+    base = base_model_dir(ctx)
     tok = load_tokenizer(base)
     model = load_model(base)
     seq_len = model_context(model)
@@ -88,7 +88,4 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}
     final = dpo_evaluate(model.to(device), objective, val)
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
-    if plot:
-        ctx.run.log_artifact(plot, "plots")
-    return outputs, {**final, "train/steps": float(result.step)}
+    return outputs, stage_metrics(ctx, result, final)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmlab.checkpoint import atomic_dir
-from llmlab.runners.common import StageCallbacks, load_model, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.common import StageCallbacks, load_model, log_model, prepare_checkpoints, stage_metrics
 from llmlab.stages import StageContext
 
 
@@ -65,11 +65,5 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     with atomic_dir(model_dir) as tmp:
         model.to("cpu").save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
-    if plot:
-        ctx.run.log_artifact(plot, "plots")
     log_model(ctx, model_dir)
-    metrics = {**final, "train/steps": float(result.step)}
-    if result.best_step is not None:
-        metrics["best_step"] = float(result.best_step)
-    return {"model": str(model_dir), "checkpoints": str(ckpt)}, metrics
+    return {"model": str(model_dir), "checkpoints": str(ckpt)}, stage_metrics(ctx, result, final)

@@ -9,7 +9,7 @@ which a later stage names with `reward_stage:` (or any tool loads with
 
 from __future__ import annotations
 
-from llmlab.runners.common import StageCallbacks, log_model, plot_curves, prepare_checkpoints
+from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, stage_metrics
 from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.stages import StageContext
 
@@ -64,7 +64,4 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         tok.save_pretrained(tmp)
     log_model(ctx, model_dir)
     print(f"[{ctx.name}] held-out pair accuracy {final['eval/accuracy']:.3f}, margin {final['eval/margin']:.3f}")
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
-    if plot:
-        ctx.run.log_artifact(plot, "plots")
-    return {"model": str(model_dir), "checkpoints": str(ckpt)}, {**final, "train/steps": float(result.step)}
+    return {"model": str(model_dir), "checkpoints": str(ckpt)}, stage_metrics(ctx, result, final)

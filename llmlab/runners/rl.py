@@ -17,8 +17,8 @@ import copy
 import dataclasses
 from contextlib import nullcontext
 
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
-from llmlab.runners.sft import model_context
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.stages import StageContext
 
 
@@ -66,7 +66,7 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
 
     stage, spec = ctx.config, ctx.spec
     ppo = stage.kind == "ppo"
-    base = ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
+    base = base_model_dir(ctx)
     tok = load_tokenizer(base)
     model = load_model(base)
     context = model_context(model)
@@ -156,10 +156,4 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         outputs["value_head"] = str(ctx.out_dir / "value_head.pt")
     outputs.update(save_trained(ctx, model, tok, base, result, lora, stage.train.save_best_only))
     final = rl_evaluate(model.to(device), tok, data.val, reward_fn, reward_name, sampling) if data.val else {}
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
-    if plot:
-        ctx.run.log_artifact(plot, "plots")
-    metrics = {**final, "train/steps": float(result.step)}
-    if result.best_step is not None:
-        metrics["best_step"] = float(result.best_step)
-    return outputs, metrics
+    return outputs, stage_metrics(ctx, result, final)

@@ -9,13 +9,14 @@ folds them into a plain model). Validation loss is on held-out conversations, ne
 from __future__ import annotations
 
 
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, plot_curves, prepare_checkpoints, save_trained
+from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
 from llmlab.stages import StageContext
 
 
 def base_model_dir(ctx: StageContext) -> str:
+    """The model a training stage starts from: its `from` stage's, or its `model` dir / hub name."""
     stage = ctx.config
-    return ctx.inputs[stage.inputs[0]].outputs["model"] if stage.inputs else stage.model
+    return ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
 
 
 def model_context(model) -> int:
@@ -60,12 +61,6 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}
     final = perplexity(model.to(pick_device()), val)
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
-    if plot:
-        ctx.run.log_artifact(plot, "plots")
-    metrics = {**final, "train/steps": float(result.step)}
-    if result.best_step is not None:
-        metrics["best_step"] = float(result.best_step)
-    return outputs, metrics
+    return outputs, stage_metrics(ctx, result, final)
 
 

@@ -79,9 +79,8 @@ class GRPOObjective:
                             self.clip_range, self.kl_coef)
         with torch.no_grad():
             log_ratio = logps - batch["old_logps"]
-            metrics = {"rl/policy_loss": torch.tensor(m["policy_loss"]) * n, "rl/kl": torch.tensor(m["kl"]) * n,
-                       "rl/clip_fraction": torch.tensor(m["clip_fraction"]) * n,
-                       "rl/ratio_mean": torch.tensor(m["ratio_mean"]) * n,
+            metrics = {"rl/policy_loss": m["policy_loss"] * n, "rl/kl": m["kl"] * n,
+                       "rl/clip_fraction": m["clip_fraction"] * n, "rl/ratio_mean": m["ratio_mean"] * n,
                        "rl/approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask) * n,
                        "rl/entropy": entropy_from_logits(logits, mask) * n,
                        **stats_metrics(batch, n)}

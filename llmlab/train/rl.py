@@ -212,14 +212,15 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, clip_range: float, kl_coef: float
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO objective (Shao et al. 2024, https://arxiv.org/abs/2402.03300, eq. 3), as a loss.
 
     Per token, with r = exp(logp_new − logp_old), the row's advantage A broadcast over its tokens:
         ℓ_t = max(−A·r, −A·clip(r, 1−ε, 1+ε)) + kl_coef · k3(logp_new, ref_logp)
     then the mean over each row's valid tokens, then the mean over rows that have any valid token.
-    `ref_logp` may be None when kl_coef == 0. Metrics (floats): policy_loss, kl (per-row mean k3,
-    batch mean; 0 without a reference), clip_fraction, ratio_mean.
+    `ref_logp` may be None when kl_coef == 0. Metrics (detached 0-d tensors, so a training step
+    needs no device sync): policy_loss, kl (per-row mean k3, batch mean; 0 without a reference),
+    clip_fraction, ratio_mean.
     """
     if ref_logp is None and kl_coef != 0:
         raise ValueError("grpo_loss: kl_coef != 0 needs ref_logp")
@@ -244,10 +245,10 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Te
     loss = row_mean_then_batch(per_token)
     with torch.no_grad():
         metrics = {
-            "policy_loss": float(row_mean_then_batch(pg)),
-            "kl": float(row_mean_then_batch(kl)),
-            "clip_fraction": float(masked_mean((pg2 > pg1).to(m.dtype), m)),
-            "ratio_mean": float(masked_mean(ratio, m)),
+            "policy_loss": row_mean_then_batch(pg),
+            "kl": row_mean_then_batch(kl),
+            "clip_fraction": masked_mean((pg2 > pg1).to(m.dtype), m),
+            "ratio_mean": masked_mean(ratio, m),
         }
     return loss, metrics
 

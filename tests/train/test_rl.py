@@ -98,8 +98,8 @@ def test_ratio_one_gives_no_clipping_and_minus_mean_advantage():
     seq_adv = t([0.5, -2.0, 1.0])
     gl, metrics = grpo_loss(logp, logp, None, seq_adv, mask, 0.2, kl_coef=0.0)
     assert gl.item() == pytest.approx(-seq_adv.mean().item(), abs=1e-6)
-    assert metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0
-    assert metrics["ratio_mean"] == pytest.approx(1.0)
+    assert float(metrics["clip_fraction"]) == 0.0 and float(metrics["kl"]) == 0.0
+    assert float(metrics["ratio_mean"]) == pytest.approx(1.0)
 
 
 def test_value_loss_hand_computed():
@@ -169,9 +169,9 @@ def test_grpo_loss_hand_computed():
     # row 1 (A=-1): r=0.5 -> max(0.5, 0.8) = 0.8; second token masked
     row1 = 0.8
     assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
-    assert metrics["kl"] == pytest.approx((k3 / 2 + 0.0) / 2, abs=1e-6)
-    assert metrics["policy_loss"] == pytest.approx(((-1.2 - 1.0) / 2 + 0.8) / 2, abs=1e-6)
-    assert metrics["clip_fraction"] == pytest.approx(2 / 3, abs=1e-6)
+    assert float(metrics["kl"]) == pytest.approx((k3 / 2 + 0.0) / 2, abs=1e-6)
+    assert float(metrics["policy_loss"]) == pytest.approx(((-1.2 - 1.0) / 2 + 0.8) / 2, abs=1e-6)
+    assert float(metrics["clip_fraction"]) == pytest.approx(2 / 3, abs=1e-6)
     with pytest.raises(ValueError, match="ref_logp"):
         grpo_loss(logp_new, logp_old, None, adv, mask, eps, beta)
 
