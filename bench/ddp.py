@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
 CHILD = r"""
 import json, statistics, sys, tempfile, torch
-from llmlab import distributed
+from llmlab import parallel as distributed
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.spec import TrainSpec
 from llmlab.train.loop import Callbacks, train

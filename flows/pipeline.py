@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmlab.paths import configure_environment, state_dir
+from llmlab.paths import state_dir
+from llmlab.serve import configure_environment
 
 configure_environment()
 

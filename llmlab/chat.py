@@ -49,7 +49,7 @@ def resolve_model_dir(target: str) -> Path:
 def load(model_dir: Path):
     from llmlab.runners.common import load_model
     from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import pick_device
+    from llmlab.device import pick_device
 
     return load_model(str(model_dir)).to(pick_device()).eval(), load_tokenizer(str(model_dir))
 

@@ -112,7 +112,7 @@ def run(
         if value not in names:
             typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
             raise typer.Exit(2)
-    from llmlab.paths import configure_environment
+    from llmlab.serve import configure_environment
 
     configure_environment()
     from flows.pipeline import pipeline

@@ -39,20 +39,3 @@ def quiet_defaults() -> None:
     """No telemetry, no progress bars from transformers/datasets; values already set win."""
     for key, value in QUIET_OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
-
-
-def configure_environment() -> None:
-    """Defaults for a run started by llmlab: state under the state dir, no telemetry, quiet
-    progress bars. Values already in the environment win. Call before importing prefect."""
-    quiet_defaults()
-    prefect_home = state_dir() / "prefect"
-    prefect_home.mkdir(parents=True, exist_ok=True)  # Prefect does not create missing parents
-    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
-    # while `llmlab serve` runs, talk to its server instead of starting a temporary one that would
-    # write into the same database
-    if "PREFECT_API_URL" not in os.environ:
-        from llmlab.serve import running
-
-        served = running()
-        if served is not None:
-            os.environ["PREFECT_API_URL"] = served["prefect_api_url"]

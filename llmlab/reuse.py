@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmlab.checkpoint import fingerprint
+from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
 from llmlab.spec import Pipeline, config_hash
 
 
@@ -39,8 +40,6 @@ def code_version() -> str:
 
 def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
     """What decides whether a finished result can stand in for running the stage again."""
-    from llmlab.stages import resolved_config
-
     payload = {"config": config_hash(resolved_config(spec, stage)), "code": code_version(),
                "inputs": {k: v["fingerprint"] for k, v in sorted(inputs.items())}}
     return f"{spec.name}-{stage}-{config_hash(payload)}"
@@ -49,8 +48,6 @@ def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
 def finished_result(spec: Pipeline, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict[str, Any] | None:
     """The recorded result of this stage if it finished with this exact key (any key when not
     `strict`) and its main output still has the recorded fingerprint; None when it must run (again)."""
-    from llmlab.stages import MAIN_OUTPUT, stage_kind
-
     record_file = Path(spec.output_root) / stage / "stage.json"
     if not record_file.is_file():
         return None

@@ -21,10 +21,35 @@ import time
 import urllib.request
 from pathlib import Path
 
-from llmlab.paths import QUIET_OFFLINE_DEFAULTS, state_dir
+from llmlab.paths import QUIET_OFFLINE_DEFAULTS, quiet_defaults, state_dir
 
 POOL = "llmlab"  # the process work pool every deployment in prefect.yaml uses
 HOST = "127.0.0.1"
+# Prefect's temporary server (a run with no server) must start within this; Prefect's own 20 s is
+# too short on a busy 2-core machine creating its database for the first time (measured: timed out)
+EPHEMERAL_STARTUP_SECONDS = "120"
+
+
+def prefect_home() -> Path:
+    """Prefect's state (its SQLite database) under llmlab's state dir; created (Prefect does not
+    create missing parents)."""
+    home = state_dir() / "prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def configure_environment() -> None:
+    """Defaults for a run started by llmlab: state under the state dir, no telemetry, quiet
+    progress bars. Values already in the environment win. Call before importing prefect."""
+    quiet_defaults()
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home()))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+    # while `llmlab serve` runs, talk to its server instead of starting a temporary one that would
+    # write into the same database
+    if "PREFECT_API_URL" not in os.environ:
+        served = running()
+        if served is not None:
+            os.environ["PREFECT_API_URL"] = served["prefect_api_url"]
 
 
 def serve_file() -> Path:
@@ -55,7 +80,7 @@ def _bin(name: str) -> str:
 
 def _env(api_url: str | None = None) -> dict[str, str]:
     env = {**os.environ, **QUIET_OFFLINE_DEFAULTS, "LLMLAB_STATE_DIR": str(state_dir()),
-           "PREFECT_HOME": str(state_dir() / "prefect"), "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_HOME": str(prefect_home()), "PREFECT_WORKER_QUERY_SECONDS": "2",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "LLMLAB_PROJECT_DIR": str(Path.cwd())}
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -97,7 +122,7 @@ def serve(prefect_port: int | None = None, mlflow_port: int | None = None, timeo
         raise RuntimeError(f"already serving (see {serve_file()}); run `make stop` first")
     prefect_port = prefect_port or int(os.environ.get("LLMLAB_PREFECT_PORT", "4200"))
     mlflow_port = mlflow_port or int(os.environ.get("LLMLAB_MLFLOW_PORT", "5000"))
-    (state_dir() / "prefect").mkdir(exist_ok=True)
+    prefect_home()
     api = f"http://{HOST}:{prefect_port}/api"
     info = {"prefect_api_url": api, "prefect_ui": f"http://{HOST}:{prefect_port}",
             "mlflow_ui": f"http://{HOST}:{mlflow_port}", "processes": {}}

@@ -1,10 +1,11 @@
-"""Stage runners: what Prefect tasks call. Paths and fingerprints in, a StageResult out.
+"""Executing a stage: what Prefect tasks call. Paths and fingerprints in, a StageResult dict out.
 
     result = execute_stage("pipelines/tiny.yaml", "pretrain", inputs={"tokenizer": {...}}, parent_run_id=rid)
 
 `execute_stage` is the one generic wrapper: it resolves the stage's config, opens its MLflow run,
 writes `<workdir>/<stage>/stage.json` (status running -> finished | failed | interrupted), and calls
-the runner for the stage's kind from `RUNNERS` (a plain dict). Runners write their outputs
+the runner for the stage's kind (`llmlab.runners.registry`), or launches it under torchrun
+(`llmlab.launch`). Runners write their outputs
 atomically and return (outputs, metrics). A stage is finished only when stage.json says so.
 Outputs per stage: `model/` (transformers format, tokenizer included), `checkpoints/`,
 `metrics.jsonl`, `stage.json`; the tokenizer stage writes `tokenizer/`; eval writes `results.json`
@@ -13,91 +14,21 @@ and `report.md`.
 
 from __future__ import annotations
 
-import importlib
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmlab import __version__
 from llmlab.checkpoint import atomic_write_json, fingerprint
+from llmlab.gates import GateFailed, check_gates
+from llmlab.launch import run_under_torchrun
+from llmlab.reuse import cache_key, finished_result, stage_lock
+from llmlab.runners.context import MAIN_OUTPUT, StageContext, StageResult, resolved_config, stage_block, stage_kind
+from llmlab.runners.registry import runner
 from llmlab.spec import Pipeline, config_hash, load_spec
-
-MODEL_ARTIFACT_LIMIT = 200 * 2**20  # model folders larger than this are tracked by path + fingerprint
-
-
-@dataclass
-class StageResult:
-    """What a stage hands to the next: small, JSON-able (Prefect persists and hashes it)."""
-
-    stage: str
-    kind: str
-    output_dir: str
-    fingerprint: str  # of the stage's main output (model / tokenizer / results)
-    config_hash: str
-    mlflow_run_id: str | None
-    status: str
-    outputs: dict[str, str] = field(default_factory=dict)  # name -> path, e.g. model, tokenizer
-    metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-    reused: bool = False  # True when a finished output was reused instead of running
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StageResult":
-        return cls(**d)
-
-
-@dataclass
-class StageContext:
-    """Everything a runner needs; built by execute_stage."""
-
-    spec: Pipeline
-    name: str
-    config: Any  # the stage's spec block (TokenizerSpec for the tokenizer stage)
-    out_dir: Path
-    inputs: dict[str, StageResult]
-    run: Any  # tracking.StageRun or None
-    stage_dir: Path | None = None  # the stage's real folder (= out_dir except on ranks > 0 of a distributed stage)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Where checkpoints live: the stage's own folder, on every rank."""
-        return (self.stage_dir or self.out_dir) / "checkpoints"
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.run is not None:
-            self.run.log_metrics(metrics, step)
-
-    def tokenizer_dir(self) -> str:
-        """Where this stage's tokenizer lives: the tokenizer stage's output, or the spec's name/path."""
-        if "tokenizer" in self.inputs:
-            return self.inputs["tokenizer"].outputs["tokenizer"]
-        tok = self.spec.tokenizer
-        return tok.path or tok.name  # type: ignore[return-value]
-
-
-def resolved_config(spec: Pipeline, stage: str) -> dict[str, Any]:
-    """The stage's full configuration as it will run: its block plus what it inherits."""
-    if stage == "tokenizer":
-        return {"kind": "tokenizer", "seed": spec.seed, "tokenizer": spec.tokenizer.model_dump(mode="json", by_alias=True)}
-    cfg = spec.stages[stage].model_dump(mode="json", by_alias=True)
-    cfg["seed"] = spec.seed
-    if cfg["kind"] == "pretrain" and not spec.stages[stage].inputs:
-        cfg["model"] = spec.model.model_dump(mode="json")
-    if cfg["kind"] == "pretrain":
-        cfg["tokenizer"] = spec.tokenizer.model_dump(mode="json", by_alias=True) if spec.tokenizer.train is None else "stage"
-    return cfg
-
-
-def stage_kind(spec: Pipeline, stage: str) -> str:
-    return "tokenizer" if stage == "tokenizer" else spec.stages[stage].kind
+from llmlab.tracking import Tracker
+from llmlab.train.signals import TrainingInterrupted
 
 
 def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
@@ -107,8 +38,6 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
     Holds a lock on the stage's output folder, so concurrent runs never write into each other; a
     run that waited for the lock reuses what the other run finished (unless `force`). `force`
     also discards the stage's checkpoints, so it starts from step 0."""
-    from llmlab.reuse import cache_key, finished_result, stage_lock
-
     spec = load_spec(spec_file)
     out_dir = Path(spec.output_root) / stage
     with stage_lock(out_dir, stage):
@@ -124,9 +53,6 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
 
 def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
              key: str) -> dict[str, Any]:
-    from llmlab.tracking import Tracker
-    from llmlab.train.loop import TrainingInterrupted
-
     kind = stage_kind(spec, stage)
     out_dir = Path(spec.output_root) / stage
     config = resolved_config(spec, stage)
@@ -155,8 +81,6 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     dist_spec = getattr(ctx.config, "distributed", None)
     try:
         if dist_spec is not None and dist_spec.world_size > 1:
-            from llmlab.distributed import run_under_torchrun
-
             outputs, metrics = run_under_torchrun(spec_file, stage, dist_spec, inputs, run.run_id, out_dir)
         else:
             outputs, metrics = runner(kind)(ctx)
@@ -170,8 +94,6 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         raise
     gates = [] if stage == "tokenizer" else spec.stages[stage].gates
     if gates:
-        from llmlab.gates import GateFailed, check_gates
-
         upstream = [r for name, r in in_results.items() if name != "tokenizer"]
         failures = check_gates(gates, metrics, upstream[0].metrics if upstream else None)
         if failures:
@@ -192,29 +114,3 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
                                                "seconds": result.seconds, "result": result.to_dict()})
     run.finish("FINISHED")
     return result.to_dict()
-
-
-def stage_block(spec: Pipeline, stage: str) -> Any:
-    return spec.tokenizer if stage == "tokenizer" else spec.stages[stage]
-
-
-# kind -> "module:function" of its runner (imported on first use, so importing stages stays light)
-RUNNERS: dict[str, str] = {
-    "tokenizer": "llmlab.runners.tokenizer:run_tokenizer",
-    "pretrain": "llmlab.runners.pretrain:run_pretrain",
-    "sft": "llmlab.runners.sft:run_sft",
-    "merge": "llmlab.runners.merge:run_merge",
-    "dpo": "llmlab.runners.dpo:run_dpo",
-    "reward": "llmlab.runners.reward:run_reward",
-    "ppo": "llmlab.runners.rl:run_rl",
-    "grpo": "llmlab.runners.rl:run_rl",
-    "export": "llmlab.runners.export:run_export",
-    "eval": "llmlab.runners.eval:run_eval",
-}
-MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output", "reward": "model", "ppo": "output", "grpo": "output", "eval": "results", "export": "model"}
-
-
-def runner(kind: str) -> Callable[[StageContext], tuple[dict[str, str], dict[str, float]]]:
-    """The runner function of a stage kind: ctx -> (outputs {name: path}, metrics)."""
-    module, fn = RUNNERS[kind].split(":")
-    return getattr(importlib.import_module(module), fn)

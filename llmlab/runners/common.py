@@ -8,9 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from llmlab.checkpoint import atomic_write_json, atomic_write_text
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmlab.model  # noqa: F401  (registers the llmlab architecture with transformers' Auto classes)
+from llmlab.checkpoint import atomic_dir, atomic_write_json, atomic_write_text
+from llmlab.lora import apply_lora, is_adapter_parameter, save_adapters, target_modules, trainable_share
+from llmlab.parallel import barrier, current
+from llmlab.runners.context import StageContext, resolved_config
 from llmlab.spec import config_hash
-from llmlab.stages import StageContext, resolved_config
+from llmlab.train.loop import load_best
 
 MODEL_ARTIFACT_LIMIT = 200 * 2**20  # model folders larger than this are tracked by path + fingerprint
 
@@ -34,8 +41,6 @@ def _checkpoint_identity(ctx: StageContext, config: dict) -> dict[str, Any]:
 def prepare_checkpoints(ctx: StageContext) -> Path:
     """The stage's checkpoint folder, emptied when its checkpoints belong to a different config
     (by rank 0 alone in a distributed stage; the others wait for it)."""
-    from llmlab.distributed import barrier, current
-
     ckpt = ctx.checkpoint_dir
     if current().main:
         identity = _checkpoint_identity(ctx, resolved_config(ctx.spec, ctx.name))
@@ -75,11 +80,6 @@ class StageCallbacks:
 
 def load_model(path: str) -> Any:
     """A causal LM from a local folder (ours or any transformers model) or a hub name, fp32."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import llmlab.model  # noqa: F401  (registers the llmlab architecture)
-
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
@@ -126,10 +126,6 @@ def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, resul
 
     LoRA: peft adapters `adapters/final` and `adapters/best` (the stage's output is best when
     `best_only`, else final). Full training: `model/` with the tokenizer (best or last weights)."""
-    from llmlab.checkpoint import atomic_dir
-    from llmlab.lora import is_adapter_parameter, save_adapters
-    from llmlab.train.loop import load_best
-
     model.to("cpu")
     if lora:
         adapters = ctx.out_dir / "adapters"
@@ -154,8 +150,6 @@ def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, resul
 def attach_lora(ctx: StageContext, model: Any, tokenizer: Any, lora: Any) -> Any:
     """Wrap `model` with the stage's LoRA adapters (special-token rows too, by default); report
     what trains to stdout and MLflow."""
-    from llmlab.lora import apply_lora, target_modules, trainable_share
-
     targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
     special = tokenizer.all_special_ids if lora.train_special_tokens else None
     model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, special)

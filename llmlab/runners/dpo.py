@@ -15,9 +15,14 @@ from typing import Any
 
 import torch
 
+from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+from llmlab.device import pick_device
 from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.stages import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
+from llmlab.train.loop import train
 
 
 def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) -> dict[str, float]:
@@ -38,11 +43,6 @@ def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) ->
 
 
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
-    from llmlab.train.loop import pick_device, train
-
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
     tok = load_tokenizer(base)

@@ -4,27 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from llmlab.checkpoint import atomic_write_json
+from llmlab.data.preference import prepare_preference_data
+from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
+from llmlab.data.sources import iter_rows
+from llmlab.data.tasks import cut_at_end_of_turn
+from llmlab.device import pick_device
+from llmlab.evaluate import (
+    checkable_prompts,
+    exact_match_accuracy,
+    perplexity,
+    preference_accuracy,
+    render_user_prompts,
+    unigram_perplexity,
+)
+from llmlab.generate import generate
+from llmlab.report import write_report
+from llmlab.rewards import load_reward
 from llmlab.runners.common import load_model
-from llmlab.stages import StageContext
+from llmlab.runners.context import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.tracking import stage_histories
 
 
 def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     """Score every input model on the same held-out batches; samples from fixed prompts; a report."""
-    import numpy as np
-
-    from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
-    from llmlab.data.sources import iter_rows
-    from llmlab.data.preference import prepare_preference_data
-    from llmlab.data.tasks import cut_at_end_of_turn
-    from llmlab.evaluate import (checkable_prompts, exact_match_accuracy, perplexity, preference_accuracy,
-                                 render_user_prompts, unigram_perplexity)
-    from llmlab.report import write_report
-    from llmlab.tracking import stage_histories
-    from llmlab.generate import generate
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import pick_device
-
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
@@ -37,8 +43,6 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
     reward_fn, reward_name = None, stage.reward or (f"reward stage {stage.reward_stage}" if stage.reward_stage else None)
     if reward_name is not None:
-        from llmlab.rewards import load_reward
-
         if not pairs:
             raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,

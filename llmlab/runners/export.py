@@ -4,13 +4,12 @@ the stage with every blocking option named."""
 
 from __future__ import annotations
 
+from llmlab.export import export_model
 from llmlab.runners.common import log_model
-from llmlab.stages import StageContext
+from llmlab.runners.context import StageContext
 
 
 def run_export(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.export import export_model
-
     upstream = ctx.inputs[ctx.config.inputs[0]]
     if "model" not in upstream.outputs:
         raise ValueError(f"export: stage '{upstream.stage}' wrote no model/ (adapters only?): export its merge stage")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llmlab.merge import merge_adapters, merge_stage_output
 from llmlab.runners.common import log_model
-from llmlab.stages import StageContext
+from llmlab.runners.context import StageContext
 
 
 def run_merge(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.merge import merge_adapters, merge_stage_output
-
     stage = ctx.config
     target = ctx.out_dir / "model"
     if stage.inputs:

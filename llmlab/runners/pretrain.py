@@ -5,8 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from llmlab.checkpoint import atomic_dir
+from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_data
+from llmlab.device import pick_device
+from llmlab.evaluate import perplexity
+from llmlab.model import LlmlabConfig, build_model, count_parameters
 from llmlab.runners.common import StageCallbacks, load_model, log_model, prepare_checkpoints, stage_metrics
-from llmlab.stages import StageContext
+from llmlab.runners.context import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.loop import load_best, train
+from llmlab.train.objectives import LanguageModeling
 
 
 class LMBatches:
@@ -27,13 +34,6 @@ class LMBatches:
 
 
 def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_data
-    from llmlab.evaluate import perplexity
-    from llmlab.model import LlmlabConfig, build_model, count_parameters
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import load_best, pick_device, train
-    from llmlab.train.objectives import LanguageModeling
-
     stage, spec = ctx.config, ctx.spec
     if stage.inputs:  # continued pretraining: the upstream model and its tokenizer
         tok_dir = ctx.inputs[stage.inputs[0]].outputs["model"]

@@ -9,19 +9,24 @@ which a later stage names with `reward_stage:` (or any tool loads with
 
 from __future__ import annotations
 
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import llmlab.model  # noqa: F401  (registers llmlab's classes with transformers' Auto classes)
+from llmlab.checkpoint import atomic_dir
+from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+from llmlab.device import pick_device
 from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, stage_metrics
+from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.stages import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.loop import load_best, train
+from llmlab.train.reward import RewardObjective, reward_evaluate
 
 
 def load_reward_backbone(path: str, pad_token_id: int | None):
     """A one-output sequence-classification model from a causal LM folder (head initialised fresh)
     or from a reward model folder."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    import llmlab.model  # noqa: F401  (registers llmlab's classes)
-
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
@@ -29,12 +34,6 @@ def load_reward_backbone(path: str, pad_token_id: int | None):
 
 
 def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.checkpoint import atomic_dir
-    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import load_best, pick_device, train
-    from llmlab.train.reward import RewardObjective, reward_evaluate
-
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
     tok = load_tokenizer(base)

@@ -17,14 +17,27 @@ import copy
 import dataclasses
 from contextlib import nullcontext
 
+import torch
+
+from llmlab.checkpoint import atomic_dir
+from llmlab.data.prompts import prepare_prompt_data
+from llmlab.device import autocast_dtype, pick_device
+from llmlab.generate import stop_token_ids
+from llmlab.parallel import barrier, current
+from llmlab.rewards import load_reward
 from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.stages import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.grpo import GRPOObjective, GRPOPrepare
+from llmlab.train.loop import train
+from llmlab.train.ppo import PolicyWithValue, PPOObjective, PPOPrepare
+from llmlab.train.rl import AdaptiveKL
+from llmlab.train.rollout import RolloutBatches, Sampling, disable_dropout, rl_evaluate, rollout_logps
 
 
 def _reference(model, disable_adapters: bool, temperature: float, chunk: int):
     """rollout -> (B, N) reference log-probs of its sampled tokens."""
-    from llmlab.train.rollout import rollout_logps
 
     def score(rollout):
         with model.disable_adapter() if disable_adapters else nullcontext():
@@ -36,12 +49,6 @@ def _reference(model, disable_adapters: bool, temperature: float, chunk: int):
 def _policy_only_best(result, ckpt, wrapper):
     """The loop's best state holds the policy and its value head: keep the policy's weights only,
     so the shared writer of model/adapters can load them."""
-    import torch
-
-    from llmlab.checkpoint import atomic_dir
-
-    from llmlab.distributed import barrier, current
-
     if result.best_path is None:
         return result
     if current().main:
@@ -55,15 +62,6 @@ def _policy_only_best(result, ckpt, wrapper):
 
 
 def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    import torch
-
-    from llmlab.data.prompts import prepare_prompt_data
-    from llmlab.generate import stop_token_ids
-    from llmlab.rewards import load_reward
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import autocast_dtype, pick_device, train
-    from llmlab.train.rollout import RolloutBatches, Sampling, disable_dropout, rl_evaluate
-
     stage, spec = ctx.config, ctx.spec
     ppo = stage.kind == "ppo"
     base = base_model_dir(ctx)
@@ -89,8 +87,6 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         model = attach_lora(ctx, model, tok, stage.lora)
     disable_dropout(model)  # old and new log-probs must come from the same deterministic policy
     model.to(device)
-    from llmlab.distributed import current
-
     par = current()
     T = stage.sampling_temperature
     train_cfg = stage.train
@@ -113,8 +109,6 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     sampling = Sampling(stage.max_new_tokens, T, stage.top_k, stage.top_p, stop_token_ids(tok),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
     if ppo:
-        from llmlab.train.ppo import PolicyWithValue, PPOObjective, PPOPrepare
-        from llmlab.train.rl import AdaptiveKL
 
         hidden = getattr(model.config, "d_model", None) or model.config.hidden_size
         trained = PolicyWithValue(model, hidden).to(device)
@@ -124,7 +118,6 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T)
         prompts_per_rollout = stage.train.batch_size
     else:
-        from llmlab.train.grpo import GRPOObjective, GRPOPrepare
 
         trained = model
         prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed)

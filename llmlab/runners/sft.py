@@ -9,8 +9,14 @@ folds them into a plain model). Validation loss is on held-out conversations, ne
 from __future__ import annotations
 
 
+from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
+from llmlab.device import pick_device
+from llmlab.evaluate import perplexity
 from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
-from llmlab.stages import StageContext
+from llmlab.runners.context import StageContext
+from llmlab.tokenizer import load_tokenizer
+from llmlab.train.loop import train
+from llmlab.train.objectives import LanguageModeling
 
 
 def base_model_dir(ctx: StageContext) -> str:
@@ -28,12 +34,6 @@ def model_context(model) -> int:
 
 
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
-    from llmlab.evaluate import perplexity
-    from llmlab.tokenizer import load_tokenizer
-    from llmlab.train.loop import pick_device, train
-    from llmlab.train.objectives import LanguageModeling
-
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
     tok = load_tokenizer(base)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from llmlab.checkpoint import atomic_dir
-from llmlab.stages import StageContext
+from llmlab.data.sources import interleave, iter_texts
+from llmlab.runners.context import StageContext
+from llmlab.tokenizer import train_tokenizer
 
 
 def run_tokenizer(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     """Train a byte-level BPE on the spec's text sources (interleaved by weight)."""
-    from llmlab.data.sources import interleave, iter_texts
-    from llmlab.tokenizer import train_tokenizer
-
     cfg = ctx.config.train
     streams = [(iter_texts(s.path, s.subset, s.split, s.column), s.weight) for s in cfg.data]
     limit = cfg.max_documents

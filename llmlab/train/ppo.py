@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from llmlab.data.prompts import Prompt
-from llmlab.distributed import current, mean_float
+from llmlab.parallel import all_sum, current, mean_float
 from llmlab.train.rl import (AdaptiveKL, entropy_from_logits, gae, kl_penalty_rewards, masked_mean,
                              ppo_policy_loss, value_loss)
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
@@ -48,8 +48,6 @@ class PolicyWithValue(torch.nn.Module):
 
 def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """`masked_whiten` with the mean and variance of every rank's rollout rows (one process: the same)."""
-    from llmlab.distributed import all_sum
-
     m = mask.to(x.dtype)
     count = all_sum(m.sum()).clamp(min=1.0)
     mean = all_sum((x * m).sum()) / count

@@ -32,6 +32,7 @@ import torch
 from llmlab.data.order import EpochWalk
 from llmlab.data.prompts import Prompt
 from llmlab.generate import sample
+from llmlab.parallel import gather_objects
 
 
 @dataclass
@@ -228,8 +229,6 @@ class RolloutBatches:
 
     def state_dict(self) -> dict:
         """Call on every rank: each rank's pending mini-batches are its own, so they are gathered."""
-        from llmlab.distributed import gather_objects
-
         return {"walk": self.walk.state_dict(), "rollouts": self.rollouts, "queues": gather_objects(list(self.queue)),
                 "prepare": self.prepare.state_dict()}
 

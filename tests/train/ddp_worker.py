@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_loop import Batches, Recorder, cfg, eval_fn, tiny_model  # noqa: E402
 
-from llmlab import distributed  # noqa: E402
+from llmlab import parallel as distributed  # noqa: E402
 from llmlab.train.loop import train  # noqa: E402
 from llmlab.train.objectives import LanguageModeling  # noqa: E402
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llmlab.checkpoint import latest_checkpoint
-from llmlab.distributed import ShardedBatches, launch_command
+from llmlab.launch import launch_command
+from llmlab.parallel import ShardedBatches
 from llmlab.spec import DistributedSpec
 from llmlab.train.loop import train
 from llmlab.train.objectives import LanguageModeling
@@ -105,7 +106,7 @@ def test_sharded_batches_deal_each_batch_to_exactly_one_rank():
 def test_launch_command_single_and_multi_node(monkeypatch):
     cmd = launch_command(DistributedSpec(nproc_per_node=2), "s.yaml", "pretrain", "in.json", "run1", "out.json")
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd and "--nproc_per_node=2" in cmd
-    assert cmd[-7:] == ["-m", "llmlab.distributed", "s.yaml", "pretrain", "in.json", "run1", "out.json"]
+    assert cmd[-7:] == ["-m", "llmlab.launch", "s.yaml", "pretrain", "in.json", "run1", "out.json"]
     monkeypatch.delenv("LLMLAB_RDZV_ENDPOINT", raising=False)
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         launch_command(DistributedSpec(nnodes=2), "s.yaml", "pretrain", "in.json", "run1", "out.json")

@@ -84,7 +84,8 @@ def test_loss_decreases_and_checkpoints_are_complete(tmp_path):
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
     assert names == ["best", "latest", "step-00000020", "step-00000030"]
     state = load_checkpoint(latest_checkpoint(tmp_path / "ck"))
-    assert state["step"] == 30 and set(state) >= {"model", "optimizer", "schedule", "data", "rng", "best_eval_loss"}
+    assert state["progress"]["step"] == 30 and set(state) >= {"model", "optimizer", "schedule", "data", "rng", "progress"}
+    assert state["progress"]["best_value"] is not None
 
 
 class Crash(RuntimeError):
@@ -103,7 +104,7 @@ class CrashingBatches(Batches):
 def crash_then_resume(tmp, dropout=0.0, **kw):
     with pytest.raises(Crash):
         train(tiny_model(dropout=dropout), LanguageModeling(), CrashingBatches(4), cfg(**kw), tmp, evaluate=eval_fn, seed=1)
-    assert load_checkpoint(latest_checkpoint(tmp))["step"] == 8
+    assert load_checkpoint(latest_checkpoint(tmp))["progress"]["step"] == 8
     return run(tmp, dropout=dropout, **kw)
 
 
@@ -186,7 +187,7 @@ def test_sigterm_saves_checkpoint_and_stops(tmp_path):
     with pytest.raises(TrainingInterrupted) as info:
         train(tiny_model(), LanguageModeling(), Killer(4), cfg(save_every=100), tmp_path / "ck", seed=1)
     assert info.value.step == 6
-    assert load_checkpoint(latest_checkpoint(tmp_path / "ck"))["step"] == 6
+    assert load_checkpoint(latest_checkpoint(tmp_path / "ck"))["progress"]["step"] == 6
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

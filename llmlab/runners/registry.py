@@ -1,0 +1,40 @@
+"""The runner of each stage kind, looked up by name: `runner(kind)(ctx) -> (outputs, metrics)`.
+
+A plain dict of functions (no plugin machinery). Importing it imports every runner module, so only
+code that runs stages (`llmlab.stages`, `llmlab.launch`) imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from llmlab.runners.context import StageContext
+from llmlab.runners.dpo import run_dpo
+from llmlab.runners.eval import run_eval
+from llmlab.runners.export import run_export
+from llmlab.runners.merge import run_merge
+from llmlab.runners.pretrain import run_pretrain
+from llmlab.runners.reward import run_reward
+from llmlab.runners.rl import run_rl
+from llmlab.runners.sft import run_sft
+from llmlab.runners.tokenizer import run_tokenizer
+
+Runner = Callable[[StageContext], tuple[dict[str, str], dict[str, float]]]
+
+RUNNERS: dict[str, Runner] = {
+    "tokenizer": run_tokenizer,
+    "pretrain": run_pretrain,
+    "sft": run_sft,
+    "merge": run_merge,
+    "dpo": run_dpo,
+    "reward": run_reward,
+    "ppo": run_rl,
+    "grpo": run_rl,
+    "export": run_export,
+    "eval": run_eval,
+}
+
+
+def runner(kind: str) -> Runner:
+    """The runner function of a stage kind: ctx -> (outputs {name: path}, metrics)."""
+    return RUNNERS[kind]
