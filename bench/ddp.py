@@ -51,7 +51,7 @@ class Rec(Callbacks):
     def on_log(self, step, m): self.rates.append(m["train/tokens_per_sec"])
 
 rec = Rec()
-spec = TrainSpec(max_steps=steps, lr=1e-4, warmup_steps=0, batch_size=batch, gradient_accumulation_steps=accum,
+spec = TrainSpec(max_steps=steps, lr=1e-4, warmup_steps=0, batch_sequences=batch, gradient_accumulation_steps=accum,
                  eval_every=10**6, save_every=10**6, log_every=5, precision=precision)
 train(model, LanguageModeling(), Batches(), spec, tempfile.mkdtemp(), callbacks=rec, seed=0, label="bench")
 if par.main:

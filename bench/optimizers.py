@@ -105,7 +105,7 @@ def main() -> None:
     for name in args.only.split(","):
         model = build_model(LlmlabConfig(**SHAPES), seed=0)
         cfg = TrainSpec(max_steps=args.steps, lr=LR[name], warmup_steps=args.steps // 10, min_lr_ratio=0.1,
-                        batch_size=BATCH, gradient_accumulation_steps=1, eval_every=args.steps, eval_steps=len(val),
+                        batch_sequences=BATCH, gradient_accumulation_steps=1, eval_every=args.steps, eval_steps=len(val),
                         save_every=args.steps, log_every=max(1, args.steps // 5), precision="fp32",
                         optimizer={"name": name})
         clock = Clock()

@@ -79,20 +79,21 @@ def inspect(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> No
         src = ", ".join(stage.inputs) or ("tokenizer" if spec.tokenizer.train else "-")
         line = f"  {name:<10} kind {stage.kind:<9} from {src}"
         train = getattr(stage, "train", None)
-        if train is not None and hasattr(train, "ppo_epochs"):  # ppo/grpo: a step is one mini-batch update
-            per_rollout = train.ppo_epochs * train.batch_size // train.mini_batch_size
-            micro = train.mini_batch_size // train.gradient_accumulation_steps
-            mem = estimate_training_memory(config, micro, spec.model.max_seq_len)
-            line += (f"; {train.max_steps:,} updates of {train.mini_batch_size} completions, "
-                     f"{-(-train.max_steps // per_rollout):,} rollouts of {train.batch_size}; memory ~{_fmt_bytes(mem['total_bytes'])}")
-        elif train is not None and hasattr(train, "mini_batch_size"):  # dpo/reward: batch_size counts pairs
-            mem = estimate_training_memory(config, 2 * train.mini_batch_size, spec.model.max_seq_len)
-            line += (f"; {train.max_steps:,} steps x {train.batch_size} pairs ({2 * train.mini_batch_size} seqs per forward)"
-                     f"; memory ~{_fmt_bytes(mem['total_bytes'])}")
+        if train is not None and hasattr(train, "rollout_prompts"):  # ppo/grpo count prompts
+            group = getattr(stage, "group_size", 1)
+            per_rollout = train.ppo_epochs * train.rollout_prompts // train.step_prompts
+            mem = estimate_training_memory(config, train.batch_prompts * group, spec.model.max_seq_len)
+            line += (f"; {train.max_steps:,} updates of {train.step_prompts} prompts ({train.step_prompts * group} "
+                     f"completions), {-(-train.max_steps // per_rollout):,} rollouts of {train.rollout_prompts} prompts "
+                     f"({train.rollout_prompts * group} completions); memory ~{_fmt_bytes(mem['total_bytes'])}")
+        elif train is not None and hasattr(train, "batch_pairs"):  # dpo/reward count pairs
+            mem = estimate_training_memory(config, 2 * train.batch_pairs, spec.model.max_seq_len)
+            line += (f"; {train.max_steps:,} steps x {train.batch_pairs * train.gradient_accumulation_steps} pairs "
+                     f"({2 * train.batch_pairs} sequences per forward pass); memory ~{_fmt_bytes(mem['total_bytes'])}")
         elif train is not None:
-            mem = estimate_training_memory(config, train.batch_size, spec.model.max_seq_len)
-            tokens = train.max_steps * train.batch_size * train.gradient_accumulation_steps * spec.model.max_seq_len
-            line += (f"; {train.max_steps:,} steps x {train.batch_size}x{train.gradient_accumulation_steps} seqs"
+            mem = estimate_training_memory(config, train.batch_sequences, spec.model.max_seq_len)
+            tokens = train.max_steps * train.batch_sequences * train.gradient_accumulation_steps * spec.model.max_seq_len
+            line += (f"; {train.max_steps:,} steps x {train.batch_sequences}x{train.gradient_accumulation_steps} sequences"
                      f" = {tokens:,} tokens; memory ~{_fmt_bytes(mem['total_bytes'])}")
         typer.echo(line)
     typer.echo("memory: rule of thumb (fp32 weights + grads + AdamW state + activations), not a measurement")

@@ -119,7 +119,7 @@ def render_report(results: dict[str, Any]) -> str:
     models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
-             f"({results['batches']} batches x {results['batch_size']} x {results['seq_len']}).", "",
+             f"({results['batches']} batches x {results['batch_sequences']} x {results['seq_len']}).", "",
              "| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy | mean reward |",
              "|---|---|---|---|---|---|---|"]
 

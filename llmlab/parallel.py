@@ -143,6 +143,7 @@ class ShardedBatches:
 
     def __init__(self, inner: Any, rank: int, world: int):
         self.inner, self.rank, self.world = inner, rank, world
+        self.micro_batch, self.unit = inner.micro_batch, inner.unit
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         mine = None

@@ -41,6 +41,7 @@ from llmlab.spec_blocks import (
     StrictModel,
     TokenizerSpec,
     TokenizerTrain,
+    TrainBase,
     TrainSpec,
 )
 from llmlab.spec_stages import (
@@ -67,7 +68,7 @@ from llmlab.spec_stages import (
 __all__ = [
     "OPTIMIZER_CLASSES", "OPTIMIZER_NAMES", "Adafactor", "AdamW", "DataSource", "DistributedSpec", "Lion", "Loc",
     "LoraSpec", "ModelSpec", "Muon", "OptimizerSpec", "Sophia", "StrictModel", "TokenizerSpec", "TokenizerTrain",
-    "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalStage", "ExportStage", "GrpoStage",
+    "TrainBase", "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalStage", "ExportStage", "GrpoStage",
     "MergeStage", "PpoStage", "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage",
     "SftTrain", "Stage", "StageBase", "TrackingSpec", "Pipeline", "SpecIssue", "SpecError", "parse_spec", "load_spec",
     "config_hash", "json_schema",
@@ -218,6 +219,9 @@ def _structural_issues(err: ValidationError) -> list[tuple[Loc, str]]:
         loc = _clean_loc(tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
             owner = _model_at(tuple(e["loc"]))
+            if owner is not None and loc[-1] in owner.renamed:
+                out.append((loc, f"'{loc[-1]}' is not a key here any more: {owner.renamed[loc[-1]]}"))
+                continue
             valid = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
             near = _nearest(str(loc[-1]), valid)
             hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, ClassVar, Iterator, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,8 @@ class StrictModel(BaseModel):
     """Base of every spec block: unknown keys are errors, values are not coerced silently."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    # keys this block had under an older name or meaning: old key -> what to write instead
+    renamed: ClassVar[dict[str, str]] = {}
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         """Cross-field problems of this block, as (location relative to the block, message)."""
@@ -187,8 +189,10 @@ OptimizerSpec = Annotated[Union[AdamW, Adafactor, Lion, Sophia, Muon], Field(dis
 OPTIMIZER_NAMES = tuple(OPTIMIZER_CLASSES)
 
 
-class TrainSpec(StrictModel):
-    """The seed's training fields. One step is one optimizer update (after all accumulation)."""
+class TrainBase(StrictModel):
+    """Training fields every training stage has. One step is one optimizer update, after
+    `gradient_accumulation_steps` forward passes; what a forward pass holds is the stage's batch
+    field, named for what it counts (TrainSpec: sequences, DpoTrain: pairs, RlTrain: prompts)."""
 
     max_steps: int = Field(10_000, ge=1)
     lr: float = Field(3e-4, gt=0)
@@ -197,8 +201,7 @@ class TrainSpec(StrictModel):
     warmup_steps: int = Field(1000, ge=0)  # linear warmup from 0, in optimizer steps
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule's floor, as a fraction of lr
     power: float = Field(1.0, gt=0)  # exponent of the polynomial schedule
-    batch_size: int = Field(1, ge=1)  # sequences per micro-batch
-    gradient_accumulation_steps: int = Field(64, ge=1)  # micro-batches per optimizer step
+    gradient_accumulation_steps: int = Field(64, ge=1)  # forward passes per optimizer step
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping
     eval_every: int = Field(500, ge=1)  # optimizer steps between validations
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
@@ -212,6 +215,18 @@ class TrainSpec(StrictModel):
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.warmup_steps > self.max_steps:
             yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+
+
+class TrainSpec(TrainBase):
+    """Training fields of pretrain (and, with other defaults, sft): a step is batch_sequences x
+    gradient_accumulation_steps sequences (x the number of processes)."""
+
+    renamed: ClassVar[dict[str, str]] = {
+        "batch_size": "renamed to batch_sequences (sequences per forward pass; a step is batch_sequences x "
+                      "gradient_accumulation_steps sequences)",
+        "mini_batch_size": "this stage counts sequences: batch_sequences per forward pass x gradient_accumulation_steps"}
+
+    batch_sequences: int = Field(1, ge=1)  # sequences per forward pass (per process)
 
 
 class LoraSpec(StrictModel):
@@ -234,7 +249,8 @@ class LoraSpec(StrictModel):
 class DistributedSpec(StrictModel):
     """Run the stage under torchrun: `nproc_per_node` processes on each of `nnodes` machines.
     Rank 0 alone writes checkpoints and logs; every rank trains on its own share of each batch, so
-    one step's global batch is batch_size x gradient_accumulation_steps x world size."""
+    one step's global batch is the stage's batch (batch_sequences, batch_pairs or batch_prompts) x
+    gradient_accumulation_steps x world size."""
 
     nproc_per_node: int = Field(1, ge=1)  # processes per machine (GPUs per machine, or CPU workers)
     nnodes: int = Field(1, ge=1)  # machines; more than 1 needs rdzv_endpoint (or $LLMLAB_RDZV_ENDPOINT)

@@ -5,7 +5,7 @@ Cross-field rules live next to the fields (`rules()`); the graph (`from`, `refer
 
 from __future__ import annotations
 
-from typing import Annotated, Iterator, Literal, Union
+from typing import Annotated, ClassVar, Iterator, Literal, Union
 
 from pydantic import Field
 
@@ -15,6 +15,7 @@ from llmlab.spec_blocks import (
     Loc,
     LoraSpec,
     StrictModel,
+    TrainBase,
     TrainSpec,
 )
 
@@ -95,7 +96,7 @@ class SftTrain(TrainSpec):
     lr: float = Field(5e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    batch_size: int = Field(4, ge=1)
+    batch_sequences: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(16, ge=1)
     eval_every: int = Field(50, ge=1)
     eval_steps: int = Field(50, ge=1)
@@ -129,28 +130,29 @@ class MergeStage(StageBase):
             yield ("from",), "merge takes one stage"
 
 
-class DpoTrain(TrainSpec):
-    """TrainSpec with the seed's RLHF defaults. `batch_size` counts preference pairs per optimizer
-    step and `mini_batch_size` pairs per forward; accumulation is their ratio."""
+class DpoTrain(TrainBase):
+    """Training fields of dpo and reward stages, which count preference pairs: a forward pass scores
+    `batch_pairs` pairs (2 x batch_pairs sequences), a step is batch_pairs x gradient_accumulation_steps
+    pairs."""
+
+    renamed: ClassVar[dict[str, str]] = {
+        "batch_size": "preference stages count pairs: batch_pairs is pairs per forward pass, and a step is "
+                      "batch_pairs x gradient_accumulation_steps pairs (the old batch_size)",
+        "mini_batch_size": "renamed to batch_pairs (pairs per forward pass); the old batch_size / mini_batch_size "
+                           "is now gradient_accumulation_steps",
+        "batch_sequences": "preference stages count pairs: use batch_pairs (pairs per forward pass)"}
 
     max_steps: int = Field(1000, ge=1)
     lr: float = Field(1.4e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)  # the seed's max_grad_norm
-    batch_size: int = Field(128, ge=1)  # pairs per optimizer step
-    mini_batch_size: int = Field(32, ge=1)  # pairs per forward pass
-    gradient_accumulation_steps: int = Field(1, ge=1)  # derived: batch_size / mini_batch_size; leave at 1
+    batch_pairs: int = Field(32, ge=1)  # pairs per forward pass (per process)
+    gradient_accumulation_steps: int = Field(4, ge=1)  # forward passes per step: 128 pairs per step (TRL's DPO default)
     eval_every: int = Field(50, ge=1)
     eval_steps: int = Field(10, ge=1)  # validation mini-batches
     save_every: int = Field(50, ge=1)
 
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        yield from super().rules()
-        if self.batch_size % self.mini_batch_size:
-            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
-        if self.gradient_accumulation_steps != 1:
-            yield ("gradient_accumulation_steps",), "DPO accumulates batch_size / mini_batch_size mini-batches per step: set those instead"
 
 
 class DpoStage(ModelStage):
@@ -181,7 +183,7 @@ class DpoStage(ModelStage):
 
 
 class RewardTrain(DpoTrain):
-    """DpoTrain's fields and pair semantics (batch_size pairs per step, mini_batch_size per forward)."""
+    """DpoTrain's fields and pair semantics (batch_pairs pairs per forward pass)."""
 
     lr: float = Field(1e-5, gt=0)
 
@@ -199,29 +201,41 @@ class RewardStage(ModelStage):
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
 
-class RlTrain(TrainSpec):
-    """TrainSpec with the seed's RLHF defaults. One step is one optimizer update on a mini-batch:
-    each rollout batch of `batch_size` completions gives ppo_epochs x batch_size / mini_batch_size
-    steps. `gradient_accumulation_steps` splits a mini-batch into that many forward passes."""
+class RlTrain(TrainBase):
+    """Training fields of ppo and grpo, which count prompts: each rollout samples completions for
+    `rollout_prompts` prompts (x group_size in GRPO); a forward pass trains on the completions of
+    `batch_prompts` prompts and a step on batch_prompts x gradient_accumulation_steps, so a rollout
+    gives ppo_epochs x rollout_prompts / (batch_prompts x gradient_accumulation_steps) steps."""
+
+    renamed: ClassVar[dict[str, str]] = {
+        "batch_size": "RL stages count prompts: rollout_prompts is prompts per rollout (the old batch_size of "
+                      "completions / group_size)",
+        "mini_batch_size": "RL stages count prompts: batch_prompts per forward pass x gradient_accumulation_steps "
+                           "is the old mini_batch_size of completions / group_size",
+        "batch_sequences": "RL stages count prompts: use batch_prompts (prompts per forward pass)"}
 
     max_steps: int = Field(1000, ge=1)
     lr: float = Field(1.41e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    batch_size: int = Field(128, ge=1)  # completions per rollout batch
-    mini_batch_size: int = Field(32, ge=1)  # completions per optimizer step
-    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per mini-batch
-    ppo_epochs: int = Field(4, ge=1)  # passes over each rollout batch
+    rollout_prompts: int = Field(32, ge=1)  # prompts sampled per rollout (all processes together)
+    batch_prompts: int = Field(8, ge=1)  # prompts whose completions one forward pass trains on (per process)
+    gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per optimizer step
+    ppo_epochs: int = Field(4, ge=1)  # passes over each rollout
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(50, ge=1)
 
+    @property
+    def step_prompts(self) -> int:
+        """Prompts whose completions one optimizer step trains on (per process)."""
+        return self.batch_prompts * self.gradient_accumulation_steps
+
     def rules(self) -> Iterator[tuple[Loc, str]]:
         yield from super().rules()
-        if self.batch_size % self.mini_batch_size:
-            yield ("mini_batch_size",), f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
-        if self.mini_batch_size % self.gradient_accumulation_steps:
-            yield ("gradient_accumulation_steps",), (f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
-                                                     f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        if self.rollout_prompts % self.step_prompts:
+            yield ("rollout_prompts",), (f"rollout_prompts ({self.rollout_prompts}) must be a multiple of batch_prompts x "
+                                         f"gradient_accumulation_steps ({self.batch_prompts} x "
+                                         f"{self.gradient_accumulation_steps}), so every rollout splits into whole steps")
 
 
 class RlStageBase(ModelStage):
@@ -287,10 +301,6 @@ class GrpoStage(RlStageBase):
     def sampling_temperature(self) -> float:
         return self.grpo_temperature
 
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        yield from super().rules()
-        if self.train.batch_size % self.group_size:
-            yield ("train", "batch_size"), f"batch_size ({self.train.batch_size}) counts completions: make it a multiple of group_size ({self.group_size})"
 
 
 class ExportStage(StageBase):
@@ -311,10 +321,12 @@ DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
 class EvalStage(StageBase):
     """Held-out loss/perplexity of each input model, plus sample generations from fixed prompts."""
 
+    renamed: ClassVar[dict[str, str]] = {"batch_size": "renamed to batch_sequences (sequences per evaluation batch)"}
+
     kind: Literal["eval"]
     data: list[DataSource] = Field(min_length=1)  # text; only held-out documents are scored
     val_fraction: float = Field(0.01, gt=0, lt=1)  # must match the pretrain stage's to stay held out
-    batch_size: int = Field(8, ge=1)
+    batch_sequences: int = Field(8, ge=1)  # sequences per evaluation batch
     batches: int = Field(20, ge=1)  # evaluation batches per model
     seq_len: int | None = Field(None, ge=8)  # None = the model's max_seq_len
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))

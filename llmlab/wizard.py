@@ -9,14 +9,15 @@ prints. Every answer is validated as soon as it is given and the question is ask
 error, until it is valid. The questions: pipeline name; a size preset (tiny ~1M / small ~10M /
 base ~100M parameters); each architecture choice with the seed's recommendation as the default and a
 one-line reason; the sizes (preset values as defaults); which stages; and per training stage the
-optimizer, only that optimizer's fields, then lr, max_steps and batch_size. Before returning it
+optimizer, only that optimizer's fields, then lr, max_steps and the batch (batch_sequences, or
+batch_pairs for dpo). Before returning it
 shows the parameter count and a training-memory estimate per training stage. With `defaults=True`
 nothing is asked: the result is an offline pipeline shaped like pipelines/tiny.yaml.
 
 Keys passed to `ask` (for scripting): name, size, positional_encoding, attention_type, norm_type,
 activation, d_model, n_layers, n_heads, n_kv_heads (gqa only), d_ff, max_seq_len, vocab_size,
 stages, then `<stage>.optimizer`, `<stage>.optimizer.<field>`, `<stage>.lr`, `<stage>.max_steps`,
-`<stage>.batch_size` for each of pretrain, sft, dpo that was chosen.
+`<stage>.batch_sequences` (pretrain, sft) or `dpo.batch_pairs`, for each stage that was chosen.
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ ARCHITECTURE = {
 # DpoTrain defaults are for fine-tuning pretrained hub models and barely move a model trained here).
 TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
     "pretrain": {"max_steps": 300, "lr": 2.0e-3, "weight_decay": 0.1, "scheduler": "cosine", "warmup_steps": 30,
-                     "min_lr_ratio": 0.1, "batch_size": 16, "gradient_accumulation_steps": 1, "grad_clip": 1.0,
+                     "min_lr_ratio": 0.1, "batch_sequences": 16, "gradient_accumulation_steps": 1, "grad_clip": 1.0,
                      "eval_every": 100, "eval_steps": 20, "save_every": 100, "log_every": 10},
-    "sft": {"max_steps": 1000, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1, "batch_size": 32,
+    "sft": {"max_steps": 1000, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1, "batch_sequences": 32,
                 "gradient_accumulation_steps": 1, "eval_every": 250, "eval_steps": 5, "save_every": 250, "log_every": 25},
-    "dpo": {"max_steps": 100, "lr": 1.0e-4, "warmup_steps": 10, "batch_size": 32, "mini_batch_size": 32,
+    "dpo": {"max_steps": 100, "lr": 1.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
                 "eval_every": 50, "eval_steps": 4, "save_every": 50, "log_every": 10},
 }
 FULL_SFT_LR = 1.0e-3  # sft without LoRA updates every weight: a smaller step than the adapters' 3e-3
@@ -300,8 +301,10 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
     train["lr"] = float(q(f"{stage}.lr", f"{stage}: peak learning rate lr{lr_note}", lr_default, number("lr", False)))
     template_steps = train["max_steps"]
     train["max_steps"] = q(f"{stage}.max_steps", f"{stage}: max_steps — optimizer updates", template_steps, number("max_steps", True))
-    batch_help = "preference pairs per optimizer step" if stage == "dpo" else "sequences per micro-batch"
-    train["batch_size"] = q(f"{stage}.batch_size", f"{stage}: batch_size — {batch_help}", train["batch_size"], number("batch_size", True))
+    batch_field, batch_help = ("batch_pairs", "preference pairs per forward pass") if stage == "dpo" else (
+        "batch_sequences", "sequences per forward pass")
+    train[batch_field] = q(f"{stage}.{batch_field}", f"{stage}: {batch_field} — {batch_help}", train[batch_field],
+                           number(batch_field, True))
     # keep the schedule consistent with the chosen length
     if train["max_steps"] != template_steps:
         steps = train["max_steps"]
@@ -309,8 +312,6 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
         for key in ("eval_every", "save_every"):
             train[key] = max(1, min(train[key], steps))
         train["log_every"] = max(1, min(train["log_every"], steps))
-    if stage == "dpo":
-        train["mini_batch_size"] = math.gcd(train["batch_size"], TRAIN_TEMPLATES["dpo"]["mini_batch_size"])
     train["optimizer"] = optimizer
     return train
 
@@ -336,7 +337,7 @@ def _build_stages(chosen: list[str], trains: dict[str, dict[str, Any]]) -> dict[
     if "eval" in chosen:
         models = [s for s in ("pretrain", tuned, "dpo") if s and s in stages]
         ev: dict[str, Any] = {"kind": "eval", "from": models if len(models) > 1 else models[0], "data": copy.deepcopy(text),
-                              "val_fraction": 0.02, "batches": 20, "batch_size": 16}
+                              "val_fraction": 0.02, "batches": 20, "batch_sequences": 16}
         if "sft" in chosen:
             ev["tasks"] = [{"path": "builtin:tasks-prompts", "split": "test"}]
             ev["tasks_limit"] = 200
@@ -360,7 +361,7 @@ def estimates(spec: dict[str, Any]) -> tuple[int, dict[str, int]]:
         train = stage.get("train")
         if stage.get("kind") not in TRAINING_STAGES or train is None:
             continue
-        batch = train.get("mini_batch_size", train["batch_size"]) if stage["kind"] == "dpo" else train["batch_size"]
+        batch = 2 * train["batch_pairs"] if stage["kind"] == "dpo" else train["batch_sequences"]
         per_param = OPTIMIZER_STATE_BYTES.get(train.get("optimizer", {}).get("name", "adamw"), 8)
         memory[name] = int(estimate_training_memory(config, batch, model.max_seq_len, per_param)["total_bytes"])
     return count_parameters(config), memory
@@ -401,7 +402,8 @@ def run_wizard(ask: Ask, say: Say, defaults: bool = False) -> dict[str, Any]:
     for stage, total in memory.items():
         train = spec["stages"][stage]["train"]
         note = " (full fine-tuning bound; LoRA needs less)" if spec["stages"][stage].get("lora") else ""
-        say(f"  {stage:<9} {train['optimizer']['name']:<9} batch {train['batch_size']} x {model['max_seq_len']} tokens: "
+        batch = train.get("batch_sequences") or 2 * train["batch_pairs"]
+        say(f"  {stage:<9} {train['optimizer']['name']:<9} batch {batch} x {model['max_seq_len']} tokens: "
             f"training memory ~{_fmt_bytes(total)}{note}")
     say("memory: rule of thumb (fp32 weights + grads + optimizer state + activations), not a measurement")
     return spec

@@ -35,7 +35,7 @@ def test_unigram_perplexity_by_hand():
 
 
 def test_report_lists_every_model_and_sample():
-    results = {"pipeline": "p", "stage": "eval", "val_tokens": 100, "batches": 1, "batch_size": 1, "seq_len": 8,
+    results = {"pipeline": "p", "stage": "eval", "val_tokens": 100, "batches": 1, "batch_sequences": 1, "seq_len": 8,
                "temperature": 0.0, "prompts": ["Hi"], "model_order": ["a", "b"],
                "models": {"a": {"eval/loss": 1.0, "eval/ppl": 2.7, "unigram_ppl": 9.0, "samples": ["x\ny"]},
                           "b": {"eval/loss": 2.0, "eval/ppl": 7.4, "unigram_ppl": 9.0, "samples": ["z"]}}}

@@ -52,7 +52,7 @@ def test_base_is_valid_and_has_seed_defaults():
     train = spec.stages["pretrain"].train
     # the seed's TrainingConfig defaults
     assert (train.lr, train.weight_decay, train.scheduler, train.grad_clip) == (3e-4, 0.1, "cosine", 1.0)
-    assert (train.batch_size, train.gradient_accumulation_steps, train.eval_every, train.eval_steps) == (1, 64, 500, 100)
+    assert (train.batch_sequences, train.gradient_accumulation_steps, train.eval_every, train.eval_steps) == (1, 64, 500, 100)
     assert train.optimizer.name == "adamw" and train.optimizer.beta2 == 0.999
     assert spec.stage_names() == ["tokenizer", "pretrain", "eval"]
     assert spec.output_root == "runs/t"
@@ -188,10 +188,12 @@ def test_cli_inspect_prints_graph_params_and_memory():
                          capture_output=True, text=True, check=True)
     assert f"parameters: {expected:,}" in out.stdout
     assert "pretrain" in out.stdout and "memory ~" in out.stdout and "rule of thumb" in out.stdout
-    grpo = spec.stages["grpo"].train  # RL steps are mini-batch updates; rollouts = steps / updates per rollout
-    rollouts = -(-grpo.max_steps // (grpo.ppo_epochs * grpo.batch_size // grpo.mini_batch_size))
-    assert f"{grpo.max_steps} updates of {grpo.mini_batch_size} completions, {rollouts} rollouts of {grpo.batch_size}" in out.stdout
-    assert f"x {spec.stages['dpo'].train.batch_size} pairs" in out.stdout
+    grpo, group = spec.stages["grpo"].train, spec.stages["grpo"].group_size  # RL counts prompts
+    rollouts = -(-grpo.max_steps // (grpo.ppo_epochs * grpo.rollout_prompts // grpo.step_prompts))
+    assert (f"{grpo.max_steps} updates of {grpo.step_prompts} prompts ({grpo.step_prompts * group} completions), "
+            f"{rollouts} rollouts of {grpo.rollout_prompts} prompts ({grpo.rollout_prompts * group} completions)") in out.stdout
+    dpo = spec.stages["dpo"].train
+    assert f"x {dpo.batch_pairs * dpo.gradient_accumulation_steps} pairs ({2 * dpo.batch_pairs} sequences per forward pass)" in out.stdout
 
 
 def test_sft_and_merge_rules():
@@ -207,7 +209,7 @@ def test_sft_and_merge_rules():
     raw["stages"]["sft"]["lora"] = {"preset": "minimal", "r": 4}
     spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))
     train = spec.stages["sft"].train  # the seed's SFT defaults
-    assert (train.lr, train.weight_decay, train.batch_size, train.gradient_accumulation_steps, train.warmup_steps,
+    assert (train.lr, train.weight_decay, train.batch_sequences, train.gradient_accumulation_steps, train.warmup_steps,
             train.max_steps, train.eval_steps) == (5e-6, 0.01, 4, 16, 100, 5000, 50)
     raw["stages"]["sft"]["model"] = "./somewhere"
     assert "exactly one of `from`" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
@@ -219,16 +221,18 @@ def test_dpo_rules_and_seed_rlhf_defaults():
                      "dpo": {"kind": "dpo", "from": "pretrain", "data": [{"path": "builtin:tasks-preference"}],
                              "train": {"batch_size": 10, "mini_batch_size": 4, "gradient_accumulation_steps": 2}}}
     paths = {i.path: i.message for i in issues_of(yaml.safe_dump(raw, sort_keys=False))}
-    assert "multiple of mini_batch_size" in paths["stages.dpo.train.mini_batch_size"]
-    assert "batch_size / mini_batch_size" in paths["stages.dpo.train.gradient_accumulation_steps"]
+    # the old names, which counted pairs per step and per forward, name what replaced them
+    assert "batch_pairs is pairs per forward pass" in paths["stages.dpo.train.batch_size"]
+    assert "renamed to batch_pairs" in paths["stages.dpo.train.mini_batch_size"]
+    assert "stages.dpo.train.gradient_accumulation_steps" not in paths  # a real setting now, not fixed at 1
     raw["stages"]["dpo"]["train"] = {}
     raw["stages"]["dpo"]["reference_stage"] = "later"
     assert "unknown stage 'later'" in issues_of(yaml.safe_dump(raw, sort_keys=False))[0].message
     raw["stages"]["dpo"]["reference_stage"] = "pretrain"
     spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))
     dpo = spec.stages["dpo"]
-    assert (dpo.beta, dpo.train.lr, dpo.train.weight_decay, dpo.train.grad_clip, dpo.train.batch_size,
-            dpo.train.mini_batch_size) == (0.2, 1.4e-5, 0.0, 1.0, 128, 32)
+    assert (dpo.beta, dpo.train.lr, dpo.train.weight_decay, dpo.train.grad_clip, dpo.train.batch_pairs,
+            dpo.train.gradient_accumulation_steps) == (0.2, 1.4e-5, 0.0, 1.0, 32, 4)  # 128 pairs per step
     assert dpo.inputs == ["pretrain"] and dpo.start == "pretrain"
 
 
@@ -246,9 +250,9 @@ def test_ppo_and_grpo_have_the_seed_defaults():
     spec = parse_spec(rl_spec(ppo={"kind": "ppo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match"},
                               grpo={"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match"}))
     ppo, grpo = spec.stages["ppo"], spec.stages["grpo"]
-    assert (ppo.train.ppo_epochs, ppo.clip_range, ppo.vf_coef, ppo.gamma, ppo.gae_lambda, ppo.train.batch_size,
-            ppo.train.mini_batch_size, ppo.max_new_tokens, ppo.temperature, ppo.top_k, ppo.top_p) == (
-        4, 0.2, 0.1, 1.0, 0.95, 128, 32, 128, 1.0, 0, 1.0)
+    assert (ppo.train.ppo_epochs, ppo.clip_range, ppo.vf_coef, ppo.gamma, ppo.gae_lambda, ppo.train.rollout_prompts,
+            ppo.train.batch_prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k, ppo.top_p) == (
+        4, 0.2, 0.1, 1.0, 0.95, 32, 8, 128, 1.0, 0, 1.0)
     assert (grpo.group_size, grpo.grpo_temperature, grpo.sampling_temperature) == (4, 1.0, 1.0)
     assert ppo.start == "pretrain" and ppo.inputs == ["pretrain"]
 
@@ -271,11 +275,13 @@ def test_rl_reward_rules():
 
 def test_rl_batch_rules_and_a_reward_model_is_not_a_language_model():
     grpo = {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "format", "group_size": 3,
-            "train": {"batch_size": 16, "mini_batch_size": 6, "gradient_accumulation_steps": 4}}
+            "train": {"rollout_prompts": 16, "batch_prompts": 6, "gradient_accumulation_steps": 4}}
     paths = {i.path: i.message for i in issues_of(rl_spec(grpo=grpo))}
-    assert "multiple of group_size (3)" in paths["stages.grpo.train.batch_size"]
-    assert "multiple of mini_batch_size" in paths["stages.grpo.train.mini_batch_size"]
-    assert "multiple of gradient_accumulation_steps" in paths["stages.grpo.train.gradient_accumulation_steps"]
+    assert "must be a multiple of batch_prompts x gradient_accumulation_steps (6 x 4)" in paths["stages.grpo.train.rollout_prompts"]
+    grpo["train"] = {"batch_size": 48, "mini_batch_size": 12}  # the old names counted completions
+    paths = {i.path: i.message for i in issues_of(rl_spec(grpo=grpo))}
+    assert "rollout_prompts is prompts per rollout" in paths["stages.grpo.train.batch_size"]
+    assert "batch_prompts per forward pass" in paths["stages.grpo.train.mini_batch_size"]
     (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS},
                                  eval={"kind": "eval", "from": ["pretrain", "rm"], "data": [{"path": "builtin:stdlib"}]}))
     assert issue.path == "stages.eval.from" and "is a reward model" in issue.message

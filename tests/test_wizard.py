@@ -97,14 +97,14 @@ def test_invalid_answers_are_reasked(tmp_path):
         "pretrain.optimizer.ns_steps": ["2.5", "0", "3"],
         "pretrain.optimizer.ns_dtype": ["fp16", "fp32"],
         "pretrain.lr": ["fast", "0", "0.01"],
-        "pretrain.batch_size": ["1.5", "8"],
+        "pretrain.batch_sequences": ["1.5", "8"],
         "sft.optimizer": "sophia",
         "sft.optimizer.k": "5",
     })
     spec = script.run()
     for key, times in [("name", 2), ("size", 2), ("positional_encoding", 2), ("d_model", 3), ("n_heads", 2),
                        ("stages", 3), ("pretrain.optimizer", 2), ("pretrain.optimizer.ns_steps", 3),
-                       ("pretrain.optimizer.ns_dtype", 2), ("pretrain.lr", 3), ("pretrain.batch_size", 2)]:
+                       ("pretrain.optimizer.ns_dtype", 2), ("pretrain.lr", 3), ("pretrain.batch_sequences", 2)]:
         assert script.asked.count(key) == times, key
     errors = "\n".join(script.said)
     assert "unknown choice 'huge'" in errors and "did you mean rope" in errors
@@ -125,7 +125,7 @@ def test_invalid_answers_are_reasked(tmp_path):
 
 
 def test_shown_parameter_count_matches_count_parameters():
-    script = Script({"size": "small", "activation": "gelu", "stages": "pretrain,dpo", "dpo.batch_size": "48"})
+    script = Script({"size": "small", "activation": "gelu", "stages": "pretrain,dpo", "dpo.batch_pairs": "48"})
     spec = script.run()
     config = LlmlabConfig(**spec["model"], vocab_size=spec["tokenizer"]["train"]["vocab_size"])
     shown = next(line for line in script.said if line.startswith("parameters:"))
@@ -134,7 +134,7 @@ def test_shown_parameter_count_matches_count_parameters():
     _, memory = estimates(spec)
     assert set(memory) == {"pretrain", "dpo"}
     assert any(line.strip().startswith("dpo") and "memory" in line for line in script.said)
-    assert spec["stages"]["dpo"]["train"]["mini_batch_size"] == 16  # divides batch_size 48
+    assert spec["stages"]["dpo"]["train"]["batch_pairs"] == 48
 
 
 def test_presets_are_roughly_their_size():

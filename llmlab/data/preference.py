@@ -432,7 +432,8 @@ class PreferenceBatches:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         self.pairs = pairs
-        self.batch_size = batch_size
+        self.batch_size = self.micro_batch = batch_size
+        self.unit = "pairs"
         self.pad_id = pad_id
         self.walk = EpochWalk(len(pairs), seed, "pairs")
 

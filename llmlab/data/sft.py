@@ -445,7 +445,8 @@ class SFTBatches:
         if too_long > max_seq_len:
             raise ValueError(f"an example has {too_long} tokens, more than max_seq_len={max_seq_len}")
         self.examples = examples
-        self.batch_size = batch_size
+        self.batch_size = self.micro_batch = batch_size
+        self.unit = "packed rows" if packing else "sequences"
         self.packing = packing
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id

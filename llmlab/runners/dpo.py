@@ -48,7 +48,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     tok = load_tokenizer(base)
     model = load_model(base)
     seq_len = model_context(model)
-    mini = stage.train.mini_batch_size
+    mini = stage.train.batch_pairs
     data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
                                    stage.val_fraction, stage.max_examples, max_val_examples=mini * stage.train.eval_steps)
     print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation pairs; "
@@ -81,9 +81,8 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
     val = eval_batches(data.val, mini, tok.pad_token_id)
-    cfg = stage.train.model_copy(update={"batch_size": mini, "gradient_accumulation_steps": stage.train.batch_size // mini})
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, objective, batches, cfg, ckpt, evaluate=lambda m: dpo_evaluate(m, objective, val),
+    result = train(model, objective, batches, stage.train, ckpt, evaluate=lambda m: dpo_evaluate(m, objective, val),
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}

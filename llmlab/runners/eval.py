@@ -34,7 +34,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
-                               "batch_size": stage.batch_size, "models": {},
+                               "batch_sequences": stage.batch_sequences, "models": {},
                                "model_order": list(stage.models)}
     metrics: dict[str, float] = {}
     pairs = [p for src in stage.tasks for p in checkable_prompts(iter_rows(src.path, src.subset, src.split),
@@ -54,7 +54,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         seq_len = stage.seq_len or model.config.max_seq_len
         data = prepare_pretrain_data([s.model_dump(exclude={"format"}) for s in stage.data], model_dir, seq_len, spec.seed,
                                      stage.val_fraction, None)
-        batches = eval_batches(data.val_path, seq_len, stage.batch_size, stage.batches)
+        batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
         scores = perplexity(model, batches)
         train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
         scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))

@@ -19,8 +19,11 @@ from llmlab.train.objectives import LanguageModeling
 class LMBatches:
     """Adapts a BlockSampler to the loop's batch dicts (labels = inputs; the model shifts)."""
 
+    unit = "sequences"
+
     def __init__(self, sampler: Any):
         self.sampler = sampler
+        self.micro_batch = sampler.batch_size
 
     def next_batch(self) -> dict[str, Any]:
         x = self.sampler.next_batch()
@@ -52,8 +55,8 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
           f"{' (cached)' if data.from_cache else ''}")
     ctx.run.set_tags({"llmlab.train_tokens": data.meta["train_tokens"], "llmlab.val_tokens": data.meta["val_tokens"],
                       "llmlab.params": count_parameters(model)})
-    sampler = BlockSampler(data.train_path, seq_len, stage.train.batch_size, spec.seed)
-    val = eval_batches(data.val_path, seq_len, stage.train.batch_size, stage.train.eval_steps)
+    sampler = BlockSampler(data.train_path, seq_len, stage.train.batch_sequences, spec.seed)
+    val = eval_batches(data.val_path, seq_len, stage.train.batch_sequences, stage.train.eval_steps)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
     result = train(model, LanguageModeling(), LMBatches(sampler), stage.train, ckpt,

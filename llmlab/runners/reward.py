@@ -38,7 +38,7 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     base = base_model_dir(ctx)
     tok = load_tokenizer(base)
     model = load_reward_backbone(base, tok.pad_token_id)
-    mini = stage.train.mini_batch_size
+    mini = stage.train.batch_pairs
     data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, model_context(model),
                                    spec.seed, stage.val_fraction, stage.max_examples,
                                    max_val_examples=mini * stage.train.eval_steps)
@@ -48,9 +48,8 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     model.to(pick_device())
     val = eval_batches(data.val, mini, tok.pad_token_id)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
-    cfg = stage.train.model_copy(update={"batch_size": mini, "gradient_accumulation_steps": stage.train.batch_size // mini})
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, RewardObjective(), batches, cfg, ckpt, evaluate=lambda m: reward_evaluate(m, val),
+    result = train(model, RewardObjective(), batches, stage.train, ckpt, evaluate=lambda m: reward_evaluate(m, val),
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name, best_metric="eval/loss")
     if stage.train.save_best_only:
         load_best(model, result)

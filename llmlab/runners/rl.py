@@ -90,13 +90,13 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     par = current()
     T = stage.sampling_temperature
     train_cfg = stage.train
-    per_rollout_prompts = train_cfg.batch_size // (1 if ppo else stage.group_size)
-    if per_rollout_prompts % par.world or train_cfg.mini_batch_size % (par.world * train_cfg.gradient_accumulation_steps):
-        raise ValueError(f"stage '{ctx.name}' on {par.world} processes: each rank takes an equal share, so the prompts per "
-                         f"rollout ({per_rollout_prompts}) must be a multiple of {par.world} and mini_batch_size "
-                         f"({train_cfg.mini_batch_size}) of {par.world} x gradient_accumulation_steps")
-    rank_mini = train_cfg.mini_batch_size // par.world
-    micro = rank_mini // train_cfg.gradient_accumulation_steps
+    group = 1 if ppo else stage.group_size  # completions per prompt
+    if train_cfg.rollout_prompts % (par.world * train_cfg.step_prompts):
+        raise ValueError(f"stage '{ctx.name}' on {par.world} processes: each process takes an equal share of every "
+                         f"rollout, so rollout_prompts ({train_cfg.rollout_prompts}) must be a multiple of {par.world} x "
+                         f"batch_prompts x gradient_accumulation_steps ({train_cfg.step_prompts})")
+    rank_mini = train_cfg.step_prompts * group  # completions per optimizer step on this process
+    micro = train_cfg.batch_prompts * group  # completions per forward pass
     reference = None
     if ppo or stage.kl_coef > 0:
         if lora:
@@ -109,34 +109,29 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     sampling = Sampling(stage.max_new_tokens, T, stage.top_k, stage.top_p, stop_token_ids(tok),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
     if ppo:
-
         hidden = getattr(model.config, "d_model", None) or model.config.hidden_size
         trained = PolicyWithValue(model, hidden).to(device)
         prepare = PPOPrepare(trained, reference, tok, reward_fn, reward_name, sampling,
                              AdaptiveKL(stage.kl_coef, stage.target_kl, stage.kl_horizon), stage.gamma, stage.gae_lambda,
                              micro, spec.seed)
         objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T)
-        prompts_per_rollout = stage.train.batch_size
     else:
-
         trained = model
         prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed)
         objective = GRPOObjective(stage.clip_range, stage.kl_coef, T)
-        prompts_per_rollout = stage.train.batch_size // stage.group_size
-    per_rollout = stage.train.ppo_epochs * stage.train.batch_size // stage.train.mini_batch_size
-    print(f"[{ctx.name}] {stage.kind}: {stage.train.batch_size} completions per rollout "
-          f"({prompts_per_rollout} prompts), {per_rollout} optimizer steps per rollout, "
-          f"{-(-stage.train.max_steps // per_rollout)} rollouts; reward: {reward_name}")
+    per_rollout = train_cfg.ppo_epochs * train_cfg.rollout_prompts // (train_cfg.step_prompts * par.world)
+    print(f"[{ctx.name}] {stage.kind}: {train_cfg.rollout_prompts} prompts per rollout "
+          f"({train_cfg.rollout_prompts * group} completions), {per_rollout} optimizer steps per rollout, "
+          f"{-(-train_cfg.max_steps // per_rollout)} rollouts; reward: {reward_name}")
     amp = autocast_dtype(stage.train.precision, device)
-    batches = RolloutBatches(data.train, prepare, prompts_per_rollout, rank_mini, stage.train.gradient_accumulation_steps,
-                             stage.train.ppo_epochs, spec.seed, amp, device.type, par.rank, par.world)
-    cfg = stage.train.model_copy(update={"batch_size": micro})
+    batches = RolloutBatches(data.train, prepare, train_cfg.rollout_prompts, rank_mini, train_cfg.gradient_accumulation_steps,
+                             train_cfg.ppo_epochs, spec.seed, amp, device.type, par.rank, par.world)
 
     def evaluate(m):
         return rl_evaluate(m.policy if ppo else m, tok, data.val, reward_fn, reward_name, sampling)
 
     ckpt = prepare_checkpoints(ctx)
-    result = train(trained, objective, batches, cfg, ckpt, evaluate=evaluate if data.val else None,
+    result = train(trained, objective, batches, train_cfg, ckpt, evaluate=evaluate if data.val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name,
                    best_metric="eval/reward_mean", maximize=True)
     outputs = {"checkpoints": str(ckpt)}

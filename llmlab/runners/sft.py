@@ -44,7 +44,7 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     seq_len = model_context(model)
     data = prepare_sft_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
                             stage.val_fraction, stage.max_examples,
-                            max_val_examples=stage.train.batch_size * stage.train.eval_steps)
+                            max_val_examples=stage.train.batch_sequences * stage.train.eval_steps)
     print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation conversations; "
           f"{data.stats['truncated']} truncated to {seq_len} tokens")
     ctx.run.set_tags({"llmlab.train_examples": len(data.train), "llmlab.val_examples": len(data.val),
@@ -52,8 +52,8 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if stage.lora is not None:
         model = attach_lora(ctx, model, tok, stage.lora)
     pad = tok.pad_token_id
-    batches = SFTBatches(data.train, stage.train.batch_size, spec.seed, stage.packing, seq_len, pad)
-    val = eval_batches(data.val, stage.train.batch_size, pad)
+    batches = SFTBatches(data.train, stage.train.batch_sequences, spec.seed, stage.packing, seq_len, pad)
+    val = eval_batches(data.val, stage.train.batch_sequences, pad)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
     result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=lambda m: perplexity(m, val),

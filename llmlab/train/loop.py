@@ -54,6 +54,9 @@ class Objective(Protocol):
 
 
 class BatchSource(Protocol):
+    micro_batch: int  # what one next_batch() holds, in `unit`s
+    unit: str  # "sequences", "pairs", "completions"
+
     def next_batch(self) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -251,10 +254,10 @@ class Trainer:
         self.say(f"[{self.label}] {trainable:,} trainable of {total:,} parameters on {where} ({precision});"
                  f" {'resuming from step ' + str(self.step) if self.step else 'starting'} -> {self.cfg.max_steps} steps")
         if par.active:
-            cfg = self.cfg
-            self.say(f"[{self.label}] global batch per step = batch_size {cfg.batch_size} x accumulation "
-                     f"{cfg.gradient_accumulation_steps} x world size {par.world} = "
-                     f"{cfg.batch_size * cfg.gradient_accumulation_steps * par.world}")
+            size, unit = self.batches.micro_batch, self.batches.unit
+            accumulation = self.cfg.gradient_accumulation_steps
+            self.say(f"[{self.label}] global batch per step = {size} {unit} x accumulation {accumulation} x world size "
+                     f"{par.world} = {size * accumulation * par.world} {unit}")
 
     def _hessian_update(self, batch: dict[str, torch.Tensor]) -> None:
         """Curvature-aware optimizers (Sophia) estimate the Hessian on this step's first micro-batch

@@ -188,6 +188,7 @@ class RolloutBatches:
         self.rank, self.world = rank, world
         self.amp, self.device_type = amp, device_type  # the loop's autocast, so old and new log-probs match
         self.prompts_per_rollout, self.mini, self.micro, self.epochs = prompts_per_rollout, mini_batch_size, micro_batches, ppo_epochs
+        self.micro_batch, self.unit = mini_batch_size // micro_batches, "completions"
         self.seed = seed
         self.walk = EpochWalk(len(prompts), seed, "prompts")
         self.rollouts = 0

@@ -56,7 +56,7 @@ class Recorder(Callbacks):
 
 
 def cfg(name, **kw):
-    base = dict(max_steps=25, lr=LR[name], warmup_steps=2, batch_size=4, gradient_accumulation_steps=1,
+    base = dict(max_steps=25, lr=LR[name], warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=1,
                 eval_every=1000, save_every=1000, log_every=1, precision="fp32", scheduler="cosine",
                 weight_decay=0.0, optimizer={"name": name})
     base.update(kw)

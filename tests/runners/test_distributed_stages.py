@@ -51,7 +51,7 @@ def run(project, base, name, stage, sub="runs"):
 
 def pretrain(base, distributed=None, accumulation=2):
     stage = {"kind": "pretrain", "data": [{"path": str(base / "corpus.txt")}], "val_fraction": 0.1,
-             "train": {"max_steps": 4, "lr": 3e-3, "warmup_steps": 1, "batch_size": 2,
+             "train": {"max_steps": 4, "lr": 3e-3, "warmup_steps": 1, "batch_sequences": 2,
                        "gradient_accumulation_steps": accumulation, "eval_every": 2, "eval_steps": 2, "save_every": 2,
                        "log_every": 1}}
     if distributed:
@@ -83,14 +83,14 @@ def test_ddp_pretrain_stage_equals_one_process_and_logs_once(project, base, capf
 def test_lora_sft_dpo_grpo_and_lora_ppo_run_under_ddp(project, base):
     sft = {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 64,
            "lora": {"preset": "all", "r": 4}, "distributed": DDP2,
-           "train": {"max_steps": 2, "lr": 1e-3, "warmup_steps": 0, "batch_size": 4, "gradient_accumulation_steps": 1,
+           "train": {"max_steps": 2, "lr": 1e-3, "warmup_steps": 0, "batch_sequences": 4, "gradient_accumulation_steps": 1,
                      "eval_every": 2, "eval_steps": 1, "save_every": 2, "log_every": 1}}
     result, rows = run(project, base, "sft", sft)
     assert (project / "runs" / "sft" / "adapters" / "best" / "adapter_config.json").is_file()
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
 
     dpo = {"kind": "dpo", "model": str(base), "data": [{"path": "builtin:tasks-preference"}], "max_examples": 32,
-           "distributed": DDP2, "train": {"max_steps": 2, "lr": 1e-3, "batch_size": 8, "mini_batch_size": 4,
+           "distributed": DDP2, "train": {"max_steps": 2, "lr": 1e-3, "batch_pairs": 4, "gradient_accumulation_steps": 2,
                                           "eval_every": 2, "eval_steps": 1, "save_every": 2, "log_every": 1}}
     result, rows = run(project, base, "dpo", dpo)
     first = next(r for r in rows if "train/loss" in r)
@@ -98,14 +98,15 @@ def test_lora_sft_dpo_grpo_and_lora_ppo_run_under_ddp(project, base):
 
     grpo = {"kind": "grpo", "model": str(base), "data": [{"path": "builtin:tasks-prompts"}], "reward": "format",
             "group_size": 4, "max_new_tokens": 4, "eval_prompts": 8, "max_prompts": 64, "distributed": DDP2,
-            "train": {"max_steps": 2, "lr": 1e-3, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
+            "train": {"max_steps": 2, "lr": 1e-3, "rollout_prompts": 4, "batch_prompts": 1, "ppo_epochs": 1,
                       "eval_every": 2, "save_every": 2, "log_every": 1}}
     result, rows = run(project, base, "grpo", grpo)
     first = next(r for r in rows if "train/loss" in r)
     assert first["rl/ratio_mean"] == pytest.approx(1.0, abs=1e-5) and "rl/zero_variance_share" in first
     assert (project / "runs" / "grpo" / "model" / "model.safetensors").is_file()
 
-    ppo = {**grpo, "kind": "ppo", "lora": {"preset": "all", "r": 4}, "target_kl": 0.01}
+    ppo = {**grpo, "kind": "ppo", "lora": {"preset": "all", "r": 4}, "target_kl": 0.01,
+           "train": {**grpo["train"], "rollout_prompts": 16, "batch_prompts": 4}}
     del ppo["group_size"]
     result, rows = run(project, base, "ppo", ppo)
     first = next(r for r in rows if "train/loss" in r)
@@ -169,8 +170,8 @@ def test_a_two_process_grpo_stage_resumes_mid_rollout_exactly(project, base):
         return {"kind": "grpo", "model": str(base), "data": [{"path": "builtin:tasks-prompts"}],
                 "reward": "toy_rewards:readable",
                 "group_size": 4, "max_new_tokens": 4, "eval_prompts": 4, "max_prompts": 64, "distributed": DDP2,
-                "train": {"max_steps": steps, "lr": 1e-2, "scheduler": "none", "warmup_steps": 0, "batch_size": 16,
-                          "mini_batch_size": 8, "ppo_epochs": 2, "eval_every": 100, "save_every": 3, "log_every": 1}}
+                "train": {"max_steps": steps, "lr": 1e-2, "scheduler": "none", "warmup_steps": 0, "rollout_prompts": 4,
+                          "batch_prompts": 1, "ppo_epochs": 2, "eval_every": 100, "save_every": 3, "log_every": 1}}
 
     _, straight = run(project, base, "grpo", grpo(6), "a")
     run(project, base, "grpo", grpo(3), "b")

@@ -30,7 +30,7 @@ def run_dpo(tmp_path, base, monkeypatch, **changes):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     stage = {"kind": "dpo", "model": str(base), "data": [{"path": "builtin:tasks-preference"}], "max_examples": 32,
-             "beta": 0.2, "train": {"max_steps": 4, "lr": 1e-3, "batch_size": 8, "mini_batch_size": 4, "eval_every": 2,
+             "beta": 0.2, "train": {"max_steps": 4, "lr": 1e-3, "batch_pairs": 4, "gradient_accumulation_steps": 2, "eval_every": 2,
                                     "eval_steps": 2, "save_every": 2, "log_every": 1}}
     stage.update(changes)
     spec = {"name": "dpo-test", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)}, "stages": {"dpo": stage}}
@@ -94,7 +94,7 @@ def test_export_stage_writes_a_stock_llama_from_an_upstream_stage(tmp_path, base
     monkeypatch.chdir(tmp_path)
     spec = {"name": "export-test", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)},
             "stages": {"sft": {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 16,
-                               "train": {"max_steps": 1, "warmup_steps": 0, "batch_size": 4, "gradient_accumulation_steps": 1,
+                               "train": {"max_steps": 1, "warmup_steps": 0, "batch_sequences": 4, "gradient_accumulation_steps": 1,
                                          "eval_every": 1, "eval_steps": 1, "save_every": 1, "log_every": 1}},
                        "export": {"kind": "export", "from": "sft", "format": "llama"}}}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -57,10 +57,11 @@ def run(project, base, stages: dict, name: str, inputs: dict | None = None):
 
 
 def rl_stage(kind, base, **changes):
+    group = 4 if kind == "grpo" else 1  # 32 completions per rollout, 16 per step either way
     stage = {"kind": kind, "model": str(base), "data": [{"path": "builtin:tasks-prompts"}], "reward": "toy_rewards:readable",
              "max_new_tokens": 6, "eval_prompts": 16, "max_prompts": 400,
-             "train": {"max_steps": 24, "lr": 2e-2, "scheduler": "none", "batch_size": 32, "mini_batch_size": 16, "ppo_epochs": 2,
-                       "eval_every": 12, "save_every": 12, "log_every": 2}}
+             "train": {"max_steps": 24, "lr": 2e-2, "scheduler": "none", "rollout_prompts": 32 // group,
+                       "batch_prompts": 16 // group, "ppo_epochs": 2, "eval_every": 12, "save_every": 12, "log_every": 2}}
     if kind == "grpo":
         stage["group_size"] = 4
     stage.update(changes)
@@ -77,7 +78,7 @@ def test_reward_stage_separates_separable_pairs(project, base):
     pairs = [{"prompt": f"item {i}", "chosen": f"good answer {i}", "rejected": f"bad answer {i}"} for i in range(400)]
     (project / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     stage = {"kind": "reward", "model": str(base), "data": [{"path": "pairs.jsonl"}], "val_fraction": 0.1,
-             "train": {"max_steps": 30, "lr": 3e-3, "batch_size": 16, "mini_batch_size": 8, "eval_every": 15,
+             "train": {"max_steps": 30, "lr": 3e-3, "batch_pairs": 8, "gradient_accumulation_steps": 2, "eval_every": 15,
                        "eval_steps": 5, "save_every": 15, "log_every": 5}}
     result, rows = run(project, base, {"rm": stage}, "rm")
     assert result["metrics"]["eval/accuracy"] >= 0.95
@@ -122,7 +123,7 @@ def test_lora_grpo_uses_the_adapter_free_model_as_reference(project, base):
     from mlflow.tracking import MlflowClient
 
     stage = rl_stage("grpo", base, lora={"preset": "all", "r": 4, "dropout": 0.1},
-                     train={"max_steps": 4, "lr": 1e-3, "batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 1,
+                     train={"max_steps": 4, "lr": 1e-3, "rollout_prompts": 4, "batch_prompts": 2, "ppo_epochs": 1,
                             "eval_every": 4, "save_every": 4, "log_every": 1})
     result, rows = run(project, base, {"grpo": stage}, "grpo")
     client = MlflowClient(f"sqlite:///{project / 'state' / 'mlflow.db'}")
@@ -138,10 +139,10 @@ def test_ppo_scores_with_a_reward_stage_named_in_the_spec(project, base):
     pairs = [{"prompt": "x", "chosen": "1 2 3", "rejected": "a b c"}] * 40
     (project / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     stages = {"rm": {"kind": "reward", "model": str(base), "data": [{"path": "pairs.jsonl"}],
-                     "train": {"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "eval_every": 2, "eval_steps": 1,
+                     "train": {"max_steps": 2, "batch_pairs": 8, "gradient_accumulation_steps": 1, "eval_every": 2, "eval_steps": 1,
                                "save_every": 2}},
               "ppo": rl_stage("ppo", base, reward=None, reward_stage="rm", lora={"preset": "all", "r": 4},
-                              train={"max_steps": 2, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
+                              train={"max_steps": 2, "rollout_prompts": 8, "batch_prompts": 8, "ppo_epochs": 1,
                                      "eval_every": 2, "save_every": 2, "log_every": 1})}
     rm, _ = run(project, base, stages, "rm")
     result, rows = run(project, base, stages, "ppo", inputs={"rm": rm})
@@ -156,8 +157,8 @@ def test_an_interrupted_grpo_stage_resumes_with_the_same_rollouts_and_losses(pro
     same config, a longer horizon) resume to 6: the checkpoint carries the rollout queue, the prompt
     cursor and the RNG, so steps 4-6 match."""
     def stage(steps):
-        return rl_stage("grpo", base, train={"max_steps": steps, "lr": 1e-2, "scheduler": "none", "batch_size": 16,
-                                              "mini_batch_size": 8, "ppo_epochs": 2, "eval_every": 100,
+        return rl_stage("grpo", base, train={"max_steps": steps, "lr": 1e-2, "scheduler": "none", "rollout_prompts": 4,
+                                              "batch_prompts": 2, "ppo_epochs": 2, "eval_every": 100,
                                               "save_every": 3, "log_every": 1})
 
     _, straight = run(project / "a", base, {"grpo": stage(6)}, "grpo")
@@ -175,7 +176,7 @@ def test_an_interrupted_grpo_stage_resumes_with_the_same_rollouts_and_losses(pro
 
 @pytest.mark.parametrize("optimizer", [{"name": "sophia", "k": 2}, {"name": "lion"}])
 def test_grpo_trains_with_other_optimizers(project, base, optimizer):
-    stage = rl_stage("grpo", base, train={"max_steps": 4, "lr": 1e-4, "batch_size": 16, "mini_batch_size": 8,
+    stage = rl_stage("grpo", base, train={"max_steps": 4, "lr": 1e-4, "rollout_prompts": 4, "batch_prompts": 2,
                                           "ppo_epochs": 1, "eval_every": 4, "save_every": 4, "log_every": 1,
                                           "optimizer": optimizer})
     result, rows = run(project, base, {"grpo": stage}, "grpo")

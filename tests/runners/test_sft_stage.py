@@ -26,7 +26,7 @@ def test_sft_stage_starts_from_a_plain_transformers_llama_dir(tmp_path, monkeypa
         "name": "sft-hf", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)},
         "stages": {"sft": {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 64,
                            "lora": {"preset": "minimal", "r": 4},
-                           "train": {"max_steps": 3, "warmup_steps": 1, "batch_size": 4, "gradient_accumulation_steps": 1,
+                           "train": {"max_steps": 3, "warmup_steps": 1, "batch_sequences": 4, "gradient_accumulation_steps": 1,
                                      "eval_every": 3, "eval_steps": 2, "save_every": 3, "log_every": 1}}},
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))

@@ -71,7 +71,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(two_process_runs, st
     final = torch.load(two_process_runs["tmp"] / f"{strategy}-final.pt", weights_only=True)
     for name, value in two_process_runs["single_model"].state_dict().items():
         assert torch.allclose(final[name], value, atol=1e-5), name
-    assert "global batch per step = batch_size 4 x accumulation 1 x world size 2 = 8" in two_process_runs["stdout"]
+    assert "global batch per step = 4 sequences x accumulation 1 x world size 2 = 8 sequences" in two_process_runs["stdout"]
 
 
 @pytest.mark.slow

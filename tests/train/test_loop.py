@@ -26,8 +26,11 @@ def tiny_model(seed=0, dropout=0.0):
 class Batches:
     """A deterministic, resumable stream of random token batches."""
 
+    unit = "sequences"
+
     def __init__(self, batch_size, seed=0):
         self.batch_size, self.seed, self.i = batch_size, seed, 0
+        self.micro_batch = batch_size
 
     def next_batch(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.i)
@@ -56,7 +59,7 @@ class Recorder(Callbacks):
 
 
 def cfg(**kw):
-    base = dict(max_steps=12, lr=3e-3, warmup_steps=2, batch_size=4, gradient_accumulation_steps=2, eval_every=4,
+    base = dict(max_steps=12, lr=3e-3, warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=2, eval_every=4,
                 eval_steps=1, save_every=4, log_every=1, precision="fp32", scheduler="cosine")
     base.update(kw)
     return TrainSpec(**base)
@@ -161,7 +164,7 @@ def test_loop_accumulation_matches_large_batch(tmp_path):
     ra, rb = Recorder(), Recorder()
     ma, mb = tiny_model(dropout=0.0), tiny_model(dropout=0.0)
     train(ma, LanguageModeling(), Batches(4), cfg(max_steps=3, gradient_accumulation_steps=2), tmp_path / "a", callbacks=ra, seed=1)
-    train(mb, LanguageModeling(), Merged(4), cfg(max_steps=3, batch_size=8, gradient_accumulation_steps=1), tmp_path / "b", callbacks=rb, seed=1)
+    train(mb, LanguageModeling(), Merged(4), cfg(max_steps=3, batch_sequences=8, gradient_accumulation_steps=1), tmp_path / "b", callbacks=rb, seed=1)
     for (_, la), (_, lb) in zip(ra.logs, rb.logs):
         assert la == pytest.approx(lb, rel=1e-5)
     for p, q in zip(ma.parameters(), mb.parameters()):
