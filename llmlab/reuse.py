@@ -27,10 +27,13 @@ from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
 from llmlab.spec import Pipeline, config_hash
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """A hash of every .py file of the llmlab package (a code change means new results)."""
-    root = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=4)
+def code_version(root: Path = PACKAGE_ROOT) -> str:
+    """A hash of every .py file under `root`, the llmlab package by default (a code change means
+    new results)."""
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode())

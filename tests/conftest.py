@@ -4,6 +4,7 @@ Environment variables are set at import time, before any test module imports pre
 """
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any test module
 
 
 @pytest.fixture

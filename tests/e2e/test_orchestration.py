@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from e2e_helpers import shrunk_tiny
+from helpers import shrunk_tiny
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_helpers import shrunk_tiny
+from helpers import shrunk_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

@@ -7,60 +7,19 @@ import io
 import pytest
 import torch
 
+from helpers import OPTIMIZER_LR, Recorder, tiny_model
+from helpers import CountingBatches as Batches
+from helpers import optimizer_train_spec as cfg
 from llmlab.checkpoint import latest_checkpoint, load_checkpoint
-from llmlab.model import LlmlabConfig, build_model
 from llmlab.optim import SophiaG, build_optimizer, param_groups
 from llmlab.optim.sophia import gnb_loss
 from llmlab.spec import OPTIMIZER_CLASSES, TrainSpec
-from llmlab.train.loop import Callbacks, train
+from llmlab.train.loop import train
 from llmlab.train.objectives import LanguageModeling
 
-VOCAB, SEQ = 64, 16
 NAMES = list(OPTIMIZER_CLASSES)
-# per-optimizer learning rates in each method's usual range (Lion ~3x below AdamW; Sophia's
-# updates are bounded by rho * lr, so its lr is ~1/rho larger; Adafactor's lr is relative)
-LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.15, "muon": 0.04}
+LR = OPTIMIZER_LR
 REGRESSION_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.1, "muon": 0.02}
-
-
-def tiny_model(seed=0, **kw):
-    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=VOCAB, max_seq_len=SEQ, **kw)
-    return build_model(cfg, seed=seed)
-
-
-class Batches:
-    """Deterministic, resumable learnable batches: a random start, then counting up mod VOCAB."""
-
-    def __init__(self, batch_size=4, seed=0):
-        self.batch_size, self.seed, self.i = batch_size, seed, 0
-
-    def next_batch(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.i)
-        self.i += 1
-        x = (torch.randint(0, VOCAB, (self.batch_size, 1), generator=g) + torch.arange(SEQ)) % VOCAB
-        return {"input_ids": x, "labels": x}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
-
-
-class Recorder(Callbacks):
-    def __init__(self):
-        self.logs = []
-
-    def on_log(self, step, metrics):
-        self.logs.append((step, metrics["train/loss"], metrics["train/lr"]))
-
-
-def cfg(name, **kw):
-    base = dict(max_steps=25, lr=LR[name], warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=1,
-                eval_every=1000, save_every=1000, log_every=1, precision="fp32", scheduler="cosine",
-                weight_decay=0.0, optimizer={"name": name})
-    base.update(kw)
-    return TrainSpec(**base)
 
 
 def spec_of(name, **fields):
@@ -96,7 +55,7 @@ def test_reduces_regression_loss(name):
 def test_reduces_tiny_lm_loss(name, tmp_path):
     rec = Recorder()
     train(tiny_model(), LanguageModeling(), Batches(), cfg(name, max_steps=40), tmp_path, callbacks=rec, seed=1)
-    first, last = rec.logs[0][1], sum(l for _, l, _ in rec.logs[-3:]) / 3
+    first, last = rec.logs[0][1], sum(l for _, l in rec.logs[-3:]) / 3
     assert last < 0.7 * first, (first, last)
 
 
@@ -156,7 +115,7 @@ def test_resume_can_switch_optimizer_without_its_state(tmp_path):
     rec = Recorder()
     result = train(tiny_model(), LanguageModeling(), Batches(), cfg("lion", max_steps=8, load_optimizer=False), tmp_path,
                    callbacks=rec, seed=1)
-    assert result.resumed_from == 4 and [s for s, _, _ in rec.logs] == [5, 6, 7, 8]
+    assert result.resumed_from == 4 and [s for s, _ in rec.logs] == [5, 6, 7, 8]
     state = load_checkpoint(latest_checkpoint(tmp_path))["optimizer"]
     assert {g["optimizer"] for g in state["param_groups"]} == {"lion"}
     assert all(set(s) == {"exp_avg"} for s in state["state"].values())  # Lion's state, not AdamW's

@@ -74,7 +74,9 @@ def test_extension_during_warmup_finishes_the_warmup():
 
 
 def test_loop_resume_that_extends_max_steps(tmp_path):
-    from test_optimizer_training import Batches, Recorder, cfg, tiny_model
+    from helpers import CountingBatches as Batches
+    from helpers import Recorder, tiny_model
+    from helpers import optimizer_train_spec as cfg
 
     from llmlab.train.loop import train
     from llmlab.train.objectives import LanguageModeling
@@ -95,5 +97,5 @@ def test_loop_resume_that_extends_max_steps(tmp_path):
     train(tiny_model(), LanguageModeling(), Batches(), cfg("adamw", max_steps=10, **plan), tmp_path, callbacks=rec, seed=1)
     # resumed at step 3 with max 10: from 0.75 down to 0 over the 7 remaining steps, no jump
     lr = cfg("adamw").lr
-    assert [s for s, _, _ in rec.logs] == list(range(4, 11))
-    assert [l for _, _, l in rec.logs] == pytest.approx([lr * 0.75 * (1 - i / 7) for i in range(7)])
+    assert [s for s, _ in rec.logs] == list(range(4, 11))
+    assert [l for _, l in rec.lrs] == pytest.approx([lr * 0.75 * (1 - i / 7) for i in range(7)])

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import TOY_REWARDS  # a reward with spread, so every update moves the loss
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.stages import execute_stage
 from llmlab.tokenizer import train_tokenizer
@@ -162,8 +163,6 @@ def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_the_rerun_resumes(project, 
 def test_a_two_process_grpo_stage_resumes_mid_rollout_exactly(project, base):
     """Each rank's pending mini-batches are its own: the checkpoint gathers them and each rank gets
     its own back, so 3 steps + resume to 6 equals 6 straight (4 updates per rollout)."""
-    from test_rl_stages import TOY_REWARDS  # a reward with spread, so every update moves the loss
-
     (project / "toy_rewards.py").write_text(TOY_REWARDS)  # the workers import it from the project folder
 
     def grpo(steps):

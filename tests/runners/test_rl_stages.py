@@ -9,20 +9,11 @@ import pytest
 import torch
 import yaml
 
+from helpers import TOY_REWARDS
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.rewards import load_reward
 from llmlab.stages import execute_stage
 from llmlab.tokenizer import train_tokenizer
-
-TOY_REWARDS = '''
-def readable(prompts, completions, **kw):
-    """Share of the completion's characters that are ASCII letters, digits or spaces (a random
-    model writes about half stray bytes, so the reward has room and spread)."""
-    out = []
-    for c in completions:
-        out.append(sum(ch.isascii() and (ch.isalnum() or ch == " ") for ch in c) / max(len(c), 1))
-    return out
-'''
 
 
 @pytest.fixture(scope="module")

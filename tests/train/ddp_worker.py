@@ -1,5 +1,5 @@
 """Run by tests/train/test_distributed.py under torchrun (2 processes, gloo): the loop of
-test_loop.py under DDP and FSDP, fresh and resumed from a single-process checkpoint."""
+tests/train/test_loop.py under DDP and FSDP, fresh and resumed from a single-process checkpoint."""
 
 import json
 import shutil
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 
-from test_loop import Batches, Recorder, cfg, eval_fn, tiny_model  # noqa: E402
+from helpers import CountingBatches as Batches  # noqa: E402
+from helpers import Recorder, eval_fn, tiny_model  # noqa: E402
+from helpers import train_spec as cfg  # noqa: E402
 
 from llmlab import parallel as distributed  # noqa: E402
 from llmlab.train.loop import train  # noqa: E402

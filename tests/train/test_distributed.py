@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import CountingBatches as Batches
+from helpers import Recorder, eval_fn, tiny_model
+from helpers import train_spec as cfg
 from llmlab.checkpoint import latest_checkpoint
 from llmlab.launch import launch_command
 from llmlab.parallel import ShardedBatches
 from llmlab.spec import DistributedSpec
 from llmlab.train.loop import train
 from llmlab.train.objectives import LanguageModeling
-from test_loop import Batches, Recorder, cfg, eval_fn, tiny_model
 
 HERE = Path(__file__).parent
 

@@ -8,69 +8,12 @@ import threading
 import pytest
 import torch
 
+from helpers import CountingBatches as Batches
+from helpers import SEQ, Recorder, eval_fn, tiny_model
+from helpers import train_spec as cfg
 from llmlab.checkpoint import latest_checkpoint, load_checkpoint
-from llmlab.model import LlmlabConfig, build_model
-from llmlab.spec import TrainSpec
 from llmlab.train.loop import Callbacks, TrainingInterrupted, load_best, train
 from llmlab.train.objectives import LanguageModeling
-
-VOCAB, SEQ = 64, 16
-
-
-def tiny_model(seed=0, dropout=0.0):
-    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=VOCAB,
-                       max_seq_len=SEQ, dropout=dropout)
-    return build_model(cfg, seed=seed)
-
-
-class Batches:
-    """A deterministic, resumable stream of random token batches."""
-
-    unit = "sequences"
-
-    def __init__(self, batch_size, seed=0):
-        self.batch_size, self.seed, self.i = batch_size, seed, 0
-        self.micro_batch = batch_size
-
-    def next_batch(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.i)
-        self.i += 1
-        # learnable sequences: a random start, then counting up (mod VOCAB)
-        start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=g)
-        x = (start + torch.arange(SEQ)) % VOCAB
-        return {"input_ids": x, "labels": x}
-
-    def state_dict(self):
-        return {"i": self.i}
-
-    def load_state_dict(self, state):
-        self.i = state["i"]
-
-
-class Recorder(Callbacks):
-    def __init__(self):
-        self.logs, self.evals = [], []
-
-    def on_log(self, step, metrics):
-        self.logs.append((step, metrics["train/loss"]))
-
-    def on_eval(self, step, metrics):
-        self.evals.append((step, metrics["eval/loss"]))
-
-
-def cfg(**kw):
-    base = dict(max_steps=12, lr=3e-3, warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=2, eval_every=4,
-                eval_steps=1, save_every=4, log_every=1, precision="fp32", scheduler="cosine")
-    base.update(kw)
-    return TrainSpec(**base)
-
-
-def eval_fn(model):
-    x = Batches(4, seed=99).next_batch()["input_ids"]
-    with torch.no_grad():
-        out = model(input_ids=x, labels=x)
-    return {"eval/loss": float(out.loss)}
-
 
 def run(tmp, dropout=0.0, **kw):
     rec = Recorder()

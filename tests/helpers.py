@@ -1,0 +1,137 @@
+"""What several test modules share: tiny models, batch streams and recorders for the loop, a toy
+reward, and shrunk copies of the shipped pipelines. Tests import it as `helpers` (tests/conftest.py
+puts this folder on sys.path); no test module imports another test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmlab.model import LlmlabConfig, build_model
+from llmlab.spec import TrainSpec
+from llmlab.train.loop import Callbacks
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, SEQ = 64, 16
+
+# per-optimizer learning rates in each method's usual range (Lion ~3x below AdamW; Sophia's
+# updates are bounded by rho * lr, so its lr is ~1/rho larger; Adafactor's lr is relative)
+OPTIMIZER_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.15, "muon": 0.04}
+
+
+def tiny_model(seed: int = 0, **config) -> torch.nn.Module:
+    """A 2-layer llmlab decoder over a 64-token vocabulary (e.g. dropout=0.1 as a keyword)."""
+    cfg = LlmlabConfig(**{"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "vocab_size": VOCAB,
+                          "max_seq_len": SEQ, **config})
+    return build_model(cfg, seed=seed)
+
+
+class CountingBatches:
+    """A deterministic, resumable stream of learnable token batches: a random start, then counting
+    up (mod VOCAB)."""
+
+    unit = "sequences"
+
+    def __init__(self, batch_size: int = 4, seed: int = 0):
+        self.batch_size = self.micro_batch = batch_size
+        self.seed, self.i = seed, 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.i)
+        self.i += 1
+        start = torch.randint(0, VOCAB, (self.batch_size, 1), generator=g)
+        x = (start + torch.arange(SEQ)) % VOCAB
+        return {"input_ids": x, "labels": x}
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+class Recorder(Callbacks):
+    """What the loop reported: (step, train loss), (step, lr) and (step, eval loss) in order."""
+
+    def __init__(self):
+        self.logs, self.lrs, self.evals = [], [], []
+
+    def on_log(self, step, metrics):
+        self.logs.append((step, metrics["train/loss"]))
+        self.lrs.append((step, metrics["train/lr"]))
+
+    def on_eval(self, step, metrics):
+        self.evals.append((step, metrics["eval/loss"]))
+
+
+def train_spec(**changes) -> TrainSpec:
+    """A short fp32 schedule for loop tests: 12 steps of 4 x 2 sequences, evaluation and
+    checkpoints every 4 steps."""
+    base = dict(max_steps=12, lr=3e-3, warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=2, eval_every=4,
+                eval_steps=1, save_every=4, log_every=1, precision="fp32", scheduler="cosine")
+    return TrainSpec(**{**base, **changes})
+
+
+def optimizer_train_spec(name: str, **changes) -> TrainSpec:
+    """25 steps with optimizer `name` at its usual learning rate (OPTIMIZER_LR)."""
+    base = dict(max_steps=25, lr=OPTIMIZER_LR[name], warmup_steps=2, batch_sequences=4, gradient_accumulation_steps=1,
+                eval_every=1000, save_every=1000, log_every=1, precision="fp32", scheduler="cosine",
+                weight_decay=0.0, optimizer={"name": name})
+    return TrainSpec(**{**base, **changes})
+
+
+def eval_fn(model) -> dict[str, float]:
+    """Held-out loss on a fixed batch the training stream never draws."""
+    x = CountingBatches(4, seed=99).next_batch()["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=x, labels=x)
+    return {"eval/loss": float(out.loss)}
+
+
+TOY_REWARDS = '''
+def readable(prompts, completions, **kw):
+    """Share of the completion's characters that are ASCII letters, digits or spaces (a random
+    model writes about half stray bytes, so the reward has room and spread)."""
+    out = []
+    for c in completions:
+        out.append(sum(ch.isascii() and (ch.isalnum() or ch == " ") for ch in c) / max(len(c), 1))
+    return out
+'''
+
+
+def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.yaml", **stage_updates) -> Path:
+    """pipelines/tiny.yaml (or another shipped pipeline) with the same stages and data, a small
+    model and a few steps."""
+    raw = yaml.safe_load((ROOT / "pipelines" / pipeline).read_text())
+    raw["name"] = name
+    raw["workdir"] = str(tmp_path / "runs")
+    raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
+    raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
+    raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_sequences=4, eval_every=6, eval_steps=4,
+                                              save_every=6, log_every=3)
+    if "sft" in raw["stages"]:
+        raw["stages"]["sft"]["train"].update(max_steps=6, warmup_steps=1, batch_sequences=4, eval_every=3, eval_steps=2,
+                                             save_every=3, log_every=3)
+        raw["stages"]["sft"]["max_examples"] = 200
+    if "dpo" in raw["stages"]:
+        raw["stages"]["dpo"]["train"].update(max_steps=4, warmup_steps=1, batch_pairs=4, gradient_accumulation_steps=2, eval_every=2,
+                                             eval_steps=2, save_every=2, log_every=2)
+        raw["stages"]["dpo"]["max_examples"] = 64
+    if "reward" in raw["stages"]:
+        raw["stages"]["reward"]["train"].update(max_steps=4, warmup_steps=1, batch_pairs=4, gradient_accumulation_steps=2, eval_every=2,
+                                                eval_steps=2, save_every=2, log_every=2)
+        raw["stages"]["reward"]["max_examples"] = 64
+    for rl in ("grpo", "ppo"):
+        if rl in raw["stages"]:
+            group = raw["stages"][rl].get("group_size", 1)  # 16 completions per rollout, 8 per step
+            raw["stages"][rl]["train"].update(max_steps=2, warmup_steps=0, rollout_prompts=16 // group,
+                                              batch_prompts=8 // group, eval_every=2, save_every=2, log_every=1)
+            raw["stages"][rl].update(max_new_tokens=6, eval_prompts=8, max_prompts=64)
+    raw["stages"]["eval"].update(batch_sequences=4, batches=4, max_new_tokens=8, tasks_limit=8, preferences_limit=8)
+    for stage, changes in stage_updates.items():
+        raw["stages"][stage].update(changes)
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return spec

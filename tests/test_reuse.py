@@ -1,0 +1,158 @@
+"""Reusing finished stages, unit by unit: the cache key, the integrity check and the stage lock."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmlab import reuse
+from llmlab.checkpoint import atomic_write_json, fingerprint
+from llmlab.reuse import cache_key, code_version, finished_result, stage_lock
+from llmlab.spec import parse_spec
+
+SPEC = {
+    "name": "keys", "seed": 1, "workdir": "runs/keys",
+    "tokenizer": {"path": "./tok"},
+    "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "max_seq_len": 32},
+    "stages": {
+        "pretrain": {"kind": "pretrain", "data": [{"path": "builtin:stdlib"}],
+                     "train": {"max_steps": 10, "lr": 1e-3, "warmup_steps": 2, "batch_sequences": 4}},
+        "sft": {"kind": "sft", "from": "pretrain", "data": [{"path": "builtin:tasks"}], "lora": {"r": 4},
+                "train": {"max_steps": 10, "lr": 1e-3, "warmup_steps": 2, "batch_sequences": 4}},
+    },
+}
+INPUTS = {"pretrain": {"fingerprint": "aaaa"}}
+
+
+def spec_with(path: str, value):
+    raw = json.loads(json.dumps(SPEC))
+    node = raw
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[last] = value
+    return parse_spec(yaml.safe_dump(raw))
+
+
+@pytest.mark.parametrize("path,value", [
+    ("seed", 2),
+    ("stages.sft.train.lr", 2e-3),
+    ("stages.sft.train.max_steps", 11),
+    ("stages.sft.train.batch_sequences", 8),
+    ("stages.sft.train.warmup_steps", 3),
+    ("stages.sft.train.optimizer", {"name": "lion"}),
+    ("stages.sft.lora", {"r": 8}),
+    ("stages.sft.data", [{"path": "builtin:tasks-add"}]),
+    ("stages.sft.data", [{"path": "builtin:tasks", "weight": 2.0}]),
+    ("stages.sft.max_examples", 100),
+    ("stages.sft.packing", True),
+])
+def test_the_cache_key_changes_with_each_config_field(path, value):
+    base = cache_key(parse_spec(yaml.safe_dump(SPEC)), "sft", INPUTS)
+    assert cache_key(spec_with(path, value), "sft", INPUTS) != base
+
+
+def test_the_cache_key_of_a_stage_built_from_scratch_follows_the_model_it_builds():
+    base = cache_key(parse_spec(yaml.safe_dump(SPEC)), "pretrain", {})
+    assert cache_key(spec_with("model.d_model", 64), "pretrain", {}) != base
+    # a stage that starts from another's output does not read `model:`; its key does not move
+    assert cache_key(spec_with("model.d_model", 64), "sft", INPUTS) == cache_key(parse_spec(yaml.safe_dump(SPEC)), "sft", INPUTS)
+
+
+def test_the_cache_key_changes_with_an_input_fingerprint_and_with_the_code(monkeypatch):
+    spec = parse_spec(yaml.safe_dump(SPEC))
+    base = cache_key(spec, "sft", INPUTS)
+    assert cache_key(spec, "sft", {"pretrain": {"fingerprint": "bbbb"}}) != base
+    assert cache_key(spec, "sft", INPUTS) == base  # and nothing else: it is a pure function
+    monkeypatch.setattr(reuse, "code_version", lambda: "another")
+    assert cache_key(spec, "sft", INPUTS) != base
+
+
+def test_the_code_version_changes_when_any_source_file_does(tmp_path):
+    root = tmp_path / "pkg"
+    shutil.copytree(reuse.PACKAGE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_version(root)
+    assert before == code_version(reuse.PACKAGE_ROOT)  # the same files give the same version
+    target = root / "train" / "loop.py"
+    target.write_text(target.read_text() + "\n# a comment is a change too\n")
+    code_version.cache_clear()
+    assert code_version(root) != before
+
+
+def finish(tmp_path, spec, stage="pretrain", key=None):
+    out = Path(spec.output_root) / stage
+    model = out / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights" * 100)
+    (model / "config.json").write_text("{}")
+    result = {"stage": stage, "fingerprint": fingerprint(model), "outputs": {"model": str(model)}}
+    atomic_write_json(out / "stage.json", {"status": "finished", "cache_key": key or cache_key(spec, stage, {}),
+                                           "outputs": {"model": str(model)}, "fingerprint": result["fingerprint"],
+                                           "result": result})
+    return model, result
+
+
+def test_a_finished_intact_output_is_reused_and_an_altered_one_is_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(yaml.safe_dump(SPEC))
+    model, result = finish(tmp_path, spec)
+    assert finished_result(spec, "pretrain", {}) == result
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 1  # one flipped bit
+    weights.write_bytes(bytes(data))
+    assert finished_result(spec, "pretrain", {}) is None
+    weights.unlink()
+    assert finished_result(spec, "pretrain", {}) is None
+
+
+def test_a_finished_output_with_another_key_is_reused_only_when_not_strict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(yaml.safe_dump(SPEC))
+    _, result = finish(tmp_path, spec, key="an-older-config")
+    assert finished_result(spec, "pretrain", {}) is None
+    assert finished_result(spec, "pretrain", {}, strict=False) == result
+
+
+@pytest.mark.parametrize("status", ["running", "failed", "interrupted"])
+def test_an_unfinished_stage_is_never_reused(tmp_path, monkeypatch, status):
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec(yaml.safe_dump(SPEC))
+    finish(tmp_path, spec)
+    record = Path(spec.output_root) / "pretrain" / "stage.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "status": status}))
+    assert finished_result(spec, "pretrain", {}) is None
+    record.write_text("{half a record")
+    assert finished_result(spec, "pretrain", {}) is None
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from llmlab.reuse import stage_lock
+    with stage_lock(Path(sys.argv[1]), "holder"):
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+        print("released", time.time(), flush=True)
+""")
+
+
+def test_the_stage_lock_makes_a_second_writer_wait_for_the_first(tmp_path, capsys):
+    out = tmp_path / "stage"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), "1.5"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with stage_lock(out, "second"):
+        acquired = time.time()
+    released = float(holder.stdout.readline().split()[1])
+    holder.wait(timeout=30)
+    assert acquired >= released
+    assert "another run is writing" in capsys.readouterr().out
+    with stage_lock(out, "third"):  # free again: no waiting
+        pass
+    assert "another run is writing" not in capsys.readouterr().out
