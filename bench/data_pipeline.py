@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from llmlab.data.pretrain import BlockSampler, prepare_pretrain_data  # noqa: E402
-from llmlab.data.sources import iter_texts  # noqa: E402
+from llmlab.data.sources import DataSource, iter_texts  # noqa: E402
 from llmlab.model import LlmlabConfig, build_model  # noqa: E402
 from llmlab.tokenizer import train_tokenizer  # noqa: E402
 
@@ -29,7 +29,7 @@ def main() -> None:
     tok_dir = os.path.join(os.environ["LLMLAB_STATE_DIR"], "tok")
     list(iter_texts("builtin:stdlib"))  # extract the builtin text once, outside the timings
     tok = train_tokenizer(iter_texts("builtin:stdlib"), 2048, tok_dir)
-    source = [{"path": "builtin:stdlib"}]
+    source = [DataSource(path="builtin:stdlib")]
     t = time.perf_counter()
     data = prepare_pretrain_data(source, tok_dir, 128, 0, 0.02, None)
     cold = time.perf_counter() - t

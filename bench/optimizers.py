@@ -85,7 +85,7 @@ def main() -> None:
 
     from llmlab.checkpoint import latest_checkpoint, load_checkpoint
     from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_data
-    from llmlab.data.sources import iter_texts
+    from llmlab.data.sources import DataSource, iter_texts
     from llmlab.evaluate import perplexity
     from llmlab.model import LlmlabConfig, build_model
     from llmlab.spec import TrainSpec
@@ -96,7 +96,7 @@ def main() -> None:
     seq = SHAPES["max_seq_len"]
     start = time.perf_counter()
     train_tokenizer(iter_texts("builtin:stdlib"), SHAPES["vocab_size"], work / "tok")
-    data = prepare_pretrain_data([{"path": "builtin:stdlib"}], str(work / "tok"), seq, seed=0, val_fraction=0.02, max_tokens=None)
+    data = prepare_pretrain_data([DataSource(path="builtin:stdlib")], str(work / "tok"), seq, seed=0, val_fraction=0.02, max_tokens=None)
     val = eval_batches(data.val_path, seq, BATCH, max_batches=8)
     print(f"data ready in {time.perf_counter() - start:.0f} s: {data.meta.get('train_tokens', '?')} training tokens; "
           f"{args.steps} steps x {BATCH} x {seq} tokens per optimizer; torch threads {torch.get_num_threads()}", file=sys.stderr)

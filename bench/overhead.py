@@ -41,7 +41,8 @@ BARE = """
 import sys, time
 from pathlib import Path
 from llmlab.spec import load_spec
-from llmlab import stages
+from llmlab.runners.context import StageContext, StageResult, stage_block, stage_kind
+from llmlab.runners.registry import runner
 
 class NullRun:
     run_id = None
@@ -53,14 +54,14 @@ spec = load_spec(spec_file)
 results = {}
 t0 = time.perf_counter()
 for name in spec.stage_names():
-    block = stages.stage_block(spec, name)
+    block = stage_block(spec, name)
     deps = [] if name == "tokenizer" else (["tokenizer"] if "tokenizer" in results else []) + block.inputs
-    ins = {d: stages.StageResult.from_dict(results[d]) for d in deps}
+    ins = {d: StageResult.from_dict(results[d]) for d in deps}
     out = Path(spec.output_root) / name
     out.mkdir(parents=True, exist_ok=True)
-    ctx = stages.StageContext(spec, name, block, out, ins, NullRun())
-    outputs, metrics = stages.runner(stages.stage_kind(spec, name))(ctx)
-    results[name] = stages.StageResult(name, "", str(out), "", "", None, "finished", outputs, metrics).to_dict()
+    ctx = StageContext(spec, name, block, out, ins, NullRun())
+    outputs, metrics = runner(stage_kind(spec, name))(ctx)
+    results[name] = StageResult(name, "", str(out), "", "", None, "finished", outputs, metrics).to_dict()
 print(f"SECONDS {time.perf_counter() - t0:.2f}")
 """
 

@@ -12,11 +12,14 @@ training split) is the bar a model must clear to have learned anything beyond to
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from llmlab.data.prompts import PROMPTS
+from llmlab.data.reader import read
+from llmlab.data.sources import DataSource, DataSourceError
 from llmlab.train.objectives import target_count, token_nll_sum
 
 
@@ -54,21 +57,22 @@ def unigram_perplexity(train_tokens: np.ndarray, batches: list[torch.Tensor], vo
     return math.exp(nll / max(n, 1))
 
 
-def checkable_prompts(rows: Iterator[dict], limit: int, source: str) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from rows with `prompt` or chat `messages`, and an `answer` column."""
-    pairs = []
-    for row in rows:
-        if "answer" not in row or not ("prompt" in row or "messages" in row):
-            raise ValueError(f"eval tasks source {source}: rows need an `answer` column and a `prompt` or "
-                             f"`messages` column; found {sorted(row)}")
-        if "prompt" in row:
-            prompt = row["prompt"]
-        else:  # the conversation before the last assistant turn; here, its last user message
-            prompt = [m for m in row["messages"] if m["role"] == "user"][-1]["content"]
-        pairs.append((prompt, str(row["answer"])))
+def checkable_prompts(sources: list[DataSource], limit: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from the named split of each source (read whole: held-out task
+    prompts, never trained on), up to `limit` in all: rows in a prompt format (a `prompt` column or
+    chat `messages`) with an `answer` column. A multi-turn prompt is scored by its last user turn."""
+    pairs: list[tuple[str, str]] = []
+    for source in sources:
+        examples = read([source], PROMPTS, lambda item, report: item, seed=0, val_fraction=0.0,
+                        max_train=limit - len(pairs), hold_out=False)
+        for messages, text, extras in examples.train:
+            if "answer" not in extras:
+                raise DataSourceError(f"eval tasks source {source.path!r}: rows need an `answer` column (and a `prompt` "
+                                      f"or `messages` column); found {sorted(['prompt' if text else 'messages', *extras])}")
+            pairs.append((text if text is not None else messages[-1]["content"], str(extras["answer"])))
         if len(pairs) >= limit:
             break
-    return pairs
+    return pairs[:limit]
 
 
 def render_user_prompts(tokenizer, prompts: list[str]) -> list[str]:

@@ -24,21 +24,20 @@ from typing import Annotated, Any, Iterator, Union
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from llmlab.data.sources import DataSource
+from llmlab.spec_base import Loc, StrictModel
 from llmlab.spec_blocks import (
     OPTIMIZER_CLASSES,
     OPTIMIZER_NAMES,
     Adafactor,
     AdamW,
-    DataSource,
     DistributedSpec,
     Lion,
-    Loc,
     LoraSpec,
     ModelSpec,
     Muon,
     OptimizerSpec,
     Sophia,
-    StrictModel,
     TokenizerSpec,
     TokenizerTrain,
     TrainBase,

@@ -1,57 +1,18 @@
-"""The spec's building blocks: the strict base model, data sources, tokenizer, model, optimizers,
-training, LoRA and distributed blocks. Stages are in `llmlab.spec_stages`, the pipeline and loading
-in `llmlab.spec` (which re-exports everything here). Never imports torch.
+"""The spec's building blocks: tokenizer, model, optimizers, training, LoRA and distributed blocks.
+
+The strict base model is `llmlab.spec_base`, data sources are `llmlab.data.sources.DataSource`
+(next to the code that reads them), stages are in `llmlab.spec_stages`, the pipeline and loading in
+`llmlab.spec` (which re-exports everything). Never imports torch.
 """
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Annotated, ClassVar, Iterator, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-Loc = tuple[Union[str, int], ...]
-
-
-class StrictModel(BaseModel):
-    """Base of every spec block: unknown keys are errors, values are not coerced silently."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
-    # keys this block had under an older name or meaning: old key -> what to write instead
-    renamed: ClassVar[dict[str, str]] = {}
-
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        """Cross-field problems of this block, as (location relative to the block, message)."""
-        return iter(())
-
-
-# --------------------------------------------------------------------------- data
-
-
-class DataSource(StrictModel):
-    """One data source; several sources interleave by relative weight (the seed's semantics)."""
-
-    path: str = Field(description="builtin:<name>, a local file or folder, or a hub dataset name")
-    subset: str | None = None  # hub dataset configuration name
-    split: str = "train"  # which split to read; held-out data is carved out per document
-    weight: float = Field(1.0, gt=0)  # relative share of documents drawn from this source
-    column: str = "text"  # the text column for plain-text data
-    format: str | None = None  # row format for SFT/preference data; None = detect
-
-    def rules(self) -> Iterator[tuple[Loc, str]]:
-        from llmlab.data.builtin import (
-            BUILTIN_SOURCES,  # a plain dict; imports nothing heavy
-        )
-
-        if self.path.startswith("builtin:"):
-            name = self.path.split(":", 1)[1]
-            if name not in BUILTIN_SOURCES:
-                near = difflib.get_close_matches(name, list(BUILTIN_SOURCES), n=1)
-                hint = f"did you mean 'builtin:{near[0]}'? " if near else ""
-                yield ("path",), f"unknown built-in source '{name}': {hint}available: {', '.join('builtin:' + n for n in BUILTIN_SOURCES)}"
-        elif self.path.startswith(("/", "./", "../", "~")) and not Path(self.path).expanduser().exists():
-            yield ("path",), f"no such file or folder: {self.path} (paths are relative to the folder you run llmlab from)"
+from llmlab.data.sources import DataSource
+from llmlab.spec_base import Loc, StrictModel
 
 
 # --------------------------------------------------------------------------- tokenizer

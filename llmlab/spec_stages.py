@@ -9,15 +9,9 @@ from typing import Annotated, ClassVar, Iterator, Literal, Union
 
 from pydantic import Field
 
-from llmlab.spec_blocks import (
-    DataSource,
-    DistributedSpec,
-    Loc,
-    LoraSpec,
-    StrictModel,
-    TrainBase,
-    TrainSpec,
-)
+from llmlab.data.sources import DataSource
+from llmlab.spec_base import Loc, StrictModel
+from llmlab.spec_blocks import DistributedSpec, LoraSpec, TrainBase, TrainSpec
 
 
 class StageBase(StrictModel):

@@ -26,9 +26,9 @@ assistant turn is labelled (content and end-of-turn token): assistant turns insi
 prompt are context, not targets. A prompt must therefore end with a user or system turn.
 
 Rows that cannot be read as a pair (missing columns, hh transcripts without a shared prefix or
-without an Assistant turn, empty responses, ...) are malformed: counted in `stats["malformed"]`,
-the first five kept with their row numbers in `stats["malformed_examples"]`, logged, and skipped.
-A source with no usable pair at all raises a ValueError.
+without an Assistant turn, empty responses, ...) are malformed: the reader's one policy applies
+(`llmlab.data.reader`: counted in `stats["malformed"]`, the first five kept with their file and row
+in `stats["malformed_examples"]`, logged and skipped; the source fails past its max_bad_share).
 
 Pairs whose chosen and rejected sequences are identical token for token (after truncation) are
 well-formed but useless: the DPO log-ratio difference is exactly 0 whatever the weights, so they
@@ -40,7 +40,7 @@ entirely is dropped (`stats["dropped_no_target"]`).
 Validation: a source's own "validation" split when it has one (built-in task sources, hub datasets
 with that split), else a `val_fraction` of its pairs chosen by a stable hash of the example.
 
-    data = prepare_preference_data([{"path": "builtin:tasks-preference"}], tokenizer,
+    data = prepare_preference_data([DataSource(path="builtin:tasks-preference")], tokenizer,
                                    max_seq_len=128, seed=0, val_fraction=0.05)
     batches = PreferenceBatches(data.train, batch_size=8, seed=0, pad_id=tokenizer.pad_token_id)
     batch = batches.next_batch()  # {input_ids, attention_mask, labels}: 2B rows, B chosen first
@@ -53,26 +53,20 @@ every pair of a batch also has "ref_logps" (a (chosen, rejected) pair of floats,
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from itertools import islice
 
 import torch
 
-from llmlab.data.order import EpochWalk, held_out
-
-from llmlab.data.sft import normalise_source, pad_batch, tokenize_conversation
+from llmlab.data.order import EpochWalk
+from llmlab.data.reader import Examples, Format, Kind, SourceReport, read
+from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.sft import pad_batch, tokenize_conversation
+from llmlab.data.sources import DataSource
 from llmlab.train.objectives import IGNORE_INDEX
-
-log = logging.getLogger(__name__)
 
 Pair = dict  # {chosen_ids, chosen_labels, rejected_ids, rejected_labels[, ref_logps]}
 
-DETECT_SAMPLE_ROWS = 20
-MALFORMED_SHOWN = 5
 ROLES = ("system", "user", "assistant")
 
 
@@ -171,21 +165,32 @@ def _ultrafeedback(row: dict) -> tuple[list[dict], str, str]:
     return prompt_c, chosen[-1]["content"], rejected[-1]["content"]
 
 
-@dataclass(frozen=True)
-class PreferenceFormat:
-    columns: tuple[str, ...]  # all must be present
-    convert: Callable[[dict], tuple[list[dict], str, str]]
+def _checked(convert):
+    """A converter that also checks what every pair needs: a prompt ending with a user or system
+    turn and two non-empty responses."""
+
+    def pair(row: dict, source: DataSource | None = None) -> tuple[list[dict], str, str]:
+        if not isinstance(row, dict):
+            raise ValueError(f"row is a {type(row).__name__}, not a dict")  # noqa: TRY004
+        prompt, chosen, rejected = convert(row)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if prompt[-1]["role"] == "assistant":
+            raise ValueError("the prompt ends with an assistant turn; it must end with a user or "
+                             "system turn, the response being the next assistant turn")
+        for what, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise ValueError(f"the {what} response is empty")
+        return prompt, chosen, rejected
+
+    return pair
 
 
-PREFERENCE_FORMATS: dict[str, PreferenceFormat] = {
-    "plain": PreferenceFormat(("prompt", "chosen", "rejected"), _plain),
-    "hh_rlhf": PreferenceFormat(("chosen", "rejected"), _hh_rlhf),
-    "ultrafeedback": PreferenceFormat(("chosen", "rejected"), _ultrafeedback),
+PREFERENCE_FORMATS: dict[str, Format] = {
+    "plain": Format(("prompt", "chosen", "rejected"), _checked(_plain)),
+    "hh_rlhf": Format(("chosen", "rejected"), _checked(_hh_rlhf)),
+    "ultrafeedback": Format(("chosen", "rejected"), _checked(_ultrafeedback)),
 }
-
-
-def _formats_help() -> str:
-    return "; ".join(f"{name} ({', '.join(f.columns)})" for name, f in PREFERENCE_FORMATS.items())
 
 
 def _is_response_only(value) -> bool:
@@ -193,11 +198,8 @@ def _is_response_only(value) -> bool:
             and value[0].get("role") == "assistant")
 
 
-def detect_preference_format(rows_sample: list[dict], source_name: str) -> str:
-    """The format of a source from a sample of its rows (see the module docstring); a ValueError
-    naming the source, its columns and the known formats when none fits."""
-    if not rows_sample:
-        raise ValueError(f"preference data source {source_name!r} has no rows")
+def _detect(rows_sample: list[dict], source: DataSource) -> str | None:
+    """plain / hh_rlhf / ultrafeedback from the columns and value types (see the module docstring)."""
     keys = set.intersection(*(set(r) for r in rows_sample))
     if {"chosen", "rejected"} <= keys:
         values = [r["chosen"] for r in rows_sample if r.get("chosen") is not None]
@@ -207,34 +209,31 @@ def detect_preference_format(rows_sample: list[dict], source_name: str) -> str:
             if "prompt" in keys and all(_is_response_only(v) for v in values):
                 return "plain"
             return "ultrafeedback"
-    found = sorted(set().union(*(set(r) for r in rows_sample)))
-    raise ValueError(
-        f"could not detect the preference format of {source_name!r}: its rows have columns "
-        f"{', '.join(found) or '(none)'}; a preference source needs `chosen` and `rejected` "
-        f"columns (strings or message lists), plus `prompt` unless they are whole conversations. "
-        f"Known formats: {_formats_help()}. Rename the columns, or set `format:` on the data entry.")
+    return None
+
+
+PREFERENCE = Kind("preference", PREFERENCE_FORMATS, _detect, held_out_key=lambda pair: list(pair),
+                  help="plain (prompt, chosen, rejected); hh_rlhf (chosen, rejected: whole transcripts); "
+                       "ultrafeedback (chosen, rejected: message lists). A preference source needs `chosen` and "
+                       "`rejected` columns (strings or message lists), plus `prompt` unless they are whole "
+                       "conversations")
+
+
+def detect_preference_format(rows_sample: list[dict], source_name: str) -> str:
+    """The format of a source from a sample of its rows; DataSourceError naming the source, its
+    columns and the known formats when none fits."""
+    return detect_rows_format(rows_sample, DataSource(path=source_name), PREFERENCE)
 
 
 def to_pair(row: dict, fmt: str) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen response, rejected response) of a row; ValueError when malformed."""
     if fmt not in PREFERENCE_FORMATS:
         raise ValueError(f"unknown preference format {fmt!r}; known: {', '.join(PREFERENCE_FORMATS)}")
-    if not isinstance(row, dict):
-        raise ValueError(f"row is a {type(row).__name__}, not a dict")  # noqa: TRY004
-    missing = [c for c in PREFERENCE_FORMATS[fmt].columns if row.get(c) is None]
-    if missing:
-        raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has "
-                         f"{', '.join(map(str, row))}")
-    prompt, chosen, rejected = PREFERENCE_FORMATS[fmt].convert(row)
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if prompt[-1]["role"] == "assistant":
-        raise ValueError("the prompt ends with an assistant turn; it must end with a user or "
-                         "system turn, the response being the next assistant turn")
-    for what, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            raise ValueError(f"the {what} response is empty")
-    return prompt, chosen, rejected
+    if isinstance(row, dict):
+        missing = [c for c in PREFERENCE_FORMATS[fmt].columns if row.get(c) is None]
+        if missing:
+            raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
+    return PREFERENCE_FORMATS[fmt].convert(row, None)
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -275,132 +274,40 @@ def tokenize_pair(tokenizer, prompt_messages: list[dict], chosen: str, rejected:
 # ------------------------------------------------------------------------------------- datasets
 
 
-@dataclass
-class PreferenceData:
-    train: list[Pair]
-    val: list[Pair]
-    stats: dict = field(default_factory=dict)
+def encoder(tokenizer, max_seq_len: int):
+    """(prompt, chosen, rejected) -> a tokenized pair; truncation noted; dropped when a response
+    has no token left, or chosen and rejected are identical token for token."""
 
-
-def is_validation_pair(prompt: list[dict], chosen: str, rejected: str, val_fraction: float) -> bool:
-    """Stable hash of the example: the same pair always lands on the same side."""
-    return held_out([prompt, chosen, rejected], val_fraction)
-
-
-def _chain(first: list, rest: Iterator) -> Iterator:
-    yield from first
-    yield from rest
-
-
-def _pairs(rows: Iterator[dict], fmt: str | None, name: str, stats: dict,
-           counts: dict) -> Iterator[tuple[list[dict], str, str]]:
-    """Well-formed (prompt, chosen, rejected) of a split; malformed rows counted in `stats`."""
-    first = list(islice(rows, DETECT_SAMPLE_ROWS))
-    fmt = fmt or detect_preference_format([r for r in first if isinstance(r, dict)] or first, name)
-    counts["format"] = fmt
-    for k, row in enumerate(_chain(first, rows)):
-        counts["rows"] += 1
-        try:
-            yield to_pair(row, fmt)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            counts["malformed"] += 1
-            stats["malformed"] += 1
-            if len(stats["malformed_examples"]) < MALFORMED_SHOWN:
-                stats["malformed_examples"].append({"source": name, "row": k, "error": str(e)})
-
-
-def prepare_preference_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int,
-                            val_fraction: float, max_examples: int | None = None,
-                            max_val_examples: int | None = None) -> PreferenceData:
-    """Read, convert, tokenize and split preference sources in memory; see the module docstring.
-
-    `max_examples` caps the training pairs (after interleaving sources by weight),
-    `max_val_examples` the validation ones (default: max_examples, or all)."""
-    from llmlab.data.sft import merge_sources, source_splits
-
-    sources = [normalise_source(s, "preference", PREFERENCE_FORMATS) for s in sources]
-    if not sources:
-        raise ValueError("no preference data sources given")
-    stats = {"malformed": 0, "malformed_examples": [], "truncated": 0, "dropped_no_target": 0,
-             "dropped_identical": 0, "sources": []}
-    per_source_train: list[list[Pair]] = []
-    per_source_val: list[list[Pair]] = []
-    val_cap = max_val_examples if max_val_examples is not None else max_examples
-
-    def encode(prompt, chosen, rejected) -> Pair | None:
-        pair = tokenize_pair(tokenizer, prompt, chosen, rejected, max_seq_len)
-        stats["truncated"] += int(pair.pop("truncated"))
+    def encode(item: tuple[list[dict], str, str], report: SourceReport) -> Pair | None:
+        pair = tokenize_pair(tokenizer, *item, max_seq_len)
+        if pair.pop("truncated"):
+            report.note("truncated")
         if (all(x == IGNORE_INDEX for x in pair["chosen_labels"])
                 or all(x == IGNORE_INDEX for x in pair["rejected_labels"])):
-            stats["dropped_no_target"] += 1
+            report.drop("dropped_no_target")
             return None
         if pair["chosen_ids"] == pair["rejected_ids"]:
-            stats["dropped_identical"] += 1
+            report.drop("dropped_identical")
             return None
         return pair
 
-    for s in sources:
-        name = s["path"]
-        train_rows, val_rows = source_splits(s)
-        train, val = [], []
-        counts = {"rows": 0, "malformed": 0, "format": s["format"]}
-        before = {k: stats[k] for k in ("dropped_no_target", "dropped_identical")}
-        for prompt, chosen, rejected in _pairs(train_rows, s["format"], name, stats, counts):
-            held_out = val_rows is None and is_validation_pair(prompt, chosen, rejected, val_fraction)
-            if held_out and val_cap is not None and len(val) >= val_cap:
-                continue
-            pair = encode(prompt, chosen, rejected)
-            if pair is not None:
-                (val if held_out else train).append(pair)
-            if max_examples is not None and len(train) >= max_examples:
-                break
-        if not train and not val:
-            shown = "; ".join(f"row {m['row']}: {m['error']}" for m in stats["malformed_examples"]
-                              if m["source"] == name)
-            raise ValueError(
-                f"preference source {name!r} (format {counts['format']!r}) has no usable pair: "
-                f"{counts['rows']} row(s) read, {counts['malformed']} malformed"
-                + (f" ({shown})" if shown else "")
-                + f"; {stats['dropped_no_target'] - before['dropped_no_target']} had no response "
-                  f"token left within max_seq_len={max_seq_len}, "
-                  f"{stats['dropped_identical'] - before['dropped_identical']} had identical "
-                  f"chosen and rejected sequences")
-        n_train_malformed = counts["malformed"]
-        if val_rows is not None:
-            val_name = f"{name} (validation split)"
-            for prompt, chosen, rejected in _pairs(val_rows, s["format"] or counts["format"],
-                                                   val_name, stats, counts):
-                if val_cap is not None and len(val) >= val_cap:
-                    break
-                pair = encode(prompt, chosen, rejected)
-                if pair is not None:
-                    val.append(pair)
-        stats["sources"].append({
-            "path": name, "format": counts["format"], "train": len(train), "val": len(val),
-            "malformed": counts["malformed"], "malformed_train_split": n_train_malformed,
-            "validation": "split" if val_rows is not None else "held-out fraction"})
-        per_source_train.append(train)
-        per_source_val.append(val)
+    return encode
 
-    train, val = merge_sources(per_source_train, per_source_val, [float(s["weight"]) for s in sources], seed,
-                               max_examples, val_cap)
-    if not train:
-        raise ValueError(f"no preference training pairs from {[s['path'] for s in sources]} "
-                         f"(all usable pairs went to validation, or every source has weight 0)")
-    stats.update(train_pairs=len(train), val_pairs=len(val),
-                 train_tokens=sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in train))
-    if stats["malformed"]:
-        shown = "; ".join(f"{m['source']} row {m['row']}: {m['error']}"
-                          for m in stats["malformed_examples"])
-        log.warning("%d malformed preference rows were skipped (first: %s)", stats["malformed"], shown)
-    if stats["truncated"]:
-        log.warning("%d preference pairs were longer than max_seq_len=%d tokens and were truncated",
-                    stats["truncated"], max_seq_len)
-    for key, why in (("dropped_no_target", "had no response token left after truncation"),
-                     ("dropped_identical", "had identical chosen and rejected sequences")):
-        if stats[key]:
-            log.warning("%d preference pairs %s and were dropped", stats[key], why)
-    return PreferenceData(train=train, val=val, stats=stats)
+
+def prepare_preference_data(sources: list[DataSource], tokenizer, max_seq_len: int, seed: int,
+                            val_fraction: float, max_examples: int | None = None,
+                            max_val_examples: int | None = None) -> Examples[Pair]:
+    """Read, convert, tokenize and split preference sources (`llmlab.data.reader.read`); see the
+    module docstring. `max_examples` caps the training pairs, `max_val_examples` the validation
+    ones (default: max_examples, or all)."""
+    cap = max_val_examples if max_val_examples is not None else max_examples
+    return read(sources, PREFERENCE, encoder(tokenizer, max_seq_len), seed, val_fraction, max_examples, cap)
+
+
+def preference_pairs(sources: list[DataSource], tokenizer, max_seq_len: int, limit: int) -> list[Pair]:
+    """Up to `limit` tokenized pairs from the named split of each source, read whole (an evaluation's
+    held-out test pairs: no share is held out of them)."""
+    return read(sources, PREFERENCE, encoder(tokenizer, max_seq_len), 0, 0.0, limit, hold_out=False).train
 
 
 # -------------------------------------------------------------------------------------- batches

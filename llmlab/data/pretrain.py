@@ -1,7 +1,8 @@
 """Pretraining data: tokenize and pack text sources into token files, then sample batches from them.
 
-`prepare_pretrain_data` interleaves the sources by weight, assigns each document to training or
-validation by a stable hash of its text, tokenizes in batches, separates documents with EOS and
+`prepare_pretrain_data` reads the sources through the one data reader (`llmlab.data.reader.stream`:
+interleaved by weight, each document held out by a stable hash of its text, bad rows counted and
+reported), tokenizes in batches, separates documents with EOS and
 writes flat token files (`train.bin`, `val.bin`: numpy uint16, or uint32 for vocabularies of 65,536
 tokens or more) plus `meta.json` into `cache_dir("tokenized", <key>)`. The key hashes everything
 the tokens depend on (sources and their content stamps, tokenizer files, seed, val_fraction,
@@ -14,8 +15,7 @@ LongTensors; its `state_dict()` resumes the exact batch sequence. `eval_batches`
 consecutive blocks of the validation stream, unshuffled. Labels are the inputs (the model shifts).
 
 Usage:
-    data = prepare_pretrain_data([{"path": "builtin:stdlib", "subset": None, "split": "train",
-                                   "weight": 1.0, "column": "text"}], "out/tok", seq_len=256,
+    data = prepare_pretrain_data([DataSource(path="builtin:stdlib")], "out/tok", seq_len=256,
                                  seed=0, val_fraction=0.01, max_tokens=None)
     sampler = BlockSampler(data.train_path, seq_len=256, batch_size=8, seed=0)
     batch = sampler.next_batch()
@@ -43,15 +43,31 @@ import numpy as np
 import torch
 
 from llmlab.data.order import held_out
-from llmlab.data.sources import interleave, iter_texts, source_fingerprint
+from llmlab.data.reader import Format, Kind, SourceReport, stream
+from llmlab.data.sources import DataSource, source_fingerprint
 from llmlab.paths import cache_dir
-from llmlab.tokenizer import tokenizer_fingerprint
+from llmlab.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 # Bumped when the file format or the packing rules change, so old caches are not reused.
 FORMAT_VERSION = 1
 TOKENIZE_BATCH_DOCS = 1000
-SOURCE_KEYS = ("path", "subset", "split", "weight", "column")
-SOURCE_DEFAULTS = {"subset": None, "split": "train", "weight": 1.0, "column": "text"}
+
+
+def _text(row: dict, source: DataSource) -> str | None:
+    """A row's text column as a string; None (dropped as empty) for a null or empty value."""
+    value = row[source.column]
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text or None
+
+
+def _has_column(sample: list[dict], source: DataSource) -> str | None:
+    return "text" if all(source.column in r for r in sample) else None
+
+
+TEXT = Kind("text", {"text": Format((), _text)}, _has_column,
+            help="plain text in the column named by the data entry's `column:` (default text)")
 
 
 @dataclass
@@ -66,15 +82,6 @@ def is_validation(text: str, val_fraction: float) -> bool:
     """Whether a document belongs to the validation set: a stable hash of its text (the same on
     every run and machine), so a document, and every copy of it, always lands on the same side."""
     return held_out(text, val_fraction)
-
-
-def _normalise_source(source: dict) -> dict:
-    unknown = set(source) - set(SOURCE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown data source keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
-    if "path" not in source:
-        raise ValueError(f"data source {source!r} has no 'path'")
-    return {**SOURCE_DEFAULTS, **source}
 
 
 def _token_dtype(vocab_size: int) -> np.dtype:
@@ -126,11 +133,12 @@ class _TokenWriter:
         self.file.close()
 
 
-def _cache_key(sources: list[dict], tok_fp: str, seed: int, val_fraction: float,
+def _cache_key(sources: list[DataSource], tok_fp: str, seed: int, val_fraction: float,
                max_tokens: int | None) -> str:
     payload = {
         "format": FORMAT_VERSION,
-        "sources": [{**s, "content": source_fingerprint(s["path"])} for s in sources],
+        "sources": [{**s.model_dump(include={"path", "subset", "split", "weight", "column", "max_bad_share"}),
+                     "content": source_fingerprint(s.path)} for s in sources],
         "tokenizer": tok_fp,
         "seed": seed,
         "val_fraction": val_fraction,
@@ -139,21 +147,18 @@ def _cache_key(sources: list[dict], tok_fp: str, seed: int, val_fraction: float,
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare_pretrain_data(sources: list[dict], tokenizer_dir: str, seq_len: int, seed: int,
+def prepare_pretrain_data(sources: list[DataSource], tokenizer_dir: str, seq_len: int, seed: int,
                           val_fraction: float, max_tokens: int | None) -> PretrainData:
     """Tokenize and pack `sources` into cached train/val token files; see the module docstring.
 
     `seq_len` does not change the files (blocks are cut at sampling time); it is checked here so a
     training stream too short for one block fails early."""
-    from llmlab.tokenizer import load_tokenizer
-
     if not sources:
         raise ValueError("no data sources given")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_tokens is not None and max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
-    sources = [_normalise_source(s) for s in sources]
     tok_fp = tokenizer_fingerprint(tokenizer_dir)
     key = _cache_key(sources, tok_fp, seed, val_fraction, max_tokens)
     root = cache_dir("tokenized")
@@ -166,17 +171,16 @@ def prepare_pretrain_data(sources: list[dict], tokenizer_dir: str, seq_len: int,
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer_dir!r} has no EOS token to separate documents")
     dtype = _token_dtype(len(tokenizer))
-    streams = [(iter_texts(s["path"], s["subset"], s["split"], s["column"]), s["weight"])
-               for s in sources]
+    reports: list[SourceReport] = []
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
     try:
         start = time.perf_counter()
         train = _TokenWriter(tmp / "train.bin", dtype, tokenizer.eos_token_id)
         val = _TokenWriter(tmp / "val.bin", dtype, tokenizer.eos_token_id)
-        per_source = [{"path": s["path"], "weight": s["weight"], "train_docs": 0,
+        per_source = [{"path": s.path, "weight": s.weight, "train_docs": 0,
                        "train_tokens": 0, "val_docs": 0, "val_tokens": 0} for s in sources]
-        batch: list[tuple[int, str]] = []
-        mixed = interleave(streams, seed)
+        batch: list[tuple[int, bool, str]] = []
+        mixed = stream(sources, TEXT, seed, val_fraction, reports)
         done = False
         while not done:
             batch.clear()
@@ -186,10 +190,10 @@ def prepare_pretrain_data(sources: list[dict], tokenizer_dir: str, seq_len: int,
                     break
             if not batch:
                 break
-            ids = _encode_batch(tokenizer, [text for _, text in batch])
+            ids = _encode_batch(tokenizer, [text for _, _, text in batch])
             train_docs, val_docs = [], []
-            for (index, text), doc_ids in zip(batch, ids):
-                (val_docs if is_validation(text, val_fraction) else train_docs).append((index, doc_ids))
+            for (index, is_val, _), doc_ids in zip(batch, ids):
+                (val_docs if is_val else train_docs).append((index, doc_ids))
             for index, n in zip((i for i, _ in val_docs), val.write([d for _, d in val_docs])):
                 per_source[index]["val_docs"] += 1
                 per_source[index]["val_tokens"] += n
@@ -200,6 +204,10 @@ def prepare_pretrain_data(sources: list[dict], tokenizer_dir: str, seq_len: int,
             done = max_tokens is not None and train.tokens >= max_tokens
         train.close()
         val.close()
+        for entry, source, report in zip(per_source, sources, reports):
+            report.check(source, TEXT)  # the bad-row policy, also when max_tokens stopped the reading early
+            entry.update(rows=report.rows, malformed=report.bad, malformed_examples=report.bad_examples,
+                         empty=report.dropped["empty rows"])
         seconds = time.perf_counter() - start
         if train.tokens < seq_len:
             raise ValueError(f"the training stream has {train.tokens} tokens, fewer than one "

@@ -19,7 +19,7 @@ the part the completion answers, is kept).
 Validation: a source's own "validation" split when it has one (built-in task generators, hub
 datasets), else a `val_fraction` of its prompts chosen by a stable hash, never trained on.
 
-    data = prepare_prompt_data([{"path": "builtin:tasks-prompts"}], tokenizer, max_prompt_length=64,
+    data = prepare_prompt_data([DataSource(path="builtin:tasks-prompts")], tokenizer, max_prompt_length=64,
                                seed=0, val_fraction=0.05)
     data.train[0].ids, data.train[0].text, data.train[0].extras["answer"]
 """
@@ -27,25 +27,18 @@ datasets), else a `val_fraction` of its prompts chosen by a stable hash, never t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from llmlab.data.order import held_out
 from llmlab.data.preference import _hh_split, parse_hh_transcript
-from llmlab.data.sft import DETECT_SAMPLE_ROWS, _chain, merge_sources, normalise_source, source_splits
+from llmlab.data.reader import Examples, Format, Kind, SourceReport, first_matching, read
+from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.sources import DataSource
 
 @dataclass
 class Prompt:
     ids: list[int]  # what the policy is conditioned on
     text: str  # the same, as text: what reward functions see as the prompt
     extras: dict[str, Any] = field(default_factory=dict)  # the row's other columns (e.g. answer)
-
-
-@dataclass
-class PromptData:
-    train: list[Prompt]
-    val: list[Prompt]
-    stats: dict
 
 
 def _prompt_messages(row: dict) -> tuple[list[dict], str | None]:
@@ -83,36 +76,35 @@ def _hh(row: dict) -> tuple[list[dict], str | None]:
     return messages, prefix + "\n\nAssistant:"
 
 
-# name -> (columns that identify it, row -> (messages, plain prompt text or None), columns consumed)
-PROMPT_FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict], tuple[list[dict], str | None]], tuple[str, ...]]] = {
-    "prompt": (("prompt",), _prompt_messages, ("prompt",)),
-    "messages": (("messages",), lambda r: (_before_last_assistant(r["messages"]), None), ("messages",)),
-    "hh-rlhf": (("chosen",), _hh, ("chosen", "rejected")),
+def _extract(columns: tuple[str, ...], convert, consumed: tuple[str, ...]) -> Format:
+    """A prompt format: its columns, and row -> (messages ending with a user turn, plain text or None,
+    the row's other columns)."""
+
+    def extract(row: dict, source: DataSource | None = None) -> tuple[list[dict], str | None, dict]:
+        messages, text = convert(row)
+        return messages, text, {k: v for k, v in row.items() if k not in consumed}
+
+    return Format(columns, extract)
+
+
+PROMPT_FORMATS: dict[str, Format] = {
+    "prompt": _extract(("prompt",), _prompt_messages, ("prompt",)),
+    "messages": _extract(("messages",), lambda r: (_before_last_assistant(r["messages"]), None), ("messages",)),
+    "hh-rlhf": _extract(("chosen",), _hh, ("chosen", "rejected")),
 }
+PROMPTS = Kind("prompt", PROMPT_FORMATS, first_matching(PROMPT_FORMATS), held_out_key=lambda item: item[0])
 
 
 def detect_prompt_format(rows_sample: list[dict], source_name: str) -> str:
-    if not rows_sample:
-        raise ValueError(f"prompt data source {source_name!r} has no rows")
-    keys = set.intersection(*(set(r) for r in rows_sample))
-    for name, (columns, _, _) in PROMPT_FORMATS.items():
-        if set(columns) <= keys:
-            return name
-    found = sorted(set().union(*(set(r) for r in rows_sample)))
-    known = "; ".join(f"{n} ({', '.join(c)})" for n, (c, _, _) in PROMPT_FORMATS.items())
-    raise ValueError(f"could not detect the prompt format of {source_name!r}: its rows have columns "
-                     f"{', '.join(found) or '(none)'}. Known formats and the columns they need: {known}. "
-                     f"Rename the columns, or set `format:` on the data entry.")
+    return detect_rows_format(rows_sample, DataSource(path=source_name), PROMPTS)
 
 
 def extract_prompt(row: dict, fmt: str) -> tuple[list[dict], str | None, dict]:
     """(messages ending with a user turn, plain prompt text or None, the row's other columns)."""
-    columns, convert, consumed = PROMPT_FORMATS[fmt]
-    missing = [c for c in columns if c not in row]
+    missing = [c for c in PROMPT_FORMATS[fmt].columns if c not in row]
     if missing:
         raise KeyError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
-    messages, text = convert(row)
-    return messages, text, {k: v for k, v in row.items() if k not in consumed}
+    return PROMPT_FORMATS[fmt].convert(row, None)
 
 
 def render_prompt(tokenizer, messages: list[dict], text: str | None) -> str:
@@ -129,59 +121,25 @@ def encode_prompt(tokenizer, rendered: str) -> list[int]:
     return tokenizer(rendered, add_special_tokens=not tokenizer.chat_template)["input_ids"]
 
 
-def _prompts(rows: Iterator[dict], source: dict, name: str) -> Iterator[tuple[list[dict], str | None, dict]]:
-    first = list(islice(rows, DETECT_SAMPLE_ROWS))
-    fmt = source["format"] or detect_prompt_format(first, name)
-    for k, row in enumerate(_chain(first, rows)):
-        try:
-            yield extract_prompt(row, fmt)
-        except (KeyError, TypeError, ValueError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise ValueError(f"{name!r} row {k} is not valid {fmt!r} prompt data: {msg}") from e
+def encoder(tokenizer, max_prompt_length: int):
+    """(messages, text, extras) -> a Prompt: rendered, tokenized, cut from the left to
+    `max_prompt_length` tokens (noted)."""
 
-
-def prepare_prompt_data(sources: list[dict], tokenizer, max_prompt_length: int, seed: int, val_fraction: float,
-                        max_prompts: int | None = None, max_val_prompts: int | None = None) -> PromptData:
-    """Read, extract, render and tokenize prompt sources; see the module docstring."""
-
-    sources = [normalise_source(s, "prompt", PROMPT_FORMATS) for s in sources]
-    stats: dict = {"truncated": 0, "sources": []}
-    per_train: list[list[Prompt]] = []
-    per_val: list[list[Prompt]] = []
-
-    def make(messages, text, extras) -> Prompt:
+    def encode(item: tuple[list[dict], str | None, dict], report: SourceReport) -> Prompt:
+        messages, text, extras = item
         rendered = render_prompt(tokenizer, messages, text)
         ids = encode_prompt(tokenizer, rendered)
         if len(ids) > max_prompt_length:
-            stats["truncated"] += 1
+            report.note("truncated")
             ids = ids[-max_prompt_length:]
             rendered = tokenizer.decode(ids, skip_special_tokens=False)
         return Prompt(ids, rendered, extras)
 
-    for s in sources:
-        name = s["path"]
-        train_rows, val_rows = source_splits(s)
-        train, val = [], []
-        for messages, text, extras in _prompts(train_rows, s, name):
-            if val_rows is None and held_out(messages, val_fraction):
-                if max_val_prompts is None or len(val) < max_val_prompts:
-                    val.append(make(messages, text, extras))
-            else:
-                train.append(make(messages, text, extras))
-            if max_prompts is not None and len(train) >= max_prompts:
-                break
-        if val_rows is not None:
-            for messages, text, extras in _prompts(val_rows, s, f"{name} (validation split)"):
-                val.append(make(messages, text, extras))
-                if max_val_prompts is not None and len(val) >= max_val_prompts:
-                    break
-        stats["sources"].append({"path": name, "train": len(train), "val": len(val),
-                                 "validation": "split" if val_rows is not None else "held-out fraction"})
-        per_train.append(train)
-        per_val.append(val)
-    train, val = merge_sources(per_train, per_val, [float(s["weight"]) for s in sources], seed, max_prompts,
-                               max_val_prompts)
-    if not train:
-        raise ValueError(f"no training prompts from {[s['path'] for s in sources]}")
-    stats.update(train_prompts=len(train), val_prompts=len(val))
-    return PromptData(train, val, stats)
+    return encode
+
+
+def prepare_prompt_data(sources: list[DataSource], tokenizer, max_prompt_length: int, seed: int, val_fraction: float,
+                        max_prompts: int | None = None, max_val_prompts: int | None = None) -> Examples[Prompt]:
+    """Read, extract, render and tokenize prompt sources (`llmlab.data.reader.read`); see the module
+    docstring."""
+    return read(sources, PROMPTS, encoder(tokenizer, max_prompt_length), seed, val_fraction, max_prompts, max_val_prompts)

@@ -35,26 +35,18 @@ conversation, never used for training.
 
 from __future__ import annotations
 
-import logging
-import random
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from itertools import islice
 
 import torch
 
-from llmlab.data.order import EpochWalk, held_out
-
+from llmlab.data.order import EpochWalk
+from llmlab.data.reader import Examples, Format, Kind, SourceReport, first_matching, read
+from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.sources import DataSource
 from llmlab.train.objectives import IGNORE_INDEX
-
-log = logging.getLogger(__name__)
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
-SOURCE_KEYS = ("path", "subset", "split", "weight", "format")
-SOURCE_DEFAULTS = {"subset": None, "split": "train", "weight": 1.0, "format": None}
-DETECT_SAMPLE_ROWS = 20
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
                   "system": "system"}
@@ -94,46 +86,34 @@ def _alpaca(row: dict) -> list[dict]:
     return _turn(prompt, row["output"])
 
 
-@dataclass(frozen=True)
-class Format:
-    columns: tuple[str, ...]  # all must be present
-    convert: Callable[[dict], list[dict]]
+def _conversation(convert):
+    """A converter that also insists on an assistant turn (nothing to learn without one)."""
 
-    def matches(self, keys: set[str]) -> bool:
-        return set(self.columns) <= keys
+    def checked(row: dict, source: DataSource | None = None) -> list[dict]:
+        messages = convert(row)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError("conversation has no assistant turn: nothing to learn from")
+        return messages
+
+    return checked
 
 
 # Order matters: the first match wins (alpaca before instruction: both have `instruction`).
 FORMATS: dict[str, Format] = {
-    "messages": Format(("messages",), _messages),
-    "sharegpt": Format(("conversations",), _sharegpt),
-    "alpaca": Format(("instruction", "input", "output"), _alpaca),
-    "instruction": Format(("instruction", "response"),
-                          lambda r: _turn(r["instruction"], r["response"])),
-    "prompt_completion": Format(("prompt", "completion"),
-                                lambda r: _turn(r["prompt"], r["completion"])),
-    "question_answer": Format(("question", "answer"), lambda r: _turn(r["question"], r["answer"])),
+    "messages": Format(("messages",), _conversation(_messages)),
+    "sharegpt": Format(("conversations",), _conversation(_sharegpt)),
+    "alpaca": Format(("instruction", "input", "output"), _conversation(_alpaca)),
+    "instruction": Format(("instruction", "response"), _conversation(lambda r: _turn(r["instruction"], r["response"]))),
+    "prompt_completion": Format(("prompt", "completion"), _conversation(lambda r: _turn(r["prompt"], r["completion"]))),
+    "question_answer": Format(("question", "answer"), _conversation(lambda r: _turn(r["question"], r["answer"]))),
 }
-
-
-def _formats_help() -> str:
-    return "; ".join(f"{name} ({', '.join(f.columns)})" for name, f in FORMATS.items())
+SFT = Kind("SFT", FORMATS, first_matching(FORMATS))
 
 
 def detect_format(rows_sample: list[dict], source_name: str) -> str:
-    """The first format whose columns every sampled row has; ValueError naming the source, the
+    """The first format whose columns every sampled row has; DataSourceError naming the source, the
     columns it has and the known formats otherwise."""
-    if not rows_sample:
-        raise ValueError(f"SFT data source {source_name!r} has no rows")
-    keys = set.intersection(*(set(r) for r in rows_sample))
-    for name, fmt in FORMATS.items():
-        if fmt.matches(keys):
-            return name
-    found = sorted(set().union(*(set(r) for r in rows_sample)))
-    raise ValueError(
-        f"could not detect the SFT format of {source_name!r}: its rows have columns "
-        f"{', '.join(found) or '(none)'}. Known formats and the columns they need: "
-        f"{_formats_help()}. Rename the columns, or set `format:` on the data entry.")
+    return detect_rows_format(rows_sample, DataSource(path=source_name), SFT)
 
 
 def to_messages(row: dict, fmt: str) -> list[dict]:
@@ -142,12 +122,8 @@ def to_messages(row: dict, fmt: str) -> list[dict]:
         raise ValueError(f"unknown SFT format {fmt!r}; known: {', '.join(FORMATS)}")
     missing = [c for c in FORMATS[fmt].columns if c not in row]
     if missing:
-        raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has "
-                         f"{', '.join(map(str, row))}")
-    messages = FORMATS[fmt].convert(row)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("conversation has no assistant turn: nothing to learn from")
-    return messages
+        raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
+    return FORMATS[fmt].convert(row, None)
 
 
 # ------------------------------------------------------------------------------------ tokenizing
@@ -215,178 +191,29 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_len: int) -> 
 # ------------------------------------------------------------------------------------- datasets
 
 
-@dataclass
-class SFTData:
-    train: list[Example]
-    val: list[Example]
-    stats: dict = field(default_factory=dict)
+def encoder(tokenizer, max_seq_len: int):
+    """conversation -> (input_ids, labels), cut to `max_seq_len` (noted); dropped when no assistant
+    token is left to learn."""
 
-
-def is_validation_example(messages: list[dict], val_fraction: float) -> bool:
-    """Stable hash of the conversation: the same example always lands on the same side."""
-    return held_out(messages, val_fraction)
-
-
-def normalise_source(source: dict, what: str, formats: Iterable[str]) -> dict:
-    """A data-source dict with defaults filled in; clear errors for unknown keys, no path, a
-    negative weight or an unknown format (`what` names the data kind in messages)."""
-    unknown = set(source) - set(SOURCE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown {what} data keys {sorted(unknown)}; allowed: {list(SOURCE_KEYS)}")
-    if "path" not in source:
-        raise ValueError(f"{what} data entry {source!r} has no 'path'")
-    s = {**SOURCE_DEFAULTS, **source}
-    if not s["weight"] >= 0:
-        raise ValueError(f"{what} source {s['path']!r} has weight {s['weight']}; weights must be >= 0")
-    if s["format"] is not None and s["format"] not in formats:
-        raise ValueError(f"{s['path']!r}: unknown {what} format {s['format']!r}; known: {', '.join(formats)}")
-    return s
-
-
-def _builtin_task_source(path: str):
-    from llmlab.data.sources import BUILTIN_PREFIX
-    from llmlab.data.tasks import TASK_SOURCES
-
-    if path.startswith(BUILTIN_PREFIX) and path[len(BUILTIN_PREFIX):] in TASK_SOURCES:
-        return TASK_SOURCES[path[len(BUILTIN_PREFIX):]]
-    return None
-
-
-def open_split(path: str, subset: str | None, split: str) -> Iterator[dict] | None:
-    """Rows of one split of a source, or None when the source has no such split. Built-in task
-    generators have train/validation/test; hub datasets have what they have; local files and
-    other built-in sources are one split only (None for anything but the requested train split)."""
-    from llmlab.data.sources import BUILTIN_PREFIX, DataSourceError, _is_local, iter_rows
-
-    tasks = _builtin_task_source(path)
-    if tasks is not None:
-        return tasks(split)
-    if path.startswith(BUILTIN_PREFIX) or _is_local(path):
-        return None
-    try:
-        return iter_rows(path, subset, split)
-    except DataSourceError:
-        return None
-
-
-def source_splits(source: dict) -> tuple[Iterator[dict], Iterator[dict] | None]:
-    """A normalised source's training rows (its `split`) and its own validation rows, or None when
-    it has none (then a hashed fraction of the training rows is held out instead)."""
-    from llmlab.data.sources import iter_rows
-
-    name = source["path"]
-    tasks = _builtin_task_source(name)
-    train = tasks(source["split"]) if tasks else iter_rows(name, source["subset"], source["split"])
-    val = open_split(name, source["subset"], "validation") if source["split"] != "validation" else None
-    return train, val
-
-
-def _conversations(rows: Iterator[dict], source: dict, name: str) -> Iterator[list[dict]]:
-    first = list(islice(rows, DETECT_SAMPLE_ROWS))
-    fmt = source["format"] or detect_format(first, name)
-    if fmt not in FORMATS:
-        raise ValueError(f"{name!r}: unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    for k, row in enumerate(_chain(first, rows)):
-        try:
-            yield to_messages(row, fmt)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{name!r} row {k} is not valid {fmt!r} data: {e}") from e
-
-
-def _chain(first: list[dict], rest: Iterator[dict]) -> Iterator[dict]:
-    yield from first
-    yield from rest
-
-
-def _weighted_order(counts: list[int], weights: list[float], seed: int) -> list[tuple[int, int]]:
-    """Interleave several lists by weight: (source index, item index) pairs; each next item comes
-    from source i with probability w_i / sum(w) over sources not yet exhausted."""
-    rng = random.Random(seed)
-    pos = [0] * len(counts)
-    live = [i for i, (c, w) in enumerate(zip(counts, weights)) if c > 0 and w > 0]
-    order = []
-    while live:
-        i = rng.choices(live, [weights[j] for j in live])[0]
-        order.append((i, pos[i]))
-        pos[i] += 1
-        if pos[i] >= counts[i]:
-            live.remove(i)
-    return order
-
-
-def merge_sources(per_source_train: list[list], per_source_val: list[list], weights: list[float], seed: int,
-                  max_train: int | None, max_val: int | None) -> tuple[list, list]:
-    """Interleave each source's training examples by relative weight (seeded), concatenate the
-    validation ones, and apply the caps — shared by SFT and preference data."""
-    order = _weighted_order([len(t) for t in per_source_train], weights, seed)
-    train = [per_source_train[i][j] for i, j in order][:max_train]
-    val = [ex for v in per_source_val for ex in v][:max_val]
-    return train, val
-
-
-def prepare_sft_data(sources: list[dict], tokenizer, max_seq_len: int, seed: int,
-                     val_fraction: float, max_examples: int | None = None,
-                     max_val_examples: int | None = None) -> SFTData:
-    """Read, convert, tokenize and split SFT sources in memory; see the module docstring.
-
-    `max_examples` caps the training examples (after interleaving), `max_val_examples` the
-    validation ones (default: max_examples, or all)."""
-
-    sources = [normalise_source(s, "SFT", FORMATS) for s in sources]
-    stats = {"truncated": 0, "dropped_no_target": 0, "sources": []}
-    per_source_train: list[list[Example]] = []
-    per_source_val: list[list[Example]] = []
-
-    def encode(messages) -> Example | None:
+    def encode(messages: list[dict], report: SourceReport) -> Example | None:
         ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_len)
-        stats["truncated"] += int(truncated)
+        if truncated:
+            report.note("truncated")
         if all(label == IGNORE_INDEX for label in labels):
-            stats["dropped_no_target"] += 1
+            report.drop("dropped_no_target")
             return None
         return ids, labels
 
-    for s in sources:
-        name = s["path"]
-        train_rows, val_rows = source_splits(s)
-        train, val = [], []
-        for messages in _conversations(train_rows, s, name):
-            if val_rows is None and is_validation_example(messages, val_fraction):
-                ex = encode(messages)
-                if ex is not None:
-                    val.append(ex)
-            else:
-                ex = encode(messages)
-                if ex is not None:
-                    train.append(ex)
-            if max_examples is not None and len(train) >= max_examples:
-                break
-        if val_rows is not None:
-            for messages in _conversations(val_rows, s, f"{name} (validation split)"):
-                ex = encode(messages)
-                if ex is not None:
-                    val.append(ex)
-                if len(val) >= (max_val_examples or max_examples or float("inf")):
-                    break
-        stats["sources"].append({"path": name, "train": len(train), "val": len(val),
-                                 "validation": "split" if val_rows is not None else "held-out fraction"})
-        per_source_train.append(train)
-        per_source_val.append(val)
+    return encode
 
+
+def prepare_sft_data(sources: list[DataSource], tokenizer, max_seq_len: int, seed: int, val_fraction: float,
+                     max_examples: int | None = None, max_val_examples: int | None = None) -> Examples[Example]:
+    """Read, convert, tokenize and split SFT sources (`llmlab.data.reader.read`); see the module
+    docstring. `max_examples` caps the training examples, `max_val_examples` the validation ones
+    (default: max_examples, or all)."""
     cap = max_val_examples if max_val_examples is not None else max_examples
-    train, val = merge_sources(per_source_train, per_source_val, [float(s["weight"]) for s in sources], seed,
-                               max_examples, cap)
-    if not train:
-        raise ValueError(f"no SFT training examples from {[s['path'] for s in sources]}")
-    stats.update(train_examples=len(train), val_examples=len(val),
-                 train_tokens=sum(len(ids) for ids, _ in train),
-                 train_target_tokens=sum(sum(l != IGNORE_INDEX for l in lab) for _, lab in train))
-    if stats["truncated"]:
-        log.warning("%d SFT examples were longer than max_seq_len=%d tokens and were truncated",
-                    stats["truncated"], max_seq_len)
-    if stats["dropped_no_target"]:
-        log.warning("%d SFT examples had no assistant token left after truncation and were dropped",
-                    stats["dropped_no_target"])
-    return SFTData(train=train, val=val, stats=stats)
+    return read(sources, SFT, encoder(tokenizer, max_seq_len), seed, val_fraction, max_examples, cap)
 
 
 # -------------------------------------------------------------------------------------- batches

@@ -1,85 +1,100 @@
-"""Reading data sources: built-in corpora, local files and folders, Hugging Face hub datasets.
+"""Data sources: what a spec's `data:` entry names, and reading its rows.
 
-A source is named by one string:
-- `builtin:<name>` — an entry of `llmlab.data.builtin.BUILTIN_SOURCES` (e.g. `builtin:stdlib`);
-- a local file — `.txt` (one document per blank-line-separated paragraph), `.jsonl`/`.json`,
-  `.parquet`, `.csv` (read with `datasets`' builders);
-- a local folder — every supported file in it (recursively), in sorted path order;
-- anything else — a hub dataset, `datasets.load_dataset(path, subset, split=..., streaming=...)`.
+A source is a typed `DataSource` (from the spec) whose `path` is one of:
+- `builtin:<name>` — an entry of `llmlab.data.builtin.BUILTIN_SOURCES` (e.g. `builtin:stdlib`, or a
+  task generator with train/validation/test splits such as `builtin:tasks`);
+- a local file — `.txt` (one document per blank-line-separated paragraph), `.jsonl` / `.json` (one
+  JSON object per line, or a JSON array of objects), `.parquet`, `.csv`;
+- a local folder — every supported file in it (recursively, sorted, hidden files skipped);
+- anything else — a hub dataset, `datasets.load_dataset(path, subset, split=..., streaming=True)`.
 
-Usage:
-    from llmlab.data.sources import iter_rows, iter_texts, interleave
-    for row in iter_rows("data/train.jsonl"): ...
-    texts = iter_texts("builtin:stdlib", column="text")
-    for source_index, text in interleave([(texts_a, 1.0), (texts_b, 3.0)], seed=0): ...
+    rows = open_rows(source)                   # (where, row) pairs; None when the split does not exist
+    for where, row in rows: ...                # where = "data/train.jsonl line 12"; row = dict or BadRow
+    list(iter_rows("data/train.jsonl"))        # plain dicts (a bad line raises, naming it)
 
-Path errors (missing file, unknown builtin, hub dataset that cannot be loaded) are raised when
-`iter_rows`/`iter_texts` is called, not at the first `next()`. `datasets` is imported only when a
-file other than `.txt`, or a hub dataset, is read.
+A row that cannot even be parsed (a line that is not JSON, a value that is not an object) comes back
+as a `BadRow` with its location, so the reader (`llmlab.data.reader`) can count it, report it and go
+on. A file that is not UTF-8, a missing path or an unloadable hub dataset raise `DataSourceError`
+naming the path and the fix. `datasets` is imported only for parquet/csv files and hub datasets.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
-import random
 from collections.abc import Iterator
-from itertools import chain
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from llmlab.data.builtin import BUILTIN_SOURCES, environment_fingerprint
+from llmlab.data.tasks import SPLITS as TASK_SPLITS
+from llmlab.data.tasks import TASK_SOURCES
 from llmlab.paths import cache_dir
+from llmlab.spec_base import Loc, StrictModel
 
 BUILTIN_PREFIX = "builtin:"
-# File extension -> `datasets` builder name; ".txt" is read by `_iter_txt` instead.
-DATASETS_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SUPPORTED_SUFFIXES = frozenset({".txt", *DATASETS_BUILDERS})
+# File extension -> `datasets` builder name, for the formats we do not parse ourselves.
+DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
+SUPPORTED_SUFFIXES = frozenset({".txt", ".jsonl", ".json", *DATASETS_BUILDERS})
 
 
 class DataSourceError(ValueError):
-    """A data source could not be read (unloadable hub dataset, missing column, ...)."""
+    """A data source cannot be read as asked; the message names it and says what to do."""
 
 
-def _is_local(path: str) -> bool:
+class DataSource(StrictModel):
+    """One data source of a stage; several interleave by relative weight."""
+
+    path: str = Field(description="builtin:<name>, a local file or folder, or a hub dataset name")
+    subset: str | None = None  # hub dataset configuration name
+    split: str = "train"  # which split to read (hub datasets and built-in task generators)
+    weight: float = Field(1.0, gt=0)  # relative share of examples drawn from this source
+    column: str = "text"  # the text column of plain-text data (pretraining, tokenizer)
+    format: str | None = None  # row format of SFT / preference / prompt data; None = detect from the columns
+    max_bad_share: float = Field(0.05, ge=0, le=1)  # malformed rows skipped (and reported) before the source fails
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.path.startswith(BUILTIN_PREFIX):
+            name = self.path[len(BUILTIN_PREFIX):]
+            if name not in BUILTIN_SOURCES:
+                near = difflib.get_close_matches(name, list(BUILTIN_SOURCES), n=1)
+                hint = f"did you mean '{BUILTIN_PREFIX}{near[0]}'? " if near else ""
+                yield ("path",), (f"unknown built-in source '{name}': {hint}available: "
+                                  f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SOURCES)}")
+        elif self.path.startswith(("/", "./", "../", "~")) and not Path(self.path).expanduser().exists():
+            yield ("path",), f"no such file or folder: {self.path} (paths are relative to the folder you run llmlab from)"
+
+    @property
+    def is_local(self) -> bool:
+        return is_local(self.path)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not be parsed at all (the reader counts and reports it)."""
+
+    error: str
+
+
+Located = tuple[str, "dict | BadRow"]  # (where the row is, the row)
+
+
+def is_local(path: str) -> bool:
+    """Whether a source path names a local file or folder (rather than a hub dataset)."""
     p = Path(path).expanduser()
     return (p.exists() or p.suffix.lower() in SUPPORTED_SUFFIXES
             or path.startswith(("/", "./", "../", "~", ".")) or path.count("/") > 1)
-
-
-def _iter_txt(path: Path) -> Iterator[dict]:
-    """One row per paragraph: `datasets`' text builder would give one row per line, but a line is
-    rarely a whole document."""
-    lines: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-            elif lines:
-                yield {"text": "\n".join(lines).strip()}
-                lines = []
-    if lines:
-        yield {"text": "\n".join(lines).strip()}
-
-
-def _iter_file(path: Path, streaming: bool) -> Iterator[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        yield from _iter_txt(path)
-        return
-    import datasets
-
-    # A cache folder of our own keeps `datasets`' lock and Arrow files for local files out of the
-    # user's Hugging Face cache.
-    ds = datasets.load_dataset(DATASETS_BUILDERS[suffix], data_files=str(path), split="train",
-                               streaming=streaming, cache_dir=str(cache_dir("hf-datasets")))
-    yield from ds
 
 
 def local_files(path: str | Path) -> list[Path]:
     """The supported files a local source stands for (the file itself, or a folder's, sorted)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data source {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data source {str(path)!r} does not exist (paths are relative to the folder you run "
+                                f"llmlab from)")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
@@ -88,56 +103,163 @@ def local_files(path: str | Path) -> list[Path]:
                                     f"({', '.join(sorted(SUPPORTED_SUFFIXES))})")
         return files
     if p.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise ValueError(f"data file {str(path)!r} has an unsupported extension; supported: "
-                         f"{', '.join(sorted(SUPPORTED_SUFFIXES))}")
+        raise DataSourceError(f"data file {str(path)!r} has an unsupported extension; supported: "
+                              f"{', '.join(sorted(SUPPORTED_SUFFIXES))}")
     return [p]
 
 
-def iter_rows(path: str, subset: str | None = None, split: str = "train",
-              streaming: bool = True) -> Iterator[dict]:
-    """Rows (dicts) of a data source; see the module docstring for what `path` may name.
+# ----------------------------------------------------------------------------------- local files
 
-    `subset` and `split` apply to hub datasets only (a local source is all one split)."""
-    if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_SOURCES:
-            raise ValueError(f"unknown built-in source {path!r}; known: "
-                             f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_SOURCES))}")
-        return BUILTIN_SOURCES[name](split)
-    if _is_local(path):
-        files = local_files(path)
-        return chain.from_iterable(_iter_file(f, streaming) for f in files)
-    import datasets
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file; a file that is not UTF-8 fails with its name."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            yield from enumerate(f, start=1)
+    except UnicodeDecodeError as e:
+        raise DataSourceError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): save it as UTF-8") from None
+
+
+def _read_txt(path: Path) -> Iterator[Located]:
+    """One row {"text": paragraph} per blank-line-separated paragraph: a line is rarely a document."""
+    lines: list[str] = []
+    first = 0
+    for number, line in _text_lines(path):
+        if line.strip():
+            if not lines:
+                first = number
+            lines.append(line.rstrip("\n"))
+        elif lines:
+            yield f"{path} line {first}", {"text": "\n".join(lines).strip()}
+            lines = []
+    if lines:
+        yield f"{path} line {first}", {"text": "\n".join(lines).strip()}
+
+
+def _parsed(value: object) -> dict | BadRow:
+    return value if isinstance(value, dict) else BadRow(f"a JSON {type(value).__name__}, not an object of columns")
+
+
+def _read_json(path: Path) -> Iterator[Located]:
+    """JSON lines (one object per line), or one JSON array of objects (a `.json` file)."""
+    if path.suffix.lower() == ".json":
+        with path.open("rb") as f:
+            head = f.read(64).lstrip()
+        if head.startswith(b"["):
+            try:
+                items = json.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataSourceError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded): save it as UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise DataSourceError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix it, or write one "
+                                      f"object per line (JSON lines)") from None
+            for i, item in enumerate(items):
+                yield f"{path} item {i}", _parsed(item)
+            return
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path} line {number}", _parsed(json.loads(line))
+        except json.JSONDecodeError as e:
+            yield f"{path} line {number}", BadRow(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _read_with_datasets(path: Path) -> Iterator[Located]:
+    import datasets  # deferred: a heavy import only parquet/csv files need
+
+    # A cache folder of our own keeps `datasets`' lock and Arrow files for local files out of the
+    # user's Hugging Face cache.
+    try:
+        ds = datasets.load_dataset(DATASETS_BUILDERS[path.suffix.lower()], data_files=str(path), split="train",
+                                   streaming=True, cache_dir=str(cache_dir("hf-datasets")))
+        for i, row in enumerate(ds):
+            yield f"{path} row {i + 1}", row
+    except Exception as e:  # datasets raises many types for a broken file (ArrowInvalid, ValueError, ...)
+        if isinstance(e, DataSourceError):
+            raise
+        raise DataSourceError(f"{path} cannot be read as {path.suffix.lower()[1:]}: {type(e).__name__}: {e}") from e
+
+
+def _read_file(path: Path) -> Iterator[Located]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _read_txt(path)
+    if suffix in (".jsonl", ".json"):
+        return _read_json(path)
+    return _read_with_datasets(path)
+
+
+# ------------------------------------------------------------------------------------- opening
+
+
+def _hub_rows(source: DataSource, split: str) -> Iterator[Located]:
+    import datasets  # deferred: heavy, and only hub datasets need it
 
     try:
-        ds = datasets.load_dataset(path, subset, split=split, streaming=streaming)
-    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        ds = datasets.load_dataset(source.path, source.subset, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
         raise DataSourceError(
-            f"could not load dataset {path!r} (subset={subset!r}, split={split!r}) from the Hugging "
-            f"Face hub; no local file or folder has that name. If you are offline, "
-            f"HF_DATASETS_OFFLINE may be set and only cached datasets load. Cause: "
-            f"{type(e).__name__}: {e}") from e
-    return iter(ds)
+            f"could not load dataset {source.path!r} (subset={source.subset!r}, split={split!r}) from the Hugging "
+            f"Face hub; no local file or folder has that name. If you are offline, HF_DATASETS_OFFLINE may be set "
+            f"and only cached datasets load. Cause: {type(e).__name__}: {e}") from e
+    return ((f"{source.path} ({split}) row {i + 1}", row) for i, row in enumerate(ds))
 
 
-def iter_texts(path: str, subset: str | None = None, split: str = "train",
-               column: str = "text") -> Iterator[str]:
+def has_own_split(source: DataSource, split: str) -> bool:
+    """Whether the source itself has `split` (task generators: train/validation/test; hub datasets:
+    what they publish). Local files and text corpora are one split only."""
+    if source.path.startswith(BUILTIN_PREFIX):
+        return source.path[len(BUILTIN_PREFIX):] in TASK_SOURCES and split in TASK_SPLITS
+    if source.is_local:
+        return False
+    try:
+        _hub_rows(source, split)
+    except DataSourceError:
+        return False
+    return True
+
+
+def open_rows(source: DataSource, split: str | None = None) -> Iterator[Located]:
+    """(where, row) pairs of one split of a source (default: its `split`). Local files and text
+    corpora are one split: they are read whatever the split. Path problems raise here, not at the
+    first `next()`."""
+    split = split or source.split
+    if source.path.startswith(BUILTIN_PREFIX):
+        name = source.path[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SOURCES:
+            raise DataSourceError(f"unknown built-in source {source.path!r}; known: "
+                                  f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_SOURCES))}")
+        return ((f"{source.path} ({split}) row {i + 1}", row) for i, row in enumerate(BUILTIN_SOURCES[name](split)))
+    if source.is_local:
+        files = local_files(source.path)
+        return (located for f in files for located in _read_file(f))
+    return _hub_rows(source, split)
+
+
+def iter_rows(path: str, subset: str | None = None, split: str = "train") -> Iterator[dict]:
+    """Plain row dicts of a source (a convenience for scripts and tests; stages read through
+    `llmlab.data.reader`, which counts and skips bad rows instead). A bad row raises, naming it;
+    path problems raise at the call, not at the first `next()`."""
+    rows = open_rows(DataSource(path=path, subset=subset, split=split))
+
+    def plain() -> Iterator[dict]:
+        for where, row in rows:
+            if isinstance(row, BadRow):
+                raise DataSourceError(f"{where}: {row.error}")
+            yield row
+
+    return plain()
+
+
+def iter_texts(path: str, subset: str | None = None, split: str = "train", column: str = "text") -> Iterator[str]:
     """The `column` of every row of a source, as strings; empty and null values are skipped."""
-    rows = iter_rows(path, subset, split)
-    return _texts_of(rows, path, column)
-
-
-def _texts_of(rows: Iterator[dict], path: str, column: str) -> Iterator[str]:
-    for row in rows:
+    for row in iter_rows(path, subset, split):
         if column not in row:
-            raise DataSourceError(f"data source {path!r} has no column {column!r}; "
-                                  f"its rows have: {', '.join(map(str, row))}")
+            raise DataSourceError(f"data source {path!r} has no column {column!r}; its rows have: {', '.join(map(str, row))}")
         value = row[column]
-        if value is None:
-            continue
-        text = value if isinstance(value, str) else str(value)
-        if text:
-            yield text
+        if value is not None and str(value):
+            yield value if isinstance(value, str) else str(value)
 
 
 def source_fingerprint(path: str) -> str:
@@ -146,37 +268,8 @@ def source_fingerprint(path: str) -> str:
     hub datasets (their revision cannot be checked offline)."""
     if path.startswith(BUILTIN_PREFIX):
         state: object = [path, environment_fingerprint()]
-    elif _is_local(path):
+    elif is_local(path):
         state = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in local_files(path)]
     else:
         state = ["hub", path]
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:16]
-
-
-def interleave(sources: list[tuple[Iterator[str], float]], seed: int) -> Iterator[tuple[int, str]]:
-    """Mix documents from several sources: each next document comes from source i with probability
-    w_i / sum(w) (weights are relative), drawn with `random.Random(seed)`. A source that runs out
-    is dropped and the others' weights renormalised. Yields (index of the source in `sources`,
-    text); a source of weight 0 is never read."""
-    for i, (_, weight) in enumerate(sources):
-        if not weight >= 0:
-            raise ValueError(f"source {i} has weight {weight}; weights must be >= 0")
-    rng = random.Random(seed)
-    live = [(i, iter(it), float(w)) for i, (it, w) in enumerate(sources) if w > 0]
-    while live:
-        total = sum(w for _, _, w in live)
-        r = rng.random() * total
-        pick = len(live) - 1  # floating-point slack lands on the last source
-        acc = 0.0
-        for k, (_, _, w) in enumerate(live):
-            acc += w
-            if r < acc:
-                pick = k
-                break
-        index, it, _ = live[pick]
-        try:
-            text = next(it)
-        except StopIteration:
-            del live[pick]
-            continue
-        yield index, text

@@ -55,6 +55,20 @@ def prepare_checkpoints(ctx: StageContext) -> Path:
     return ckpt
 
 
+def report_data(ctx: StageContext, examples: Any, unit: str) -> None:
+    """Say what the stage's data gave — per source: training and validation examples, malformed
+    rows skipped (the first quoted), dropped and truncated examples — in the log and the MLflow run."""
+    print(f"[{ctx.name}] {len(examples.train):,} training and {len(examples.val):,} validation {unit}")
+    for report in examples.reports:
+        print(f"[{ctx.name}]   {report.summary()}")
+    stats = examples.stats
+    ctx.run.set_tags({"llmlab.train_examples": len(examples.train), "llmlab.val_examples": len(examples.val),
+                      "llmlab.malformed_rows": stats["malformed"], "llmlab.data_unit": unit,
+                      **{f"llmlab.data.{i}": report.summary()[:500] for i, report in enumerate(examples.reports)}})
+    ctx.log({"data/train_examples": float(len(examples.train)), "data/val_examples": float(len(examples.val)),
+             "data/malformed_rows": float(stats["malformed"])}, 0)
+
+
 class StageCallbacks:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx

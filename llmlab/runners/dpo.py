@@ -17,7 +17,15 @@ import torch
 
 from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
 from llmlab.device import pick_device
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.common import (
+    StageCallbacks,
+    attach_lora,
+    load_model,
+    prepare_checkpoints,
+    report_data,
+    save_trained,
+    stage_metrics,
+)
 from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.tokenizer import load_tokenizer
@@ -49,12 +57,9 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     model = load_model(base)
     seq_len = model_context(model)
     mini = stage.train.batch_pairs
-    data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
-                                   stage.val_fraction, stage.max_examples, max_val_examples=mini * stage.train.eval_steps)
-    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation pairs; "
-          f"{data.stats['malformed']} malformed rows skipped")
-    ctx.run.set_tags({"llmlab.train_pairs": len(data.train), "llmlab.val_pairs": len(data.val),
-                      "llmlab.malformed_rows": data.stats["malformed"]})
+    data = prepare_preference_data(stage.data, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
+                                   max_val_examples=mini * stage.train.eval_steps)
+    report_data(ctx, data, "pairs")
     device = pick_device()
     ref_dir = ctx.inputs[stage.reference_stage].outputs["model"] if stage.reference_stage else stage.reference_model
     ref_model = load_model(ref_dir).to(device).eval() if ref_dir else None

@@ -7,9 +7,8 @@ from typing import Any
 import numpy as np
 
 from llmlab.checkpoint import atomic_write_json
-from llmlab.data.preference import prepare_preference_data
+from llmlab.data.preference import preference_pairs
 from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
-from llmlab.data.sources import iter_rows
 from llmlab.data.tasks import cut_at_end_of_turn
 from llmlab.device import pick_device
 from llmlab.evaluate import (
@@ -37,8 +36,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                                "batch_sequences": stage.batch_sequences, "models": {},
                                "model_order": list(stage.models)}
     metrics: dict[str, float] = {}
-    pairs = [p for src in stage.tasks for p in checkable_prompts(iter_rows(src.path, src.subset, src.split),
-                                                                   stage.tasks_limit, src.path)][: stage.tasks_limit]
+    pairs = checkable_prompts(stage.tasks, stage.tasks_limit)
     if pairs:
         results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
     reward_fn, reward_name = None, stage.reward or (f"reward stage {stage.reward_stage}" if stage.reward_stage else None)
@@ -52,8 +50,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         model = load_model(model_dir).to(pick_device())
         tok = load_tokenizer(model_dir)
         seq_len = stage.seq_len or model.config.max_seq_len
-        data = prepare_pretrain_data([s.model_dump(exclude={"format"}) for s in stage.data], model_dir, seq_len, spec.seed,
-                                     stage.val_fraction, None)
+        data = prepare_pretrain_data(stage.data, model_dir, seq_len, spec.seed, stage.val_fraction, None)
         batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
         scores = perplexity(model, batches)
         train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
@@ -61,8 +58,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature,
                            seed=spec.seed, prefix_ids=[tok.eos_token_id])
         if stage.preferences:  # the named split's rows, tokenized with this model's template
-            prefs = prepare_preference_data([p.model_dump(exclude={"column"}) for p in stage.preferences], tok, seq_len,
-                                            spec.seed, 0.5, stage.preferences_limit, max_val_examples=1).train
+            prefs = preference_pairs(stage.preferences, tok, seq_len, stage.preferences_limit)
             scores["preference_accuracy"] = preference_accuracy(model, prefs, tok.pad_token_id)
             results["preferences"] = {"pairs": len(prefs)}
         if pairs:

@@ -49,8 +49,7 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         model = build_model(config, seed=spec.seed)
     tok = load_tokenizer(tok_dir)
     seq_len = model.config.max_seq_len
-    data = prepare_pretrain_data([s.model_dump(exclude={"format"}) for s in stage.data], tok_dir, seq_len, spec.seed,
-                                 stage.val_fraction, stage.max_tokens)
+    data = prepare_pretrain_data(stage.data, tok_dir, seq_len, spec.seed, stage.val_fraction, stage.max_tokens)
     print(f"[{ctx.name}] data: {data.meta['train_tokens']:,} training tokens, {data.meta['val_tokens']:,} validation tokens"
           f"{' (cached)' if data.from_cache else ''}")
     ctx.run.set_tags({"llmlab.train_tokens": data.meta["train_tokens"], "llmlab.val_tokens": data.meta["val_tokens"],

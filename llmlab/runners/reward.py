@@ -16,7 +16,7 @@ import llmlab.model  # noqa: F401  (registers llmlab's classes with transformers
 from llmlab.checkpoint import atomic_dir
 from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
 from llmlab.device import pick_device
-from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, stage_metrics
+from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, report_data, stage_metrics
 from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.tokenizer import load_tokenizer
@@ -39,12 +39,9 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     tok = load_tokenizer(base)
     model = load_reward_backbone(base, tok.pad_token_id)
     mini = stage.train.batch_pairs
-    data = prepare_preference_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, model_context(model),
-                                   spec.seed, stage.val_fraction, stage.max_examples,
-                                   max_val_examples=mini * stage.train.eval_steps)
-    print(f"[{ctx.name}] reward model on {len(data.train):,} training and {len(data.val):,} validation pairs; "
-          f"{data.stats['malformed']} malformed rows skipped")
-    ctx.run.set_tags({"llmlab.train_pairs": len(data.train), "llmlab.val_pairs": len(data.val)})
+    data = prepare_preference_data(stage.data, tok, model_context(model), spec.seed, stage.val_fraction,
+                                   stage.max_examples, max_val_examples=mini * stage.train.eval_steps)
+    report_data(ctx, data, "pairs")
     model.to(pick_device())
     val = eval_batches(data.val, mini, tok.pad_token_id)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)

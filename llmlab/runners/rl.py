@@ -25,7 +25,15 @@ from llmlab.device import autocast_dtype, pick_device
 from llmlab.generate import stop_token_ids
 from llmlab.parallel import barrier, current
 from llmlab.rewards import load_reward
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.common import (
+    StageCallbacks,
+    attach_lora,
+    load_model,
+    prepare_checkpoints,
+    report_data,
+    save_trained,
+    stage_metrics,
+)
 from llmlab.runners.context import StageContext
 from llmlab.runners.sft import base_model_dir, model_context
 from llmlab.tokenizer import load_tokenizer
@@ -72,16 +80,14 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if max_prompt < 1 or max_prompt + stage.max_new_tokens > context:
         raise ValueError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
                          f"must fit the model's context of {context} tokens; lower max_new_tokens or max_prompt_length")
-    data = prepare_prompt_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, max_prompt, spec.seed,
-                               stage.val_fraction, stage.max_prompts, max_val_prompts=stage.eval_prompts)
-    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} held-out prompts; "
-          f"{data.stats['truncated']} cut to {max_prompt} tokens")
+    data = prepare_prompt_data(stage.data, tok, max_prompt, spec.seed, stage.val_fraction, stage.max_prompts,
+                               max_val_prompts=stage.eval_prompts)
+    report_data(ctx, data, "prompts")
     device = pick_device()
     reward_name = stage.reward or f"reward stage {stage.reward_stage}"
     reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                             device=str(device))
-    ctx.run.set_tags({"llmlab.train_prompts": len(data.train), "llmlab.val_prompts": len(data.val),
-                      "llmlab.reward": reward_name})
+    ctx.run.set_tags({"llmlab.reward": reward_name})
     lora = stage.lora is not None
     if lora:
         model = attach_lora(ctx, model, tok, stage.lora)

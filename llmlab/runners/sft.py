@@ -12,7 +12,15 @@ from __future__ import annotations
 from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
 from llmlab.device import pick_device
 from llmlab.evaluate import perplexity
-from llmlab.runners.common import StageCallbacks, attach_lora, load_model, prepare_checkpoints, save_trained, stage_metrics
+from llmlab.runners.common import (
+    StageCallbacks,
+    attach_lora,
+    load_model,
+    prepare_checkpoints,
+    report_data,
+    save_trained,
+    stage_metrics,
+)
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.train.loop import train
@@ -42,13 +50,10 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                          f"start from a model whose tokenizer has one (llmlab's tokenizer stage adds one)")
     model = load_model(base)
     seq_len = model_context(model)
-    data = prepare_sft_data([s.model_dump(exclude={"column"}) for s in stage.data], tok, seq_len, spec.seed,
+    data = prepare_sft_data(stage.data, tok, seq_len, spec.seed,
                             stage.val_fraction, stage.max_examples,
                             max_val_examples=stage.train.batch_sequences * stage.train.eval_steps)
-    print(f"[{ctx.name}] {len(data.train):,} training and {len(data.val):,} validation conversations; "
-          f"{data.stats['truncated']} truncated to {seq_len} tokens")
-    ctx.run.set_tags({"llmlab.train_examples": len(data.train), "llmlab.val_examples": len(data.val),
-                      "llmlab.truncated": data.stats["truncated"]})
+    report_data(ctx, data, "conversations")
     if stage.lora is not None:
         model = attach_lora(ctx, model, tok, stage.lora)
     pad = tok.pad_token_id

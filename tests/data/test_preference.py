@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from llmlab.data.sources import DataSource
 from llmlab.data.preference import (
     PREFERENCE_FORMATS,
     PreferenceBatches,
@@ -207,35 +208,40 @@ def test_malformed_rows_counted_with_row_numbers(tok, tmp_path):
     bad = {3: "prefix", 5: "no_assistant", 8: "empty", 11: "prefix", 12: "prefix", 14: "empty"}
     rows = [hh_row(i, bad.get(i)) for i in range(20)]
     path = write_jsonl(tmp_path / "hh.jsonl", rows)
-    data = prepare_preference_data([{"path": path}], tok, max_seq_len=128, seed=0, val_fraction=0.0)
+    # 6 of 20 rows are bad: more than the default max_bad_share (5%), so the source fails, naming
+    # the file, the count and the first rows
+    with pytest.raises(ValueError, match=r"hh\.jsonl.*6 of 20 rows read are malformed.*line 4: ValueError: chosen and rejected"):
+        prepare_preference_data([DataSource(path=path)], tok, max_seq_len=128, seed=0, val_fraction=0.0)
+    data = prepare_preference_data([DataSource(path=path, max_bad_share=0.5)], tok, max_seq_len=128, seed=0,
+                                   val_fraction=0.0)
     st = data.stats
     assert st["malformed"] == 6
-    assert [m["row"] for m in st["malformed_examples"]] == [3, 5, 8, 11, 12]  # the first five
-    assert all(m["source"] == path for m in st["malformed_examples"])
-    assert "do not share" in st["malformed_examples"][0]["error"]
-    assert "rejected response is empty" in st["malformed_examples"][2]["error"]
+    # the first five, by file and line (1-based: row i of the list is line i + 1)
+    assert [m.split(": ")[0] for m in st["malformed_examples"]] == [f"{path} line {i + 1}" for i in (3, 5, 8, 11, 12)]
+    assert "do not share" in st["malformed_examples"][0]
+    assert "rejected response is empty" in st["malformed_examples"][2]
     assert len(data.train) == 14 and data.val == []
     assert st["sources"][0]["format"] == "hh_rlhf"
 
 
 def test_no_usable_row_fails_clearly(tok, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [hh_row(i, "prefix") for i in range(4)])
-    with pytest.raises(ValueError, match=r"no usable pair: 4 row\(s\) read, 4 malformed \(row 0: "):
-        prepare_preference_data([{"path": path}], tok, max_seq_len=128, seed=0, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"bad\.jsonl.*every row is malformed.*line 1: ValueError: chosen and rejected"):
+        prepare_preference_data([DataSource(path=path)], tok, max_seq_len=128, seed=0, val_fraction=0.0)
 
 
 def test_format_override_and_unknown_format(tok, tmp_path):
     rows = [{"prompt": "ignored", **hh_row(i)} for i in range(6)]
     path = write_jsonl(tmp_path / "hh_with_prompt.jsonl", rows)
-    detected = prepare_preference_data([{"path": path}], tok, 128, 0, 0.0)
+    detected = prepare_preference_data([DataSource(path=path)], tok, 128, 0, 0.0)
     assert detected.stats["sources"][0]["format"] == "plain"
-    forced = prepare_preference_data([{"path": path, "format": "hh_rlhf"}], tok, 128, 0, 0.0)
+    forced = prepare_preference_data([DataSource(path=path, format="hh_rlhf")], tok, 128, 0, 0.0)
     assert forced.stats["sources"][0]["format"] == "hh_rlhf"
     expected = tokenize_pair(tok, *to_pair(rows[0], "hh_rlhf"), 128)
     del expected["truncated"]
     assert forced.train[0] == expected  # one source: the file's order
     with pytest.raises(ValueError, match="unknown preference format 'nope'"):
-        prepare_preference_data([{"path": path, "format": "nope"}], tok, 128, 0, 0.0)
+        prepare_preference_data([DataSource(path=path, format="nope")], tok, 128, 0, 0.0)
 
 
 def test_identical_and_too_long_pairs_are_dropped(tok, tmp_path):
@@ -244,7 +250,7 @@ def test_identical_and_too_long_pairs_are_dropped(tok, tmp_path):
     rows.append({"prompt": "what is 9?", "chosen": "same", "rejected": "same"})
     rows.append({"prompt": "the answer " * 60, "chosen": "a", "rejected": "b"})
     path = write_jsonl(tmp_path / "plain.jsonl", rows)
-    data = prepare_preference_data([{"path": path}], tok, max_seq_len=48, seed=0, val_fraction=0.0)
+    data = prepare_preference_data([DataSource(path=path)], tok, max_seq_len=48, seed=0, val_fraction=0.0)
     assert data.stats["dropped_identical"] == 1
     assert data.stats["dropped_no_target"] == 1
     assert data.stats["truncated"] >= 1
@@ -255,20 +261,20 @@ def test_held_out_fraction_is_stable_and_disjoint(tok, tmp_path):
     rows = [{"prompt": f"what is {i}?", "chosen": f"the answer is {i}", "rejected": "hello"}
             for i in range(40)]
     path = write_jsonl(tmp_path / "plain.jsonl", rows)
-    a = prepare_preference_data([{"path": path}], tok, 64, seed=0, val_fraction=0.3)
-    b = prepare_preference_data([{"path": path}], tok, 64, seed=1, val_fraction=0.3)
+    a = prepare_preference_data([DataSource(path=path)], tok, 64, seed=0, val_fraction=0.3)
+    b = prepare_preference_data([DataSource(path=path)], tok, 64, seed=1, val_fraction=0.3)
     key = lambda p: tuple(p["chosen_ids"])
     assert 0 < len(a.val) < 40 and len(a.train) + len(a.val) == 40
     assert {key(p) for p in a.val} == {key(p) for p in b.val}
     assert not {key(p) for p in a.val} & {key(p) for p in a.train}
-    assert a.stats["sources"][0]["validation"] == "held-out fraction"
+    assert a.stats["sources"][0]["validation"] == "held-out share 0.3"
 
 
 def test_builtin_task_source_uses_its_validation_split(tok):
-    data = prepare_preference_data([{"path": "builtin:tasks-preference"}], tok, 96, seed=0,
+    data = prepare_preference_data([DataSource(path="builtin:tasks-preference")], tok, 96, seed=0,
                                    val_fraction=0.5, max_examples=6)
     assert len(data.train) == 6 and len(data.val) == 6
-    assert data.stats["sources"][0]["validation"] == "split"
+    assert data.stats["sources"][0]["validation"] == "its validation split"
     assert data.stats["sources"][0]["format"] == "plain"
     assert data.stats["malformed"] == 0
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from llmlab.data import pretrain
+from llmlab.data.sources import DataSource
 from llmlab.data.pretrain import BlockSampler, eval_batches, is_validation, prepare_pretrain_data
 from llmlab.tokenizer import train_tokenizer
 
@@ -46,7 +47,7 @@ def docs_file(tmp_path):
 
 
 def source(path, weight=1.0):
-    return {"path": str(path), "subset": None, "split": "train", "weight": weight, "column": "text"}
+    return DataSource(path=str(path), weight=weight)
 
 
 def split_on_eos(path, dtype, eos_id):

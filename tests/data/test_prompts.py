@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from llmlab.data.sources import DataSource
 from llmlab.data.prompts import detect_prompt_format, extract_prompt, prepare_prompt_data, render_prompt
 from llmlab.tokenizer import train_tokenizer
 
@@ -64,10 +65,10 @@ def test_rendering_uses_the_chat_template_else_the_plain_text(tok):
 
 
 def test_builtin_task_prompts_use_their_validation_split_with_answers(tok):
-    data = prepare_prompt_data([{"path": "builtin:tasks-prompts"}], tok, 64, seed=0, val_fraction=0.1,
+    data = prepare_prompt_data([DataSource(path="builtin:tasks-prompts")], tok, 64, seed=0, val_fraction=0.1,
                                max_prompts=50, max_val_prompts=20)
     assert len(data.train) == 50 and len(data.val) == 20
-    assert data.stats["sources"][0]["validation"] == "split"
+    assert data.stats["sources"][0]["validation"] == "its validation split"
     train_texts = {p.text for p in data.train}
     assert not train_texts & {p.text for p in data.val}
     p = data.train[0]
@@ -80,7 +81,7 @@ def test_local_file_holds_out_a_hashed_fraction_and_cuts_long_prompts_from_the_l
     rows = [{"prompt": f"What is {i}+1? " * (6 if i == 0 else 1), "answer": str(i + 1)} for i in range(200)]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = prepare_prompt_data([{"path": str(path)}], tok, 24, seed=0, val_fraction=0.2)
+    data = prepare_prompt_data([DataSource(path=str(path))], tok, 24, seed=0, val_fraction=0.2)
     assert 200 == len(data.train) + len(data.val) and 15 < len(data.val) < 70
     assert not {p.text for p in data.train} & {p.text for p in data.val}
     assert all(len(p.ids) <= 24 for p in data.train + data.val)
@@ -89,8 +90,13 @@ def test_local_file_holds_out_a_hashed_fraction_and_cuts_long_prompts_from_the_l
     assert long.text.endswith("<|im_start|>assistant\n")  # the end (what the completion answers) is kept
 
 
-def test_a_bad_row_is_named(tok, tmp_path):
+def test_a_bad_row_is_named_with_its_file_and_line(tok, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
-    with pytest.raises(ValueError, match=r"row 1 is not valid 'prompt' prompt data"):
-        prepare_prompt_data([{"path": str(path)}], tok, 24, seed=0, val_fraction=0.01)
+    # one bad row of two is more than the default max_bad_share (5%): the source fails, naming it
+    with pytest.raises(ValueError, match=r"p\.jsonl line 2: TypeError: `prompt` must be a string"):
+        prepare_prompt_data([DataSource(path=str(path))], tok, 24, seed=0, val_fraction=0.01)
+    # allowed a larger share, the bad row is counted, reported and skipped
+    data = prepare_prompt_data([DataSource(path=str(path), max_bad_share=0.5)], tok, 24, seed=0, val_fraction=0.0)
+    assert len(data.train) == 1 and data.stats["malformed"] == 1
+    assert data.stats["malformed_examples"][0].startswith(f"{path} line 2: TypeError")

@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from llmlab.data.sources import DataSource
 from llmlab.data import sft
 from llmlab.data.sft import (FORMATS, SFTBatches, detect_format, eval_batches, prepare_sft_data,
                              to_messages, tokenize_conversation)
@@ -151,7 +152,7 @@ def test_truncation_is_counted_and_reported(tok, tmp_path, caplog):
     rows += [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(30)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level("WARNING"):
-        data = prepare_sft_data([{"path": str(path)}], tok, max_seq_len=24, seed=0, val_fraction=0.0)
+        data = prepare_sft_data([DataSource(path=str(path))], tok, max_seq_len=24, seed=0, val_fraction=0.0)
     assert data.stats["truncated"] == 6
     assert data.stats["dropped_no_target"] == 6  # the answer was cut off entirely
     assert len(data.train) == 30
@@ -162,20 +163,20 @@ def test_local_file_held_out_fraction_never_in_training(tok, tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"question": f"{i}+1=", "answer": str(i + 1)}) + "\n"
                             for i in range(200)))
-    data = prepare_sft_data([{"path": str(path)}], tok, max_seq_len=64, seed=0, val_fraction=0.2)
+    data = prepare_sft_data([DataSource(path=str(path))], tok, max_seq_len=64, seed=0, val_fraction=0.2)
     assert 15 <= len(data.val) <= 70 and len(data.train) + len(data.val) == 200
     train = {tuple(ids) for ids, _ in data.train}
     assert not any(tuple(ids) in train for ids, _ in data.val)
-    assert data.stats["sources"][0]["validation"] == "held-out fraction"
-    again = prepare_sft_data([{"path": str(path)}], tok, max_seq_len=64, seed=5, val_fraction=0.2)
+    assert data.stats["sources"][0]["validation"] == "held-out share 0.2"
+    again = prepare_sft_data([DataSource(path=str(path))], tok, max_seq_len=64, seed=5, val_fraction=0.2)
     assert sorted(again.val) == sorted(data.val)  # the split does not depend on the seed
 
 
 def test_builtin_tasks_use_their_validation_split(tok):
-    data = prepare_sft_data([{"path": "builtin:tasks"}], tok, max_seq_len=64, seed=0,
+    data = prepare_sft_data([DataSource(path="builtin:tasks")], tok, max_seq_len=64, seed=0,
                             val_fraction=0.1, max_examples=300)
     assert len(data.train) == 300 and len(data.val) == 300
-    assert data.stats["sources"][0]["validation"] == "split"
+    assert data.stats["sources"][0]["validation"] == "its validation split"
     from llmlab.data.tasks import iter_examples
 
     val_prompts = {p for _, p, _ in iter_examples("validation")}
@@ -189,18 +190,18 @@ def test_weights_interleave_and_format_override(tok, tmp_path):
     a.write_text("".join(json.dumps({"prompt": "a", "completion": f"{i}", "question": "x",
                                      "answer": "y"}) + "\n" for i in range(100)))
     b.write_text("".join(json.dumps({"instruction": "b", "response": f"{i}"}) + "\n" for i in range(100)))
-    data = prepare_sft_data([{"path": str(a), "weight": 3.0, "format": "prompt_completion"},
-                             {"path": str(b), "weight": 1.0}], tok, max_seq_len=64, seed=0,
+    data = prepare_sft_data([DataSource(path=str(a), weight=3.0, format="prompt_completion"),
+                             DataSource(path=str(b), weight=1.0)], tok, max_seq_len=64, seed=0,
                             val_fraction=0.0, max_examples=40)
     first_user = [tok.decode(ids) for ids, _ in data.train]
     from_a = sum("user\na<|im_end|>" in t for t in first_user)
     assert len(first_user) == 40 and 22 <= from_a <= 38
     with pytest.raises(ValueError, match="b.jsonl"):
-        prepare_sft_data([{"path": str(b), "format": "messages"}], tok, 64, 0, 0.0)
+        prepare_sft_data([DataSource(path=str(b), format="messages")], tok, 64, 0, 0.0)
     c = tmp_path / "c.jsonl"
     c.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(ValueError, match=r"c\.jsonl.*text"):
-        prepare_sft_data([{"path": str(c)}], tok, 64, 0, 0.0)
+        prepare_sft_data([DataSource(path=str(c))], tok, 64, 0, 0.0)
 
 
 def examples(n, seed=0, lo=3, hi=12):

@@ -127,7 +127,7 @@ def losses(metrics_file: Path) -> dict[int, float]:
 
 def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
     """`llmlab run` killed with SIGKILL mid-pretrain; the rerun resumes and matches an uninterrupted run."""
-    train = dict(max_steps=40, warmup_steps=2, batch_size=4, eval_every=20, eval_steps=2, save_every=5, log_every=1)
+    train = dict(max_steps=40, warmup_steps=2, batch_sequences=4, eval_every=20, eval_steps=2, save_every=5, log_every=1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):

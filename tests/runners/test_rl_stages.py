@@ -73,7 +73,8 @@ def test_reward_stage_separates_separable_pairs(project, base):
                        "eval_steps": 5, "save_every": 15, "log_every": 5}}
     result, rows = run(project, base, {"rm": stage}, "rm")
     assert result["metrics"]["eval/accuracy"] >= 0.95
-    assert {"reward/accuracy", "reward/margin"} <= set(rows[0])
+    assert {"reward/accuracy", "reward/margin"} <= set(next(r for r in rows if "train/loss" in r))
+    assert rows[0]["data/train_examples"] > 300 and rows[0]["data/malformed_rows"] == 0  # what the data gave
     # the output is a sequence-classification model that the rewards loader scores with
     rm = load_reward(result["outputs"]["model"])
     tok = rm.tokenizer
