@@ -47,56 +47,60 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 @app.command()
-def inspect(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+def inspect(
+    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    detail: bool = typer.Option(False, "--detail", help="each stage's memory by component, and what it assumes"),
+) -> None:
     """Stage graph, parameter count and a training-memory estimate per training stage."""
     spec = _load_or_exit(file)
-    from llmlab.model.config import LlmlabConfig
-    from llmlab.model.memory import count_parameters, estimate_training_memory
+    from llmlab.estimate import SPEC_MODEL, breakdown, describe, estimate_stage, spec_model, spec_vocab, stage_model
+    from llmlab.model.memory import count_parameters
 
-    vocab = spec.tokenizer.train.vocab_size if spec.tokenizer.train else None
-    config = LlmlabConfig(**spec.model.model_dump(), vocab_size=vocab or 32000)
-    params = count_parameters(config)
     typer.echo(f"pipeline {spec.name} (seed {spec.seed}, outputs in {spec.output_root}/)")
-    typer.echo(f"model: {spec.model.n_layers} layers x d_model {spec.model.d_model}, {spec.model.attention_type} "
-               f"{spec.model.n_heads}/{spec.model.num_kv_heads} heads, {spec.model.positional_encoding}, "
-               f"{spec.model.norm_type}, {spec.model.activation}; vocab {vocab or 'from the tokenizer (32000 assumed)'}")
-    typer.echo(f"parameters: {params:,}")
+    if any(stage_model(spec, name).label == SPEC_MODEL for name in spec.stages):
+        vocab, known = spec_vocab(spec)
+        m, own = spec.model, spec_model(spec)
+        typer.echo(f"model: {m.n_layers} layers x d_model {m.d_model}, {m.attention_type} {m.n_heads}/{m.num_kv_heads} heads, "
+                   f"{m.positional_encoding}, {m.norm_type}, {m.activation}; "
+                   f"vocab {vocab if known else f'from the tokenizer ({vocab} assumed)'}")
+        typer.echo(f"parameters: {count_parameters(own.shape):,}" if own.shape else f"parameters: unknown ({own.problem})")
+    else:
+        typer.echo("model: no stage builds the spec's `model:` block; each stage's starting model is shown with it")
     typer.echo("stages:")
     for name in spec.stage_names():
         if name == "tokenizer":
             typer.echo(f"  tokenizer  (train byte-level BPE, vocab {spec.tokenizer.train.vocab_size})")
             continue
-        stage = spec.stages[name]
+        stage, est = spec.stages[name], estimate_stage(spec, name)
         src = ", ".join(stage.inputs) or ("tokenizer" if spec.tokenizer.train else "-")
         line = f"  {name:<10} kind {stage.kind:<9} from {src}"
         train = getattr(stage, "train", None)
         if train is not None and hasattr(train, "rollout_prompts"):  # ppo/grpo count prompts
             group = getattr(stage, "group_size", 1)
             per_rollout = train.ppo_epochs * train.rollout_prompts // train.step_prompts
-            mem = estimate_training_memory(config, train.batch_prompts * group, spec.model.max_seq_len)
             line += (f"; {train.max_steps:,} updates of {train.step_prompts} prompts ({train.step_prompts * group} "
                      f"completions), {-(-train.max_steps // per_rollout):,} rollouts of {train.rollout_prompts} prompts "
-                     f"({train.rollout_prompts * group} completions); memory ~{_fmt_bytes(mem['total_bytes'])}")
+                     f"({train.rollout_prompts * group} completions)")
         elif train is not None and hasattr(train, "batch_pairs"):  # dpo/reward count pairs
-            mem = estimate_training_memory(config, 2 * train.batch_pairs, spec.model.max_seq_len)
             line += (f"; {train.max_steps:,} steps x {train.batch_pairs * train.gradient_accumulation_steps} pairs "
-                     f"({2 * train.batch_pairs} sequences per forward pass); memory ~{_fmt_bytes(mem['total_bytes'])}")
+                     f"({2 * train.batch_pairs} sequences per forward pass)")
         elif train is not None:
-            mem = estimate_training_memory(config, train.batch_sequences, spec.model.max_seq_len)
-            tokens = train.max_steps * train.batch_sequences * train.gradient_accumulation_steps * spec.model.max_seq_len
+            seq = est.seq_len if est is not None and est.seq_len else spec.model.max_seq_len
+            tokens = train.max_steps * train.batch_sequences * train.gradient_accumulation_steps * seq
             line += (f"; {train.max_steps:,} steps x {train.batch_sequences}x{train.gradient_accumulation_steps} sequences"
-                     f" = {tokens:,} tokens; memory ~{_fmt_bytes(mem['total_bytes'])}")
-        typer.echo(line)
-    typer.echo("memory: rule of thumb (fp32 weights + grads + AdamW state + activations), not a measurement")
+                     f" = {tokens:,} tokens")
+        typer.echo(line + (f"; {describe(est)}" if est is not None else ""))
+        if est is None:
+            continue
+        if est.params is not None and (est.model != SPEC_MODEL or est.trainable != est.params):
+            own = f"{est.model}: " if est.model != SPEC_MODEL else ""
+            trains = f", {est.trainable:,} train" if est.trainable != est.params else ""
+            typer.echo(f"{'':13}{own}{est.params:,} parameters{trains}")
+        if detail:
+            typer.echo(f"{'':13}{breakdown(est)}")
+    typer.echo("memory: rule of thumb (fp32 weights, gradients, optimizer state, activations, logits, and what each "
+               "stage kind adds), not a measurement; --detail shows the parts")
 
 
 @app.command()

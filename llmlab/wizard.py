@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from llmlab.estimate import StageEstimate, describe, estimate_stage, spec_model
 from llmlab.spec import (
     OPTIMIZER_CLASSES,
     DpoTrain,
@@ -88,9 +89,6 @@ OPTIMIZER_BLURBS = {
     "sophia": "momentum over a clipped diagonal-Hessian estimate",
     "muon": "orthogonalised momentum for weight matrices, AdamW for the rest",
 }
-
-# Rough optimizer state per parameter in fp32 bytes, for the memory estimate.
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adafactor": 1, "lion": 4, "sophia": 8, "muon": 4}
 
 
 class Invalid(ValueError):
@@ -348,31 +346,20 @@ def _build_stages(chosen: list[str], trains: dict[str, dict[str, Any]]) -> dict[
     return stages
 
 
+def _stage_estimates(spec: dict[str, Any]) -> tuple[int, dict[str, StageEstimate]]:
+    from llmlab.model.memory import count_parameters
+
+    pipeline = Pipeline.model_validate(spec)
+
+    found = {name: estimate_stage(pipeline, name) for name in pipeline.stages}
+    return count_parameters(spec_model(pipeline).shape), {name: e for name, e in found.items() if e is not None}
+
+
 def estimates(spec: dict[str, Any]) -> tuple[int, dict[str, int]]:
-    """(parameter count, {training stage: estimated training bytes}) of a spec dict."""
-    from llmlab.model.config import LlmlabConfig
-    from llmlab.model.memory import count_parameters, estimate_training_memory
-
-    model = ModelSpec.model_validate(spec.get("model", {}))
-    train_tok = (spec.get("tokenizer") or {}).get("train") or {}
-    config = LlmlabConfig(**model.model_dump(), vocab_size=train_tok.get("vocab_size", 32000))
-    memory = {}
-    for name, stage in spec["stages"].items():
-        train = stage.get("train")
-        if stage.get("kind") not in TRAINING_STAGES or train is None:
-            continue
-        batch = 2 * train["batch_pairs"] if stage["kind"] == "dpo" else train["batch_sequences"]
-        per_param = OPTIMIZER_STATE_BYTES.get(train.get("optimizer", {}).get("name", "adamw"), 8)
-        memory[name] = int(estimate_training_memory(config, batch, model.max_seq_len, per_param)["total_bytes"])
-    return count_parameters(config), memory
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"
+    """(parameter count, {training stage: estimated peak training bytes}) of a spec dict: the numbers
+    `llmlab inspect` prints for the written spec (both come from `llmlab.estimate.estimate_stage`)."""
+    params, found = _stage_estimates(spec)
+    return params, {name: e.total for name, e in found.items() if e.total is not None}
 
 
 def run_wizard(ask: Ask, say: Say, defaults: bool = False) -> dict[str, Any]:
@@ -394,18 +381,18 @@ def run_wizard(ask: Ask, say: Say, defaults: bool = False) -> dict[str, Any]:
         "model": model,
         "stages": _build_stages(chosen, trains),
     }
-    params, memory = estimates(spec)
+    params, found = _stage_estimates(spec)
     say(f"model: {model['n_layers']} layers x d_model {model['d_model']}, {model['attention_type']} "
         f"{model['n_heads']}/{model['n_kv_heads']} heads, {model['positional_encoding']}, {model['norm_type']}, "
         f"{model['activation']}; vocab {vocab}")
     say(f"parameters: {params:,}")
-    for stage, total in memory.items():
+    for stage, est in found.items():
         train = spec["stages"][stage]["train"]
-        note = " (full fine-tuning bound; LoRA needs less)" if spec["stages"][stage].get("lora") else ""
-        batch = train.get("batch_sequences") or 2 * train["batch_pairs"]
-        say(f"  {stage:<9} {train['optimizer']['name']:<9} batch {batch} x {model['max_seq_len']} tokens: "
-            f"training memory ~{_fmt_bytes(total)}{note}")
-    say("memory: rule of thumb (fp32 weights + grads + optimizer state + activations), not a measurement")
+        note = f" (LoRA: {est.trainable:,} parameters train)" if spec["stages"][stage].get("lora") else ""
+        say(f"  {stage:<9} {train['optimizer']['name']:<9} batch {est.sequences} x {est.seq_len} tokens: "
+            f"training {describe(est)}{note}")
+    say("memory: rule of thumb (fp32 weights, gradients, optimizer state, activations, logits), not a measurement; "
+        "`llmlab inspect --detail` shows the parts")
     return spec
 
 

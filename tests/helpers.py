@@ -135,3 +135,99 @@ def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.y
     spec = tmp_path / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     return spec
+
+
+class PeakMemory:
+    """The peak bytes of live CPU tensor storage allocated inside a `with` block (a measurement,
+    unlike `llmlab.estimate`'s rule of thumb):
+
+        with PeakMemory() as pm:
+            train_a_few_steps()
+        pm.peak      # bytes; tensors that existed before the block (e.g. a model's weights) are not counted
+
+    A `TorchDispatchMode` sees every aten op, forward and backward alike (the autograd engine carries
+    the mode to the thread that runs the backward pass). Each storage an op creates (an output's
+    untyped storage that is no input's: views and in-place results are not new) is counted by its
+    `nbytes` until the storage object is finalised (`weakref.finalize`, which fires when the C++
+    storage dies: torch keeps one Python object per storage). A storage made inside the block without
+    an aten op (safetensors loading a model, `torch.from_numpy`) is counted from the first op that
+    reads it: storages alive at the start are listed first (tensors `gc` finds, and their `.grad`),
+    so those stay uncounted. Not seen: scratch memory inside a kernel, allocator overhead; and counted
+    by mistake: tensors that only C++ held at the start (an unfinished autograd graph's saved
+    tensors) once an op reads them. `peak_op` names the op whose output set the peak."""
+
+    def __init__(self):
+        self.live: dict[int, int] = {}  # storage data_ptr -> bytes
+        self.before: set[int] = set()  # storages alive when the block started
+        self.current = 0
+        self.peak = 0
+        self.peak_op = ""
+        self._mode = None
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def _track(self, t) -> None:
+        import weakref
+
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != "cpu":
+            return
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # tensor subclasses without a plain storage
+            return
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self.live or key in self.before:
+            return
+        self.live[key] = size
+        self.current += size
+        weakref.finalize(storage, self._free, key).atexit = False
+
+    def _existing(self, t) -> None:
+        """List a storage alive at the start; it leaves the list when freed (its address may be reused)."""
+        import weakref
+
+        if t.layout != torch.strided or t.device.type != "cpu":
+            return
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):
+            return
+        if storage.data_ptr() not in self.before:
+            self.before.add(storage.data_ptr())
+            weakref.finalize(storage, self.before.discard, storage.data_ptr()).atexit = False
+
+    def _record(self, func, args, kwargs, out) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        for t in tree_flatten((args, kwargs))[0]:  # inputs made without an aten op
+            self._track(t)
+        for t in tree_flatten(out)[0]:
+            self._track(t)
+        if self.current > self.peak:
+            self.peak, self.peak_op = self.current, str(func)
+
+    def __enter__(self) -> "PeakMemory":
+        import gc
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        for o in gc.get_objects():
+            if issubclass(type(o), torch.Tensor):
+                self._existing(o)
+                if o.is_leaf and o.requires_grad and o.grad is not None:  # made in C++: no Python object until asked
+                    self._existing(o.grad)
+        meter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                meter._record(func, args, kwargs or {}, out)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)

@@ -1,0 +1,391 @@
+"""How much memory a pipeline stage needs to train: one rule of thumb, used by `llmlab inspect` and
+by the `llmlab init` wizard.
+
+    from llmlab.estimate import estimate_stage, fmt_bytes
+    spec = load_spec("pipelines/tiny.yaml")
+    est = estimate_stage(spec, "dpo")        # None for stages that train nothing (merge, export, eval)
+    print(fmt_bytes(est.total), est.parts)   # peak bytes, and bytes by component
+
+The estimate is a rule of thumb, not a measurement: the bytes of what a stage holds at its peak,
+in fp32 (as llmlab trains on CPU today), per process, from the model's shape alone (no weights are
+read): weights, gradients and optimizer state of what trains, activations kept for the backward
+pass, logit-sized tensors of the loss, and per stage kind a reference model, a value head, a reward
+model, the KV cache and logits of sampling, the rollout's tensors. What lives throughout the stage
+is added up; the phases that come one after another (forward and backward: activations and logits;
+the optimizer step's temporaries; RL sampling: KV cache and prompt logits) count by the largest. It
+ignores allocator overhead, scratch memory inside kernels and the framework's own memory. Gradients
+count as alive with the activations (true with gradient accumulation; otherwise they are built as
+the activations are freed, so the total is a little high). tests/test_estimate.py runs every
+training stage kind on a small model and checks the measured peak of live tensor bytes lies within
+[0.8, 1.2] x this estimate.
+
+The model of a stage is the spec's `model:` block (vocabulary from the tokenizer) for a stage that
+builds from scratch or starts `from` stages that did; a stage whose `model:` names a folder uses that
+folder's config.json (any transformers architecture); a hub name uses the locally cached config, and
+is "size unknown offline" when there is none (nothing is downloaded). `import llmlab.estimate` does
+not import torch; `estimate_stage` does (through llmlab.model, whose configs it reads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmlab.tokenizer import SPECIAL_TOKENS
+
+if TYPE_CHECKING:
+    from llmlab.model.memory import ModelShape, Weight
+    from llmlab.spec import Pipeline
+
+ASSUMED_VOCAB = 32000  # vocabulary assumed when the tokenizer's is unknown before it is trained or loaded
+TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")  # merge, export, eval: no training
+SPEC_MODEL = "the spec's model"  # ModelSource.label of the `model:` block
+
+# Logit-sized fp32 tensors alive at the peak, per stage kind, counted with tests/helpers.py's PeakMemory:
+# DPO with a live reference: the policy's logits and log-softmax, then the reference's forward (logits,
+# the shifted copy, log-softmax) while they live; precomputed, as a causal-LM step (memory.LM_LOSS_LOGIT_COPIES).
+DPO_LIVE_REFERENCE_LOGIT_COPIES = 5
+# PPO/GRPO update (llmlab.train.rollout.policy_logps): the full (B, P+N, V) logits and their gradient
+# do not live together; one full-length tensor plus two completion-length ones (tempered logits,
+# their gradient) are alive at the peak.
+RL_FULL_LOGIT_COPIES = 1
+RL_COMPLETION_LOGIT_COPIES = 2
+# Parts of phases that come one after another (never alive together): the total counts the largest
+# phase on top of what lives throughout (weights, gradients, optimizer state, references, buffers).
+PHASES = {"forward and backward": ("activations", "logits"), "optimizer step": ("optimizer step",),
+          "sampling": ("KV cache", "sampling logits")}
+# Temporaries of one optimizer step, in tensors the size of the largest trainable one: llmlab.optim's
+# optimizers (and torch's AdamW and Adafactor, which do not default to foreach on CPU) update one
+# parameter at a time, with at most two temporaries alive (AdamW: the second moment's sqrt and its
+# quotient; Lion: the previous and the next update). Measured with PeakMemory: every optimizer's
+# step-bound pretraining within 1.00-1.01 x the estimate.
+STEP_SCRATCH_TENSORS = 2
+RL_EVAL_BATCH = 64  # llmlab.train.rollout.rl_evaluate samples held-out prompts 64 at a time
+TOKEN_ID_BYTES = 8  # int64 input_ids and attention_mask of rollout rows
+DROPOUT_MASK_BYTES = 1  # torch's dropout keeps a bool mask per element
+# Per-token fp32 tensors of a rollout row, kept until its updates are done (llmlab.train.grpo, ppo):
+# completion_mask, old_logps (+ ref_logps with a reference) for GRPO; + old_values, advantages, returns for PPO.
+GRPO_ROW_VALUES, PPO_ROW_VALUES = 2, 5
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a stage's model comes from, and its shape (None when it cannot be known here)."""
+
+    shape: ModelShape | None
+    label: str  # SPEC_MODEL, "model folder <path>" or "hub model <name>"
+    problem: str | None = None  # why there is no shape, e.g. "size unknown offline"
+
+
+@dataclass
+class StageEstimate:
+    """A stage's peak training memory, a rule of thumb (see the module docstring)."""
+
+    stage: str
+    kind: str
+    model: str  # the ModelSource label
+    params: int | None = None  # parameters of the trained model (a reward model: backbone + score head)
+    trainable: int | None = None  # parameters that train (LoRA: adapters and special-token rows)
+    sequences: int = 0  # sequences per forward pass
+    seq_len: int = 0  # tokens per sequence (the longest a batch can be)
+    parts: dict[str, int] = field(default_factory=dict)  # bytes by component, in display order
+    total: int | None = None  # peak bytes; None when the model's size is unknown
+    problem: str | None = None  # why there is no number
+    notes: list[str] = field(default_factory=list)  # what the total assumes, in words
+
+
+def fmt_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+# --------------------------------------------------------------------------- which model
+
+
+def _tokenizer_vocab(folder: Path) -> int | None:
+    """len(tokenizer) of a saved fast tokenizer: the highest id in tokenizer.json + 1."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text())
+        ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
+        return max(ids) + 1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def spec_vocab(spec: Pipeline) -> tuple[int, bool]:
+    """(vocabulary size of the spec's tokenizer, whether it is known rather than assumed)."""
+    if spec.tokenizer.train is not None:
+        return spec.tokenizer.train.vocab_size, True
+    found = _tokenizer_vocab(Path(spec.tokenizer.path).expanduser()) if spec.tokenizer.path else None
+    return (found, True) if found else (ASSUMED_VOCAB, False)
+
+
+def spec_model(spec: Pipeline) -> ModelSource:
+    """The spec's `model:` block as llmlab builds it (LlmlabConfig validates it as the pipeline would)."""
+    from llmlab.model.config import LlmlabConfig
+    from llmlab.model.memory import model_shape
+
+    vocab, _ = spec_vocab(spec)
+    try:
+        return ModelSource(model_shape(LlmlabConfig(**spec.model.model_dump(), vocab_size=vocab)), SPEC_MODEL)
+    except ValueError as exc:  # a combination the spec's rules let through but the model refuses
+        return ModelSource(None, SPEC_MODEL, f"the spec's model cannot be built: {exc}")
+
+
+def named_model(name: str) -> ModelSource:
+    """A model folder's or a cached hub model's shape, from its config alone (never downloads)."""
+    from llmlab.model.memory import model_shape
+
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith(("/", "./", "../", "~"))
+    label = f"model folder {name}" if local else f"hub model {name}"
+    if local and not (path / "config.json").is_file():
+        return ModelSource(None, label, f"{name} has no config.json")
+    try:
+        from transformers import AutoConfig
+
+        import llmlab.model  # noqa: F401  (registers the llmlab architecture with AutoConfig)
+
+        config: Any = AutoConfig.from_pretrained(str(path) if local else name, local_files_only=True)
+    except Exception as exc:  # an architecture transformers does not know, or a hub name not cached
+        if not local:
+            return ModelSource(None, label, f"{name}: size unknown offline (its config is not in the local cache)")
+        try:
+            from types import SimpleNamespace
+
+            config = SimpleNamespace(**json.loads((path / "config.json").read_text()))
+        except (OSError, ValueError, TypeError) as err:  # TypeError: JSON that is not an object
+            return ModelSource(None, label, f"{name}: unreadable config.json ({err}; {exc})")
+    try:
+        return ModelSource(model_shape(config), label)
+    except (TypeError, ValueError, AttributeError) as exc:
+        return ModelSource(None, label, f"{name}: config.json lacks the sizes ({exc})")
+
+
+def stage_model(spec: Pipeline, stage: str) -> ModelSource:
+    """The model a stage trains or uses: followed through `from` to a stage that starts from a
+    `model:` folder / hub name, or from scratch (the spec's `model:` block)."""
+    st = spec.stages[stage]
+    if isinstance(getattr(st, "model", None), str):
+        return named_model(st.model)
+    if st.kind == "merge" and st.adapters is not None:
+        base = st.base_model or _adapter_base(st.adapters)
+        return named_model(base) if base else ModelSource(None, f"adapters {st.adapters}", "base model unknown")
+    start = st.start if hasattr(st, "start") else (st.inputs[0] if st.inputs else None)  # not a reference or reward stage
+    return stage_model(spec, start) if start in spec.stages else spec_model(spec)
+
+
+def _adapter_base(adapters: str | None) -> str | None:
+    try:
+        return json.loads((Path(adapters or "") / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --------------------------------------------------------------------------- what trains
+
+
+def _optimizer_bytes(name: str, trainable: list[Weight]) -> int:
+    """Optimizer state in fp32 (llmlab.optim): AdamW two moments, Sophia momentum + Hessian EMA, Lion one
+    momentum, Muon one momentum for 2-D hidden matrices and AdamW's two for the rest, Adafactor
+    (torch's) a row and a column statistic per matrix and a full second moment per vector."""
+    from llmlab.model.memory import FP32_BYTES
+
+    total = 0
+    for w in trainable:
+        if name == "adafactor":
+            total += (sum(w.shape) * w.copies if len(w.shape) == 2 else w.numel) * FP32_BYTES
+        elif name == "lion" or (name == "muon" and w.role == "hidden" and len(w.shape) == 2):
+            total += w.numel * FP32_BYTES
+        else:  # adamw, sophia, muon's AdamW part
+            total += 2 * w.numel * FP32_BYTES
+    return total
+
+
+def _lora_weights(shape: ModelShape, all_weights: list[Weight], lora: Any, notes: list[str]) -> list[Weight]:
+    """The adapters (r x in and out x r per targeted projection) and special-token rows that train."""
+    from llmlab.lora import target_modules
+    from llmlab.model.memory import Weight
+
+    targets = target_modules(lora.preset, "swiglu" if shape.gated_ffn else "gelu", lora.target_modules)
+    by_name = {w.name: w for w in all_weights if w.role == "hidden"}
+    missing = [t for t in targets if t not in by_name]
+    if missing:
+        notes.append(f"LoRA targets {', '.join(missing)} are not projections this estimate knows: not counted")
+    out = []
+    for t in targets:
+        if t in by_name:
+            rows, cols = by_name[t].shape
+            out += [Weight(f"lora_A.{t}", (lora.r, cols), by_name[t].copies, "hidden"),
+                    Weight(f"lora_B.{t}", (rows, lora.r), by_name[t].copies, "hidden")]
+    if lora.train_special_tokens:  # peft trainable tokens: a delta per special-token row (llmlab's tokens)
+        out.append(Weight("trainable_tokens", (len(SPECIAL_TOKENS), shape.d_model), 1 if shape.tie_embeddings else 2, "hidden"))
+    return out
+
+
+def _lora_activation_bytes(adapters: list[Weight], dropout: float) -> int:
+    """Per token: each adapter's r-wide middle, and with dropout the dropped input copy and its mask."""
+    from llmlab.model.memory import FP32_BYTES
+
+    total = 0
+    for w in adapters:
+        if w.name.startswith("lora_A."):
+            r, fan_in = w.shape
+            total += w.copies * (r * FP32_BYTES + (fan_in * (FP32_BYTES + DROPOUT_MASK_BYTES) if dropout > 0 else 0))
+    return total
+
+
+def _reward_backbone(all_weights: list[Weight], shape: ModelShape) -> list[Weight]:
+    """A sequence-classification model: the backbone without the LM head, plus a one-output score head."""
+    from llmlab.model.memory import Weight
+
+    return [w for w in all_weights if w.role != "head"] + [Weight("score", (1, shape.d_model), 1, "head")]
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
+    """The peak training memory of `stage` (see the module docstring), or None for a stage that trains
+    nothing (tokenizer, merge, export, eval). When the model's size cannot be known offline the
+    estimate has `total` None and says why in `problem`."""
+    from llmlab.model import memory as mm
+
+    st = spec.stages.get(stage)
+    if st is None or st.kind not in TRAINING_KINDS:
+        return None
+    source = stage_model(spec, stage)
+    est = StageEstimate(stage, st.kind, source.label)
+    if source.shape is None:
+        est.problem = source.problem
+        return est
+    shape, train, kind, parts, notes, b = source.shape, st.train, st.kind, est.parts, est.notes, mm.FP32_BYTES
+    all_weights = mm.weights(shape)
+    if kind == "reward":
+        all_weights = _reward_backbone(all_weights, shape)
+    lora = st.lora if kind in ("sft", "dpo", "ppo", "grpo") else None
+    trainable = _lora_weights(shape, all_weights, lora, notes) if lora is not None else all_weights
+    est.params = sum(w.numel for w in all_weights)
+    est.trainable = sum(w.numel for w in trainable)
+    parts["weights"] = est.params * b + (est.trainable * b if lora is not None else 0)
+    parts["gradients"] = est.trainable * b
+    parts["optimizer state"] = _optimizer_bytes(train.optimizer.name, trainable)
+    if st.distributed is not None and st.distributed.strategy == "fsdp":
+        for key in ("weights", "gradients", "optimizer state"):
+            parts[key] //= st.distributed.world_size
+        notes.append(f"fsdp: weights, gradients and optimizer state split over {st.distributed.world_size} processes")
+    if kind in ("dpo", "ppo") or (kind == "grpo" and st.kl_coef > 0):
+        if kind == "dpo" and st.precompute_reference:
+            notes.append("reference: scored once before training, then dropped")
+        else:
+            parts["reference model"] = _reference_bytes(spec, st, source, notes)
+    if kind in ("ppo", "grpo"):
+        _rl_parts(spec, st, shape, est)
+    else:
+        est.seq_len = shape.max_context
+        est.sequences = train.batch_sequences if kind in ("pretrain", "sft") else 2 * train.batch_pairs
+        notes.append(f"{est.sequences} sequence{'s' if est.sequences != 1 else ''} of {est.seq_len} tokens per forward pass "
+                     f"(the longest a batch can be)")
+    tokens = est.sequences * est.seq_len
+    padded = kind != "pretrain"  # batches padded to their longest row carry an attention mask
+    parts["activations"] = tokens * (mm.activation_bytes_per_token(shape, est.seq_len, padded)
+                                     + (_lora_activation_bytes(trainable, lora.dropout) if lora is not None else 0))
+    if kind in ("pretrain", "sft", "dpo"):  # a reward model scores the last token: no vocabulary-wide logits
+        live_reference = kind == "dpo" and not st.precompute_reference
+        copies = DPO_LIVE_REFERENCE_LOGIT_COPIES if live_reference else mm.LM_LOSS_LOGIT_COPIES
+        parts["logits"] = mm.logits_bytes(shape, tokens, copies)
+    elif kind in ("ppo", "grpo"):
+        parts["logits"] = (mm.logits_bytes(shape, tokens, RL_FULL_LOGIT_COPIES)
+                           + mm.logits_bytes(shape, est.sequences * st.max_new_tokens, RL_COMPLETION_LOGIT_COPIES))
+    largest = max(math.prod(w.shape) for w in trainable) * b
+    parts["optimizer step"] = largest * STEP_SCRATCH_TENSORS
+    phases = {name: sum(parts.get(p, 0) for p in members) for name, members in PHASES.items()}
+    peak = max(phases, key=phases.__getitem__)
+    est.total = sum(n for p, n in parts.items() if not any(p in m for m in PHASES.values())) + phases[peak]
+    notes.append(f"{', '.join(n for n, v in phases.items() if v)} come one after another: the total counts the "
+                 f"largest ({peak})")
+    if train.precision == "bf16":
+        notes.append("estimated in fp32: bf16 autocast keeps fp32 weights but stores most activations in 16 bits")
+    return est
+
+
+def _reference_bytes(spec: Pipeline, st: Any, source: ModelSource, notes: list[str]) -> int:
+    """The reference model's weights (no gradients): `reference_stage` / `reference_model` (dpo), else
+    a frozen copy of the starting model, or nothing with LoRA (the same model, adapters disabled)."""
+    from llmlab.model.memory import FP32_BYTES, count_parameters
+
+    other = None
+    if st.kind == "dpo" and st.reference_stage:
+        other = stage_model(spec, st.reference_stage)
+    elif st.kind == "dpo" and st.reference_model:
+        other = named_model(st.reference_model)
+    elif st.lora is not None:
+        notes.append("reference: the same model with adapters disabled (no copy)")
+        return 0
+    if other is not None and other.shape is None:
+        notes.append(f"reference {other.problem}: counted at the policy's size")
+    shape = other.shape if other is not None and other.shape is not None else source.shape
+    return count_parameters(shape) * FP32_BYTES
+
+
+def _rl_parts(spec: Pipeline, st: Any, shape: ModelShape, est: StageEstimate) -> None:
+    """PPO/GRPO's own parts: a value head (ppo), a reward model, the rollout's rows, and sampling (a KV
+    cache and the prompt pass's logits); sets the update's sequences and their length."""
+    from llmlab.model import memory as mm
+
+    train, parts, notes, b = st.train, est.parts, est.notes, mm.FP32_BYTES
+    group = st.group_size if st.kind == "grpo" else 1  # completions per prompt
+    prompt = st.max_prompt_length or shape.max_context - st.max_new_tokens
+    length = prompt + st.max_new_tokens
+    world = st.distributed.world_size if st.distributed is not None else 1
+    rollout = max(1, train.rollout_prompts // world) * group  # completions sampled at once on this process
+    est.sequences, est.seq_len = train.batch_prompts * group, length
+    if st.kind == "grpo" and st.kl_coef == 0:
+        notes.append("no reference model (kl_coef 0)")
+    if st.kind == "ppo":  # a d_model -> 1 linear head with its gradient and AdamW state
+        parts["value head"] = (shape.d_model + 1) * b * 4
+    rm = _reward_model(spec, st)
+    if rm is not None and rm.shape is None:
+        notes.append(f"reward model {rm.problem}: not counted")
+    elif rm is not None:
+        parts["reward model"] = sum(w.numel for w in _reward_backbone(mm.weights(rm.shape), rm.shape)) * b
+    values = PPO_ROW_VALUES if st.kind == "ppo" else GRPO_ROW_VALUES + int(st.kl_coef > 0)
+    row = length * 2 * TOKEN_ID_BYTES + st.max_new_tokens * values * b
+    parts["rollout buffers"] = rollout * row * (train.ppo_epochs + 1)  # the rollout's rows and the queued passes
+    sampled = max(rollout, min(st.eval_prompts, RL_EVAL_BATCH))
+    parts["KV cache"] = mm.kv_cache_bytes(shape, sampled, length)
+    parts["sampling logits"] = mm.logits_bytes(shape, sampled * prompt)  # the prompt pass returns every position's
+    notes.append(f"update: {est.sequences} completions of {length} tokens per forward pass; sampling: {sampled} "
+                 f"at once with a KV cache")
+
+
+def _reward_model(spec: Pipeline, st: Any) -> ModelSource | None:
+    """The reward model an RL stage holds in memory: a reward stage's, or a model folder / hub name
+    (built-in rewards and module:function ones hold none)."""
+    if st.reward_stage:
+        return stage_model(spec, st.reward_stage)
+    ref = st.reward or ""
+    local = Path(ref).expanduser()
+    if local.is_dir() or ("/" in ref and ":" not in ref):
+        return named_model(ref)
+    return None
+
+
+def describe(est: StageEstimate) -> str:
+    """'memory ~12.3 MiB', or why there is no number."""
+    return f"memory ~{fmt_bytes(est.total)}" if est.total is not None else f"memory unknown ({est.problem})"
+
+
+def breakdown(est: StageEstimate) -> str:
+    """The components, e.g. 'weights 3.5 MiB + gradients 3.5 MiB + ...; <notes>'."""
+    if est.total is None:
+        return est.problem or ""
+    parts = " + ".join(f"{name} {fmt_bytes(n)}" for name, n in est.parts.items() if n)
+    return "; ".join([parts, *est.notes])
