@@ -21,7 +21,7 @@ import sys
 CHILD = r"""
 import copy, json, resource, sys, time, torch
 from llmlab.model import LlmlabConfig, build_model
-from llmlab.lora import apply_lora, target_modules
+from llmlab.lora import apply_lora, resolve_targets
 from llmlab.train.dpo import DPOObjective, model_reference, precompute_reference_logps
 mode, d, layers, pairs, seq, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 cfg = LlmlabConfig(d_model=d, n_heads=8, n_kv_heads=2, d_ff=int(d * 8 / 3) // 8 * 8, n_layers=layers, vocab_size=8192, max_seq_len=seq)
@@ -34,7 +34,7 @@ baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if mode == "frozen":
     reference = model_reference(copy.deepcopy(model).eval().requires_grad_(False))
 elif mode == "lora":
-    model = apply_lora(model, 16, 32, 0.0, target_modules("all", "swiglu"))
+    model = apply_lora(model, 16, 32, 0.0, resolve_targets(model, "all"))
     reference = model_reference(model, disable_adapters=True)
 else:
     batch["ref_logps"] = precompute_reference_logps(model_reference(model), [batch])[0]

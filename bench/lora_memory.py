@@ -19,12 +19,12 @@ import sys
 CHILD = r"""
 import json, resource, sys, time, torch
 from llmlab.model import LlmlabConfig, build_model
-from llmlab.lora import apply_lora, target_modules, trainable_share
+from llmlab.lora import apply_lora, resolve_targets, trainable_share
 mode, d, layers, steps, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 cfg = LlmlabConfig(d_model=d, n_heads=8, n_kv_heads=2, d_ff=int(d * 8 / 3) // 8 * 8, n_layers=layers, vocab_size=8192, max_seq_len=seq)
 model = build_model(cfg, seed=0)
 if mode != "full":
-    model = apply_lora(model, r=16, alpha=32, dropout=0.0, targets=target_modules(mode, "swiglu"))
+    model = apply_lora(model, r=16, alpha=32, dropout=0.0, targets=resolve_targets(model, mode))
 trainable, total = trainable_share(model)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

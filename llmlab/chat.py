@@ -47,11 +47,11 @@ def resolve_model_dir(target: str) -> Path:
 
 
 def load(model_dir: Path):
-    from llmlab.runners.common import load_model
-    from llmlab.tokenizer import load_tokenizer
     from llmlab.device import pick_device
+    from llmlab.models import load_causal_lm
+    from llmlab.tokenizer import load_tokenizer
 
-    return load_model(str(model_dir)).to(pick_device()).eval(), load_tokenizer(str(model_dir))
+    return load_causal_lm(model_dir).to(pick_device()).eval(), load_tokenizer(str(model_dir))
 
 
 def _prompt_ids(tokenizer, conversation: list[dict], text: str) -> list[int]:
@@ -70,12 +70,12 @@ def reply(model, tokenizer, ids: list[int], temperature: float, top_p: float, ma
     from llmlab.generate import iter_sample, stop_token_ids
 
     device = next(model.parameters()).device
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     x = torch.tensor([ids], device=device)
     new: list[int] = []
     shown = ""
     gen = torch.Generator(device=device).manual_seed(seed)
-    for nxt, _ in iter_sample(model, x, torch.ones_like(x), max_new_tokens, stops, tokenizer.pad_token_id or 0,
+    for nxt, _, _ in iter_sample(model, x, torch.ones_like(x), max_new_tokens, stops, tokenizer.pad_token_id or 0,
                               temperature, 0, top_p, gen):
         token = int(nxt[0])
         if token in stops:

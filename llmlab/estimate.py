@@ -209,12 +209,20 @@ def _optimizer_bytes(name: str, trainable: list[Weight]) -> int:
     return total
 
 
+def _preset_projections(preset: str, gated_ffn: bool, custom: list[str] | None) -> list[str]:
+    """The projections a LoRA preset adapts, in the names of `llmlab.model.memory.weights` (the real
+    modules of a loaded model are found by role in `llmlab.lora.resolve_targets`; the sizes match)."""
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    ffn = ["gate_proj", "up_proj", "down_proj"] if gated_ffn else ["up_proj", "down_proj"]
+    return {"minimal": ["q_proj", "v_proj"], "attention_only": attention, "ffn_only": ffn,
+            "all": attention + ffn}.get(preset, list(custom or []))
+
+
 def _lora_weights(shape: ModelShape, all_weights: list[Weight], lora: Any, notes: list[str]) -> list[Weight]:
     """The adapters (r x in and out x r per targeted projection) and special-token rows that train."""
-    from llmlab.lora import target_modules
     from llmlab.model.memory import Weight
 
-    targets = target_modules(lora.preset, "swiglu" if shape.gated_ffn else "gelu", lora.target_modules)
+    targets = _preset_projections(lora.preset, shape.gated_ffn, lora.target_modules)
     by_name = {w.name: w for w in all_weights if w.role == "hidden"}
     missing = [t for t in targets if t not in by_name]
     if missing:

@@ -1,11 +1,16 @@
-"""Batched, KV-cached sampling, shared by chat, eval and RL rollouts.
+"""Batched, KV-cached sampling for any causal LM — llmlab's own or a stock transformers model (Llama,
+Qwen2, Mistral, GPT-2, ..., with or without peft adapters) — shared by chat, generate, eval and RL.
 
     texts = generate(model, tokenizer, ["The", "def "], max_new_tokens=32, temperature=0.0)
     out = sample(model, input_ids, attention_mask, max_new_tokens=32, eos_token_id=eos)
+    out.tokens, out.lengths, out.logprobs     # (B, N), (B,), (B, N) of the sampling distribution
 
-Prompts are left-padded so every row's next token is at the same column; the cache holds the
-padded prefix and the attention mask hides the padding. A row stops at its first EOS; its later
-positions are filled with the pad id and masked. Temperature 0 is greedy.
+Models are driven through transformers' cache protocol: a `DynamicCache` passed as `cache=`, the
+2-D attention mask over past and new tokens, and explicit `position_ids`. Prompts are left-padded so
+every row's next token is at the same column; positions count real tokens only (the first real token
+of every row is position 0, as `generate()` does), so a padded batch gives each row the output it
+would have alone. A row stops at its first stop id; its later positions hold the pad id and are
+masked. Temperature 0 is greedy. Only the last position's logits are computed (`logits_to_keep=1`).
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-
-from llmlab.model import KVCache
+from transformers import DynamicCache
 
 
 @dataclass
 class Sampled:
-    tokens: torch.Tensor  # (B, N) new token ids, pad after a row's EOS
-    lengths: torch.Tensor  # (B,) new tokens per row, EOS included
+    tokens: torch.Tensor  # (B, N) new token ids, pad after a row's stop token
+    lengths: torch.Tensor  # (B,) new tokens per row, stop token included
+    logprobs: torch.Tensor  # (B, N) log-prob of each new token under the (tempered) sampling distribution; 0 after a stop
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -39,6 +44,11 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that count real tokens only: left padding gets 0 (it is masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def iter_sample(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -50,35 +60,44 @@ def iter_sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next tokens (B,), rows still running before this token (B,)) step by step from
-    left-padded prompts (B, T), one KV cache for the whole batch. A row stops at the first of its
-    stop ids (`eos_token_id`: one id or several); stopped rows get `pad_token_id`."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (next tokens (B,), rows still running before this token (B,), their log-probs (B,))
+    step by step from left-padded prompts (B, T), one KV cache for the whole batch. A row stops at
+    the first of its stop ids (`eos_token_id`: one id or several); stopped rows get `pad_token_id`.
+    Log-probs are of the distribution sampled from: logits / temperature, before top-k/top-p (the
+    same ones a full forward pass gives, see `llmlab.train.rollout.policy_logps`); greedy: T = 1."""
     B = input_ids.size(0)
     device = input_ids.device
-    cache = KVCache()
-    mask = attention_mask.clone()
+    cache = DynamicCache()
+    mask = attention_mask.long().clone()
+    positions = positions_from_mask(mask)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                             dtype=torch.long, device=device)
     step_input = input_ids
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            logits = model(step_input, attention_mask=mask, cache=cache).logits[:, -1, :].float()
+            out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or cache
+            logits = out.logits[:, -1, :].float()
+            logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
             if temperature == 0.0:
                 nxt = logits.argmax(-1)
             else:
                 probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             running = ~done
+            token_logp = torch.where(done, torch.zeros(B, device=device), logp.gather(-1, nxt[:, None]).squeeze(-1))
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            yield nxt, running
+            yield nxt, running, token_logp
             if stop_ids.numel():
                 done = done | torch.isin(nxt, stop_ids)
             if bool(done.all()):
                 return
             step_input = nxt[:, None]
             mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows: masked, ignored
+            positions = positions[:, -1:] + 1
 
 
 def sample(
@@ -93,26 +112,41 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Sampled:
-    """All of `iter_sample` at once: (B, N) new tokens and each row's length (stop token included)."""
+    """All of `iter_sample` at once: (B, N) new tokens, each row's length (stop token included) and
+    the new tokens' log-probs."""
     was_training = model.training
     model.eval()
-    tokens, lengths = [], torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device)
-    for nxt, running in iter_sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                                    temperature, top_k, top_p, generator):
+    tokens, logprobs = [], []
+    lengths = torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device)
+    for nxt, running, logp in iter_sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                                          temperature, top_k, top_p, generator):
         tokens.append(nxt)
+        logprobs.append(logp)
         lengths += running.long()
     if was_training:
         model.train()
-    out = torch.stack(tokens, dim=1) if tokens else input_ids.new_zeros((input_ids.size(0), 0))
-    return Sampled(out, lengths)
+    empty = input_ids.new_zeros((input_ids.size(0), 0))
+    return Sampled(torch.stack(tokens, dim=1) if tokens else empty, lengths,
+                   torch.stack(logprobs, dim=1) if logprobs else empty.float())
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS, plus the chat template's end-of-turn token when the tokenizer has one (<|im_end|>)."""
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer, model: torch.nn.Module | None = None) -> list[int]:
+    """Where a reply ends: the tokenizer's EOS, its chat template's end-of-turn token when it has one
+    (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, ...), and the model's own
+    generation config's EOS ids when given."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        tid = vocab.get(token)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    for tid in ([eos] if isinstance(eos, int) else list(eos or [])):
+        if tid not in ids:
             ids.append(tid)
     return ids
 
@@ -144,7 +178,7 @@ def generate(
         ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
         mask[i, width - len(e):] = 1
     gen = torch.Generator(device=device).manual_seed(seed)
-    stops = stop_token_ids(tokenizer)
+    stops = stop_token_ids(tokenizer, model)
     result = sample(model, ids.to(device), mask.to(device), max_new_tokens, stops, pad,
                     temperature, top_k, top_p, gen)
     texts = []

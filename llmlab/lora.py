@@ -1,19 +1,26 @@
-"""LoRA adapters through peft: presets of target modules, wrapping, saving and loading.
+"""LoRA adapters through peft: presets resolved by module role for each model family, wrapping,
+saving and loading.
 
-Presets (`lora.preset` in the spec) name the linear layers that get adapters; module names follow
-Llama and our model alike:
+Presets (`lora.preset` in the spec) name *roles*; `resolve_targets` finds the modules that play them
+in the loaded model, whatever its family calls them:
 
-    minimal         q_proj, v_proj                      (Hu et al. 2021's choice)
-    attention_only  q_proj, k_proj, v_proj, o_proj
-    ffn_only        gate_proj, up_proj, down_proj       (SwiGLU)   /   up_proj, down_proj (others)
+    minimal         the query and value projections (Hu et al. 2021's choice); a fused
+                    query-key-value projection (GPT-2's c_attn, GPT-NeoX's query_key_value) whole
+    attention_only  every projection of the attention block (q, k, v, o; fused qkv and its output)
+    ffn_only        every projection of the feed-forward block (gate, up, down; GPT-2's c_fc and
+                    c_proj; fc1, fc2; dense_h_to_4h, dense_4h_to_h)
     all             attention_only + ffn_only
-    custom          the spec's `target_modules` list
+    custom          the spec's `target_modules`, checked against the model's modules
 
-Only the `lora_*` tensors train; everything else is frozen by peft. Adapters are saved in peft's
-format (`adapter_config.json` + `adapter_model.safetensors`) and reload with
-`peft.PeftModel.from_pretrained(base_model, adapter_dir)`.
+A module's role comes from its block (a parent named like attn/attention or mlp/ffn/feed_forward)
+and its own name. Names shared by both blocks (GPT-2's c_proj) are given with their block
+(`attn.c_proj`, `mlp.c_proj`), which peft matches as a suffix of the full module name.
 
-    targets = target_modules("minimal", activation=config.activation)
+Only the adapters train (and, with `trainable_token_ids`, those rows of the input embedding:
+special tokens a base model never saw). Adapters are saved in peft's format (`adapter_config.json`
++ `adapter_model.safetensors`) and reload with `peft.PeftModel.from_pretrained(base, adapter_dir)`.
+
+    targets = resolve_targets(model, "minimal")
     model = apply_lora(model, r=8, alpha=16, dropout=0.0, targets=targets)
     trainable, total = trainable_share(model)
     save_adapters(model, out / "adapters" / "best", base_model="out/pretrain/model", tokenizer=tok)
@@ -31,38 +38,85 @@ if TYPE_CHECKING:
     import torch
     from peft import PeftModel
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-GATED_FFN_MODULES = ("gate_proj", "up_proj", "down_proj")
-PLAIN_FFN_MODULES = ("up_proj", "down_proj")
-GATED_ACTIVATIONS = frozenset({"swiglu", "geglu", "silu_gated"})
 PRESETS = ("minimal", "attention_only", "ffn_only", "all", "custom")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+LINEAR_TYPES = ("Linear", "Conv1D")  # torch.nn.Linear and transformers' GPT-2 style Conv1D
+ATTENTION_BLOCKS = ("attn", "attention")  # substrings of an attention block's module name
+FFN_BLOCKS = ("mlp", "ffn", "feed_forward", "feedforward")
+# leaf name -> role, per block; a name missing here still counts for attention_only / ffn_only / all
+ATTENTION_ROLES = {"q_proj": "q", "query": "q", "wq": "q", "k_proj": "k", "key": "k", "wk": "k",
+                   "v_proj": "v", "value": "v", "wv": "v", "c_attn": "qkv", "query_key_value": "qkv",
+                   "qkv_proj": "qkv", "Wqkv": "qkv", "qkv": "qkv", "W_pack": "qkv",
+                   "o_proj": "o", "out_proj": "o", "dense": "o", "c_proj": "o", "wo": "o"}
+MINIMAL_ROLES = ("q", "v")  # with a fused projection instead: "qkv"
 
 
-def ffn_modules(activation: str) -> list[str]:
-    """The feed-forward projections of a model using `activation` (gated ones have gate_proj)."""
-    return list(GATED_FFN_MODULES if activation in GATED_ACTIVATIONS else PLAIN_FFN_MODULES)
+class LoraTargetError(ValueError):
+    """The model has no module for what the preset asks; the message lists what it has."""
 
 
-def target_modules(preset: str, activation: str = "swiglu", custom: list[str] | None = None) -> list[str]:
-    """Module names a preset puts adapters on; `custom` is required for (and only for) "custom"."""
+def linear_modules(model: torch.nn.Module) -> list[tuple[str, str, str]]:
+    """(full name, block kind "attention" | "ffn" | "other", leaf name) of every linear layer in
+    the transformer blocks (the LM head, embeddings and a score head excluded)."""
+    out = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in LINEAR_TYPES or "." not in name:
+            continue
+        parent, leaf = name.rsplit(".", 1)
+        block = parent.rsplit(".", 1)[-1].lower()
+        kind = ("attention" if any(b in block for b in ATTENTION_BLOCKS)
+                else "ffn" if any(b in block for b in FFN_BLOCKS) else "other")
+        out.append((name, kind, leaf))
+    return out
+
+
+def _unique_names(chosen: list[tuple[str, str, str]], everything: list[tuple[str, str, str]]) -> list[str]:
+    """The shortest names peft can match for the chosen modules: the leaf name when no module of
+    another kind shares it, else `block.leaf`."""
+    kinds_of: dict[str, set[str]] = {}
+    for _, kind, leaf in everything:
+        kinds_of.setdefault(leaf, set()).add(kind)
+    names = []
+    for full, kind, leaf in chosen:
+        name = leaf if len(kinds_of[leaf]) == 1 else ".".join(full.rsplit(".", 2)[-2:])
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def resolve_targets(model: torch.nn.Module, preset: str, custom: list[str] | None = None) -> list[str]:
+    """Module names (for peft's target_modules) that play the preset's roles in `model`; see the
+    module docstring. LoraTargetError naming the model's linear modules when nothing fits."""
     if preset not in PRESETS:
         raise ValueError(f"unknown LoRA preset {preset!r}; known: {', '.join(PRESETS)}")
+    linears = linear_modules(model)
+    available = sorted({".".join(full.rsplit(".", 2)[-2:]) for full, _, _ in linears})
+    family = type(model).__name__
     if preset == "custom":
         if not custom:
             raise ValueError("LoRA preset 'custom' needs `target_modules`, e.g. [q_proj, v_proj]")
+        unknown = [c for c in custom if not any(full == c or full.endswith("." + c) for full, _, _ in linears)]
+        if unknown:
+            raise LoraTargetError(f"LoRA target_modules {unknown} match no linear module of this {family}; its modules "
+                                  f"(block.name): {', '.join(available)}")
         return list(custom)
     if custom:
         raise ValueError(f"LoRA `target_modules` is only used with preset 'custom', not {preset!r}; "
                          f"set preset: custom to choose modules yourself")
+    attention = [m for m in linears if m[1] == "attention"]
+    ffn = [m for m in linears if m[1] == "ffn"]
     if preset == "minimal":
-        return ["q_proj", "v_proj"]
-    if preset == "attention_only":
-        return list(ATTENTION_MODULES)
-    if preset == "ffn_only":
-        return ffn_modules(activation)
-    return [*ATTENTION_MODULES, *ffn_modules(activation)]
+        roles = {ATTENTION_ROLES.get(leaf) for _, _, leaf in attention}
+        wanted = set(MINIMAL_ROLES) if set(MINIMAL_ROLES) <= roles else {"qkv"}
+        chosen = [m for m in attention if ATTENTION_ROLES.get(m[2]) in wanted]
+    else:
+        chosen = {"attention_only": attention, "ffn_only": ffn, "all": attention + ffn}[preset]
+    if not chosen:
+        raise LoraTargetError(f"LoRA preset {preset!r} found no {'query/value' if preset == 'minimal' else preset} "
+                              f"projection in this {family}; use preset: custom with target_modules from its modules "
+                              f"(block.name): {', '.join(available) or 'none'}")
+    return _unique_names(chosen, linears)
 
 
 def is_lora_parameter(name: str) -> bool:
@@ -76,20 +130,20 @@ def is_adapter_parameter(name: str) -> bool:
 
 def apply_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float,
                targets: list[str], trainable_token_ids: list[int] | None = None) -> PeftModel:
-    """Wrap `model` with LoRA adapters (task CAUSAL_LM) on the `targets` modules; only the
-    adapters are trainable. `trainable_token_ids` also trains those rows of the input embedding
-    (tied output head included) through peft's trainable tokens — for chat special tokens a base
-    model never saw, whose random embeddings LoRA alone cannot fix. ValueError if no module of the
-    model matches a target."""
+    """Wrap `model` with LoRA adapters (task CAUSAL_LM) on the `targets` modules (from
+    `resolve_targets`); only the adapters are trainable. `trainable_token_ids` also trains those
+    rows of the input embedding (tied output head included) through peft's trainable tokens — for
+    chat special tokens a base model never saw, whose embeddings LoRA alone cannot fix; ids outside
+    the embedding matrix are an error (resize the embeddings first)."""
     from peft import LoraConfig, get_peft_model
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ValueError(f"LoRA target modules {missing} are not in the model; its leaf module "
-                         f"names include {sorted(n for n in names if n.endswith('_proj'))}")
     extra = {}
     if trainable_token_ids:
+        rows = model.get_input_embeddings().weight.shape[0]
+        outside = sorted(i for i in set(trainable_token_ids) if not 0 <= i < rows)
+        if outside:
+            raise ValueError(f"token ids {outside[:5]} are outside the model's {rows} embedding rows: resize the "
+                             f"embeddings to the tokenizer first")
         extra = {"trainable_token_indices": sorted(set(trainable_token_ids)),
                  "ensure_weight_tying": bool(getattr(model.config, "tie_word_embeddings", False))}
     config = LoraConfig(r=int(r), lora_alpha=alpha, lora_dropout=float(dropout),

@@ -4,7 +4,7 @@
     spec = load_spec("pipelines/tiny.yaml")      # raises SpecError listing every problem
 
 `llmlab validate FILE` prints `SpecError.issues`; `llmlab schema` prints `Pipeline.model_json_schema()`.
-Field names and defaults follow the seed (LLM-Lab's ModelConfig / TrainingConfig). Structure errors
+Field names follow LLM-Lab's ModelConfig / TrainingConfig, which llmlab grew from. Structure errors
 come from pydantic; cross-field rules live next to the fields in `rules()` methods and are checked
 for every block that parsed, so one run of `validate` reports everything. This module never imports
 torch.

@@ -31,7 +31,7 @@ class TokenizerSpec(StrictModel):
     """Exactly one of: train a tokenizer, load one by hub name, or load one from a local path."""
 
     train: TokenizerTrain | None = None
-    name: str | None = None  # hub name, e.g. Qwen/Qwen2.5-0.5B (the seed's default; needs network)
+    name: str | None = None  # hub name, e.g. Qwen/Qwen2.5-0.5B (needs network)
     path: str | None = None  # local tokenizer directory
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
@@ -44,7 +44,8 @@ class TokenizerSpec(StrictModel):
 
 
 class ModelSpec(StrictModel):
-    """The decoder's architecture: the seed's fields and defaults, plus a few it lacked."""
+    """The decoder's architecture. The defaults are a Qwen2.5-0.5B-sized decoder (d_model 896, 24 layers,
+    14 query / 2 KV heads, d_ff 4864); pipelines/tiny.yaml sets a 1M-parameter one."""
 
     positional_encoding: Literal["sinusoidal", "rope", "alibi", "yarn"] = "rope"
     attention_type: Literal["mha", "mqa", "gqa"] = "gqa"
@@ -169,7 +170,9 @@ class TrainBase(StrictModel):
     save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints
     save_best_only: bool = True  # the exported model is the best validation one, not the last
     log_every: int = Field(10, ge=1)  # optimizer steps between logged metrics
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 only on hardware fast at it
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast: auto = bf16 only on hardware fast at it
+    model_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # weights: auto = bf16 frozen weights under LoRA on a bf16 GPU, else fp32
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     load_optimizer: bool = True  # on resume, restore optimizer state (false to switch optimizers)
     optimizer: OptimizerSpec = Field(default_factory=AdamW)
 

@@ -53,6 +53,7 @@ class ModelStage(StageBase):
     """A stage that trains one starting model: an earlier stage's (`from`) or a model dir / hub name."""
 
     model: str | None = None  # start from this transformers model dir or hub name instead of `from`
+    tokenizer: str | None = None  # a tokenizer dir or hub name instead of the starting model's own
 
     @property
     def start(self) -> str | None:
@@ -84,7 +85,9 @@ class PretrainStage(StageBase):
 
 
 class SftTrain(TrainSpec):
-    """TrainSpec with the seed's SFT defaults."""
+    """SFT training fields. The defaults suit full fine-tuning of a pretrained hub model (a small lr, a
+    step of 4 x 16 = 64 sequences); a model trained from scratch here wants a larger lr (the demo: 3e-3
+    with LoRA)."""
 
     max_steps: int = Field(5000, ge=1)
     lr: float = Field(5e-6, gt=0)
@@ -140,9 +143,9 @@ class DpoTrain(TrainBase):
     lr: float = Field(1.4e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)  # the seed's max_grad_norm
+    grad_clip: float | None = Field(1.0, gt=0)  # max global gradient norm
     batch_pairs: int = Field(32, ge=1)  # pairs per forward pass (per process)
-    gradient_accumulation_steps: int = Field(4, ge=1)  # forward passes per step: 128 pairs per step (TRL's DPO default)
+    gradient_accumulation_steps: int = Field(4, ge=1)  # forward passes per step: 4 x 32 = 128 pairs per step
     eval_every: int = Field(50, ge=1)
     eval_steps: int = Field(10, ge=1)  # validation mini-batches
     save_every: int = Field(50, ge=1)
@@ -155,7 +158,7 @@ class DpoStage(ModelStage):
     kind: Literal["dpo"]
     data: list[DataSource] = Field(min_length=1)
     train: DpoTrain = Field(default_factory=DpoTrain)
-    beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the seed's clip_range, renamed)
+    beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the paper's beta; 0.1-0.5 is usual)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: assumed share of flipped labels
     sft_weight: float = Field(0.0, ge=0)  # NLL on the chosen response, added to the loss (RPO)
     lora: LoraSpec | None = None  # with LoRA the reference is the same model with adapters disabled
@@ -209,7 +212,7 @@ class RlTrain(TrainBase):
         "batch_sequences": "RL stages count prompts: use batch_prompts (prompts per forward pass)"}
 
     max_steps: int = Field(1000, ge=1)
-    lr: float = Field(1.41e-5, gt=0)
+    lr: float = Field(1.41e-5, gt=0)  # TRL's PPO default, for fine-tuning pretrained models
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     rollout_prompts: int = Field(32, ge=1)  # prompts sampled per rollout (all processes together)

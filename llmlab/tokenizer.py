@@ -138,6 +138,22 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tok
 
 
+def ensure_chat_template(tok) -> list[int]:
+    """Give a tokenizer without a chat template llmlab's ChatML one (`CHAT_TEMPLATE`), adding the
+    <|im_start|> / <|im_end|> special tokens it lacks; returns the ids of the tokens it added (their
+    embedding rows are new: `llmlab.models.fit_embeddings` makes them, and they must train). A
+    tokenizer with a template of its own keeps it (its assistant masks come from the template's
+    markers, or from the rendered text's offsets)."""
+    if tok.chat_template:
+        return []
+    vocab = tok.get_vocab()
+    missing = [t for t in (IM_START_TOKEN, IM_END_TOKEN) if t not in vocab]
+    if missing:  # added to the tokenizer's own extra special tokens, not in place of them
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    tok.chat_template = CHAT_TEMPLATE
+    return [tok.convert_tokens_to_ids(t) for t in missing]
+
+
 def tokenizer_fingerprint(tok_dir: str | Path) -> str:
     """A short sha256 over the tokenizer's files (those present among TOKENIZER_FILES)."""
     tok_dir = Path(tok_dir)

@@ -7,7 +7,7 @@
 `ask(key, question, default) -> str` asks one question (an empty answer means the default); `say`
 prints. Every answer is validated as soon as it is given and the question is asked again, with the
 error, until it is valid. The questions: pipeline name; a size preset (tiny ~1M / small ~10M /
-base ~100M parameters); each architecture choice with the seed's recommendation as the default and a
+base ~100M parameters); each architecture choice with ModelSpec's default as the recommendation and a
 one-line reason; the sizes (preset values as defaults); which stages; and per training stage the
 optimizer, only that optimizer's fields, then lr, max_steps and the batch (batch_sequences, or
 batch_pairs for dpo). Before returning it
@@ -60,7 +60,7 @@ PRESETS: dict[str, tuple[str, int, int, int, int, int, int]] = {
     "base": ("~100M parameters, wants a GPU", 768, 14, 12, 4, 512, 16384),
 }
 
-# The seed's recommendations, with why (the defaults of ModelSpec).
+# The recommended architecture (ModelSpec's defaults), with why.
 ARCHITECTURE = {
     "positional_encoding": ("rope", "rotary: relative positions, the modern default (Llama, Qwen); yarn stretches it to longer contexts"),
     "attention_type": ("gqa", "grouped-query: query heads share n_kv_heads key/value heads, a smaller KV cache at near-MHA quality"),
@@ -68,7 +68,7 @@ ARCHITECTURE = {
     "activation": ("swiglu", "gated feed-forward as in Llama; d_ff ~8/3 d_model keeps a 4x-FFN's parameter count"),
 }
 
-# Per training stage: the runnable offline recipe of pipelines/tiny.yaml (the seed's SftTrain /
+# Per training stage: the runnable offline recipe of pipelines/tiny.yaml (SftTrain's /
 # DpoTrain defaults are for fine-tuning pretrained hub models and barely move a model trained here).
 TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
     "pretrain": {"max_steps": 300, "lr": 2.0e-3, "weight_decay": 0.1, "scheduler": "cosine", "warmup_steps": 30,

@@ -70,3 +70,67 @@ def test_filter_logits_top_p_keeps_smallest_set_reaching_p():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(_filter_logits(logits, 3, 1.0))
     assert kept.tolist() == [[True, True, True, False]]
+
+
+# ----------------------------------------------------------------------- stock transformers models
+
+
+def stock(family: str):
+    """A tiny random stock transformers causal LM of `family`, fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":  # learned absolute positions, fused qkv
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=2, n_positions=64, **{
+            k: v for k, v in common.items() if k != "max_position_embeddings"})).eval()
+    llama_like = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      num_hidden_layers=2, **common)
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[family]
+    return cls[1](cls[0](**llama_like)).eval()
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]
+PROMPTS = [[5, 6, 7, 8, 9, 10], [3], [11, 12, 13]]  # unequal lengths: rows 1 and 2 are left-padded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_on_a_stock_model_equals_its_own_generate(family):
+    model = stock(family)
+    model.generation_config.eos_token_id = None  # run the full length in both
+    ids, mask = left_pad(PROMPTS)
+    ours = sample(model, ids, mask, max_new_tokens=10, eos_token_id=None, temperature=0.0)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                                min_new_tokens=10, pad_token_id=0)
+    assert torch.equal(ours.tokens, theirs[:, ids.size(1):])
+    for row, prompt in enumerate(PROMPTS):  # and each row equals itself alone, unpadded
+        alone = sample(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), 10, None,
+                       temperature=0.0)
+        assert alone.tokens[0].tolist() == ours.tokens[row].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampled_log_probs_equal_a_full_forward_pass(family):
+    from llmlab.train.rollout import policy_logps
+
+    model = stock(family)
+    ids, mask = left_pad(PROMPTS)
+    out = sample(model, ids, mask, max_new_tokens=8, eos_token_id=[2], temperature=0.8,
+                 generator=torch.Generator().manual_seed(3))
+    completion_mask = (torch.arange(out.tokens.size(1))[None] < out.lengths[:, None]).long()
+    full_ids = torch.cat([ids, out.tokens], dim=1)
+    full_mask = torch.cat([mask, completion_mask], dim=1)
+    with torch.no_grad():
+        _, logps, _ = policy_logps(model, full_ids, full_mask, ids.size(1), 0.8)
+    torch.testing.assert_close(out.logprobs * completion_mask, logps * completion_mask, atol=1e-4, rtol=0)
+
+
+def test_our_model_speaks_the_same_cache_protocol(model):
+    ids, mask = left_pad(PROMPTS)
+    ours = sample(model, ids, mask, max_new_tokens=6, eos_token_id=None, temperature=0.0)
+    with torch.no_grad():
+        theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
+                                min_new_tokens=6, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.tokens, theirs[:, ids.size(1):])

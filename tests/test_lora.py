@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmlab.lora import (PRESETS, apply_lora, load_adapters, save_adapters, target_modules,
+from llmlab.lora import (PRESETS, LoraTargetError, apply_lora, load_adapters, resolve_targets, save_adapters,
                          trainable_share)
 from llmlab.model import LlmlabConfig, build_model
 
@@ -32,25 +32,91 @@ def test_presets_name_modules_that_exist(activation):
     model = tiny(activation)
     leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     for preset, names in expected.items():
-        assert target_modules(preset, activation) == names
+        assert resolve_targets(model, preset) == names
         assert set(names) <= leaves
-    assert target_modules("custom", activation, ["o_proj"]) == ["o_proj"]
+    assert resolve_targets(model, "custom", ["o_proj"]) == ["o_proj"]
     assert set(PRESETS) == {*expected, "custom"}
+
+
+def stock(family):
+    import transformers as tf
+
+    llama_like = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                      num_hidden_layers=2, vocab_size=300)
+    return {
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**llama_like)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**llama_like)),
+        "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=300)),
+        "neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(hidden_size=32, num_attention_heads=4,
+                                                                intermediate_size=64, num_hidden_layers=2, vocab_size=300)),
+        "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                                                      num_hidden_layers=2, vocab_size=300)),
+    }[family]()
+
+
+ROLES = {  # family -> preset -> the module names peft is given
+    "llama": {"minimal": ["q_proj", "v_proj"], "attention_only": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              "ffn_only": ["gate_proj", "up_proj", "down_proj"]},
+    "qwen2": {"minimal": ["q_proj", "v_proj"], "attention_only": ["q_proj", "k_proj", "v_proj", "o_proj"],
+              "ffn_only": ["gate_proj", "up_proj", "down_proj"]},
+    # GPT-2: a fused qkv projection, and c_proj in both blocks (named with its block)
+    "gpt2": {"minimal": ["c_attn"], "attention_only": ["c_attn", "attn.c_proj"], "ffn_only": ["c_fc", "mlp.c_proj"]},
+    "neox": {"minimal": ["query_key_value"], "attention_only": ["query_key_value", "dense"],
+             "ffn_only": ["dense_h_to_4h", "dense_4h_to_h"]},
+    "phi": {"minimal": ["q_proj", "v_proj"], "attention_only": ["q_proj", "k_proj", "v_proj", "dense"],
+            "ffn_only": ["fc1", "fc2"]},
+}
+
+
+@pytest.mark.parametrize("family", list(ROLES))
+def test_presets_resolve_by_role_in_each_family_and_train_only_those_modules(family):
+    model = stock(family)
+    for preset, names in ROLES[family].items():
+        assert resolve_targets(model, preset) == names, preset
+    targets = resolve_targets(model, "all")
+    assert targets == ROLES[family]["attention_only"] + ROLES[family]["ffn_only"]
+    wrapped = apply_lora(model, 4, 8, 0.0, targets)
+    adapted = {n.split(".lora_")[0] for n, p in wrapped.named_parameters() if p.requires_grad}
+    linears = [n for n, m in wrapped.named_modules() if type(m).__name__ in ("Linear", "Conv1D") and "lora_" not in n
+               and not n.endswith(("base_layer", "lm_head"))]
+    # every projection of both blocks got an adapter, and nothing else did
+    assert adapted == {n for n in linears if "lora" not in n and n.rsplit(".", 2)[-2] in ("attn", "attention", "self_attn", "mlp")}
+    out = wrapped(input_ids=torch.randint(0, 300, (2, 6)))
+    assert out.logits.shape == (2, 6, 300)
 
 
 def test_preset_errors():
     with pytest.raises(ValueError, match="needs `target_modules`"):
-        target_modules("custom", "swiglu")
+        resolve_targets(tiny(), "custom")
     with pytest.raises(ValueError, match="unknown LoRA preset"):
-        target_modules("everything", "swiglu")
+        resolve_targets(tiny(), "everything")
     with pytest.raises(ValueError, match="only used with preset 'custom'"):
-        target_modules("minimal", "swiglu", ["q_proj"])
-    with pytest.raises(ValueError, match="gate_proj"):
-        apply_lora(tiny("gelu"), 4, 8, 0.0, ["gate_proj"])
+        resolve_targets(tiny(), "minimal", ["q_proj"])
+    # a custom name the model does not have is listed with what it has
+    with pytest.raises(LoraTargetError, match=r"\['gate_proj'\] match no linear module.*mlp.up_proj"):
+        resolve_targets(tiny("gelu"), "custom", ["gate_proj"])
+    with pytest.raises(LoraTargetError, match=r"found no ffn_only projection.*attn.c_attn"):
+        resolve_targets(_attention_only(), "ffn_only")
+
+
+def _attention_only():
+    """A model with an attention block and no feed-forward block."""
+
+    class AttnOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"c_attn": torch.nn.Linear(4, 12)})})
+
+    return AttnOnly()
+
+
+def test_special_token_rows_outside_the_embeddings_are_refused():
+    with pytest.raises(ValueError, match=r"token ids \[300\] are outside the model's 300 embedding rows"):
+        apply_lora(tiny(), 4, 8, 0.0, ["q_proj"], trainable_token_ids=[1, 300])
 
 
 def test_only_lora_parameters_change_during_training():
-    model = apply_lora(tiny(), r=4, alpha=8, dropout=0.0, targets=target_modules("all", "swiglu"))
+    model = apply_lora(tiny(), r=4, alpha=8, dropout=0.0, targets=resolve_targets(tiny(), "all"))
     trainable, total = trainable_share(model)
     lora = {n for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)

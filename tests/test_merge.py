@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llmlab.lora import apply_lora, save_adapters, target_modules
+from llmlab.lora import apply_lora, resolve_targets, save_adapters
 from llmlab.merge import MergeError, merge_adapters, merge_stage_output
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.tokenizer import load_tokenizer, train_tokenizer
@@ -37,8 +37,8 @@ def trained(tmp_path_factory):
     base_dir = root / "base"
     build_model(cfg, seed=0).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
-    model = apply_lora(build_model(cfg, seed=0), r=4, alpha=8, dropout=0.0,
-                       targets=target_modules("all", cfg.activation))
+    base = build_model(cfg, seed=0)
+    model = apply_lora(base, r=4, alpha=8, dropout=0.0, targets=resolve_targets(base, "all"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:

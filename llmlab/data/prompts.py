@@ -5,7 +5,7 @@ Formats (detected per source from its columns, or named with `format:`):
     prompt     prompt: "347+1="  (a user turn) or prompt: [{role, content}, ...] (a conversation)
     messages   messages: [{role, content}, ...]: the conversation before the last assistant turn
                (a conversation that ends with a user turn is taken whole)
-    hh-rlhf    chosen: "\\n\\nHuman: ...\\n\\nAssistant: ..." (Anthropic/hh-rlhf, the seed's default
+    hh-rlhf    chosen: "\\n\\nHuman: ...\\n\\nAssistant: ..." (Anthropic/hh-rlhf, the common
                RLHF data): everything up to and including the last "Assistant:"
 
 Each row becomes a `Prompt`: its token ids, the text the policy sees (`text`: the chat template's

@@ -1,4 +1,4 @@
-"""The llmlab model: config, architecture, KV cache, parameter and memory estimates.
+"""The llmlab model: config, architecture, parameter and memory estimates.
 
 Importing this package registers the "llmlab" architecture with transformers' Auto classes, so
 `AutoConfig.from_pretrained` / `AutoModelForCausalLM.from_pretrained` load saved llmlab models.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from llmlab.model.attention import KVCache
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.memory import count_parameters, estimate_training_memory
 from llmlab.model.model import LlmlabForCausalLM, LlmlabForSequenceClassification
@@ -30,7 +29,6 @@ def build_model(config: LlmlabConfig, seed: int | None = None) -> LlmlabForCausa
 
 
 __all__ = [
-    "KVCache",
     "LlmlabConfig",
     "LlmlabForCausalLM",
     "LlmlabForSequenceClassification",

@@ -8,6 +8,10 @@
 
 One mask is built per forward pass (`build_attention_mask`) and shared by all layers: it combines
 causality, the sliding window, left padding, packed-sequence segments and the ALiBi bias.
+
+Incremental decoding uses transformers' cache protocol (a `transformers.Cache`, e.g. `DynamicCache`:
+`cache.update(k, v, layer_idx)` appends and returns every key/value so far), so one sampler serves
+this model and any stock transformers causal LM alike. Keys are cached after the rotary embedding.
 """
 
 from __future__ import annotations
@@ -16,37 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers import Cache
+
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.positions import alibi_bias, apply_rotary
-
-
-class KVCache:
-    """Per-layer key/value tensors for incremental decoding.
-
-    Keys are stored after the rotary embedding is applied, shaped (B, n_kv_heads, T, head_dim).
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys/values (B, H_kv, T_new, D) for a layer; return all of them so far."""
-        if layer_idx == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer_idx] = torch.cat((self.keys[layer_idx], k), dim=2)
-            self.values[layer_idx] = torch.cat((self.values[layer_idx], v), dim=2)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    @property
-    def seq_len(self) -> int:
-        """Number of cached positions (including any left padding)."""
-        return self.keys[0].shape[2] if self.keys else 0
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 def build_attention_mask(
@@ -121,7 +98,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         attn_mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, T, H*D) -> (B, H, T, D)
@@ -132,7 +109,7 @@ class Attention(nn.Module):
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, T_past + T, D)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T_past + T, D)
         y = F.scaled_dot_product_attention(
             q,
             k,

@@ -184,7 +184,7 @@ def logits_bytes(shape: ModelShape, tokens: int, copies: float = 1.0) -> int:
 
 def kv_cache_bytes(shape: ModelShape, sequences: int, length: int) -> int:
     """A KV cache for `sequences` rows of `length` positions: keys and values of every layer, fp32
-    (llmlab.model.attention.KVCache keeps (B, n_kv_heads, T, head_dim) per layer)."""
+    (a transformers DynamicCache keeps (B, n_kv_heads, T, head_dim) keys and values per layer)."""
     return 2 * shape.n_layers * shape.kv_dim * length * sequences * FP32_BYTES
 
 

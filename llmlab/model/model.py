@@ -17,7 +17,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
-from llmlab.model.attention import Attention, KVCache, build_attention_mask
+from transformers import Cache, DynamicCache
+
+from llmlab.model.attention import Attention, build_attention_mask
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.ffn import build_ffn
 from llmlab.model.norms import NORMS
@@ -41,7 +43,7 @@ class Block(nn.Module):
         self.mlp = build_ffn(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, attn_mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rotary, attn_mask, cache: Cache | None = None) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary, attn_mask, cache))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
@@ -68,6 +70,8 @@ class LlmlabModel(nn.Module):
         self.norm = NORMS[config.norm_type](config.d_model, eps=config.norm_eps)
         # Plain-attribute cache of the (tiny) frequency / slope vectors, keyed by device.
         self._position_tables: dict[str, tuple[torch.Tensor, float]] = {}
+        # set by transformers' activation_checkpointing_enable(): recompute each block in the backward
+        self.gradient_checkpointing = False
 
     def _rotary_frequencies(self, device: torch.device) -> tuple[torch.Tensor, float]:
         key = f"{self.config.positional_encoding}:{device}"
@@ -105,11 +109,11 @@ class LlmlabModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         device = input_ids.device
-        past_len = cache.seq_len if cache is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         pe = self.config.positional_encoding
         positions = self._positions(B, T, past_len, attention_mask, position_ids, segment_ids, device)
 
@@ -126,18 +130,23 @@ class LlmlabModel(nn.Module):
         attn_mask = build_attention_mask(self.config, T, past_len, attention_mask, segment_ids, slopes, device, x.dtype)
 
         for layer in self.layers:
-            x = layer(x, rotary, attn_mask, cache)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = self._gradient_checkpointing_func(layer.__call__, x, rotary, attn_mask, None)
+            else:
+                x = layer(x, rotary, attn_mask, cache)
         return self.norm(x)
 
 
 class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
     """The llmlab transformer with a language-modelling head; see the module docstring.
 
-    GenerationMixin is there for peft (its causal-LM wrapper expects the generation hooks);
-    llmlab samples with its own KV-cached loop rather than `generate()`."""
+    GenerationMixin is there for peft (its causal-LM wrapper expects the generation hooks) and for
+    `generate()`; llmlab samples with its own KV-cached loop (`llmlab.generate`), which drives this
+    model and stock transformers models through the same cache protocol."""
 
     config_class = LlmlabConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -185,14 +194,22 @@ class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) and, with `labels` (aligned with input_ids, -100 = ignore), the
-        mean next-token cross-entropy; the shift happens here. `cache` is extended in place."""
-        if cache is None and isinstance(kwargs.get("past_key_values"), KVCache):
-            cache = kwargs["past_key_values"]  # the older transformers keyword
+        mean next-token cross-entropy; the shift happens here. `cache` (a transformers Cache, as
+        stock models take it) is extended in place; `use_cache` without one starts a DynamicCache.
+        `logits_to_keep=k` computes the logits of the last k positions only (sampling needs one)."""
+        if cache is None:
+            cache = kwargs.get("past_key_values")  # the older transformers keyword
+        if cache is None and use_cache:
+            cache = DynamicCache()
         hidden = self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]  # (B, T, d) -> (B, k, d)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -228,6 +245,7 @@ class LlmlabForSequenceClassification(PreTrainedModel):
 
     config_class = LlmlabConfig
     base_model_prefix = "model"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _init_weights = LlmlabForCausalLM._init_weights
 

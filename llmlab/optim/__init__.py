@@ -70,7 +70,8 @@ def _sophia(groups: list[dict], lr: float, spec: Any) -> torch.optim.Optimizer:
 
 
 def _muon(groups: list[dict], lr: float, spec: Any) -> torch.optim.Optimizer:
-    # the seed's rule: embeddings, head and 1-D parameters go to AdamW at adamw_lr_ratio x lr
+    # Muon is for hidden weight matrices only (its write-up's advice): embeddings, head and 1-D parameters go to
+    # AdamW at adamw_lr_ratio x lr
     split = [{**g, "use_muon": g["hidden"]} if g["hidden"] else {**g, "use_muon": False, "lr": lr * spec.adamw_lr_ratio}
              for g in groups]
     return Muon(split, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov, ns_steps=spec.ns_steps,

@@ -8,15 +8,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM
-
-import llmlab.model  # noqa: F401  (registers the llmlab architecture with transformers' Auto classes)
 from llmlab.checkpoint import atomic_dir, atomic_write_json, atomic_write_text
-from llmlab.lora import apply_lora, is_adapter_parameter, save_adapters, target_modules, trainable_share
+from llmlab.device import pick_device
+from llmlab.lora import apply_lora, is_adapter_parameter, resolve_targets, save_adapters, trainable_share
+from llmlab.models import fit_embeddings, load_causal_lm, weights_dtype
 from llmlab.parallel import barrier, current
 from llmlab.runners.context import StageContext, resolved_config
 from llmlab.spec import config_hash
+from llmlab.tokenizer import ensure_chat_template, load_tokenizer
 from llmlab.train.loop import load_best
 
 MODEL_ARTIFACT_LIMIT = 200 * 2**20  # model folders larger than this are tracked by path + fingerprint
@@ -92,9 +91,32 @@ class StageCallbacks:
             self.ctx.run.flush()  # what is checkpointed is also in MLflow
 
 
-def load_model(path: str) -> Any:
-    """A causal LM from a local folder (ours or any transformers model) or a hub name, fp32."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def base_model_dir(ctx: StageContext) -> str:
+    """The model a training stage starts from: its `from` stage's, or its `model` dir / hub name."""
+    stage = ctx.config
+    return ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
+
+
+def load_start(ctx: StageContext, chat: bool = True) -> tuple[Any, Any, str, list[int]]:
+    """(model, tokenizer, base, new token ids) a training stage starts from: the base model in the
+    stage's `model_dtype`, its own tokenizer (or the stage's `tokenizer:`); for conversations
+    (`chat`) a tokenizer without a chat template gets llmlab's ChatML one. Embeddings grow to the
+    tokenizer when it has tokens the model lacks; those new rows must train (see `attach_lora`).
+    `gradient_checkpointing` is switched on here."""
+    stage = ctx.config
+    base = base_model_dir(ctx)
+    tok = load_tokenizer(stage.tokenizer or base)
+    model = load_causal_lm(base, weights_dtype(stage.train.model_dtype, pick_device(), getattr(stage, "lora", None) is not None))
+    added = ensure_chat_template(tok) if chat else []
+    grown = fit_embeddings(model, tok)
+    new_ids = list(range(len(tok) - grown, len(tok)))
+    if added or grown:
+        print(f"[{ctx.name}] {'added the chat tokens ' + ', '.join(tok.convert_ids_to_tokens(added)) + ' and ChatML template; ' if added else ''}"
+              f"{grown} new embedding rows for the tokenizer's {len(tok):,} tokens (they train)")
+        ctx.run.set_tags({"llmlab.added_tokens": ",".join(tok.convert_ids_to_tokens(added)), "llmlab.new_embedding_rows": grown})
+    if stage.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tok, base, new_ids
 
 
 def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
@@ -161,12 +183,13 @@ def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, resul
     return {"model": str(model_dir), "output": str(model_dir)}
 
 
-def attach_lora(ctx: StageContext, model: Any, tokenizer: Any, lora: Any) -> Any:
-    """Wrap `model` with the stage's LoRA adapters (special-token rows too, by default); report
-    what trains to stdout and MLflow."""
-    targets = target_modules(lora.preset, getattr(model.config, "activation", "swiglu"), lora.target_modules)
-    special = tokenizer.all_special_ids if lora.train_special_tokens else None
-    model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, special)
+def attach_lora(ctx: StageContext, model: Any, tokenizer: Any, lora: Any, new_ids: list[int] = ()) -> Any:
+    """Wrap `model` with the stage's LoRA adapters on the modules playing the preset's roles
+    (`llmlab.lora.resolve_targets`); the embedding rows of the tokenizer's special tokens train too
+    (`train_special_tokens`), and always those of tokens just added (`new_ids`). Report what trains."""
+    targets = resolve_targets(model, lora.preset, lora.target_modules)
+    rows = sorted(set(tokenizer.all_special_ids if lora.train_special_tokens else []) | set(new_ids))
+    model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, rows or None)
     trainable, total = trainable_share(model)
     print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "
           f"train ({100 * trainable / total:.2f}%)")

@@ -16,19 +16,18 @@ from typing import Any
 import torch
 
 from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-from llmlab.device import pick_device
+from llmlab.device import autocast_dtype, pick_device
+from llmlab.models import load_causal_lm, model_context
 from llmlab.runners.common import (
     StageCallbacks,
     attach_lora,
-    load_model,
+    load_start,
     prepare_checkpoints,
     report_data,
     save_trained,
     stage_metrics,
 )
 from llmlab.runners.context import StageContext
-from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.tokenizer import load_tokenizer
 from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
 from llmlab.train.loop import train
 
@@ -52,9 +51,7 @@ def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) ->
 
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
-    base = base_model_dir(ctx)
-    tok = load_tokenizer(base)
-    model = load_model(base)
+    model, tok, base, new_ids = load_start(ctx)
     seq_len = model_context(model)
     mini = stage.train.batch_pairs
     data = prepare_preference_data(stage.data, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
@@ -62,9 +59,10 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     report_data(ctx, data, "pairs")
     device = pick_device()
     ref_dir = ctx.inputs[stage.reference_stage].outputs["model"] if stage.reference_stage else stage.reference_model
-    ref_model = load_model(ref_dir).to(device).eval() if ref_dir else None
+    compute = autocast_dtype(stage.train.precision, device) or torch.float32  # the reference scores in it
+    ref_model = load_causal_lm(ref_dir, compute).to(device).eval() if ref_dir else None
     if stage.lora is not None:
-        model = attach_lora(ctx, model, tok, stage.lora)
+        model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     model.to(device)
     if ref_model is not None:
         reference = model_reference(ref_model)

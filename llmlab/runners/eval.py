@@ -20,9 +20,9 @@ from llmlab.evaluate import (
     unigram_perplexity,
 )
 from llmlab.generate import generate
+from llmlab.models import load_causal_lm
 from llmlab.report import write_report
 from llmlab.rewards import load_reward
-from llmlab.runners.common import load_model
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import stage_histories
@@ -47,7 +47,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                                 device=str(pick_device()))
     for name in stage.models:
         model_dir = ctx.inputs[name].outputs["model"]
-        model = load_model(model_dir).to(pick_device())
+        model = load_causal_lm(model_dir).to(pick_device())
         tok = load_tokenizer(model_dir)
         seq_len = stage.seq_len or model.config.max_seq_len
         data = prepare_pretrain_data(stage.data, model_dir, seq_len, spec.seed, stage.val_fraction, None)

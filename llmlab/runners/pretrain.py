@@ -9,7 +9,8 @@ from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_da
 from llmlab.device import pick_device
 from llmlab.evaluate import perplexity
 from llmlab.model import LlmlabConfig, build_model, count_parameters
-from llmlab.runners.common import StageCallbacks, load_model, log_model, prepare_checkpoints, stage_metrics
+from llmlab.models import load_causal_lm
+from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, stage_metrics
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.train.loop import load_best, train
@@ -40,7 +41,7 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     if stage.inputs:  # continued pretraining: the upstream model and its tokenizer
         tok_dir = ctx.inputs[stage.inputs[0]].outputs["model"]
-        model = load_model(tok_dir)
+        model = load_causal_lm(tok_dir)
     else:
         tok_dir = ctx.tokenizer_dir()
         tok = load_tokenizer(tok_dir)

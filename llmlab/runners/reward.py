@@ -10,34 +10,36 @@ which a later stage names with `reward_stage:` (or any tool loads with
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
-import llmlab.model  # noqa: F401  (registers llmlab's classes with transformers' Auto classes)
 from llmlab.checkpoint import atomic_dir
 from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
 from llmlab.device import pick_device
-from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, report_data, stage_metrics
+from llmlab.models import fit_embeddings, load_sequence_classifier, model_context, weights_dtype
+from llmlab.runners.common import StageCallbacks, base_model_dir, log_model, prepare_checkpoints, report_data, stage_metrics
 from llmlab.runners.context import StageContext
-from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.tokenizer import load_tokenizer
+from llmlab.tokenizer import ensure_chat_template, load_tokenizer
 from llmlab.train.loop import load_best, train
 from llmlab.train.reward import RewardObjective, reward_evaluate
 
 
-def load_reward_backbone(path: str, pad_token_id: int | None):
+def load_reward_backbone(path: str, tokenizer, dtype=torch.float32):
     """A one-output sequence-classification model from a causal LM folder (head initialised fresh)
-    or from a reward model folder."""
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    or from a reward model folder, its embeddings fitted to the tokenizer."""
+    model = load_sequence_classifier(path, dtype, num_labels=1)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(model, tokenizer)
     return model
 
 
 def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
-    tok = load_tokenizer(base)
-    model = load_reward_backbone(base, tok.pad_token_id)
+    tok = load_tokenizer(stage.tokenizer or base)
+    ensure_chat_template(tok)
+    model = load_reward_backbone(base, tok, weights_dtype(stage.train.model_dtype, pick_device(), lora=False))
+    if stage.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mini = stage.train.batch_pairs
     data = prepare_preference_data(stage.data, tok, model_context(model), spec.seed, stage.val_fraction,
                                    stage.max_examples, max_val_examples=mini * stage.train.eval_steps)

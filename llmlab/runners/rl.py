@@ -23,20 +23,19 @@ from llmlab.checkpoint import atomic_dir
 from llmlab.data.prompts import prepare_prompt_data
 from llmlab.device import autocast_dtype, pick_device
 from llmlab.generate import stop_token_ids
+from llmlab.models import model_context
 from llmlab.parallel import barrier, current
 from llmlab.rewards import load_reward
 from llmlab.runners.common import (
     StageCallbacks,
     attach_lora,
-    load_model,
+    load_start,
     prepare_checkpoints,
     report_data,
     save_trained,
     stage_metrics,
 )
 from llmlab.runners.context import StageContext
-from llmlab.runners.sft import base_model_dir, model_context
-from llmlab.tokenizer import load_tokenizer
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare
 from llmlab.train.loop import train
 from llmlab.train.ppo import PolicyWithValue, PPOObjective, PPOPrepare
@@ -72,9 +71,7 @@ def _policy_only_best(result, ckpt, wrapper):
 def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     ppo = stage.kind == "ppo"
-    base = base_model_dir(ctx)
-    tok = load_tokenizer(base)
-    model = load_model(base)
+    model, tok, base, new_ids = load_start(ctx)
     context = model_context(model)
     max_prompt = stage.max_prompt_length or context - stage.max_new_tokens
     if max_prompt < 1 or max_prompt + stage.max_new_tokens > context:
@@ -90,7 +87,7 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.run.set_tags({"llmlab.reward": reward_name})
     lora = stage.lora is not None
     if lora:
-        model = attach_lora(ctx, model, tok, stage.lora)
+        model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     disable_dropout(model)  # old and new log-probs must come from the same deterministic policy
     model.to(device)
     par = current()
@@ -112,7 +109,7 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             reference = _reference(copy.deepcopy(model).eval().requires_grad_(False), False, T, micro)
             kind = "a frozen copy of the starting model"
         ctx.run.set_tags({"llmlab.reference": kind})
-    sampling = Sampling(stage.max_new_tokens, T, stage.top_k, stage.top_p, stop_token_ids(tok),
+    sampling = Sampling(stage.max_new_tokens, T, stage.top_k, stage.top_p, stop_token_ids(tok, model),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
     if ppo:
         hidden = getattr(model.config, "d_model", None) or model.config.hidden_size

@@ -1,61 +1,42 @@
 """The sft stage: supervised fine-tuning on conversations, full or with LoRA adapters.
 
 Starts from an upstream stage's model (`from`) or any transformers causal LM (`model:` dir or hub
-name). The loss counts assistant tokens and their end-of-turn token only. Outputs: `model/` (full
-fine-tuning) or `adapters/final` and `adapters/best` in peft's format (LoRA; the merge stage
-folds them into a plain model). Validation loss is on held-out conversations, never training ones.
+name), with its own tokenizer and chat template (llmlab's ChatML added when it has none). The loss
+counts assistant tokens and their end-of-turn token only. Outputs: `model/` (full fine-tuning) or
+`adapters/final` and `adapters/best` in peft's format (LoRA; the merge stage folds them into a plain
+model). Validation loss is on held-out conversations, never training ones.
 """
 
 from __future__ import annotations
 
-
 from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
 from llmlab.device import pick_device
 from llmlab.evaluate import perplexity
+from llmlab.models import model_context
 from llmlab.runners.common import (
     StageCallbacks,
     attach_lora,
-    load_model,
+    load_start,
     prepare_checkpoints,
     report_data,
     save_trained,
     stage_metrics,
 )
 from llmlab.runners.context import StageContext
-from llmlab.tokenizer import load_tokenizer
 from llmlab.train.loop import train
 from llmlab.train.objectives import LanguageModeling
 
 
-def base_model_dir(ctx: StageContext) -> str:
-    """The model a training stage starts from: its `from` stage's, or its `model` dir / hub name."""
-    stage = ctx.config
-    return ctx.inputs[stage.start].outputs["model"] if stage.start else stage.model
-
-
-def model_context(model) -> int:
-    cfg = model.config
-    for key in ("max_seq_len", "max_position_embeddings", "n_positions"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return 2048
-
-
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
-    base = base_model_dir(ctx)
-    tok = load_tokenizer(base)
-    if not tok.chat_template:
-        raise ValueError(f"the tokenizer of {base} has no chat template, so conversations cannot be rendered; "
-                         f"start from a model whose tokenizer has one (llmlab's tokenizer stage adds one)")
-    model = load_model(base)
+    model, tok, base, new_ids = load_start(ctx)
     seq_len = model_context(model)
     data = prepare_sft_data(stage.data, tok, seq_len, spec.seed,
                             stage.val_fraction, stage.max_examples,
                             max_val_examples=stage.train.batch_sequences * stage.train.eval_steps)
     report_data(ctx, data, "conversations")
     if stage.lora is not None:
-        model = attach_lora(ctx, model, tok, stage.lora)
+        model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     pad = tok.pad_token_id
     batches = SFTBatches(data.train, stage.train.batch_sequences, spec.seed, stage.packing, seq_len, pad)
     val = eval_batches(data.val, stage.train.batch_sequences, pad)

@@ -31,7 +31,7 @@ import torch
 
 from llmlab.data.order import EpochWalk
 from llmlab.data.prompts import Prompt
-from llmlab.generate import sample
+from llmlab.generate import positions_from_mask, sample
 from llmlab.parallel import gather_objects
 
 
@@ -111,7 +111,9 @@ def policy_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         head = model.get_output_embeddings()
         handle = head.register_forward_hook(lambda mod, args, out: captured.__setitem__("hidden", args[0]))
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # left-padded rows: positions count real tokens (stock models with learned positions need them)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=positions_from_mask(attention_mask)).logits
     finally:
         if handle is not None:
             handle.remove()

@@ -13,10 +13,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
 import torch
+from transformers import DynamicCache
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmlab.model import (
-    KVCache,
     LlmlabConfig,
     LlmlabForCausalLM,
     build_model,
@@ -74,12 +74,12 @@ def test_forward_backward_every_architecture(pe, attn, norm, act):
 
 def _incremental_logits(model, ids, attention_mask=None, chunks=(6, 1, 1, 1, 1, 1, 1)) -> torch.Tensor:
     """Prefill, then single tokens, then the rest as one chunk; returns the concatenated logits."""
-    cache, outs, start = KVCache(), [], 0
+    cache, outs, start = DynamicCache(), [], 0
     for size in [*chunks, ids.shape[1] - sum(chunks)]:
         end = start + size
         mask = attention_mask[:, :end] if attention_mask is not None else None
         out = model(ids[:, start:end], attention_mask=mask, cache=cache)
-        assert out.cache is cache and cache.seq_len == end
+        assert out.cache is cache and cache.get_seq_length() == end
         outs.append(out.logits)
         start = end
     return torch.cat(outs, dim=1)
@@ -302,3 +302,25 @@ def test_peft_lora_wraps_the_model():
     with torch.no_grad():  # LoRA's B starts at zero: the wrapped model is the base model
         torch.testing.assert_close(lora(input_ids=ids).logits, base, atol=1e-6, rtol=0)
     lora(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids = tokens(2, 12, seed=4)
+    plain = build_model(combo_config("rope", "gqa", "rmsnorm", "swiglu"), seed=5).train()
+    saved = build_model(combo_config("rope", "gqa", "rmsnorm", "swiglu"), seed=5).train()
+    saved.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert saved.model.gradient_checkpointing and not plain.model.gradient_checkpointing
+    calls = {}
+    for label, m in (("plain", plain), ("saved", saved)):
+        calls[label] = 0
+        block = m.model.layers[0]
+
+        def counted(*args, forward=block.forward, label=label):
+            calls[label] += 1
+            return forward(*args)
+
+        block.forward = counted
+        m(ids, labels=ids).loss.backward()
+    assert calls == {"plain": 1, "saved": 2}  # the checkpointed block ran again in the backward pass
+    for (name, a), (_, b) in zip(plain.named_parameters(), saved.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0, msg=name)

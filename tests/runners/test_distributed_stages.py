@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import yaml
-
 from helpers import TOY_REWARDS  # a reward with spread, so every update moves the loss
+
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.stages import execute_stage
 from llmlab.tokenizer import train_tokenizer

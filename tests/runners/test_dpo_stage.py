@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from llmlab.model import LlmlabConfig, build_model
-from llmlab.runners.common import load_model
+from llmlab.models import load_causal_lm as load_model
 from llmlab.stages import execute_stage
 from llmlab.tokenizer import train_tokenizer
 

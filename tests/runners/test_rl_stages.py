@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 import yaml
-
 from helpers import TOY_REWARDS
+
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.rewards import load_reward
 from llmlab.stages import execute_stage
