@@ -8,6 +8,8 @@ work is equal) from the same weights and the same prompts (built-in task prompts
 - ours:          llmlab.generate.sample — batched, left-padded, one KV cache for the batch
 - transformers:  LlamaForCausalLM.generate() (its KV cache, batched, left-padded) on our model
                  exported to stock Llama (`llmlab export --format llama`: same logits)
+- ours on stock: llmlab.generate.sample driving that stock LlamaForCausalLM (the sampler every
+                 stage uses for any transformers model): against its own generate(), same weights
 - one by one:    one prompt at a time, no cache (a full forward over the whole sequence per token)
 
 Then one GRPO step of the tiny demo's shape (group 8, batch = prompts x 8 completions,
@@ -153,6 +155,7 @@ def main() -> None:
     prompts = task_prompts(tok, args.prompts)
     ways = {"ours (batched, KV cache)": lambda: ours(model, prompts, args.new),
             "transformers generate() (batched, KV cache)": lambda: transformers_generate(llama, prompts, args.new),
+            "ours on the stock LlamaForCausalLM": lambda: ours(llama, prompts, args.new),
             "one prompt at a time, no cache": lambda: one_by_one_uncached(model, prompts, args.new)}
     times: dict[str, list[float]] = {k: [] for k in ways}
     ours(model, prompts[:2], 2)  # warm-up
@@ -170,6 +173,9 @@ def main() -> None:
     for name, ts in times.items():
         t = statistics.median(ts)
         print(f"| {name} | {t:.2f} | {tokens / t:,.0f} | {t / base:.2f}x time |")
+    stock = statistics.median(times["ours on the stock LlamaForCausalLM"])
+    print(f"\nOn the stock model, our sampler vs its own generate(): "
+          f"{statistics.median(times['transformers generate() (batched, KV cache)']) / stock:.2f}x its speed")
     parts = [grpo_breakdown(model, tok, prompts[: max(args.prompts // 2, 1)], args.new) for _ in range(args.repeats)]
     med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     print(f"\nGRPO step: {max(args.prompts // 2, 1)} prompts x group 8 = {max(args.prompts // 2, 1) * 8} completions, "

@@ -23,7 +23,7 @@ from prefect import flow  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
 from llmlab.spec import load_spec  # noqa: E402
-from tasks.stages import intact_result, run_stage  # noqa: E402
+from tasks.stages import check_spec, intact_result, run_stage  # noqa: E402
 from tasks.tracking import close_run, open_run  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}: this pipeline has {order}")
     forced = set(force or []) | (set(order[order.index(from_stage):]) if from_stage else set())
+    check_spec(spec)  # every local file, folder and model it names, before any stage runs
     storage = state_dir() / "prefect-results"
     parent = open_run(spec, flow_run.id)
     results: dict[str, dict] = {}

@@ -38,7 +38,22 @@ def _load_or_exit(file: Path) -> Pipeline:
 def validate(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
     """Check a spec: every error at once, each with its YAML path and how to fix it."""
     spec = _load_or_exit(file)
+    _preflight_or_exit(file, spec)
     typer.echo(f"{file}: valid — pipeline '{spec.name}', stages: {' -> '.join(spec.stage_names())}")
+
+
+def _preflight_or_exit(file: Path, spec: Pipeline) -> None:
+    """Open every local data file, tokenizer and model folder the spec names; every problem at once."""
+    from llmlab.preflight import preflight
+
+    problems, notes = preflight(spec)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    if problems:
+        typer.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with what {file} names:", err=True)
+        for problem in problems:
+            typer.echo("  " + problem.render(), err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -117,6 +132,7 @@ def run(
         if value not in names:
             typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
             raise typer.Exit(2)
+    _preflight_or_exit(file, spec)
     from llmlab.serve import configure_environment
 
     configure_environment()

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmlab.tokenizer import SPECIAL_TOKENS
+from llmlab.tokenizer import SPECIAL_TOKENS, tokenizer_file_vocab
 
 if TYPE_CHECKING:
     from llmlab.model.memory import ModelShape, Weight
@@ -56,7 +56,10 @@ RL_COMPLETION_LOGIT_COPIES = 2
 # Parts of phases that come one after another (never alive together): the total counts the largest
 # phase on top of what lives throughout (weights, gradients, optimizer state, references, buffers).
 PHASES = {"forward and backward": ("activations", "logits"), "optimizer step": ("optimizer step",),
-          "sampling": ("KV cache", "sampling logits")}
+          "sampling": ("KV cache", "sampling logits"),
+          # gradient checkpointing: a block's activations are rebuilt in the backward pass, after the loss's
+          # logits are freed, while the blocks' kept inputs ("activations") are still alive
+          "block recompute": ("activations", "recomputed block")}
 # Temporaries of one optimizer step, in tensors the size of the largest trainable one: llmlab.optim's
 # optimizers (and torch's AdamW and Adafactor, which do not default to foreach on CPU) update one
 # parameter at a time, with at most two temporaries alive (AdamW: the second moment's sqrt and its
@@ -69,6 +72,21 @@ DROPOUT_MASK_BYTES = 1  # torch's dropout keeps a bool mask per element
 # Per-token fp32 tensors of a rollout row, kept until its updates are done (llmlab.train.grpo, ppo):
 # completion_mask, old_logps (+ ref_logps with a reference) for GRPO; + old_values, advantages, returns for PPO.
 GRPO_ROW_VALUES, PPO_ROW_VALUES = 2, 5
+
+
+# The sizes of hub models llmlab's shipped pipelines start from, as their published config.json
+# gives them, so `inspect` can estimate them offline; a cached or downloaded config wins.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    name: {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+           "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+           "max_position_embeddings": 32768}
+    for name in ("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B")
+} | {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": {
+        "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+        "max_position_embeddings": 8192},
+}
 
 
 @dataclass(frozen=True)
@@ -109,21 +127,11 @@ def fmt_bytes(n: float) -> str:
 # --------------------------------------------------------------------------- which model
 
 
-def _tokenizer_vocab(folder: Path) -> int | None:
-    """len(tokenizer) of a saved fast tokenizer: the highest id in tokenizer.json + 1."""
-    try:
-        data = json.loads((folder / "tokenizer.json").read_text())
-        ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
-        return max(ids) + 1
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 def spec_vocab(spec: Pipeline) -> tuple[int, bool]:
     """(vocabulary size of the spec's tokenizer, whether it is known rather than assumed)."""
     if spec.tokenizer.train is not None:
         return spec.tokenizer.train.vocab_size, True
-    found = _tokenizer_vocab(Path(spec.tokenizer.path).expanduser()) if spec.tokenizer.path else None
+    found = tokenizer_file_vocab(Path(spec.tokenizer.path).expanduser()) if spec.tokenizer.path else None
     return (found, True) if found else (ASSUMED_VOCAB, False)
 
 
@@ -155,6 +163,10 @@ def named_model(name: str) -> ModelSource:
 
         config: Any = AutoConfig.from_pretrained(str(path) if local else name, local_files_only=True)
     except Exception as exc:  # an architecture transformers does not know, or a hub name not cached
+        if not local and name in PUBLISHED_CONFIGS:
+            from types import SimpleNamespace
+
+            return ModelSource(model_shape(SimpleNamespace(**PUBLISHED_CONFIGS[name])), f"{label} (its published config)")
         if not local:
             return ModelSource(None, label, f"{name}: size unknown offline (its config is not in the local cache)")
         try:
@@ -297,13 +309,16 @@ def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
     if kind in ("ppo", "grpo"):
         _rl_parts(spec, st, shape, est)
     else:
-        est.seq_len = shape.max_context
+        est.seq_len = min(st.max_seq_len or shape.max_context, shape.max_context) if kind != "pretrain" else shape.max_context
         est.sequences = train.batch_sequences if kind in ("pretrain", "sft") else 2 * train.batch_pairs
         notes.append(f"{est.sequences} sequence{'s' if est.sequences != 1 else ''} of {est.seq_len} tokens per forward pass "
                      f"(the longest a batch can be)")
     tokens = est.sequences * est.seq_len
     padded = kind != "pretrain"  # batches padded to their longest row carry an attention mask
-    parts["activations"] = tokens * (mm.activation_bytes_per_token(shape, est.seq_len, padded)
+    if train.gradient_checkpointing:
+        notes.append("gradient checkpointing: each block keeps only its input; one block is recomputed at a time")
+        parts["recomputed block"] = tokens * mm.recomputed_block_bytes_per_token(shape, est.seq_len, padded)
+    parts["activations"] = tokens * (mm.activation_bytes_per_token(shape, est.seq_len, padded, train.gradient_checkpointing)
                                      + (_lora_activation_bytes(trainable, lora.dropout) if lora is not None else 0))
     if kind in ("pretrain", "sft", "dpo"):  # a reward model scores the last token: no vocabulary-wide logits
         live_reference = kind == "dpo" and not st.precompute_reference
@@ -369,7 +384,7 @@ def _rl_parts(spec: Pipeline, st: Any, shape: ModelShape, est: StageEstimate) ->
     parts["rollout buffers"] = rollout * row * (train.ppo_epochs + 1)  # the rollout's rows and the queued passes
     sampled = max(rollout, min(st.eval_prompts, RL_EVAL_BATCH))
     parts["KV cache"] = mm.kv_cache_bytes(shape, sampled, length)
-    parts["sampling logits"] = mm.logits_bytes(shape, sampled * prompt)  # the prompt pass returns every position's
+    parts["sampling logits"] = mm.logits_bytes(shape, sampled)  # llmlab.generate keeps one position's logits per step
     notes.append(f"update: {est.sequences} completions of {length} tokens per forward pass; sampling: {sampled} "
                  f"at once with a KV cache")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmlab.data.prompts import PROMPTS
+from llmlab.data.formats import PROMPTS
 from llmlab.data.reader import read
 from llmlab.data.sources import DataSource, DataSourceError
 from llmlab.train.objectives import target_count, token_nll_sum

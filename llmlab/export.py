@@ -167,11 +167,11 @@ def export_model(model_dir: str | Path, out_dir: str | Path, fmt: str = "hf",
                 "positional_encoding rope/yarn, norm_type rmsnorm, activation swiglu and no sliding_window")
     tok_source = _tokenizer_source(model_dir, tokenizer)
 
-    from llmlab.lora import load_base_model
+    from llmlab.models import load_causal_lm
     from llmlab.tokenizer import load_tokenizer
 
     try:
-        model = load_base_model(model_dir)
+        model = load_causal_lm(model_dir).eval()
         tok = load_tokenizer(tok_source)
     except (OSError, ValueError) as e:
         raise ExportError(f"could not load {model_dir} (tokenizer {tok_source}): {e}") from e

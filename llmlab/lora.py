@@ -186,23 +186,18 @@ def save_adapters(peft_model: PeftModel, out_dir: str | Path, base_model: str | 
     return out_dir
 
 
-def load_base_model(name_or_path: str | Path) -> torch.nn.Module:
-    """A saved causal LM (llmlab or any transformers architecture) in fp32, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import llmlab.model  # noqa: F401  registers the llmlab architecture with the Auto classes
-
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch.float32)
-    return model.eval()
-
-
-def load_adapters(base_model: str | Path | torch.nn.Module, adapter_dir: str | Path,
-                  is_trainable: bool = False) -> PeftModel:
-    """The base model (a path/name, or a loaded model) with the adapters of `adapter_dir`."""
+def load_adapters(base_model: str | Path | torch.nn.Module, adapter_dir: str | Path, is_trainable: bool = False,
+                  tokenizer=None) -> PeftModel:
+    """The base model (a path/name, loaded in fp32 and eval mode, or a loaded model) with the
+    adapters of `adapter_dir`; with `tokenizer`, the base's embeddings first grow to it (tokens added
+    in training have their rows in the adapters)."""
     from peft import PeftModel
 
-    model = load_base_model(base_model) if isinstance(base_model, (str, Path)) else base_model
+    from llmlab.models import fit_embeddings, load_causal_lm
+
+    model = load_causal_lm(base_model).eval() if isinstance(base_model, (str, Path)) else base_model
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
 
 

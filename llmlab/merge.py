@@ -15,8 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from llmlab.checkpoint import atomic_dir
-from llmlab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_lora_parameter
+from llmlab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_lora_parameter, load_adapters
+from llmlab.models import ModelLoadError
+from llmlab.tokenizer import load_tokenizer
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 # Where a stage output keeps adapters, in order of preference.
@@ -103,34 +107,29 @@ def _tokenizer_source(adapter_dir: Path, base: str) -> str | None:
 
 def merge_adapters(adapter_dir: str | Path, base_model: str | Path | None, out_dir: str | Path) -> Path:
     """Fold the adapters of `adapter_dir` into `base_model` (a folder or hub name; None: the one in
-    adapter_config.json) and save a plain model to `out_dir` with the tokenizer."""
-    import torch
-    from peft import PeftModel
-
-    from llmlab.lora import load_base_model
-
+    adapter_config.json) and save a plain model of the base's family (a stock Qwen2 stays a Qwen2)
+    to `out_dir` with the tokenizer. The base's embeddings first grow to the adapters' tokenizer
+    when training added tokens (their rows are in the adapters)."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     base = _resolve_base(config, adapter_dir, base_model)
+    tok_source = _tokenizer_source(adapter_dir, base)
+    tokenizer = load_tokenizer(tok_source) if tok_source is not None else None
     try:
-        model = load_base_model(base)
-    except (OSError, ValueError) as e:
+        peft_model = load_adapters(base, adapter_dir, tokenizer=tokenizer)
+    except ModelLoadError as e:
         raise MergeError(f"could not load the base model {base!r} of {adapter_dir}: {e} — pass the "
                          f"model folder the adapters were trained on (--base)") from e
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     with torch.no_grad():
         merged = peft_model.merge_and_unload()
     leftover = [n for n, _ in merged.named_parameters() if is_lora_parameter(n)]
     if leftover:
         raise MergeError(f"merging {adapter_dir} left LoRA tensors in the model: {leftover[:3]}")
-    tok_source = _tokenizer_source(adapter_dir, base)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(str(tmp))
-        if tok_source is not None:
-            from llmlab.tokenizer import load_tokenizer
-
-            load_tokenizer(tok_source).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return out_dir
 
 

@@ -18,6 +18,8 @@ A spec names one with a string that `load_reward` resolves, in this order:
     length_penalty  −max(0, n − target) / target, n the completion's length in characters (cut at
                     the first end-of-turn marker), target kw `target_length` (int, or one per row;
                     default 64): 0 up to the target, −1 at twice the target, linear in between/after.
+    numeric_match   1.0 when the completion's final number equals the answer's (GSM8K's "#### 42"
+                    convention, else the last number), else 0.0.
 - "module:function": `function` from the importable `module` (e.g. "my_rewards:brevity" for
   my_rewards.py in the project folder);
 - otherwise a model folder or hub name: a sequence-classification model with one output
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -90,8 +93,43 @@ def length_penalty_reward(prompts: list[str], completions: list[str],
     return out
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> float | None:
+    """The number a text ends its reasoning with: what follows GSM8K's "####" marker when there is
+    one, else the last number in it (commas and a leading $ ignored); None when there is none."""
+    text = cut_at_end_of_turn(text)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    found = _NUMBER.findall(text.replace("$", ""))
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def numeric_match_reward(prompts: list[str], completions: list[str], answers: Sequence[str] | None = None,
+                         **kw) -> list[float]:
+    """1.0 where the completion's final number equals the answer's (GSM8K: the number after "####";
+    otherwise the answer's last number), else 0.0 — the reward for verifiable math prompts."""
+    if answers is None:
+        answers = kw.get("answer")
+    if answers is None:
+        raise ValueError("reward 'numeric_match' needs kw `answers`; the prompt rows must have an 'answer' column")
+    answers = _per_row(answers, len(completions), "answers")
+    out = []
+    for c, a in zip(completions, answers):
+        want, got = final_number(str(a)), final_number(c)
+        out.append(1.0 if want is not None and got is not None and abs(want - got) < 1e-9 else 0.0)
+    return out
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "exact_match": exact_match_reward,
+    "numeric_match": numeric_match_reward,
     "format": format_reward,
     "length_penalty": length_penalty_reward,
 }
@@ -150,32 +188,33 @@ def load_function(ref: str) -> RewardFn:
 
 
 class RewardModel:
-    """A frozen sequence-classification model (one output) as a reward function.
+    """A frozen sequence-classification model (one output) as a reward function: a reward stage's
+    output, any folder, or a hub name (e.g. OpenAssistant/reward-model-deberta-v3-large-v2).
 
-    Scores `prompt + completion` texts in batches of `batch_size`, right-padded (so positions are
-    those of the unpadded text and the model's last-non-pad-token pooling picks the last real
-    token) and truncated from the left to `max_length` tokens (the completion is kept). Returns the
-    single logit per text. Needs the tokenizer next to the model (or `tokenizer=` a path/name)."""
+    Each (prompt, completion) is scored the way the reward model reads text: when the caller passes
+    the prompt's conversation (`prompt_messages`, as RL and eval do) and the reward model's tokenizer
+    has a chat template, the conversation plus the completion as the assistant's turn (cut at the
+    policy's end-of-turn marker) is rendered with *its* template and tokenizer, and the score is read
+    at the end of that turn (what the template adds after it is dropped, as the reward stage
+    trains); otherwise `prompt + completion` text. Batches of `batch_size`, right-padded (the
+    model's last-token pooling finds the end), cut from the left to `max_length` tokens (the
+    completion is kept); the model runs in `dtype`. Returns the single logit per completion."""
 
     def __init__(self, name_or_path: str, batch_size: int = 16, max_length: int = 1024,
-                 device: str | None = None, tokenizer: str | None = None):
+                 device: str | None = None, tokenizer: str | None = None, dtype=None):
         import torch
-        from transformers import AutoModelForSequenceClassification
 
-        import llmlab.model  # noqa: F401  (registers llmlab reward models with the Auto classes)
+        from llmlab.models import ModelLoadError, load_sequence_classifier
         from llmlab.tokenizer import load_tokenizer
 
         self.name = str(name_or_path)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.tokenizer = load_tokenizer(str(tokenizer or name_or_path))
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(self.name)
-        except (OSError, ValueError) as e:
-            raise OSError(f"reward model {self.name!r}: could not load it as a sequence-"
-                          f"classification model (local folder or hub name; offline?): {e}") from e
+            model = load_sequence_classifier(self.name, dtype or torch.float32)
+        except ModelLoadError as e:
+            raise OSError(f"reward model {self.name!r}: {e}") from e
         if model.config.num_labels != 1:
             raise ValueError(f"reward model {self.name!r} has num_labels="
                              f"{model.config.num_labels}; a reward model has one output "
@@ -187,20 +226,40 @@ class RewardModel:
         self.device = torch.device(device) if device else torch.device("cpu")
         self.model = model.to(self.device)
 
-    def __call__(self, prompts: list[str], completions: list[str], **kw) -> list[float]:
+    def encode(self, prompt: str, completion: str, messages: list[dict] | None) -> list[int]:
+        """Token ids of one (prompt, completion) as this reward model reads it (see the class doc)."""
+        from llmlab.data.sft import assistant_mask
+
+        tok = self.tokenizer
+        if messages and tok.chat_template:
+            conversation = [*messages, {"role": "assistant", "content": cut_at_end_of_turn(completion).strip()}]
+            ids, mask = assistant_mask(tok, conversation)
+            end = max((i for i, m in enumerate(mask) if m), default=len(ids) - 1)
+            ids = ids[: end + 1]  # through the turn's end-of-turn token
+        else:
+            ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
+        return ids[-self.max_length:]
+
+    def __call__(self, prompts: list[str], completions: list[str], prompt_messages: list[list[dict]] | None = None,
+                 **kw) -> list[float]:
         import torch
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        texts = [p + c for p, c in zip(prompts, completions)]
+        messages = prompt_messages or [None] * len(prompts)
+        encoded = [self.encode(p, c, m) for p, c, m in zip(prompts, completions, messages)]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         scores: list[float] = []
         with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
-                enc = {k: v.to(self.device) for k, v in enc.items()
-                       if k in ("input_ids", "attention_mask")}
-                logits = self.model(**enc).logits
+            for i in range(0, len(encoded), self.batch_size):
+                chunk = encoded[i:i + self.batch_size]
+                width = max(len(e) for e in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, e in enumerate(chunk):  # right padding: positions as in the unpadded text
+                    ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
+                    mask[row, :len(e)] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
                 scores.extend(logits[:, 0].float().cpu().tolist())
         return scores
 

@@ -48,6 +48,7 @@ from llmlab.spec_stages import (
     STAGE_KINDS,
     DpoStage,
     DpoTrain,
+    EvalModel,
     EvalStage,
     ExportStage,
     GrpoStage,
@@ -67,7 +68,7 @@ from llmlab.spec_stages import (
 __all__ = [
     "OPTIMIZER_CLASSES", "OPTIMIZER_NAMES", "Adafactor", "AdamW", "DataSource", "DistributedSpec", "Lion", "Loc",
     "LoraSpec", "ModelSpec", "Muon", "OptimizerSpec", "Sophia", "StrictModel", "TokenizerSpec", "TokenizerTrain",
-    "TrainBase", "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalStage", "ExportStage", "GrpoStage",
+    "TrainBase", "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalModel", "EvalStage", "ExportStage", "GrpoStage",
     "MergeStage", "PpoStage", "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage",
     "SftTrain", "Stage", "StageBase", "TrackingSpec", "Pipeline", "SpecIssue", "SpecError", "parse_spec", "load_spec",
     "config_hash", "json_schema",
@@ -299,9 +300,11 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
                                                   f"use it as `reward_stage` of a ppo or grpo stage")
         if isinstance(body, dict) and body.get("kind") == "merge" and isinstance(src, str) and isinstance(stages.get(src), dict):
             up = stages[src]
-            if up.get("kind") != "sft" or not up.get("lora"):
+            lora_kinds = ("sft", "dpo", "ppo", "grpo")  # the stage kinds that can train adapters
+            if up.get("kind") not in lora_kinds or not up.get("lora"):
                 yield (("stages", name, "from"), f"merge needs adapters, but stage '{src}' has none "
-                        f"(it is {up.get('kind')}{' without lora' if up.get('kind') == 'sft' else ''}): merge an sft stage with a lora block")
+                        f"(it is {up.get('kind')}{' without lora' if up.get('kind') in lora_kinds else ''}): merge a "
+                        f"stage with a lora block ({', '.join(lora_kinds)})")
         seen.append(name)
 
 

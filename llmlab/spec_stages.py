@@ -108,6 +108,7 @@ class SftStage(ModelStage):
     train: SftTrain = Field(default_factory=SftTrain)
     lora: LoraSpec | None = None  # adapters instead of full fine-tuning
     packing: bool = False  # several short examples per row, no attention across them
+    max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
@@ -165,6 +166,7 @@ class DpoStage(ModelStage):
     reference_stage: str | None = None  # an earlier stage whose model is the reference (default: the start model)
     reference_model: str | None = None  # a model dir or hub name as the reference
     precompute_reference: bool = False  # score the reference once before training, then drop it
+    max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
@@ -193,6 +195,7 @@ class RewardStage(ModelStage):
     kind: Literal["reward"]
     data: list[DataSource] = Field(min_length=1)  # preference pairs (the dpo stage's formats)
     train: RewardTrain = Field(default_factory=RewardTrain)
+    max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
     val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
@@ -240,7 +243,7 @@ class RlStageBase(ModelStage):
 
     data: list[DataSource] = Field(min_length=1)  # prompts: a prompt column, chat messages or hh-rlhf transcripts
     train: RlTrain = Field(default_factory=RlTrain)
-    reward: str | None = None  # a builtin (exact_match, format, length_penalty), module:function, or a reward model dir / hub name
+    reward: str | None = None  # a builtin (exact_match, numeric_match, format, length_penalty), module:function, or a reward model dir / hub name
     reward_stage: str | None = None  # or: an earlier reward stage, by name
     lora: LoraSpec | None = None  # with LoRA the KL reference is the same model with adapters disabled
     max_new_tokens: int = Field(128, ge=1)  # completion length limit
@@ -315,8 +318,16 @@ class ExportStage(StageBase):
 DEFAULT_PROMPTS = ["The", "def ", "Return the", "This module"]
 
 
+class EvalModel(StrictModel):
+    """A model an eval stage scores beside the pipeline's own: a folder or a hub name."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # its name in the report and metric names
+    path: str  # a model folder (transformers format) or a hub name (needs network, or the local cache)
+
+
 class EvalStage(StageBase):
-    """Held-out loss/perplexity of each input model, plus sample generations from fixed prompts."""
+    """Held-out loss/perplexity of each model — the `from` stages' and any `models:` folders or hub
+    names, all on the same held-out documents, tasks and pairs — plus sample generations."""
 
     renamed: ClassVar[dict[str, str]] = {"batch_size": "renamed to batch_sequences (sequences per evaluation batch)"}
 
@@ -335,19 +346,24 @@ class EvalStage(StageBase):
     reward: str | None = None  # mean reward of the task completions: a builtin (exact_match), module:function or model dir
     reward_stage: str | None = None  # or: an earlier reward stage's model scores them
     temperature: float = Field(0.0, ge=0)  # 0 = greedy, so samples are reproducible
+    models: list[EvalModel] = Field(default_factory=list)  # model folders / hub names scored beside the stages
 
     @property
-    def models(self) -> list[str]:
+    def model_stages(self) -> list[str]:
         """The stages whose models are evaluated (`from`)."""
         return StageBase.inputs.fget(self)
 
     @property
     def inputs(self) -> list[str]:
-        return list(dict.fromkeys(self.models + ([self.reward_stage] if self.reward_stage else [])))
+        return list(dict.fromkeys(self.model_stages + ([self.reward_stage] if self.reward_stage else [])))
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
-        if not self.models:
-            yield ("from",), "eval needs `from`: the stage(s) whose models to evaluate"
+        if not self.model_stages and not self.models:
+            yield ("from",), "eval needs `from` (the stages whose models to score) or `models` (folders or hub names)"
+        names = self.model_stages + [m.name for m in self.models]
+        for i, m in enumerate(self.models):
+            if names.count(m.name) > 1:
+                yield ("models", i, "name"), f"'{m.name}' names two of the evaluated models: give each a different name"
         if self.reward and self.reward_stage:
             yield ("reward",), "give `reward` or `reward_stage`, not both"
 

@@ -17,6 +17,7 @@ Training reads the texts once (streamed); the result is saved with `save_pretrai
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -152,6 +153,17 @@ def ensure_chat_template(tok) -> list[int]:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     tok.chat_template = CHAT_TEMPLATE
     return [tok.convert_tokens_to_ids(t) for t in missing]
+
+
+def tokenizer_file_vocab(folder: str | Path) -> int | None:
+    """How many tokens a saved fast tokenizer has (the highest id in tokenizer.json + 1), read from
+    the file alone (no transformers import); None when there is no readable tokenizer.json."""
+    try:
+        data = json.loads((Path(folder).expanduser() / "tokenizer.json").read_text())
+        ids = list(data["model"]["vocab"].values()) + [t["id"] for t in data.get("added_tokens", [])]
+        return max(ids) + 1
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def tokenizer_fingerprint(tok_dir: str | Path) -> str:

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from llmlab.preflight import PreflightFailed, preflight
 from llmlab.reuse import cache_key, finished_result
 from llmlab.spec import load_spec
 from llmlab.stages import execute_stage
@@ -35,3 +36,13 @@ def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str
 def intact_result(spec: str, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict | None:
     """The finished result of a stage if its outputs are whole and (when strict) match its key."""
     return finished_result(load_spec(spec), stage, inputs, strict)
+
+
+@task(name="preflight", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
+def check_spec(spec: str) -> None:
+    """Open every local file, folder and model the spec names; fail before any stage runs."""
+    problems, notes = preflight(load_spec(spec))
+    for note in notes:
+        print(f"note: {note}")
+    if problems:
+        raise PreflightFailed(spec, problems)

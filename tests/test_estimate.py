@@ -44,6 +44,9 @@ STAGES = {
     "sft": {"kind": "sft", "data": [{"path": "sft.jsonl"}], "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1}},
     "sft_lora": {"kind": "sft", "data": [{"path": "sft.jsonl"}], "lora": {"preset": "all", "r": 8},  # dropout 0.05: its copies count
                  "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1}},
+    "sft_checkpointed": {"kind": "sft", "data": [{"path": "sft.jsonl"}],
+                         "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1,
+                                   "gradient_checkpointing": True}},
     "dpo": {"kind": "dpo", "data": [{"path": "pairs.jsonl"}], "train": {**SHORT, "batch_pairs": 4, "gradient_accumulation_steps": 1}},
     "dpo_precomputed": {"kind": "dpo", "data": [{"path": "pairs.jsonl"}], "precompute_reference": True,
                         "train": {**SHORT, "batch_pairs": 4, "gradient_accumulation_steps": 1}},

@@ -125,3 +125,37 @@ def test_checkpoint_without_lora_parameters(trained, tmp_path):
     with pytest.raises(MergeError, match="Checkpoint doesn't have LoRA parameters") as e:
         merge_adapters(folder, trained["base"], tmp_path / "out")
     assert "adapter_model.safetensors" in str(e.value) and "full model" in str(e.value)
+
+
+def test_merging_into_a_stock_qwen2_keeps_the_family_and_the_logits(tmp_path):
+    """A stock Qwen2 with LoRA adapters (and a tokenizer that grew by one token in training) merges
+    into a plain Qwen2ForCausalLM whose logits equal the adapted model's."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from llmlab.lora import load_adapters
+    from llmlab.merge import merge_adapters
+    from llmlab.models import fit_embeddings
+    from llmlab.tokenizer import load_tokenizer
+
+    tok = train_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(200)], 300, tmp_path / "tok")
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                        num_hidden_layers=2, vocab_size=len(tok)))
+    base.save_pretrained(tmp_path / "base")
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]}, replace_extra_special_tokens=False)
+    fit_embeddings(base, tok)  # one more row, trained through trainable tokens below
+    model = apply_lora(base, 4, 8, 0.0, resolve_targets(base, "all"), trainable_token_ids=[len(tok) - 1])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "trainable_tokens" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    save_adapters(model, tmp_path / "adapters", base_model=tmp_path / "base", tokenizer=tok)
+    merged_dir = merge_adapters(tmp_path / "adapters", None, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert type(merged).__name__ == "Qwen2ForCausalLM"
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+    adapted = load_adapters(tmp_path / "base", tmp_path / "adapters", tokenizer=load_tokenizer(str(tmp_path / "adapters")))
+    x = torch.randint(0, len(tok), (2, 9))
+    x[0, 3] = len(tok) - 1  # the added token
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted.eval()(input_ids=x).logits, atol=1e-5, rtol=0)

@@ -102,7 +102,7 @@ def test_wrong_signature_is_clear(reward_module, name, problem):
 
 def test_unknown_reference_is_clear(tmp_path):
     with pytest.raises(ValueError, match=r"unknown reward 'exactmatch': not a built-in "
-                                         r"\(exact_match, format, length_penalty\)"):
+                                         r"\(exact_match, numeric_match, format, length_penalty\)"):
         load_reward("exactmatch")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a model folder"):
@@ -149,3 +149,44 @@ def test_reward_model_truncation_keeps_the_completion(reward_model_dir):
     a, b, c = rm(["rev c a t " + shared, "sort 372 " + shared, shared], ["7+5=12"] * 3)
     assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5)
     assert rm(["x"], ["7+5=12"])[0] != pytest.approx(rm(["x"], ["7+5=13"])[0], abs=1e-7)
+
+
+def test_a_reward_model_renders_the_conversation_with_its_own_chat_template(reward_model_dir):
+    """Given the prompt's conversation, a reward model scores it rendered with its own template and
+    tokenizer, the completion as the assistant's turn, read at that turn's end — the same logit a
+    direct forward pass over that rendering gives; the policy's own markup does not leak in."""
+    from transformers import AutoModelForSequenceClassification
+
+    from llmlab.tokenizer import load_tokenizer
+
+    rm = RewardModel(str(reward_model_dir))
+    tok = load_tokenizer(str(reward_model_dir))
+    assert tok.chat_template
+    conversations = [[{"role": "user", "content": "1+2="}],
+                     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "rev c a t"}]]
+    completions = ["3<|im_end|>", "t a c"]  # the first stopped on the policy's end-of-turn marker
+    got = rm(["<|policy markup|>", "<|policy markup|>"], completions, prompt_messages=conversations)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for score, messages, completion in zip(got, conversations, ["3", "t a c"]):
+        text = tok.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
+        ids = tok(text.rstrip("\n"), add_special_tokens=False)["input_ids"]
+        assert ids[-1] == end  # the score is read at the assistant turn's end-of-turn token
+        with torch.no_grad():
+            direct = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+        assert score == pytest.approx(direct, abs=1e-5)
+    # without the conversation, the text as given is scored (and the markup changes the score)
+    assert rm(["<|policy markup|>"], ["3"])[0] != pytest.approx(got[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("completion,answer,expected", [
+    ("She sold 48 + 24 = 72 clips.\n#### 72<|im_end|>", "Natalia sold 48/2 = 24 clips in May.\n#### 72", 1.0),
+    ("The answer is 1,234.", "#### 1234", 1.0),  # commas and prose around the final number
+    ("It costs $18.00 in total", "#### 18", 1.0),
+    ("First 5, then 7, so 12", "12", 1.0),  # the last number, without a #### marker
+    ("#### 71", "#### 72", 0.0),
+    ("no number at all", "#### 72", 0.0),
+    ("-3 degrees", "#### -3", 1.0),
+])
+def test_numeric_match_reads_the_final_number(completion, answer, expected):
+    assert load_reward("numeric_match")(["q"], [completion], answers=[answer]) == [expected]

@@ -326,8 +326,42 @@ def test_eval_scores_with_a_reward_stage_but_does_not_evaluate_it():
     ev = {"kind": "eval", "from": ["pretrain"], "data": [{"path": "builtin:stdlib"}], "reward_stage": "rm",
           "tasks": PROMPTS}
     spec = parse_spec(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, eval=ev))
-    assert spec.stages["eval"].models == ["pretrain"] and spec.stages["eval"].inputs == ["pretrain", "rm"]
+    assert spec.stages["eval"].model_stages == ["pretrain"] and spec.stages["eval"].inputs == ["pretrain", "rm"]
     (issue,) = issues_of(rl_spec(rm={"kind": "reward", "from": "pretrain", "data": PAIRS}, eval={**ev, "reward": "format"}))
     assert issue.path == "stages.eval.reward" and "not both" in issue.message
     (issue,) = issues_of(rl_spec(eval={**ev, "reward_stage": "pretrain"}))
     assert "name a stage of kind reward" in issue.message
+
+
+def test_eval_models_need_distinct_names_and_merge_takes_any_lora_stage():
+    ev = {"kind": "eval", "from": ["pretrain"], "data": [{"path": "builtin:stdlib"}],
+          "models": [{"name": "pretrain", "path": "./x"}, {"name": "base", "path": "Qwen/Qwen2.5-0.5B"}]}
+    (issue,) = issues_of(rl_spec(eval=ev))
+    assert issue.path == "stages.eval.models[0].name" and "names two of the evaluated models" in issue.message
+    only_models = {**ev, "models": [{"name": "base", "path": "Qwen/Qwen2.5-0.5B"}]}
+    del only_models["from"]
+    spec = parse_spec(rl_spec(eval=only_models))
+    assert spec.stages["eval"].model_stages == [] and spec.stages["eval"].models[0].path == "Qwen/Qwen2.5-0.5B"
+    dpo = {"kind": "dpo", "from": "pretrain", "data": PAIRS, "lora": {"r": 4}}
+    assert parse_spec(rl_spec(dpo=dpo, merge={"kind": "merge", "from": "dpo"})).stages["merge"].inputs == ["dpo"]
+    (issue,) = issues_of(rl_spec(dpo={**dpo, "lora": None}, merge={"kind": "merge", "from": "dpo"}))
+    assert "merge needs adapters" in issue.message and "dpo without lora" in issue.message
+
+
+def test_the_real_model_pipeline_validates_and_inspects_offline(tmp_path):
+    """pipelines/qwen.yaml names a hub model and hub datasets: offline, validate passes with notes
+    on what it could not check, and inspect sizes the model from its published config (nothing is
+    downloaded: HF_HUB_OFFLINE is set, and the hub cache is an empty folder)."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "validate", str(ROOT / "pipelines/qwen.yaml")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "hub model Qwen/Qwen2.5-0.5B-Instruct not checked (offline)" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "inspect", str(ROOT / "pipelines/qwen.yaml")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "hub model Qwen/Qwen2.5-0.5B-Instruct (its published config): 494,032,768 parameters" in out.stdout
+    assert out.stdout.count("memory ~") == 3  # sft, dpo, grpo
+    assert not list((tmp_path / "hf").rglob("*.safetensors"))

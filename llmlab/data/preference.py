@@ -53,188 +53,20 @@ every pair of a batch also has "ref_logps" (a (chosen, rejected) pair of floats,
 
 from __future__ import annotations
 
-import re
 import sys
 
 import torch
 
+from llmlab.data.formats import (
+    PREFERENCE,
+)
 from llmlab.data.order import EpochWalk
-from llmlab.data.reader import Examples, Format, Kind, SourceReport, read
-from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.reader import Examples, SourceReport, read
 from llmlab.data.sft import pad_batch, tokenize_conversation
 from llmlab.data.sources import DataSource
 from llmlab.train.objectives import IGNORE_INDEX
 
 Pair = dict  # {chosen_ids, chosen_labels, rejected_ids, rejected_labels[, ref_logps]}
-
-ROLES = ("system", "user", "assistant")
-
-
-# ----------------------------------------------------------------------------------------- formats
-
-
-def _message_list(value, what: str) -> list[dict]:
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{what} is a {type(value).__name__}, not a list of messages")  # noqa: TRY004 (malformed row)
-    out = []
-    for m in value:
-        if not isinstance(m, dict):
-            raise ValueError(f"{what} holds a {type(m).__name__}, not a {{role, content}} message")  # noqa: TRY004
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise ValueError(f"{what} has a message with role {role!r}, not one of {', '.join(ROLES)}")
-        out.append({"role": role, "content": "" if content is None else str(content)})
-    return out
-
-
-def _prompt_messages(value) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    return _message_list(value, "prompt")
-
-
-def _response_text(value, what: str) -> str:
-    """A response given as a string, or as a message list holding just the assistant turn."""
-    if isinstance(value, str):
-        return value
-    messages = _message_list(value, what)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise ValueError(f"{what} must be a string or one assistant message; it has "
-                         f"{len(messages)} message(s) with roles {[m['role'] for m in messages]}")
-    return messages[0]["content"]
-
-
-def _plain(row: dict) -> tuple[list[dict], str, str]:
-    return (_prompt_messages(row["prompt"]), _response_text(row["chosen"], "chosen"),
-            _response_text(row["rejected"], "rejected"))
-
-
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-_HH_ASSISTANT = "\n\nAssistant:"
-
-
-def parse_hh_transcript(text: str) -> list[dict]:
-    """ "\\n\\nHuman: a\\n\\nAssistant: b" -> [{user: a}, {assistant: b}] (contents stripped)."""
-    parts = _HH_TURN.split(text)
-    # parts = [text before the first marker, role, content, role, content, ...]
-    if parts[0].strip():
-        raise ValueError(f"transcript does not start with a 'Human:' or 'Assistant:' turn: "
-                         f"{parts[0][:40]!r}")
-    return [{"role": _HH_ROLES[role], "content": content.strip()}
-            for role, content in zip(parts[1::2], parts[2::2])]
-
-
-def _hh_split(text, what: str) -> tuple[str, str]:
-    if not isinstance(text, str):
-        raise ValueError(f"{what} is a {type(text).__name__}, not a transcript string")  # noqa: TRY004
-    at = text.rfind(_HH_ASSISTANT)
-    if at < 0:
-        raise ValueError(f"{what} transcript has no '\\n\\nAssistant:' turn")
-    response = text[at + len(_HH_ASSISTANT):]
-    if "\n\nHuman:" in response:
-        raise ValueError(f"{what} transcript ends with a Human turn, not an Assistant turn")
-    return text[:at], response.strip()
-
-
-def _hh_rlhf(row: dict) -> tuple[list[dict], str, str]:
-    prefix_c, chosen = _hh_split(row["chosen"], "chosen")
-    prefix_r, rejected = _hh_split(row["rejected"], "rejected")
-    if prefix_c.strip() != prefix_r.strip():
-        raise ValueError("chosen and rejected transcripts do not share the conversation before "
-                         "their last Assistant turn")
-    prompt = parse_hh_transcript(prefix_c)
-    if not any(m["role"] == "user" for m in prompt):
-        raise ValueError("transcript has no Human turn before its last Assistant turn")
-    return prompt, chosen, rejected
-
-
-def _ultrafeedback(row: dict) -> tuple[list[dict], str, str]:
-    chosen = _message_list(row["chosen"], "chosen")
-    rejected = _message_list(row["rejected"], "rejected")
-    for what, conv in (("chosen", chosen), ("rejected", rejected)):
-        if not conv or conv[-1]["role"] != "assistant":
-            raise ValueError(f"{what} conversation does not end with an assistant turn")
-    prompt_c, prompt_r = chosen[:-1], rejected[:-1]
-    if prompt_c != prompt_r:
-        raise ValueError("chosen and rejected conversations differ before their final assistant turn")
-    if not prompt_c:  # responses only: the prompt is in its own column
-        if row.get("prompt") is None:
-            raise ValueError("chosen/rejected hold only the response and there is no prompt column")
-        prompt_c = _prompt_messages(row["prompt"])
-    return prompt_c, chosen[-1]["content"], rejected[-1]["content"]
-
-
-def _checked(convert):
-    """A converter that also checks what every pair needs: a prompt ending with a user or system
-    turn and two non-empty responses."""
-
-    def pair(row: dict, source: DataSource | None = None) -> tuple[list[dict], str, str]:
-        if not isinstance(row, dict):
-            raise ValueError(f"row is a {type(row).__name__}, not a dict")  # noqa: TRY004
-        prompt, chosen, rejected = convert(row)
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if prompt[-1]["role"] == "assistant":
-            raise ValueError("the prompt ends with an assistant turn; it must end with a user or "
-                             "system turn, the response being the next assistant turn")
-        for what, text in (("chosen", chosen), ("rejected", rejected)):
-            if not text.strip():
-                raise ValueError(f"the {what} response is empty")
-        return prompt, chosen, rejected
-
-    return pair
-
-
-PREFERENCE_FORMATS: dict[str, Format] = {
-    "plain": Format(("prompt", "chosen", "rejected"), _checked(_plain)),
-    "hh_rlhf": Format(("chosen", "rejected"), _checked(_hh_rlhf)),
-    "ultrafeedback": Format(("chosen", "rejected"), _checked(_ultrafeedback)),
-}
-
-
-def _is_response_only(value) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], dict)
-            and value[0].get("role") == "assistant")
-
-
-def _detect(rows_sample: list[dict], source: DataSource) -> str | None:
-    """plain / hh_rlhf / ultrafeedback from the columns and value types (see the module docstring)."""
-    keys = set.intersection(*(set(r) for r in rows_sample))
-    if {"chosen", "rejected"} <= keys:
-        values = [r["chosen"] for r in rows_sample if r.get("chosen") is not None]
-        if values and all(isinstance(v, str) for v in values):
-            return "plain" if "prompt" in keys else "hh_rlhf"
-        if values and all(isinstance(v, (list, tuple)) for v in values):
-            if "prompt" in keys and all(_is_response_only(v) for v in values):
-                return "plain"
-            return "ultrafeedback"
-    return None
-
-
-PREFERENCE = Kind("preference", PREFERENCE_FORMATS, _detect, held_out_key=lambda pair: list(pair),
-                  help="plain (prompt, chosen, rejected); hh_rlhf (chosen, rejected: whole transcripts); "
-                       "ultrafeedback (chosen, rejected: message lists). A preference source needs `chosen` and "
-                       "`rejected` columns (strings or message lists), plus `prompt` unless they are whole "
-                       "conversations")
-
-
-def detect_preference_format(rows_sample: list[dict], source_name: str) -> str:
-    """The format of a source from a sample of its rows; DataSourceError naming the source, its
-    columns and the known formats when none fits."""
-    return detect_rows_format(rows_sample, DataSource(path=source_name), PREFERENCE)
-
-
-def to_pair(row: dict, fmt: str) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen response, rejected response) of a row; ValueError when malformed."""
-    if fmt not in PREFERENCE_FORMATS:
-        raise ValueError(f"unknown preference format {fmt!r}; known: {', '.join(PREFERENCE_FORMATS)}")
-    if isinstance(row, dict):
-        missing = [c for c in PREFERENCE_FORMATS[fmt].columns if row.get(c) is None]
-        if missing:
-            raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
-    return PREFERENCE_FORMATS[fmt].convert(row, None)
-
 
 # ------------------------------------------------------------------------------------ tokenizing
 

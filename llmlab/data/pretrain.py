@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmlab.data.formats import TEXT
 from llmlab.data.order import held_out
-from llmlab.data.reader import Format, Kind, SourceReport, stream
+from llmlab.data.reader import SourceReport, stream
 from llmlab.data.sources import DataSource, source_fingerprint
 from llmlab.paths import cache_dir
 from llmlab.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -51,23 +52,6 @@ from llmlab.tokenizer import load_tokenizer, tokenizer_fingerprint
 # Bumped when the file format or the packing rules change, so old caches are not reused.
 FORMAT_VERSION = 1
 TOKENIZE_BATCH_DOCS = 1000
-
-
-def _text(row: dict, source: DataSource) -> str | None:
-    """A row's text column as a string; None (dropped as empty) for a null or empty value."""
-    value = row[source.column]
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text or None
-
-
-def _has_column(sample: list[dict], source: DataSource) -> str | None:
-    return "text" if all(source.column in r for r in sample) else None
-
-
-TEXT = Kind("text", {"text": Format((), _text)}, _has_column,
-            help="plain text in the column named by the data entry's `column:` (default text)")
 
 
 @dataclass

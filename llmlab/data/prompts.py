@@ -1,12 +1,14 @@
-"""Prompts for online RL (ppo, grpo stages): row formats, prompt extraction, tokenizing, splits.
+"""Prompts for online RL (ppo, grpo stages): rendering, tokenizing and splitting prompt rows.
 
-Formats (detected per source from its columns, or named with `format:`):
+Formats (`llmlab.data.formats`; detected per source from its columns, or named with `format:`):
 
     prompt     prompt: "347+1="  (a user turn) or prompt: [{role, content}, ...] (a conversation)
     messages   messages: [{role, content}, ...]: the conversation before the last assistant turn
                (a conversation that ends with a user turn is taken whole)
     hh-rlhf    chosen: "\\n\\nHuman: ...\\n\\nAssistant: ..." (Anthropic/hh-rlhf, the common
                RLHF data): everything up to and including the last "Assistant:"
+    question   question: "Natalia sold clips to ..." (a user turn; e.g. GSM8K, whose `answer`
+               column the numeric_match reward reads)
 
 Each row becomes a `Prompt`: its token ids, the text the policy sees (`text`: the chat template's
 rendering with the generation prompt when the tokenizer has a template, else the plain prompt; an
@@ -29,82 +31,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmlab.data.preference import _hh_split, parse_hh_transcript
-from llmlab.data.reader import Examples, Format, Kind, SourceReport, first_matching, read
-from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.formats import PROMPTS
+from llmlab.data.reader import Examples, SourceReport, read
 from llmlab.data.sources import DataSource
+
 
 @dataclass
 class Prompt:
     ids: list[int]  # what the policy is conditioned on
     text: str  # the same, as text: what reward functions see as the prompt
     extras: dict[str, Any] = field(default_factory=dict)  # the row's other columns (e.g. answer)
-
-
-def _prompt_messages(row: dict) -> tuple[list[dict], str | None]:
-    prompt = row["prompt"]
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}], prompt
-    if isinstance(prompt, list):
-        return _before_last_assistant(prompt), None
-    raise TypeError(f"`prompt` must be a string or a list of chat messages, not {type(prompt).__name__}")
-
-
-def _check_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise TypeError("messages must be a list of {role, content} objects")
-    return messages
-
-
-def _before_last_assistant(messages: list) -> list[dict]:
-    messages = _check_messages(messages)
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    ends_with_user = bool(messages) and messages[-1]["role"] == "user"
-    head = messages if last is None or ends_with_user else messages[:last]
-    if not head or head[-1]["role"] != "user":
-        raise ValueError("no user turn before the last assistant turn: nothing to answer")
-    return head
-
-
-def _hh(row: dict) -> tuple[list[dict], str | None]:
-    """hh-rlhf: the transcript up to and including its last "\n\nAssistant:" (text), and its
-    turns before that as messages (parsed as the preference data parses them)."""
-    prefix, _ = _hh_split(row["chosen"], "chosen")
-    messages = parse_hh_transcript(prefix)
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("no Human turn before the last Assistant turn")
-    return messages, prefix + "\n\nAssistant:"
-
-
-def _extract(columns: tuple[str, ...], convert, consumed: tuple[str, ...]) -> Format:
-    """A prompt format: its columns, and row -> (messages ending with a user turn, plain text or None,
-    the row's other columns)."""
-
-    def extract(row: dict, source: DataSource | None = None) -> tuple[list[dict], str | None, dict]:
-        messages, text = convert(row)
-        return messages, text, {k: v for k, v in row.items() if k not in consumed}
-
-    return Format(columns, extract)
-
-
-PROMPT_FORMATS: dict[str, Format] = {
-    "prompt": _extract(("prompt",), _prompt_messages, ("prompt",)),
-    "messages": _extract(("messages",), lambda r: (_before_last_assistant(r["messages"]), None), ("messages",)),
-    "hh-rlhf": _extract(("chosen",), _hh, ("chosen", "rejected")),
-}
-PROMPTS = Kind("prompt", PROMPT_FORMATS, first_matching(PROMPT_FORMATS), held_out_key=lambda item: item[0])
-
-
-def detect_prompt_format(rows_sample: list[dict], source_name: str) -> str:
-    return detect_rows_format(rows_sample, DataSource(path=source_name), PROMPTS)
-
-
-def extract_prompt(row: dict, fmt: str) -> tuple[list[dict], str | None, dict]:
-    """(messages ending with a user turn, plain prompt text or None, the row's other columns)."""
-    missing = [c for c in PROMPT_FORMATS[fmt].columns if c not in row]
-    if missing:
-        raise KeyError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
-    return PROMPT_FORMATS[fmt].convert(row, None)
+    messages: list[dict] = field(default_factory=list)  # the conversation, for a reward model to render its own way
 
 
 def render_prompt(tokenizer, messages: list[dict], text: str | None) -> str:
@@ -133,7 +70,7 @@ def encoder(tokenizer, max_prompt_length: int):
             report.note("truncated")
             ids = ids[-max_prompt_length:]
             rendered = tokenizer.decode(ids, skip_special_tokens=False)
-        return Prompt(ids, rendered, extras)
+        return Prompt(ids, rendered, extras, messages)
 
     return encode
 

@@ -39,92 +39,13 @@ import re
 
 import torch
 
+from llmlab.data.formats import SFT
 from llmlab.data.order import EpochWalk
-from llmlab.data.reader import Examples, Format, Kind, SourceReport, first_matching, read
-from llmlab.data.reader import detect_format as detect_rows_format
+from llmlab.data.reader import Examples, SourceReport, read
 from llmlab.data.sources import DataSource
 from llmlab.train.objectives import IGNORE_INDEX
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
-                  "system": "system"}
-
-
-# ----------------------------------------------------------------------------------------- formats
-
-
-def _messages(row: dict) -> list[dict]:
-    out = []
-    for m in row["messages"]:
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"message role {role!r} is not system, user or assistant")
-        out.append({"role": role, "content": "" if content is None else str(content)})
-    return out
-
-
-def _sharegpt(row: dict) -> list[dict]:
-    out = []
-    for m in row["conversations"]:
-        speaker = str(m.get("from", "")).lower()
-        if speaker not in SHAREGPT_ROLES:
-            raise ValueError(f"ShareGPT speaker {m.get('from')!r} is not one of "
-                             f"{', '.join(sorted(SHAREGPT_ROLES))}")
-        out.append({"role": SHAREGPT_ROLES[speaker], "content": str(m.get("value") or "")})
-    return out
-
-
-def _turn(prompt, answer) -> list[dict]:
-    return [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(answer)}]
-
-
-def _alpaca(row: dict) -> list[dict]:
-    extra = (row.get("input") or "").strip()
-    prompt = row["instruction"] if not extra else f"{row['instruction']}\n\n{extra}"
-    return _turn(prompt, row["output"])
-
-
-def _conversation(convert):
-    """A converter that also insists on an assistant turn (nothing to learn without one)."""
-
-    def checked(row: dict, source: DataSource | None = None) -> list[dict]:
-        messages = convert(row)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError("conversation has no assistant turn: nothing to learn from")
-        return messages
-
-    return checked
-
-
-# Order matters: the first match wins (alpaca before instruction: both have `instruction`).
-FORMATS: dict[str, Format] = {
-    "messages": Format(("messages",), _conversation(_messages)),
-    "sharegpt": Format(("conversations",), _conversation(_sharegpt)),
-    "alpaca": Format(("instruction", "input", "output"), _conversation(_alpaca)),
-    "instruction": Format(("instruction", "response"), _conversation(lambda r: _turn(r["instruction"], r["response"]))),
-    "prompt_completion": Format(("prompt", "completion"), _conversation(lambda r: _turn(r["prompt"], r["completion"]))),
-    "question_answer": Format(("question", "answer"), _conversation(lambda r: _turn(r["question"], r["answer"]))),
-}
-SFT = Kind("SFT", FORMATS, first_matching(FORMATS))
-
-
-def detect_format(rows_sample: list[dict], source_name: str) -> str:
-    """The first format whose columns every sampled row has; DataSourceError naming the source, the
-    columns it has and the known formats otherwise."""
-    return detect_rows_format(rows_sample, DataSource(path=source_name), SFT)
-
-
-def to_messages(row: dict, fmt: str) -> list[dict]:
-    """The conversation a row stands for, as chat messages."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown SFT format {fmt!r}; known: {', '.join(FORMATS)}")
-    missing = [c for c in FORMATS[fmt].columns if c not in row]
-    if missing:
-        raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
-    return FORMATS[fmt].convert(row, None)
-
 
 # ------------------------------------------------------------------------------------ tokenizing
 

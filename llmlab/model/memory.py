@@ -166,15 +166,24 @@ def count_parameters(model_or_config: Any) -> int:
     return sum(w.numel for w in weights(shape))
 
 
-def activation_bytes_per_token(shape: ModelShape, seq_len: int, padded: bool = False) -> int:
+def activation_bytes_per_token(shape: ModelShape, seq_len: int, padded: bool = False, checkpointed: bool = False) -> int:
     """Bytes a training forward pass keeps for backward per token of the batch (all layers, fp32),
     without the logits (see `logits_bytes`). `padded`: the batch carries an attention mask (padded
-    rows), which SDPA keeps per layer."""
+    rows), which SDPA keeps per layer. `checkpointed` (gradient checkpointing): each block keeps only
+    its input (the recomputed block: `recomputed_block_bytes_per_token`)."""
     s = shape
     ffn = (GATED_FFN_WIDTHS if s.gated_ffn else PLAIN_FFN_WIDTHS) * s.d_ff
     per_layer = (BLOCK_MODEL_WIDTHS * s.d_model + BLOCK_QUERY_WIDTHS * s.q_dim + BLOCK_KV_WIDTHS * s.kv_dim + s.n_heads
                  + NORM_STATISTICS + ffn + (MASK_VALUES_PER_KEY * seq_len if padded else 0))
+    if checkpointed:  # each block's input; one block's own activations are `recomputed_block_bytes_per_token`
+        return FP32_BYTES * (s.n_layers * s.d_model + OUTSIDE_MODEL_WIDTHS * s.d_model)
     return FP32_BYTES * (s.n_layers * per_layer + OUTSIDE_MODEL_WIDTHS * s.d_model)
+
+
+def recomputed_block_bytes_per_token(shape: ModelShape, seq_len: int, padded: bool = False) -> int:
+    """With gradient checkpointing: the activations of the one block being recomputed in the
+    backward pass (after the loss's logits are gone)."""
+    return (activation_bytes_per_token(shape, seq_len, padded) - FP32_BYTES * OUTSIDE_MODEL_WIDTHS * shape.d_model) // shape.n_layers
 
 
 def logits_bytes(shape: ModelShape, tokens: int, copies: float = 1.0) -> int:

@@ -52,7 +52,7 @@ def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) ->
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     model, tok, base, new_ids = load_start(ctx)
-    seq_len = model_context(model)
+    seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
     mini = stage.train.batch_pairs
     data = prepare_preference_data(stage.data, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
                                    max_val_examples=mini * stage.train.eval_steps)

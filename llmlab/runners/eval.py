@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,31 @@ from llmlab.evaluate import (
     unigram_perplexity,
 )
 from llmlab.generate import generate
-from llmlab.models import load_causal_lm
+from llmlab.models import load_causal_lm, model_context
 from llmlab.report import write_report
 from llmlab.rewards import load_reward
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import stage_histories
+
+
+MAX_EVAL_CONTEXT = 2048  # held-out text is scored in blocks of at most this many tokens (a hub model's context can be 32k)
+
+
+def evaluated(ctx: StageContext) -> list[tuple[str, str]]:
+    """(display name, model folder or hub name) of every model the stage scores: `from` stages first."""
+    stage = ctx.config
+    return ([(name, ctx.inputs[name].outputs["model"]) for name in stage.model_stages]
+            + [(m.name, m.path) for m in stage.models])
+
+
+def tokenizer_folder(ctx: StageContext, name: str, model_dir: str, tok) -> str:
+    """A local folder holding the model's tokenizer files (a hub model's are saved under the stage)."""
+    if Path(model_dir).expanduser().is_dir():
+        return model_dir
+    folder = ctx.out_dir / "tokenizers" / name
+    tok.save_pretrained(str(folder))
+    return str(folder)
 
 
 def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
@@ -34,7 +54,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
                                "batch_sequences": stage.batch_sequences, "models": {},
-                               "model_order": list(stage.models)}
+                               "model_order": [name for name, _ in evaluated(ctx)]}
     metrics: dict[str, float] = {}
     pairs = checkable_prompts(stage.tasks, stage.tasks_limit)
     if pairs:
@@ -45,18 +65,18 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                                 device=str(pick_device()))
-    for name in stage.models:
-        model_dir = ctx.inputs[name].outputs["model"]
+    for name, model_dir in evaluated(ctx):
         model = load_causal_lm(model_dir).to(pick_device())
         tok = load_tokenizer(model_dir)
-        seq_len = stage.seq_len or model.config.max_seq_len
-        data = prepare_pretrain_data(stage.data, model_dir, seq_len, spec.seed, stage.val_fraction, None)
+        seq_len = stage.seq_len or min(model_context(model), MAX_EVAL_CONTEXT)
+        data = prepare_pretrain_data(stage.data, tokenizer_folder(ctx, name, model_dir, tok), seq_len, spec.seed,
+                                     stage.val_fraction, None)
         batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
         scores = perplexity(model, batches)
         train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
         scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
-        samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature,
-                           seed=spec.seed, prefix_ids=[tok.eos_token_id])
+        samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature, seed=spec.seed,
+                           prefix_ids=[tok.eos_token_id] if tok.eos_token_id is not None else None)
         if stage.preferences:  # the named split's rows, tokenized with this model's template
             prefs = preference_pairs(stage.preferences, tok, seq_len, stage.preferences_limit)
             scores["preference_accuracy"] = preference_accuracy(model, prefs, tok.pad_token_id)
@@ -82,7 +102,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.log(metrics, 0)
     results_file = ctx.out_dir / "results.json"
     atomic_write_json(results_file, results)
-    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.models
+    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.model_stages
                  if ctx.inputs[name].mlflow_run_id}
     files = write_report(results, histories, ctx.out_dir)
     ctx.run.log_artifact(results_file)

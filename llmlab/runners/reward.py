@@ -41,7 +41,8 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if stage.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mini = stage.train.batch_pairs
-    data = prepare_preference_data(stage.data, tok, model_context(model), spec.seed, stage.val_fraction,
+    seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
+    data = prepare_preference_data(stage.data, tok, seq_len, spec.seed, stage.val_fraction,
                                    stage.max_examples, max_val_examples=mini * stage.train.eval_steps)
     report_data(ctx, data, "pairs")
     model.to(pick_device())

@@ -30,7 +30,7 @@ from llmlab.train.objectives import LanguageModeling
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     stage, spec = ctx.config, ctx.spec
     model, tok, base, new_ids = load_start(ctx)
-    seq_len = model_context(model)
+    seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
     data = prepare_sft_data(stage.data, tok, seq_len, spec.seed,
                             stage.val_fraction, stage.max_examples,
                             max_val_examples=stage.train.batch_sequences * stage.train.eval_steps)

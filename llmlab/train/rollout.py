@@ -128,9 +128,13 @@ def policy_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def reward_kwargs(prompts: list[Prompt]) -> dict[str, list]:
-    """The prompt rows' other columns, one list per column every row has (e.g. answer=[...])."""
+    """The prompt rows' other columns, one list per column every row has (e.g. answer=[...]), and
+    `prompt_messages`: each prompt's conversation (a reward model renders it with its own template)."""
     common = set.intersection(*(set(p.extras) for p in prompts)) if prompts else set()
-    return {k: [p.extras[k] for p in prompts] for k in sorted(common)}
+    out = {k: [p.extras[k] for p in prompts] for k in sorted(common)}
+    if prompts and all(p.messages for p in prompts) and "prompt_messages" not in out:
+        out["prompt_messages"] = [p.messages for p in prompts]
+    return out
 
 
 def score_completions(reward_fn: Callable, prompts: list[Prompt], completions: list[str], name: str) -> torch.Tensor:

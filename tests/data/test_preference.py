@@ -7,18 +7,9 @@ import random
 import pytest
 import torch
 
+from llmlab.data.formats import PREFERENCE_FORMATS, detect_preference_format, parse_hh_transcript, to_pair
+from llmlab.data.preference import PreferenceBatches, collate_pairs, eval_batches, prepare_preference_data, tokenize_pair
 from llmlab.data.sources import DataSource
-from llmlab.data.preference import (
-    PREFERENCE_FORMATS,
-    PreferenceBatches,
-    collate_pairs,
-    detect_preference_format,
-    eval_batches,
-    parse_hh_transcript,
-    prepare_preference_data,
-    to_pair,
-    tokenize_pair,
-)
 from llmlab.tokenizer import train_tokenizer
 from llmlab.train.objectives import IGNORE_INDEX
 

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from llmlab.data.sources import DataSource
-from llmlab.data.prompts import detect_prompt_format, extract_prompt, prepare_prompt_data, render_prompt
+from llmlab.data.formats import detect_prompt_format, extract_prompt
+from llmlab.data.prompts import prepare_prompt_data, render_prompt
 from llmlab.tokenizer import train_tokenizer
 
 HH = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6."
@@ -52,8 +53,9 @@ def test_format_detection_and_a_clear_error_for_unknown_columns():
     assert detect_prompt_format([{"prompt": "a", "answer": "b"}], "x") == "prompt"
     assert detect_prompt_format([{"messages": []}], "x") == "messages"
     assert detect_prompt_format([{"chosen": HH, "rejected": HH}], "x") == "hh-rlhf"
-    with pytest.raises(ValueError, match=r"columns question.*prompt \(prompt\).*format:"):
-        detect_prompt_format([{"question": "a"}], "data.jsonl")
+    assert detect_prompt_format([{"question": "a", "answer": "#### 1"}], "x") == "question"  # GSM8K
+    with pytest.raises(ValueError, match=r"columns instruction.*prompt \(prompt\).*question \(question\).*format:"):
+        detect_prompt_format([{"instruction": "a"}], "data.jsonl")
 
 
 def test_rendering_uses_the_chat_template_else_the_plain_text(tok):

@@ -9,7 +9,8 @@ from llmlab.data.preference import prepare_preference_data
 from llmlab.data.pretrain import prepare_pretrain_data
 from llmlab.data.prompts import prepare_prompt_data
 from llmlab.data.reader import read
-from llmlab.data.sft import SFT, prepare_sft_data
+from llmlab.data.formats import SFT
+from llmlab.data.sft import prepare_sft_data
 from llmlab.data.sources import DataSource, DataSourceError
 from llmlab.tokenizer import train_tokenizer
 

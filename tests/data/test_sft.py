@@ -8,8 +8,10 @@ import torch
 
 from llmlab.data.sources import DataSource
 from llmlab.data import sft
-from llmlab.data.sft import (FORMATS, SFTBatches, detect_format, eval_batches, prepare_sft_data,
-                             to_messages, tokenize_conversation)
+from llmlab.data.formats import SFT_FORMATS as FORMATS
+from llmlab.data.formats import detect_sft_format as detect_format
+from llmlab.data.formats import to_messages
+from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data, tokenize_conversation
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.tokenizer import CHAT_TEMPLATE, train_tokenizer
 from llmlab.train.objectives import IGNORE_INDEX, LanguageModeling

@@ -1,0 +1,240 @@
+"""Checks before anything runs: every local file, folder and model a spec names is opened and looked at.
+
+    problems, notes = preflight(spec)          # llmlab validate and llmlab run call it
+    for p in problems: print(p.render())       # stage 'sft': data/chats.jsonl: ... — fix ...
+
+- Data: each local source of each stage (training data, eval text, tasks and pairs, the tokenizer's
+  text) is opened and a sample read: it exists, is UTF-8, has rows, its format is detected (or the
+  named `format:` fits) and the format's columns are in the sampled rows; too many malformed rows in
+  the sample is a problem too. Built-in sources are ours and known good.
+- Models: a stage's `model:` folder has a config and weights, and the head the stage needs — a
+  causal LM for a policy (sft, dpo, ppo, grpo; a dpo `reference_model`; eval `models:`), a
+  sequence classifier for a `reward:` model; a model's tokenizer (or the stage's `tokenizer:`) has
+  no more tokens than the model has embedding rows. Merge adapters and spec tokenizers exist.
+- Hub names are checked when the hub is reachable; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
+  they are skipped with a note, never downloaded.
+
+Nothing here imports torch unless a model folder's config lacks its `architectures` (then
+transformers' Auto mappings are read), so `llmlab validate` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from llmlab.data.formats import PREFERENCE, PROMPTS, SFT, TEXT
+from llmlab.data.reader import Kind, detect_format
+from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows
+from llmlab.spec import Pipeline
+
+PROBE_ROWS = 50  # rows of a local source read at validate time
+DATA_KINDS: dict[str, Kind] = {"pretrain": TEXT, "sft": SFT, "dpo": PREFERENCE, "reward": PREFERENCE, "ppo": PROMPTS,
+                               "grpo": PROMPTS}
+POLICY_KINDS = ("sft", "dpo", "ppo", "grpo")  # stages whose `model:` must be a causal LM
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing that would fail a stage: which stage, what (file, model), why and the fix."""
+
+    stage: str
+    what: str
+    message: str
+
+    def render(self) -> str:
+        return f"stage '{self.stage}': {self.what}: {self.message}"
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~", "."))
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def check_source(source: DataSource, kind: Kind) -> str | None:
+    """What is wrong with a local source, read from a sample of its rows; None when it looks fine."""
+    try:
+        rows = list(islice(open_rows(source), PROBE_ROWS))  # a file that is not UTF-8 fails while reading
+    except (DataSourceError, OSError) as e:
+        return str(e)
+    if not rows:
+        return "it has no rows: add rows, or remove it from the stage's data"
+    good = [r for _, r in rows if not isinstance(r, BadRow)]
+    bad = [(w, r.error) for w, r in rows if isinstance(r, BadRow)]
+    if not good:
+        return f"none of its first {len(rows)} rows can be read ({bad[0][0]}: {bad[0][1]})"
+    try:
+        fmt = detect_format(good, source, kind)
+    except DataSourceError as e:
+        return str(e)
+    convert = kind.formats[fmt].convert
+    for where, row in ((w, r) for w, r in rows if not isinstance(r, BadRow)):
+        try:
+            convert(row, source)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            bad.append((where, f"{type(e).__name__}: {e}"))
+    if len(bad) > source.max_bad_share * len(rows):
+        return (f"{len(bad)} of its first {len(rows)} rows are malformed as {kind.name} data in format {fmt!r} "
+                f"(first: {bad[0][0]}: {bad[0][1]}); fix them, set `format:`, or raise max_bad_share")
+    return None
+
+
+def _sources(stage: Any) -> list[tuple[DataSource, Kind]]:
+    if stage.kind == "eval":
+        return ([(s, TEXT) for s in stage.data] + [(s, PROMPTS) for s in stage.tasks]
+                + [(s, PREFERENCE) for s in stage.preferences])
+    kind = DATA_KINDS.get(stage.kind)
+    return [(s, kind) for s in getattr(stage, "data", [])] if kind else []
+
+
+def data_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
+    problems, notes = [], []
+    stages: list[tuple[str, list[tuple[DataSource, Kind]]]] = []
+    if spec.tokenizer.train is not None:
+        stages.append(("tokenizer", [(s, TEXT) for s in spec.tokenizer.train.data]))
+    stages += [(name, _sources(stage)) for name, stage in spec.stages.items()]
+    for name, sources in stages:
+        for source, kind in sources:
+            if source.path.startswith(BUILTIN_PREFIX):
+                continue
+            if source.is_local:
+                problem = check_source(source, kind)
+                if problem:
+                    problems.append(Problem(name, source.path, problem))
+            elif offline():
+                notes.append(f"stage '{name}': hub dataset {source.path} not checked (offline)")
+    return problems, notes
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+def _architectures(config: dict) -> list[str]:
+    names = list(config.get("architectures") or [])
+    if names:
+        return names
+    model_type = config.get("model_type")
+    if model_type == "llmlab":
+        return ["LlmlabForCausalLM"]
+    # deferred: a config without `architectures` is rare, and transformers' mappings import torch
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    return [m[model_type] for m in (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+            if model_type in m]
+
+
+def is_causal_lm(config: dict) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in _architectures(config))
+
+
+def is_sequence_classifier(config: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in _architectures(config))
+
+
+def _read_config(name: str) -> tuple[dict | None, str | None]:
+    """(config dict, None) of a local folder or a reachable hub model; (None, problem or note)."""
+    import json
+
+    if _is_local(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            return None, f"no such folder: {name}"
+        if not (folder / "config.json").is_file():
+            return None, "it has no config.json: save the model with save_pretrained, or name its folder"
+        if not any((folder / w).is_file() for w in WEIGHT_FILES):
+            return None, f"it has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])})"
+        try:
+            return json.loads((folder / "config.json").read_text()), None
+        except ValueError as e:
+            return None, f"its config.json is not valid JSON ({e})"
+    if offline():
+        return None, "offline"
+    try:
+        from huggingface_hub import hf_hub_download  # deferred: only for hub names, when online
+
+        return json.loads(Path(hf_hub_download(name, "config.json")).read_text()), None
+    except Exception as e:  # the hub raises many types (RepositoryNotFoundError, HTTPError, ...)
+        return None, f"cannot read its config from the Hugging Face hub ({type(e).__name__}: {str(e)[:160]})"
+
+
+def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
+    from llmlab.tokenizer import tokenizer_file_vocab
+
+    problems, notes = [], []
+
+    def check(stage: str, name: str, role: str, need: str) -> dict | None:
+        config, issue = _read_config(name)
+        if issue == "offline":
+            notes.append(f"stage '{stage}': hub model {name} not checked (offline)")
+            return None
+        if issue:
+            problems.append(Problem(stage, name, issue))
+            return None
+        arch = ", ".join(_architectures(config)) or config.get("model_type", "unknown")
+        if need == "causal" and not is_causal_lm(config):
+            problems.append(Problem(stage, name, f"it is a {arch}, which has no causal-LM head, so it cannot be the "
+                                                 f"{role}: use a causal LM (…ForCausalLM)"))
+        if need == "classifier" and not is_sequence_classifier(config):
+            problems.append(Problem(stage, name, f"it is a {arch}, not a sequence-classification model, so it cannot "
+                                                 f"score as the {role}: use a reward model (…ForSequenceClassification, "
+                                                 f"one output) or train one with a reward stage"))
+        return config
+
+    if spec.tokenizer.path and not Path(spec.tokenizer.path).expanduser().is_dir():
+        problems.append(Problem("tokenizer", spec.tokenizer.path, "no such tokenizer folder"))
+    for name, stage in spec.stages.items():
+        start = getattr(stage, "model", None)
+        if isinstance(start, str):
+            need = "causal" if stage.kind in POLICY_KINDS else None
+            config = check(name, start, f"starting model of a {stage.kind} stage", need or "")
+            tok_dir = stage.tokenizer or start
+            vocab = tokenizer_file_vocab(tok_dir) if _is_local(tok_dir) else None
+            rows = (config or {}).get("vocab_size")
+            if vocab and isinstance(rows, int) and vocab > rows:
+                problems.append(Problem(name, tok_dir, f"the tokenizer has {vocab:,} tokens but the model {start} has "
+                                                       f"{rows:,} embedding rows: use the tokenizer the model was "
+                                                       f"trained with"))
+        if stage.kind == "dpo" and stage.reference_model:
+            check(name, stage.reference_model, "reference model", "causal")
+        if stage.kind in ("ppo", "grpo") and stage.reward and ("/" in stage.reward and ":" not in stage.reward
+                                                               or _is_local(stage.reward)):
+            check(name, stage.reward, "reward model", "classifier")
+        if stage.kind == "eval":
+            for m in stage.models:
+                check(name, m.path, f"evaluated model '{m.name}'", "causal")
+            if stage.reward and ("/" in stage.reward and ":" not in stage.reward or _is_local(stage.reward)):
+                check(name, stage.reward, "reward model", "classifier")
+        if stage.kind == "merge" and stage.adapters and not (Path(stage.adapters) / "adapter_config.json").is_file():
+            problems.append(Problem(name, stage.adapters, "no adapter_config.json: name the folder a LoRA stage wrote "
+                                                          "(<stage>/adapters/best)"))
+    return problems, notes
+
+
+class PreflightFailed(ValueError):
+    """A spec names files or models that would fail its stages; one line per problem."""
+
+    def __init__(self, spec_file: str, problems: list[Problem]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with what {spec_file} names "
+                         f"(no stage ran):\n" + "\n".join("  " + p.render() for p in problems))
+
+
+def preflight(spec: Pipeline) -> tuple[list[Problem], list[str]]:
+    """Every problem found in the spec's local files, folders and models (and hub ones when
+    online), and notes on what was skipped."""
+    data, data_notes = data_problems(spec)
+    models, model_notes = model_problems(spec)
+    return data + models, data_notes + model_notes

@@ -1,0 +1,122 @@
+"""Checks before anything runs: `llmlab validate` (and `llmlab run`) open every local data file,
+model folder and tokenizer a spec names, report every problem at once with the stage, the file and
+the fix, exit 2, and run nothing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmlab.preflight import preflight
+from llmlab.spec import parse_spec
+
+TEXT_SOURCE = [{"path": "builtin:stdlib"}]
+
+
+def spec(tmp_path, stages: dict, tokenizer=None) -> Path:
+    raw = {"name": "pre", "workdir": str(tmp_path / "runs"),
+           "tokenizer": tokenizer or {"train": {"vocab_size": 300, "data": TEXT_SOURCE}},
+           "stages": {"pretrain": {"kind": "pretrain", "data": TEXT_SOURCE}, **stages}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    found, _ = preflight(parse_spec(path.read_text(), str(path)))
+    return [p.render() for p in found]
+
+
+def jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_every_data_problem_is_named_with_its_stage_file_and_fix(tmp_path):
+    wrong_columns = jsonl(tmp_path / "chats.jsonl", [{"foo": 1, "bar": 2}] * 5)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    bad_rows = jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "same", "rejected": " "}] * 5
+                     + [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 5)
+    path = spec(tmp_path, {
+        "sft": {"kind": "sft", "from": "pretrain", "data": [{"path": wrong_columns}, {"path": str(empty)}]},
+        "dpo": {"kind": "dpo", "from": "pretrain", "data": [{"path": str(latin)}, {"path": bad_rows}]},
+        "grpo": {"kind": "grpo", "from": "pretrain", "reward": "exact_match", "data": [{"path": wrong_columns, "format": "prompt"}]},
+    })
+    found = problems_of(path)
+    assert len(found) == 5, found
+    assert any("stage 'sft'" in p and "chats.jsonl" in p and "bar, foo" in p and "question_answer (question, answer)" in p
+               and "format:" in p for p in found)
+    assert any("stage 'sft'" in p and "empty.jsonl" in p and "has no rows" in p for p in found)
+    assert any("stage 'dpo'" in p and "latin.jsonl is not UTF-8" in p for p in found)
+    assert any("stage 'dpo'" in p and "5 of its first 10 rows are malformed" in p and "rejected response is empty" in p
+               for p in found)
+    assert any("stage 'grpo'" in p and "named format 'prompt', which needs the column(s) prompt" in p for p in found)
+
+
+def test_good_local_data_and_builtin_sources_pass(tmp_path):
+    chats = jsonl(tmp_path / "qa.jsonl", [{"question": f"{i}?", "answer": str(i)} for i in range(10)])
+    path = spec(tmp_path, {"sft": {"kind": "sft", "from": "pretrain", "data": [{"path": chats}, {"path": "builtin:tasks"}]}})
+    assert problems_of(path) == []
+
+
+def model_folder(path: Path, architectures: list[str], vocab_size: int = 300, weights: bool = True) -> str:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"architectures": architectures, "model_type": "llama",
+                                                  "vocab_size": vocab_size}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"{}")
+    return str(path)
+
+
+def test_a_model_that_cannot_serve_its_stage_fails_validation_naming_model_and_stage(tmp_path):
+    from llmlab.tokenizer import train_tokenizer
+
+    classifier = model_folder(tmp_path / "rm", ["LlamaForSequenceClassification"])
+    causal = model_folder(tmp_path / "lm", ["LlamaForCausalLM"])
+    no_weights = model_folder(tmp_path / "empty", ["LlamaForCausalLM"], weights=False)
+    small = model_folder(tmp_path / "small", ["LlamaForCausalLM"], vocab_size=260)
+    tokens = len(train_tokenizer([f"word {i} and more words" for i in range(300)], 300, tmp_path / "small"))
+    assert tokens > 260
+    path = spec(tmp_path, {
+        "sft": {"kind": "sft", "model": classifier, "data": [{"path": "builtin:tasks"}]},
+        "dpo": {"kind": "dpo", "model": no_weights, "data": [{"path": "builtin:tasks-preference"}]},
+        "grpo": {"kind": "grpo", "model": causal, "reward": causal, "data": [{"path": "builtin:tasks-prompts"}]},
+        "more": {"kind": "sft", "model": small, "data": [{"path": "builtin:tasks"}]},
+        "eval": {"kind": "eval", "data": TEXT_SOURCE, "models": [{"name": "rm", "path": classifier}]},
+    })
+    found = problems_of(path)
+    assert len(found) == 5, found
+    assert any("stage 'sft'" in p and "LlamaForSequenceClassification, which has no causal-LM head" in p for p in found)
+    assert any("stage 'dpo'" in p and "config.json but no weights" in p for p in found)
+    assert any("stage 'grpo'" in p and "not a sequence-classification model" in p and "reward model" in p for p in found)
+    assert any("stage 'more'" in p and f"the tokenizer has {tokens} tokens but the model" in p and "260 embedding rows" in p
+               for p in found)
+    assert any("stage 'eval'" in p and "evaluated model 'rm'" in p for p in found)
+
+
+def test_hub_names_are_skipped_offline_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = spec(tmp_path, {"sft": {"kind": "sft", "model": "Qwen/Qwen2.5-0.5B-Instruct",
+                                   "data": [{"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"}]}})
+    found, notes = preflight(parse_spec(path.read_text(), str(path)))
+    assert found == []
+    assert any("Qwen/Qwen2.5-0.5B-Instruct not checked (offline)" in n for n in notes)
+    assert any("ultrachat_200k not checked (offline)" in n for n in notes)
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_the_cli_reports_every_problem_without_a_traceback_and_runs_nothing(tmp_path, command):
+    wrong = jsonl(tmp_path / "chats.jsonl", [{"foo": 1}] * 3)
+    path = spec(tmp_path, {"sft": {"kind": "sft", "from": "pretrain", "data": [{"path": wrong}]}})
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", command, str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**__import__("os").environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "stage 'sft'" in out.stderr and "chats.jsonl" in out.stderr and "could not detect the SFT format" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "runs").exists()  # no stage ran
