@@ -2,9 +2,10 @@
 
     metrics = perplexity(model, batches)                 # {"eval/loss": ..., "eval/ppl": ...}
     base = unigram_perplexity(train_tokens, batches, vocab_size)
-    report = render_report(results)                      # Markdown comparison table
+    tasks = checkable_prompts(sources, limit=500)        # held-out prompts with one right answer
+    proportion([True, False, True])                      # {"value", "n", "ci": Wilson 95% interval}
 
-The eval stage (`stages.run_eval`) scores every model it names on the same held-out batches, so
+The eval stage (`llmlab.runners.eval`) scores every model it names on the same held-out batches, so
 their numbers compare directly. The unigram baseline (add-one smoothed token frequencies of the
 training split) is the bar a model must clear to have learned anything beyond token counts.
 """
@@ -12,6 +13,7 @@ training split) is the bar a model must clear to have learned anything beyond to
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,22 +59,50 @@ def unigram_perplexity(train_tokens: np.ndarray, batches: list[torch.Tensor], vo
     return math.exp(nll / max(n, 1))
 
 
-def checkable_prompts(sources: list[DataSource], limit: int) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from the named split of each source (read whole: held-out task
-    prompts, never trained on), up to `limit` in all: rows in a prompt format (a `prompt` column or
-    chat `messages`) with an `answer` column. A multi-turn prompt is scored by its last user turn."""
-    pairs: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class TaskPrompt:
+    """A held-out prompt with one checkable answer."""
+
+    prompt: str
+    answer: str
+    family: str  # the row's `task` column (the built-in tasks: successor, add, sort, reverse, ...), else its source
+
+
+def checkable_prompts(sources: list[DataSource], limit: int) -> list[TaskPrompt]:
+    """Held-out task prompts from the named split of each source (read whole: never trained on), up
+    to `limit` in all: rows in a prompt format (a `prompt` column, chat `messages`, a `question`)
+    with an `answer` column. A multi-turn prompt is scored by its last user turn."""
+    tasks: list[TaskPrompt] = []
     for source in sources:
         examples = read([source], PROMPTS, lambda item, report: item, seed=0, val_fraction=0.0,
-                        max_train=limit - len(pairs), hold_out=False)
+                        max_train=limit - len(tasks), hold_out=False)
         for messages, text, extras in examples.train:
             if "answer" not in extras:
                 raise DataSourceError(f"eval tasks source {source.path!r}: rows need an `answer` column (and a `prompt` "
                                       f"or `messages` column); found {sorted(['prompt' if text else 'messages', *extras])}")
-            pairs.append((text if text is not None else messages[-1]["content"], str(extras["answer"])))
-        if len(pairs) >= limit:
+            tasks.append(TaskPrompt(text if text is not None else messages[-1]["content"], str(extras["answer"]),
+                                    str(extras.get("task", source.path))))
+        if len(tasks) >= limit:
             break
-    return pairs[:limit]
+    return tasks[:limit]
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion hits / n (95% with z = 1.96; Wilson 1927): honest at
+    small n and near 0 or 1, where the normal approximation is not."""
+    if n == 0:
+        return 0.0, 0.0
+    p = hits / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def proportion(hits: list[bool]) -> dict[str, Any]:
+    """{"value", "n", "ci": [low, high]} of a list of successes."""
+    k, n = sum(hits), len(hits)
+    return {"value": k / max(n, 1), "n": n, "ci": list(wilson_interval(k, n))}
 
 
 def render_user_prompts(tokenizer, prompts: list[str]) -> list[str]:
@@ -82,63 +112,52 @@ def render_user_prompts(tokenizer, prompts: list[str]) -> list[str]:
             if tokenizer.chat_template else p for p in prompts]
 
 
-def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16,
-                         batch_size: int = 64, with_stop: bool = False) -> tuple[float, list[str]]:
-    """Share of prompts whose greedy completion is exactly the answer, and the completions (ending
-    with their stop token's text when `with_stop`, as RL rollouts are scored). Prompts are rendered
-    with the tokenizer's chat template when it has one (instruction-tuned use), else used as they are."""
-    from llmlab.data.tasks import exact_match
+def task_completions(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 16,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy completions of task prompts, each ending with its stop token's text when it stopped (as
+    RL rollouts are scored). Prompts are rendered with the tokenizer's chat template when it has one."""
     from llmlab.generate import generate
 
-    rendered = render_user_prompts(tokenizer, [p for p, _ in pairs])
+    rendered = render_user_prompts(tokenizer, prompts)
     completions: list[str] = []
     for i in range(0, len(rendered), batch_size):
         completions += generate(model, tokenizer, rendered[i:i + batch_size], max_new_tokens, temperature=0.0,
-                                keep_stop=with_stop)
+                                keep_stop=True)
+    return completions
+
+
+def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], max_new_tokens: int = 16,
+                         batch_size: int = 64, with_stop: bool = False) -> tuple[float, list[str]]:
+    """Share of prompts whose greedy completion is exactly the answer, and the completions (ending
+    with their stop token's text when `with_stop`)."""
+    from llmlab.data.tasks import cut_at_end_of_turn, exact_match
+
+    completions = task_completions(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
     hits = [exact_match(c, a) for c, (_, a) in zip(completions, pairs)]
+    if not with_stop:
+        completions = [cut_at_end_of_turn(c) for c in completions]
     return sum(hits) / max(len(hits), 1), completions
 
 
-def preference_accuracy(model: torch.nn.Module, pairs: list[dict], pad_id: int, batch_size: int = 32) -> float:
-    """Share of held-out pairs whose chosen response the model finds more likely than the rejected
-    one (summed log-probabilities of the response tokens)."""
+def preference_wins(model: torch.nn.Module, pairs: list[dict], pad_id: int, batch_size: int = 32) -> list[bool]:
+    """For each held-out pair, whether the model finds the chosen response more likely than the
+    rejected one (summed log-probabilities of the response tokens)."""
     from llmlab.data.preference import eval_batches
     from llmlab.train.dpo import sequence_logps
 
     device = next(model.parameters()).device
-    correct = total = 0
+    wins: list[bool] = []
     with torch.no_grad():
         for batch in eval_batches(pairs, batch_size, pad_id):
             batch = {k: v.to(device) for k, v in batch.items()}
             logps = sequence_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                    batch["labels"])
             half = logps.shape[0] // 2
-            correct += int((logps[:half] > logps[half:]).sum())
-            total += half
-    return correct / max(total, 1)
+            wins += (logps[:half] > logps[half:]).tolist()
+    return wins
 
 
-def render_report(results: dict[str, Any]) -> str:
-    """A Markdown report: one row per model, then each model's sample generations."""
-    models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
-    lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
-             f"Held-out text: {results['val_tokens']:,} tokens scored per model "
-             f"({results['batches']} batches x {results['batch_sequences']} x {results['seq_len']}).", "",
-             "| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy | mean reward |",
-             "|---|---|---|---|---|---|---|"]
-
-    def cell(m: dict, key: str) -> str:
-        return f"{m[key]:.3f}" if key in m else "–"
-
-    for name, m in models.items():
-        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | "
-                     f"{cell(m, 'exact_match')} | {cell(m, 'preference_accuracy')} | {cell(m, 'reward_mean')} |")
-    lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
-    for prompt_i, prompt in enumerate(results["prompts"]):
-        lines.append(f"**Prompt:** `{prompt}`")
-        lines.append("")
-        for name, m in models.items():
-            sample = m["samples"][prompt_i].replace("\n", "⏎")
-            lines.append(f"- {name}: `{sample}`")
-        lines.append("")
-    return "\n".join(lines)
+def preference_accuracy(model: torch.nn.Module, pairs: list[dict], pad_id: int, batch_size: int = 32) -> float:
+    """Share of held-out pairs whose chosen response the model finds more likely (`preference_wins`)."""
+    wins = preference_wins(model, pairs, pad_id, batch_size)
+    return sum(wins) / max(len(wins), 1)

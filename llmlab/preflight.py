@@ -33,8 +33,8 @@ from llmlab.spec import Pipeline
 
 PROBE_ROWS = 50  # rows of a local source read at validate time
 DATA_KINDS: dict[str, Kind] = {"pretrain": TEXT, "sft": SFT, "dpo": PREFERENCE, "reward": PREFERENCE, "ppo": PROMPTS,
-                               "grpo": PROMPTS}
-POLICY_KINDS = ("sft", "dpo", "ppo", "grpo")  # stages whose `model:` must be a causal LM
+                               "grpo": PROMPTS, "preferences": PROMPTS}
+POLICY_KINDS = ("sft", "dpo", "ppo", "grpo", "preferences")  # stages whose `model:` must be a causal LM
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -209,7 +209,7 @@ def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
                                                        f"trained with"))
         if stage.kind == "dpo" and stage.reference_model:
             check(name, stage.reference_model, "reference model", "causal")
-        if stage.kind in ("ppo", "grpo") and stage.reward and ("/" in stage.reward and ":" not in stage.reward
+        if stage.kind in ("ppo", "grpo", "preferences") and stage.reward and ("/" in stage.reward and ":" not in stage.reward
                                                                or _is_local(stage.reward)):
             check(name, stage.reward, "reward model", "classifier")
         if stage.kind == "eval":

@@ -13,6 +13,9 @@ from typing import Any
 from llmlab.checkpoint import atomic_write_text
 
 CURVES = ("train/loss", "eval/loss")  # the training curves drawn per stage
+# an RL stage's loss hovers near zero whatever happens: it is drawn by what it optimises instead
+RL_CURVES = ("rl/reward_mean", "eval/reward_mean", "eval/exact_match")
+HISTORY_KEYS = CURVES + RL_CURVES  # what `llmlab.tracking.stage_histories` fetches for the report
 BARS = (("eval/ppl", "held-out perplexity"), ("exact_match", "exact match, held-out tasks"),
         ("preference_accuracy", "preference accuracy, held-out pairs"), ("reward_mean", "mean reward"))
 
@@ -27,13 +30,20 @@ def _plt():
 
 
 def plot_metrics(results: dict[str, Any], out: Path) -> Path:
-    """One bar chart per metric the eval measured, a bar per model (unigram baseline on perplexity)."""
+    """One bar chart per metric the eval measured, a bar per model (unigram baseline on perplexity;
+    95% intervals on the proportions)."""
     plt = _plt()
     names = list(results["model_order"])
     shown = [(k, label) for k, label in BARS if all(k in results["models"][n] for n in names)]
     fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], shown):
-        ax.bar(names, [results["models"][n][key] for n in names])
+        values = [results["models"][n][key] for n in names]
+        intervals = [results["models"][n].get(f"{key}_ci") for n in names]
+        if all(intervals):
+            errors = [[v - ci[0] for v, ci in zip(values, intervals)], [ci[1] - v for v, ci in zip(values, intervals)]]
+            ax.bar(names, values, yerr=errors, capsize=4)
+        else:
+            ax.bar(names, values)
         if key == "eval/ppl":
             ax.scatter(names, [results["models"][n]["unigram_ppl"] for n in names], color="red", zorder=3,
                        label="unigram baseline")
@@ -48,19 +58,25 @@ def plot_metrics(results: dict[str, Any], out: Path) -> Path:
 
 
 def plot_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> Path | None:
-    """Each stage's train/eval loss against optimizer step (stages without curves are skipped)."""
-    stages = [s for s, h in histories.items() if any(h.get(k) for k in CURVES)]
-    if not stages:
+    """Each training stage's curves against optimizer step: train/eval loss, or for an RL stage its
+    rollouts' mean reward and its held-out reward and exact match (stages without curves skipped)."""
+    drawn = {}
+    for stage, h in histories.items():
+        keys = RL_CURVES if any(h.get(k) for k in RL_CURVES) else CURVES
+        if any(h.get(k) for k in keys):
+            drawn[stage] = keys
+    if not drawn:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        for key in CURVES:
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4.5 * len(drawn), 3.5), squeeze=False)
+    for ax, (stage, keys) in zip(axes[0], drawn.items()):
+        for key in keys:
             points = histories[stage].get(key) or []
             if points:
                 ax.plot(*zip(*points), label=key, marker="o" if key.startswith("eval") else None)
         ax.set_title(stage)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel("reward / exact match" if keys == RL_CURVES else "loss (nats/token)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -68,10 +84,52 @@ def plot_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out: P
     return out
 
 
+def _with_ci(m: dict, key: str) -> str:
+    """'0.345 (0.28-0.41)': a proportion with its 95% interval, '–' when not measured."""
+    if key not in m:
+        return "–"
+    ci = m.get(f"{key}_ci")
+    return f"{m[key]:.3f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{m[key]:.3f}"
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """A Markdown report: one row per model (proportions with 95% Wilson intervals), exact match per
+    task family, then each model's sample generations."""
+    models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
+    lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
+             f"Held-out text: {results['val_tokens']:,} tokens scored per model "
+             f"({results['batches']} batches x {results['batch_sequences']} x {results['seq_len']}).", ""]
+    if "tasks" in results:
+        lines.append(f"Exact match: {results['tasks']['prompts']} held-out task prompts, greedy; preference accuracy: "
+                     f"{results.get('preferences', {}).get('pairs', 0)} held-out pairs. Intervals: 95% (Wilson).")
+        lines.append("")
+    lines += ["| model | eval loss | perplexity | unigram perplexity | exact match | preference accuracy | mean reward |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        reward = f"{m['reward_mean']:.3f}" if "reward_mean" in m else "–"
+        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | "
+                     f"{_with_ci(m, 'exact_match')} | {_with_ci(m, 'preference_accuracy')} | {reward} |")
+    families = sorted({f for m in models.values() for f in m.get("exact_match_by_family", {})})
+    if families:
+        lines += ["", "## Exact match per task family", "",
+                  "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+        for name, m in models.items():
+            by = m.get("exact_match_by_family", {})
+            cells = [f"{by[f]['value']:.3f} (n={by[f]['n']})" if f in by else "–" for f in families]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
+    for prompt_i, prompt in enumerate(results["prompts"]):
+        lines.append(f"**Prompt:** `{prompt}`")
+        lines.append("")
+        for name, m in models.items():
+            sample = m["samples"][prompt_i].replace("\n", "⏎")
+            lines.append(f"- {name}: `{sample}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_report(results: dict[str, Any], histories: dict[str, dict[str, list[tuple[int, float]]]], out_dir: Path) -> list[Path]:
     """report.md (+ report.html), metrics.png and training_curves.png in `out_dir`; returns the files."""
-    from llmlab.evaluate import render_report
-
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render_report(results)
     files = [plot_metrics(results, out_dir / "metrics.png")]

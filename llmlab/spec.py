@@ -54,6 +54,7 @@ from llmlab.spec_stages import (
     GrpoStage,
     MergeStage,
     PpoStage,
+    PreferencesStage,
     PretrainStage,
     RewardStage,
     RewardTrain,
@@ -69,7 +70,7 @@ __all__ = [
     "OPTIMIZER_CLASSES", "OPTIMIZER_NAMES", "Adafactor", "AdamW", "DataSource", "DistributedSpec", "Lion", "Loc",
     "LoraSpec", "ModelSpec", "Muon", "OptimizerSpec", "Sophia", "StrictModel", "TokenizerSpec", "TokenizerTrain",
     "TrainBase", "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalModel", "EvalStage", "ExportStage", "GrpoStage",
-    "MergeStage", "PpoStage", "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage",
+    "MergeStage", "PpoStage", "PreferencesStage", "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage",
     "SftTrain", "Stage", "StageBase", "TrackingSpec", "Pipeline", "SpecIssue", "SpecError", "parse_spec", "load_spec",
     "config_hash", "json_schema",
 ]
@@ -298,6 +299,10 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
                 elif key != "reward_stage" and dep_kind == "reward":
                     yield (("stages", name, key), f"'{dep}' is a reward model (a scalar head), not a language model: "
                                                   f"use it as `reward_stage` of a ppo or grpo stage")
+        if isinstance(body, dict) and body.get("kind") == "dpo" and not body.get("data"):
+            up = stages.get(src) if isinstance(src, str) else None
+            if not (isinstance(up, dict) and up.get("kind") == "preferences"):
+                yield (("stages", name, "data"), "dpo needs preference pairs: give `data`, or start `from` a preferences stage")
         if isinstance(body, dict) and body.get("kind") == "merge" and isinstance(src, str) and isinstance(stages.get(src), dict):
             up = stages[src]
             lora_kinds = ("sft", "dpo", "ppo", "grpo")  # the stage kinds that can train adapters

@@ -157,7 +157,7 @@ class DpoStage(ModelStage):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) on preference pairs."""
 
     kind: Literal["dpo"]
-    data: list[DataSource] = Field(min_length=1)
+    data: list[DataSource] = Field(default_factory=list)  # preference pairs; may be empty when `from` is a preferences stage
     train: DpoTrain = Field(default_factory=DpoTrain)
     beta: float = Field(0.2, gt=0)  # strength of the implicit KL constraint (the paper's beta; 0.1-0.5 is usual)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # conservative DPO: assumed share of flipped labels
@@ -297,10 +297,50 @@ class GrpoStage(RlStageBase):
     grpo_temperature: float = Field(1.0, gt=0)  # sampling temperature; log-probs use the same one
     kl_coef: float = Field(0.04, ge=0)  # weight of the k3 KL term (0 = no reference model)
 
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal and sample more prompts (DAPO)
+    max_resample_rounds: int = Field(4, ge=1)  # with dynamic_sampling: extra sampling rounds per rollout at most
+
     @property
     def sampling_temperature(self) -> float:
         return self.grpo_temperature
 
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if self.dynamic_sampling and self.distributed is not None and self.distributed.world_size > 1:
+            yield ("dynamic_sampling",), ("dynamic_sampling draws a varying number of prompts per rollout, which "
+                                          "one process does; set it off under distributed")
+
+
+class PreferencesStage(ModelStage):
+    """On-policy preference pairs: sample `samples_per_prompt` answers per prompt from the starting
+    model, score them with a reward, and keep the best and the worst of each prompt as a chosen /
+    rejected pair (pairs from the model's own mistakes, as online and iterative DPO use). A dpo stage
+    that starts `from` this stage trains on these pairs (and its own `data:`), from the same model."""
+
+    kind: Literal["preferences"]
+    data: list[DataSource] = Field(min_length=1)  # prompts: the ppo/grpo formats (prompt, messages, hh-rlhf, question)
+    reward: str | None = None  # a builtin (exact_match, numeric_match, ...), module:function, or a reward model dir / hub name
+    reward_stage: str | None = None  # or: an earlier reward stage, by name
+    samples_per_prompt: int = Field(8, ge=2)  # answers sampled per prompt
+    temperature: float = Field(1.0, gt=0)  # sampling temperature
+    top_k: int = Field(0, ge=0)  # 0 = off
+    top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
+    max_new_tokens: int = Field(64, ge=1)  # answer length limit
+    max_prompt_length: int | None = Field(None, ge=1)  # prompts cut from the left; None = context - max_new_tokens
+    max_prompts: int | None = Field(2000, ge=1)  # prompts sampled (the training split's first ones)
+    batch_prompts: int = Field(32, ge=1)  # prompts sampled at once (x samples_per_prompt sequences)
+    min_margin: float = Field(0.0, ge=0)  # a pair needs chosen score - rejected score > this (ties teach nothing)
+    answer_as_chosen: bool = False  # when no sample beats another, the row's `answer` column is the chosen response
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(dict.fromkeys(super().inputs + ([self.reward_stage] if self.reward_stage else [])))
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        yield from super().rules()
+        if (self.reward is None) == (self.reward_stage is None):
+            yield ("reward",), ("give exactly one of `reward` (a builtin such as exact_match, module:function, or a reward "
+                                "model dir / hub name) or `reward_stage` (an earlier reward stage)")
 
 
 class ExportStage(StageBase):
@@ -341,6 +381,7 @@ class EvalStage(StageBase):
     max_new_tokens: int = Field(32, ge=1)
     tasks: list[DataSource] = Field(default_factory=list)  # held-out checkable prompts, e.g. builtin:tasks split test
     tasks_limit: int = Field(200, ge=1)  # prompts scored per model for exact match
+    task_max_new_tokens: int = Field(16, ge=1)  # longest answer generated for a task prompt
     preferences: list[DataSource] = Field(default_factory=list)  # held-out pairs, e.g. builtin:tasks-preference split test
     preferences_limit: int = Field(200, ge=1)  # pairs scored per model for preference accuracy
     reward: str | None = None  # mean reward of the task completions: a builtin (exact_match), module:function or model dir
@@ -368,6 +409,6 @@ class EvalStage(StageBase):
             yield ("reward",), "give `reward` or `reward_stage`, not both"
 
 
-Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, RewardStage, PpoStage, GrpoStage, EvalStage, ExportStage],
-                  Field(discriminator="kind")]
-STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "reward", "ppo", "grpo", "eval", "export")
+Stage = Annotated[Union[PretrainStage, SftStage, MergeStage, DpoStage, RewardStage, PpoStage, GrpoStage, PreferencesStage,
+                        EvalStage, ExportStage], Field(discriminator="kind")]
+STAGE_KINDS = ("pretrain", "sft", "merge", "dpo", "reward", "ppo", "grpo", "preferences", "eval", "export")

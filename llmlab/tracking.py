@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.paths import state_dir
+from llmlab.report import HISTORY_KEYS
 
 PARAM_VALUE_LIMIT = 6000  # MLflow rejects longer parameter values
 METRIC_FLUSH = 200  # metrics buffered before one log_batch call
@@ -128,7 +129,7 @@ class Tracker:
         return StageRun(self.client, run_id)
 
 
-def stage_histories(client: Any, run_id: str, keys: tuple[str, ...] = ("train/loss", "eval/loss")) -> dict[str, list[tuple[int, float]]]:
+def stage_histories(client: Any, run_id: str, keys: tuple[str, ...] = HISTORY_KEYS) -> dict[str, list[tuple[int, float]]]:
     """A run's metric histories as [(step, value)], for training-curve plots."""
     return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
 
@@ -165,6 +166,8 @@ def rebuild_report(run: str, out_dir: Path, uri: str | None = None) -> list[Path
     eval_run = tags[f"llmlab.stage.{evals[-1]}.run_id"]
     with tempfile.TemporaryDirectory() as tmp:
         results = json.loads(Path(client.download_artifacts(eval_run, "results.json", tmp)).read_text())
-    histories = {name: stage_histories(client, tags[f"llmlab.stage.{name}.run_id"]) for name in results["models"]
+    stages = [s for s in tags.get("llmlab.stages", "").split(",") if s]
+    upstream = stages[: stages.index(evals[-1])]  # every stage before the eval; those that trained have curves
+    histories = {name: stage_histories(client, tags[f"llmlab.stage.{name}.run_id"]) for name in upstream
                  if f"llmlab.stage.{name}.run_id" in tags}
     return write_report(results, histories, out_dir)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab.evaluate import perplexity, render_report, unigram_perplexity
+from llmlab.evaluate import perplexity, unigram_perplexity
+from llmlab.report import render_report
 from llmlab.model import LlmlabConfig, build_model
 
 
@@ -94,3 +95,31 @@ def test_exact_match_accuracy_against_greedy_decoding_by_hand(chat_model):
     acc, got = exact_match_accuracy(model, tok, list(zip(prompts, answers)), max_new_tokens=6)
     assert got == completions
     assert acc == pytest.approx(sum(exact_match(c, a) for c, a in zip(completions, answers)) / 3)
+
+
+@pytest.mark.parametrize("hits,n", [(0, 10), (3, 10), (10, 10), (57, 200)])
+def test_wilson_bounds_are_where_the_score_test_statistic_equals_z(hits, n):
+    from llmlab.evaluate import wilson_interval
+
+    # independent check: a Wilson bound p0 solves |p_hat - p0| / sqrt(p0 (1 - p0) / n) = z (the score test)
+    low, high = wilson_interval(hits, n)
+    p_hat = hits / n
+    for bound in (low, high):
+        if 0 < bound < 1:
+            assert abs(p_hat - bound) / math.sqrt(bound * (1 - bound) / n) == pytest.approx(1.96, rel=1e-9)
+    assert low <= p_hat <= high and (low == 0) == (hits == 0) and (high == 1) == (hits == n)
+
+
+def test_report_shows_intervals_and_a_row_per_task_family():
+    from llmlab.evaluate import proportion
+
+    em = proportion([True] * 6 + [False] * 4)
+    results = {"pipeline": "p", "stage": "eval", "val_tokens": 10, "batches": 1, "batch_sequences": 1, "seq_len": 10,
+               "temperature": 0.0, "prompts": [], "model_order": ["m"], "tasks": {"prompts": 10},
+               "models": {"m": {"eval/loss": 1.0, "eval/ppl": 2.7, "unigram_ppl": 9.0, "samples": [],
+                                "exact_match": em["value"], "exact_match_ci": em["ci"],
+                                "exact_match_by_family": {"add": {"value": 0.75, "n": 4}, "sort": {"value": 0.5, "n": 6}}}}}
+    text = render_report(results)
+    low, high = em["ci"]
+    assert f"0.600 ({low:.2f}-{high:.2f})" in text, text
+    assert "| model | add | sort |" in text and "| m | 0.750 (n=4) | 0.500 (n=6) |" in text

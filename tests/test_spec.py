@@ -365,3 +365,15 @@ def test_the_real_model_pipeline_validates_and_inspects_offline(tmp_path):
     assert "hub model Qwen/Qwen2.5-0.5B-Instruct (its published config): 494,032,768 parameters" in out.stdout
     assert out.stdout.count("memory ~") == 3  # sft, dpo, grpo
     assert not list((tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_dpo_takes_its_pairs_from_a_preferences_stage_and_grpo_dynamic_sampling_stays_on_one_process():
+    prefs = {"kind": "preferences", "from": "pretrain", "data": PROMPTS, "reward": "exact_match"}
+    spec = parse_spec(rl_spec(prefs=prefs, dpo={"kind": "dpo", "from": "prefs"}))
+    assert spec.stages["dpo"].inputs == ["prefs"] and spec.stages["prefs"].samples_per_prompt >= 2
+    (issue,) = issues_of(rl_spec(dpo={"kind": "dpo", "from": "pretrain"}))
+    assert issue.path == "stages.dpo.data" and "start `from` a preferences stage" in issue.message
+    grpo = {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match", "dynamic_sampling": True,
+            "distributed": {"nproc_per_node": 2}}
+    paths = {i.path: i.message for i in issues_of(rl_spec(grpo=grpo))}
+    assert any("dynamic_sampling" in p or "dynamic_sampling" in m for p, m in paths.items()), paths

@@ -279,7 +279,7 @@ def read(sources: list[DataSource], kind: Kind, encode: Encoder, seed: int, val_
             if max_train is not None and len(train) >= max_train:
                 break
         report.check(source, kind)  # also when a cap stopped the reading early
-        if own_val:
+        if own_val and max_val != 0:
             for _, item in items(source, kind, "validation", report):
                 if max_val is not None and len(val) >= max_val:
                     break

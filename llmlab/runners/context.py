@@ -19,7 +19,8 @@ from llmlab.spec import Pipeline
 
 # kind -> the output whose fingerprint identifies a finished stage (what downstream cache keys hash)
 MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output",
-               "reward": "model", "ppo": "output", "grpo": "output", "eval": "results", "export": "model"}
+               "reward": "model", "ppo": "output", "grpo": "output", "preferences": "pairs", "eval": "results",
+               "export": "model"}
 
 
 @dataclass

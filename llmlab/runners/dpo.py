@@ -11,11 +11,13 @@ Outputs: `model/` (full training) or `adapters/{final,best}` (LoRA), like the sf
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+from llmlab.data.sources import DataSource
 from llmlab.device import autocast_dtype, pick_device
 from llmlab.models import load_causal_lm, model_context
 from llmlab.runners.common import (
@@ -54,7 +56,11 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     model, tok, base, new_ids = load_start(ctx)
     seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
     mini = stage.train.batch_pairs
-    data = prepare_preference_data(stage.data, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
+    sources = list(stage.data)
+    upstream = ctx.inputs.get(stage.start) if stage.start else None
+    if upstream is not None and upstream.kind == "preferences":  # on-policy pairs of the model it starts from
+        sources.append(DataSource(path=str(Path(upstream.outputs["pairs"]) / "pairs.jsonl"), format="plain"))
+    data = prepare_preference_data(sources, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
                                    max_val_examples=mini * stage.train.eval_steps)
     report_data(ctx, data, "pairs")
     device = pick_device()

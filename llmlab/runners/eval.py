@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +11,16 @@ import numpy as np
 from llmlab.checkpoint import atomic_write_json
 from llmlab.data.preference import preference_pairs
 from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
-from llmlab.data.tasks import cut_at_end_of_turn
+from llmlab.data.tasks import cut_at_end_of_turn, exact_match
 from llmlab.device import pick_device
 from llmlab.evaluate import (
+    TaskPrompt,
     checkable_prompts,
-    exact_match_accuracy,
     perplexity,
-    preference_accuracy,
+    preference_wins,
+    proportion,
     render_user_prompts,
+    task_completions,
     unigram_perplexity,
 )
 from llmlab.generate import generate
@@ -27,7 +30,6 @@ from llmlab.rewards import load_reward
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import stage_histories
-
 
 MAX_EVAL_CONTEXT = 2048  # held-out text is scored in blocks of at most this many tokens (a hub model's context can be 32k)
 
@@ -48,20 +50,54 @@ def tokenizer_folder(ctx: StageContext, name: str, model_dir: str, tok) -> str:
     return str(folder)
 
 
+def upstream_histories(ctx: StageContext) -> dict[str, dict]:
+    """Training curves of every stage declared before this one that finished (sft included, which an
+    eval rarely names: its merge stage is what it scores), from their MLflow runs."""
+    histories = {}
+    for name in ctx.spec.stage_names()[: ctx.spec.stage_names().index(ctx.name)]:
+        record = Path(ctx.spec.output_root) / name / "stage.json"
+        try:
+            run_id = json.loads(record.read_text()).get("mlflow_run_id")
+        except (OSError, ValueError):
+            continue
+        if run_id:
+            histories[name] = stage_histories(ctx.run.client, run_id)
+    return histories
+
+
+def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward_fn, scores: dict) -> list[str]:
+    """Exact match overall and per task family (with 95% intervals), and the mean reward of the
+    completions when a reward is named; returns the completions (stop token kept)."""
+    completions = task_completions(model, tok, [t.prompt for t in tasks], max_new_tokens)
+    hits = [exact_match(c, t.answer) for c, t in zip(completions, tasks)]
+    overall = proportion(hits)
+    scores["exact_match"], scores["exact_match_ci"] = overall["value"], overall["ci"]
+    families: dict[str, list[bool]] = {}
+    for task, hit in zip(tasks, hits):
+        families.setdefault(task.family, []).append(hit)
+    scores["exact_match_by_family"] = {f: proportion(h) for f, h in sorted(families.items())}
+    if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
+        rewards = reward_fn(render_user_prompts(tok, [t.prompt for t in tasks]), completions,
+                            answers=[t.answer for t in tasks],
+                            prompt_messages=[[{"role": "user", "content": t.prompt}] for t in tasks])
+        scores["reward_mean"] = sum(rewards) / len(rewards)
+    return completions
+
+
 def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
-    """Score every input model on the same held-out batches; samples from fixed prompts; a report."""
+    """Score every model on the same held-out batches, tasks and pairs; samples from fixed prompts; a report."""
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
                                "batch_sequences": stage.batch_sequences, "models": {},
                                "model_order": [name for name, _ in evaluated(ctx)]}
     metrics: dict[str, float] = {}
-    pairs = checkable_prompts(stage.tasks, stage.tasks_limit)
-    if pairs:
-        results["tasks"] = {"prompts": len(pairs), "sources": [s.model_dump() for s in stage.tasks]}
+    tasks = checkable_prompts(stage.tasks, stage.tasks_limit)
+    if tasks:
+        results["tasks"] = {"prompts": len(tasks), "sources": [s.model_dump() for s in stage.tasks]}
     reward_fn, reward_name = None, stage.reward or (f"reward stage {stage.reward_stage}" if stage.reward_stage else None)
     if reward_name is not None:
-        if not pairs:
+        if not tasks:
             raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                                 device=str(pick_device()))
@@ -72,29 +108,30 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         data = prepare_pretrain_data(stage.data, tokenizer_folder(ctx, name, model_dir, tok), seq_len, spec.seed,
                                      stage.val_fraction, None)
         batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
-        scores = perplexity(model, batches)
+        scores: dict[str, Any] = perplexity(model, batches)
         train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
         scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
         samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature, seed=spec.seed,
                            prefix_ids=[tok.eos_token_id] if tok.eos_token_id is not None else None)
         if stage.preferences:  # the named split's rows, tokenized with this model's template
             prefs = preference_pairs(stage.preferences, tok, seq_len, stage.preferences_limit)
-            scores["preference_accuracy"] = preference_accuracy(model, prefs, tok.pad_token_id)
+            wins = proportion(preference_wins(model, prefs, tok.pad_token_id))
+            scores["preference_accuracy"], scores["preference_accuracy_ci"] = wins["value"], wins["ci"]
             results["preferences"] = {"pairs": len(prefs)}
-        if pairs:
-            scores["exact_match"], ended = exact_match_accuracy(model, tok, pairs, with_stop=True)
-            if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
-                rewards = reward_fn(render_user_prompts(tok, [p for p, _ in pairs]), ended, answers=[a for _, a in pairs])
-                scores["reward_mean"] = sum(rewards) / len(rewards)
-            answers = [cut_at_end_of_turn(c) for c in ended]
+        if tasks:
+            ended = score_tasks(model, tok, tasks, stage.task_max_new_tokens, reward_fn, scores)
             results.setdefault("task_samples", {})[name] = [
-                {"prompt": p, "answer": a, "completion": c} for (p, a), c in list(zip(pairs, answers))[:10]]
+                {"prompt": t.prompt, "answer": t.answer, "family": t.family, "completion": cut_at_end_of_turn(c)}
+                for t, c in list(zip(tasks, ended))[:10]]
         results["models"][name] = {**scores, "samples": samples}
         results["seq_len"] = seq_len
         results["val_tokens"] = int(sum(b.numel() for b in batches))
         for key, value in scores.items():
-            metrics[f"{name}/{key}"] = value
-        em = f", exact match {scores['exact_match']:.3f} on {len(pairs)} held-out tasks" if pairs else ""
+            if isinstance(value, float):
+                metrics[f"{name}/{key}"] = value
+        for family, share in scores.get("exact_match_by_family", {}).items():
+            metrics[f"{name}/exact_match/{family}"] = share["value"]
+        em = f", exact match {scores['exact_match']:.3f} on {len(tasks)} held-out tasks" if tasks else ""
         em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
         em += f", mean reward ({reward_name}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""
         print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
@@ -102,9 +139,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.log(metrics, 0)
     results_file = ctx.out_dir / "results.json"
     atomic_write_json(results_file, results)
-    histories = {name: stage_histories(ctx.run.client, ctx.inputs[name].mlflow_run_id) for name in stage.model_stages
-                 if ctx.inputs[name].mlflow_run_id}
-    files = write_report(results, histories, ctx.out_dir)
+    files = write_report(results, upstream_histories(ctx), ctx.out_dir)
     ctx.run.log_artifact(results_file)
     for path in files:
         ctx.run.log_artifact(path, None if path.suffix in (".md", ".html") else "plots")

@@ -13,6 +13,7 @@ from llmlab.runners.dpo import run_dpo
 from llmlab.runners.eval import run_eval
 from llmlab.runners.export import run_export
 from llmlab.runners.merge import run_merge
+from llmlab.runners.preferences import run_preferences
 from llmlab.runners.pretrain import run_pretrain
 from llmlab.runners.reward import run_reward
 from llmlab.runners.rl import run_rl
@@ -30,6 +31,7 @@ RUNNERS: dict[str, Runner] = {
     "reward": run_reward,
     "ppo": run_rl,
     "grpo": run_rl,
+    "preferences": run_preferences,
     "export": run_export,
     "eval": run_eval,
 }

@@ -120,7 +120,8 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T)
     else:
         trained = model
-        prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed)
+        prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed,
+                              stage.dynamic_sampling, stage.max_resample_rounds)
         objective = GRPOObjective(stage.clip_range, stage.kl_coef, T)
     per_rollout = train_cfg.ppo_epochs * train_cfg.rollout_prompts // (train_cfg.step_prompts * par.world)
     print(f"[{ctx.name}] {stage.kind}: {train_cfg.rollout_prompts} prompts per rollout "

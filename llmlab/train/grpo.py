@@ -19,31 +19,76 @@ import torch
 
 from llmlab.data.prompts import Prompt
 from llmlab.train.rl import entropy_from_logits, group_advantages, grpo_loss, masked_mean, zero_variance_share
-from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
+from llmlab.train.rollout import (
+    Sampling,
+    policy_logps,
+    rollout_logps,
+    sample_rollout,
+    score_completions,
+    select_rollouts,
+    stats_metrics,
+)
 
 
 class GRPOPrepare:
+    """The rollout step (see the module docstring). With `dynamic_sampling` (DAPO, Yu et al. 2025,
+    arXiv 2503.14476), a group whose G rewards are all equal — no advantage, so no gradient — is
+    replaced: more prompts are drawn and sampled, up to `max_rounds` extra rounds, until the rollout
+    holds as many groups with a spread as it asked for (short of that, zero-spread groups fill it)."""
+
     def __init__(self, model: torch.nn.Module, reference: Callable[[Any], torch.Tensor] | None, tokenizer,
-                 reward_fn: Callable, reward_name: str, sampling: Sampling, group_size: int, chunk: int, seed: int):
+                 reward_fn: Callable, reward_name: str, sampling: Sampling, group_size: int, chunk: int, seed: int,
+                 dynamic_sampling: bool = False, max_rounds: int = 4):
         self.model, self.reference, self.tokenizer = model, reference, tokenizer
         self.reward_fn, self.reward_name, self.s = reward_fn, reward_name, sampling
         self.group_size, self.chunk, self.seed = group_size, chunk, seed
+        self.dynamic_sampling, self.max_rounds = dynamic_sampling, max_rounds
+
+    def _sample(self, prompts: list[Prompt], g: torch.Generator) -> tuple[Any, torch.Tensor]:
+        repeated = [p for p in prompts for _ in range(self.group_size)]  # prompt-major: each prompt's G together
+        r = sample_rollout(self.model, self.tokenizer, [p.ids for p in repeated], self.s, g)
+        return r, score_completions(self.reward_fn, repeated, r.completions, self.reward_name)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[Prompt], rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def __call__(self, prompts: list[Prompt], rollout_index: int,
+                 draw: Callable[[int], list[Prompt]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         device = next(self.model.parameters()).device
         g = torch.Generator(device=device).manual_seed(self.seed * 7919 + rollout_index)
-        G = self.group_size
-        repeated = [p for p in prompts for _ in range(G)]  # prompt-major: each prompt's G completions together
-        r = sample_rollout(self.model, self.tokenizer, [p.ids for p in repeated], self.s, g)
-        scores = score_completions(self.reward_fn, repeated, r.completions, self.reward_name)
+        G, wanted = self.group_size, len(prompts)
+        r, scores = self._sample(prompts, g)
+        sampled_scores, drawn = [scores], 0
+        if self.dynamic_sampling and draw is not None:
+            spread = scores.view(-1, G).std(dim=1) > 0
+            parts, informative = [(r, scores)], int(spread.sum())
+            for _ in range(self.max_rounds):
+                if informative >= wanted:
+                    break
+                extra = draw(wanted - informative)
+                drawn += len(extra)
+                r2, s2 = self._sample(extra, g)
+                parts.append((r2, s2))
+                sampled_scores.append(s2)
+                informative += int((s2.view(-1, G).std(dim=1) > 0).sum())
+            if len(parts) > 1:  # keep informative groups first, then fill with the rest, up to `wanted` groups
+                keep = [(k, grp) for k, (_, s) in enumerate(parts) for grp in range(len(s) // G)
+                        if s.view(-1, G)[grp].std() > 0]
+                rest = [(k, grp) for k, (_, s) in enumerate(parts) for grp in range(len(s) // G)
+                        if not s.view(-1, G)[grp].std() > 0]
+                chosen = (keep + rest)[:wanted]
+                rows = {k: [grp * G + j for kk, grp in chosen if kk == k for j in range(G)] for k in range(len(parts))}
+                r = select_rollouts([(parts[k][0], rows[k]) for k in range(len(parts)) if rows[k]], self.s.pad_id)
+                scores = torch.cat([parts[k][1][rows[k]] for k in range(len(parts)) if rows[k]])
         adv = group_advantages(scores, G)
         logps, _ = rollout_logps(self.model, r, self.s.temperature, self.chunk)
         mask = r.completion_mask
         groups = scores.view(-1, G)
+        everything = torch.cat(sampled_scores)
         stats = {"rl/reward_mean": float(scores.mean()), "rl/reward_std": float(scores.std()),
                  "rl/group_reward_std": float(groups.std(dim=1).mean()),
-                 "rl/zero_variance_share": zero_variance_share(scores, G),
+                 # of every group sampled (before dynamic sampling dropped any), and of those trained on
+                 "rl/zero_variance_share": zero_variance_share(everything, G),
+                 "rl/trained_zero_variance_share": zero_variance_share(scores, G),
+                 "rl/resampled_prompts": float(drawn),
                  "rl/best_of_n": float(groups.max(dim=1).values.mean()),
                  "rl/completion_length": float(mask.sum(1).mean()), "rl/stopped_share": float(r.stopped.float().mean()),
                  "rl/rollout_tokens_per_sec": float(mask.sum()) / max(r.seconds, 1e-9),

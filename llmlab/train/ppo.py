@@ -71,7 +71,7 @@ class PPOPrepare:
         self.kl, self.gamma, self.lam, self.chunk, self.seed = kl, gamma, lam, chunk, seed
 
     @torch.no_grad()
-    def __call__(self, prompts: list[Prompt], rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def __call__(self, prompts: list[Prompt], rollout_index: int, draw: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         device = next(self.model.parameters()).device
         g = torch.Generator(device=device).manual_seed(self.seed * 7919 + rollout_index)
         r = sample_rollout(self.model.policy, self.tokenizer, [p.ids for p in prompts], self.s, g)

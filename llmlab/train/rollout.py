@@ -99,6 +99,30 @@ def sample_rollout(model: torch.nn.Module, tokenizer, prompts: list[list[int]], 
                    completion_mask.float(), ids.size(1), completions, torch.tensor(stopped), seconds)
 
 
+def select_rollouts(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Rollout:
+    """One rollout of the given rows of several rollouts (re-padded: prompts left, completions right,
+    to the widest of them), e.g. the informative groups of several sampling rounds."""
+    prompts, completions, stopped, texts, seconds = [], [], [], [], 0.0
+    for r, rows in parts:
+        seconds += r.seconds
+        for i in rows:
+            prompt_mask = r.attention_mask[i, :r.prompt_width].bool()
+            prompts.append(r.input_ids[i, :r.prompt_width][prompt_mask])
+            completions.append(r.input_ids[i, r.prompt_width:][r.completion_mask[i].bool()])
+            stopped.append(bool(r.stopped[i]))
+            texts.append(r.completions[i])
+    P, N = max(len(x) for x in prompts), max((len(x) for x in completions), default=0)
+    device = parts[0][0].input_ids.device
+    ids = torch.full((len(prompts), P + N), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), P + N), dtype=torch.long, device=device)
+    completion_mask = torch.zeros((len(prompts), N), device=device)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids[row, P - len(prompt):P], mask[row, P - len(prompt):P] = prompt, 1
+        ids[row, P:P + len(completion)], mask[row, P:P + len(completion)] = completion, 1
+        completion_mask[row, :len(completion)] = 1
+    return Rollout(ids, mask, completion_mask, P, texts, torch.tensor(stopped), seconds)
+
+
 def policy_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                  temperature: float, value_head: torch.nn.Module | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -172,9 +196,11 @@ def rollout_logps(model: torch.nn.Module, rollout: Rollout, temperature: float, 
 
 
 class Preparer(Protocol):
-    """A method's rollout step: prompts -> row tensors (all (B, ...)) and rollout statistics."""
+    """A method's rollout step: prompts -> row tensors (all (B, ...)) and rollout statistics. `draw(n)`
+    gives n more prompts from the same stream (GRPO's dynamic sampling replaces uninformative ones)."""
 
-    def __call__(self, prompts: list[Prompt], rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+    def __call__(self, prompts: list[Prompt], rollout_index: int,
+                 draw: Callable[[int], list[Prompt]] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
@@ -207,7 +233,7 @@ class RolloutBatches:
         prompts = [self.prompts[self.walk.take()] for _ in range(self.prompts_per_rollout)][self.rank::self.world]
         key = self.rollouts * self.world + self.rank  # distinct samples per rank and rollout
         with torch.autocast(self.device_type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            rows, stats = self.prepare(prompts, key)
+            rows, stats = self.prepare(prompts, key, draw=self._draw if self.world == 1 else None)
         gen = stats.pop("generation_seconds")
         # the share of the previous rollout-and-update cycle spent generating (first cycle: of the
         # rollout step itself)
@@ -228,6 +254,10 @@ class RolloutBatches:
                     sel = idx[part]
                     self.queue.append({**{k: v[sel] for k, v in rows.items()}, **extra})
         self.rollouts += 1
+
+    def _draw(self, n: int) -> list[Prompt]:
+        """n more prompts from the stream (one process only: ranks would draw different numbers)."""
+        return [self.prompts[self.walk.take()] for _ in range(n)]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if not self.queue:

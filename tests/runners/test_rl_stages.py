@@ -4,6 +4,7 @@ reference, PPO (with LoRA) runs against a reward stage by name, and a stage resu
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +175,24 @@ def test_grpo_trains_with_other_optimizers(project, base, optimizer):
     result, rows = run(project, base, {"grpo": stage}, "grpo")
     assert result["metrics"]["train/steps"] == 4
     assert all(r["train/grad_norm"] > 0 for r in rows if "train/loss" in r)
+
+
+def test_a_preferences_stage_writes_on_policy_pairs_that_a_dpo_stage_trains_on(project, base):
+    stages = {"prefs": {"kind": "preferences", "model": str(base), "data": [{"path": "builtin:tasks-prompts"}],
+                        "reward": "toy_rewards:readable", "samples_per_prompt": 4, "max_prompts": 24, "max_new_tokens": 6,
+                        "batch_prompts": 8},
+              "dpo": {"kind": "dpo", "from": "prefs", "val_fraction": 0.2,
+                      "train": {"max_steps": 2, "lr": 1e-4, "batch_pairs": 4, "gradient_accumulation_steps": 1,
+                                "eval_every": 2, "eval_steps": 1, "save_every": 2, "log_every": 1}}}
+    prefs, rows = run(project, base, stages, "prefs")
+    pairs = [json.loads(line) for line in (Path(prefs["outputs"]["pairs"]) / "pairs.jsonl").read_text().splitlines()]
+    assert 0 < len(pairs) <= 24 and prefs["metrics"]["preferences/pairs"] == len(pairs)
+    for pair in pairs:  # the best of each prompt's samples chosen over its worst
+        assert pair["chosen_score"] > pair["rejected_score"] and pair["chosen"] != pair["rejected"]
+        assert pair["prompt"][-1]["role"] == "user" and "answer" in pair
+    assert prefs["outputs"]["model"] == str(base)  # the model passes through: dpo trains the one that sampled
+    dpo, dpo_rows = run(project, base, stages, "dpo", inputs={"prefs": prefs})
+    assert dpo_rows[0]["data/train_examples"] + dpo_rows[0]["data/val_examples"] == len(pairs)
+    assert dpo["metrics"]["train/steps"] == 2
+    record = json.loads((project / "runs" / "dpo" / "stage.json").read_text())
+    assert record["inputs"] == {"prefs": prefs["fingerprint"]}

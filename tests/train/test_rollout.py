@@ -237,3 +237,41 @@ def test_a_queue_saved_on_another_number_of_processes_is_dropped_not_duplicated(
     other.rank, other.world = 0, 2  # resumed as rank 0 of 2
     other.load_state_dict(state)
     assert other.queue == [] and other.walk.state_dict() == src.walk.state_dict() and other.rollouts == 1
+
+
+def test_selected_rows_of_several_rollouts_score_as_they_did(model, tok):
+    """Rows taken from rollouts of different widths and re-padded give the same tokens and the same
+    log-probs as in their own rollout."""
+    from llmlab.train.rollout import select_rollouts
+
+    s = sampling(tok)
+    a = sample_rollout(model, tok, [p.ids for p in prompts_of(tok, TEXTS)], s, torch.Generator().manual_seed(1))
+    b = sample_rollout(model, tok, [p.ids for p in prompts_of(tok, ["7", "rev x y z w v"])], s, torch.Generator().manual_seed(2))
+    merged = select_rollouts([(a, [0, 2]), (b, [1])], tok.pad_token_id)
+    assert merged.completions == [a.completions[0], a.completions[2], b.completions[1]]
+    own = [rollout_logps(model, r, 1.0, 8)[0] for r in (a, b)]
+    got, _ = rollout_logps(model, merged, 1.0, 8)
+    for row, (logps, mask, i) in enumerate([(own[0], a.completion_mask, 0), (own[0], a.completion_mask, 2),
+                                            (own[1], b.completion_mask, 1)]):
+        n = int(mask[i].sum())
+        assert int(merged.completion_mask[row].sum()) == n
+        torch.testing.assert_close(got[row, :n], logps[i, :n], atol=1e-5, rtol=0)
+
+
+def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(model, tok):
+    """Prompts starting with "flat" get the same reward for every sample; with dynamic sampling the
+    rollout draws more prompts and trains only on groups with a spread."""
+    def reward(prompts, completions, **kw):
+        return [0.0 if p.startswith("flat") else float(len(c) % 3) for p, c in zip(prompts, completions)]
+
+    stream = iter(prompts_of(tok, [f"rev {c} b a" for c in "abcdefgh"]))
+    flat = prompts_of(tok, ["flat 1", "flat 2", "rev q r s", "flat 3"])
+    plain = GRPOPrepare(model, None, tok, reward, "toy", sampling(tok), 4, 8, seed=0)
+    rows, stats = plain(flat, 0)
+    assert stats["rl/zero_variance_share"] >= 0.75 and rows["input_ids"].size(0) == 16
+    dynamic = GRPOPrepare(model, None, tok, reward, "toy", sampling(tok), 4, 8, seed=0, dynamic_sampling=True)
+    rows, stats = dynamic(flat, 0, draw=lambda n: [next(stream) for _ in range(n)])
+    assert rows["input_ids"].size(0) == 16  # the same number of groups
+    advantages = rows["advantages"].view(-1, 4)
+    assert stats["rl/resampled_prompts"] >= 3 and stats["rl/trained_zero_variance_share"] < stats["rl/zero_variance_share"]
+    assert (advantages.abs().sum(dim=1) > 0).float().mean() >= 0.75  # groups that teach something
