@@ -13,9 +13,10 @@ tokenizer):
 
 Splits: each distinct prompt belongs to exactly one of "train", "validation" and "test", decided by a
 stable hash of the prompt text (`prompt_split`), so held-out prompts never occur in training, on any
-run or machine. A split's examples are drawn (with replacement, task by `mix` weight) from the
-prompts of that split only, deterministically from `seed` and the split name. Small prompt spaces
-give few distinct held-out prompts (single-digit addition: 100 prompts, ~10 per held-out split).
+run or machine. A split's examples are drawn (task by `mix` weight) from the prompts of that split
+only, deterministically from `seed` and the split name: training rows with replacement, held-out
+rows without (each held-out prompt at most once). Small prompt spaces give few held-out prompts
+(single-digit addition: 100 prompts, ~10 per held-out split).
 
 Three row shapes per split:
 - SFT rows: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "answer", "task"}
@@ -188,22 +189,37 @@ def _rng(seed: int, split: str, kind: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
+HELD_OUT_ATTEMPTS = 20_000  # draws without a new held-out prompt before a task counts as used up
+
+
 def iter_examples(split: str, seed: int = DEFAULT_SEED, size: int | None = None,
                   mix: dict[str, float] | None = None) -> Iterator[tuple[str, str, str]]:
     """(task name, prompt, answer) triples of one split: `size` draws (default SPLIT_SIZES[split]),
-    each task chosen by `mix` weight, each prompt from that split's share of the prompt space."""
+    each task chosen by `mix` weight, each prompt from that split's share of the prompt space.
+
+    Training draws repeat prompts (with replacement). Held-out splits never do: a metric over 200
+    test rows is a metric over 200 different prompts, not 50 draws of single-digit addition's ~10.
+    A task whose held-out prompts are all used drops out and the others fill the split (so it may
+    end shorter than `size` when every task runs out)."""
     mix = dict(DEFAULT_MIX if mix is None else mix)
     _check(split, mix)
     size = SPLIT_SIZES[split] if size is None else size
     names = [n for n, w in mix.items() if w > 0]
-    weights = [mix[n] for n in names]
     rng = _rng(seed, split, "examples")
-    for _ in range(size):
-        task = TASKS[rng.choices(names, weights)[0]]
-        while True:  # rejection: ~1 draw per train example, ~10 per held-out one
+    seen: set[str] | None = None if split == "train" else set()
+    produced = 0
+    while produced < size and names:
+        task = TASKS[rng.choices(names, [mix[n] for n in names])[0]]
+        for _ in range(HELD_OUT_ATTEMPTS):  # rejection: ~1 draw per train example, ~10 per held-out one
             prompt, answer = task.draw(rng)
-            if prompt_split(prompt) == split:
+            if prompt_split(prompt) == split and (seen is None or prompt not in seen):
                 break
+        else:
+            names.remove(task.name)  # every held-out prompt of this task is used
+            continue
+        if seen is not None:
+            seen.add(prompt)
+        produced += 1
         yield task.name, prompt, answer
 
 

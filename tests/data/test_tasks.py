@@ -102,3 +102,15 @@ def test_bad_split_and_mix():
         next(sft_rows("dev"))
     with pytest.raises(ValueError, match="unknown tasks"):
         next(prompt_rows("train", mix={"nope": 1.0}))
+
+
+def test_held_out_splits_hold_each_prompt_once_and_a_used_up_task_drops_out():
+    rows = list(iter_examples("test", size=200))
+    assert len({p for _, p, _ in rows}) == len(rows) == 200  # 200 rows are 200 different prompts
+    add_test_prompts = {f"{a}+{b}=" for a in range(10) for b in range(10) if prompt_split(f"{a}+{b}=") == "test"}
+    only_add = list(iter_examples("test", size=100, mix={"add": 1.0}))
+    assert {p for _, p, _ in only_add} == add_test_prompts  # every one, then the task is used up
+    mixed = [name for name, _, _ in iter_examples("test", size=60, mix={"add": 0.9, "sort": 0.1})]
+    assert mixed.count("add") == len(add_test_prompts) and len(mixed) == 60  # sort fills the rest
+    train = [p for _, p, _ in iter_examples("train", size=500, mix={"add": 1.0})]
+    assert len(set(train)) < len(train)  # training draws repeat prompts
