@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from llmlab.errors import UserError
 
-class ModelNotFound(ValueError):
+
+class ModelNotFound(UserError):
     """The argument names no model: the message says what was looked for."""
 
 

@@ -12,6 +12,7 @@ import neither torch nor prefect, so they answer in well under a second.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -124,8 +125,11 @@ def run(
     force: list[str] = typer.Option([], "--force", help="rerun this stage even if it finished (repeatable)"),
     only: list[str] = typer.Option([], "--only", help="run only this stage, on the others' finished outputs (repeatable)"),
     from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks for expected failures too (or LLMLAB_DEBUG=1)"),
 ) -> None:
     """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
+    if debug:
+        os.environ["LLMLAB_DEBUG"] = "1"
     spec = _load_or_exit(file)
     names = spec.stage_names()
     for flag, value in [("--force", s) for s in force] + [("--only", s) for s in only] + ([("--from", from_stage)] if from_stage else []):
@@ -139,14 +143,20 @@ def run(
     from flows.pipeline import pipeline
 
     try:
-        results = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage)
+        state = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, return_state=True)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
         raise typer.Exit(130)
-    except Exception as exc:  # the full traceback is in the flow's log above
-        typer.echo(f"\npipeline failed: {type(exc).__name__}: {exc}", err=True)
+    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, KeyboardInterrupt):
+            typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
+            raise typer.Exit(130)
+        # an expected failure's message is its one sentence; a bug's traceback is in the flow's log above
+        typer.echo(f"\npipeline failed: {state.message}", err=True)
         typer.echo("finished stages are kept; fix the cause and run again to continue", err=True)
         raise typer.Exit(1)
+    results = state.result()
     typer.echo("")
     for name, r in results.items():
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}

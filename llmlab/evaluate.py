@@ -42,7 +42,9 @@ def perplexity(model: torch.nn.Module, batches: list[torch.Tensor] | list[dict[s
             count += int(target_count(labels))
     if was_training:
         model.train()
-    loss = float(total / max(count, 1))
+    if count == 0:  # a loss of 0 (perplexity 1) would look like a perfect model
+        raise ValueError("no held-out tokens to score: the validation set is empty")
+    loss = float(total / count)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
 

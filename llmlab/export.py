@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmlab.checkpoint import atomic_dir
+from llmlab.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedModel
@@ -34,7 +35,7 @@ FORMATS = ("hf", "llama")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The model cannot be exported as asked; the message says which folder, why, and the fix."""
 
 

@@ -14,6 +14,8 @@ import operator
 import re
 from dataclasses import dataclass
 
+from llmlab.errors import UserError
+
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq}
 GATE = re.compile(r"^\s*(?P<metric>[\w./-]+)\s*(?P<op><=|>=|==|<|>)\s*(?P<bound>[\w./+-]+)\s*$")
 
@@ -26,7 +28,7 @@ class Gate:
     bound: str  # a number, "previous", or a metric name
 
 
-class GateFailed(RuntimeError):
+class GateFailed(UserError):
     """One or more gates of a stage failed; the message lists each with its value and bound."""
 
 

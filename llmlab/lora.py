@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmlab.checkpoint import atomic_dir
+from llmlab.errors import UserError
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +53,7 @@ ATTENTION_ROLES = {"q_proj": "q", "query": "q", "wq": "q", "k_proj": "k", "key":
 MINIMAL_ROLES = ("q", "v")  # with a fused projection instead: "qkv"
 
 
-class LoraTargetError(ValueError):
+class LoraTargetError(UserError):
     """The model has no module for what the preset asks; the message lists what it has."""
 
 

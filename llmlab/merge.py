@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmlab.checkpoint import atomic_dir
+from llmlab.errors import UserError
 from llmlab.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_lora_parameter, load_adapters
 from llmlab.models import ModelLoadError
 from llmlab.tokenizer import load_tokenizer
@@ -27,7 +28,7 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")
 STAGE_ADAPTER_DIRS = ("adapters/best", "adapters/final", "adapters", ".")
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """The adapters cannot be merged; the message says which path and how to fix it."""
 
 

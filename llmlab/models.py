@@ -22,13 +22,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import llmlab.model  # noqa: F401  (registers the llmlab architecture with transformers' Auto classes)
 from llmlab.device import bf16_is_fast
+from llmlab.errors import UserError
 
 DEFAULT_CONTEXT = 2048  # a config that names no context length: assumed, as transformers' own default
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model cannot serve as asked; the message names it and the fix."""
 
 

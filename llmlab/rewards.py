@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llmlab.data.tasks import cut_at_end_of_turn, exact_match
+from llmlab.errors import UserError
 from llmlab.tokenizer import SPECIAL_TOKENS
 
 RewardFn = Callable[..., list[float]]
@@ -62,7 +63,7 @@ def exact_match_reward(prompts: list[str], completions: list[str], answers: Sequ
     if answers is None:
         answers = kw.get("answer")
     if answers is None:
-        raise ValueError("reward 'exact_match' needs kw `answers` (one answer per completion); "
+        raise RewardError("reward 'exact_match' needs kw `answers` (one answer per completion); "
                          "the prompt rows must have an 'answer' column")
     answers = _per_row(answers, len(completions), "answers")
     return [1.0 if exact_match(c, a) else 0.0 for c, a in zip(completions, answers)]
@@ -118,7 +119,7 @@ def numeric_match_reward(prompts: list[str], completions: list[str], answers: Se
     if answers is None:
         answers = kw.get("answer")
     if answers is None:
-        raise ValueError("reward 'numeric_match' needs kw `answers`; the prompt rows must have an 'answer' column")
+        raise RewardError("reward 'numeric_match' needs kw `answers`; the prompt rows must have an 'answer' column")
     answers = _per_row(answers, len(completions), "answers")
     out = []
     for c, a in zip(completions, answers):
@@ -137,12 +138,29 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
 _SIGNATURE_FIX = "it must accept (prompts, completions, **kwargs) and return a list of floats"
 
 
+class RewardError(UserError):
+    """A reward reference the user can fix (a misspelled name, a module that is not importable, a
+    function with the wrong signature); also the ImportError / AttributeError / TypeError below."""
+
+
+class RewardImportError(RewardError, ImportError):
+    pass
+
+
+class RewardAttributeError(RewardError, AttributeError):
+    pass
+
+
+class RewardSignatureError(RewardError, TypeError):
+    pass
+
+
 def check_reward_signature(fn: Callable, ref: str) -> None:
     """Raise TypeError unless `fn` takes two positional arguments and **kwargs."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"reward function {ref!r}: cannot read its signature ({e}); "
+        raise RewardSignatureError(f"reward function {ref!r}: cannot read its signature ({e}); "
                         f"{_SIGNATURE_FIX}") from e
     params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -154,7 +172,7 @@ def check_reward_signature(fn: Callable, ref: str) -> None:
     if not has_varkw:
         problems.append("it has no **kwargs (extra columns such as answers= are passed by name)")
     if problems:
-        raise TypeError(f"reward function {ref!r} has signature {sig}: {'; '.join(problems)}; "
+        raise RewardSignatureError(f"reward function {ref!r} has signature {sig}: {'; '.join(problems)}; "
                         f"{_SIGNATURE_FIX}")
 
 
@@ -162,26 +180,26 @@ def load_function(ref: str) -> RewardFn:
     """Import "module:function", checking it exists, is callable and has a reward signature."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"reward function {ref!r}: expected 'module:function', e.g. "
+        raise RewardError(f"reward function {ref!r}: expected 'module:function', e.g. "
                          f"'my_rewards:brevity'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and module_name.split(".")[0] == e.name.split(".")[0] and (
                 module_name == e.name or module_name.startswith(e.name + ".")):
-            raise ImportError(f"reward function {ref!r}: no module named {e.name!r} — is it "
+            raise RewardImportError(f"reward function {ref!r}: no module named {e.name!r} — is it "
                               f"importable from the project folder? (put {module_name}.py "
                               f"next to the spec or install it)") from e
-        raise ImportError(f"reward function {ref!r}: importing {module_name!r} failed, it needs "
+        raise RewardImportError(f"reward function {ref!r}: importing {module_name!r} failed, it needs "
                           f"module {e.name!r}, which is not installed") from e
     if not hasattr(module, attr):
         public = sorted(n for n, v in vars(module).items()
                         if callable(v) and not n.startswith("_"))
-        raise AttributeError(f"reward function {ref!r}: module {module_name!r} has no attribute "
+        raise RewardAttributeError(f"reward function {ref!r}: module {module_name!r} has no attribute "
                              f"{attr!r}; callables it has: {', '.join(public) or 'none'}")
     fn = getattr(module, attr)
     if not callable(fn):
-        raise TypeError(f"reward function {ref!r}: {module_name}.{attr} is a "
+        raise RewardSignatureError(f"reward function {ref!r}: {module_name}.{attr} is a "
                         f"{type(fn).__name__}, not a function; {_SIGNATURE_FIX}")
     check_reward_signature(fn, ref)
     return fn
@@ -216,7 +234,7 @@ class RewardModel:
         except ModelLoadError as e:
             raise OSError(f"reward model {self.name!r}: {e}") from e
         if model.config.num_labels != 1:
-            raise ValueError(f"reward model {self.name!r} has num_labels="
+            raise RewardError(f"reward model {self.name!r} has num_labels="
                              f"{model.config.num_labels}; a reward model has one output "
                              f"(num_labels=1)")
         if model.config.pad_token_id is None:
@@ -271,7 +289,7 @@ def load_reward(ref: str, device: str | None = None) -> RewardFn:
     """Resolve a reward reference: a built-in name, "module:function", or a reward model folder /
     hub name (see the module docstring); a reward model runs on `device` (default CPU)."""
     if not isinstance(ref, str) or not ref.strip():
-        raise ValueError(f"reward reference must be a non-empty string, got {ref!r}")
+        raise RewardError(f"reward reference must be a non-empty string, got {ref!r}")
     ref = ref.strip()
     if ref in REWARD_FUNCTIONS:
         return REWARD_FUNCTIONS[ref]
@@ -280,13 +298,13 @@ def load_reward(ref: str, device: str | None = None) -> RewardFn:
         return load_function(ref)
     if local.exists():
         if not local.is_dir() or not (local / "config.json").exists():
-            raise ValueError(f"reward {ref!r}: {str(local)!r} is not a model folder (no "
+            raise RewardError(f"reward {ref!r}: {str(local)!r} is not a model folder (no "
                              f"config.json); expected a built-in ({', '.join(REWARD_FUNCTIONS)}), "
                              f"'module:function', or a reward model folder")
         return RewardModel(str(local), device=device)
     try:
         return RewardModel(ref, device=device)
     except OSError as e:
-        raise ValueError(f"unknown reward {ref!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}), "
+        raise RewardError(f"unknown reward {ref!r}: not a built-in ({', '.join(REWARD_FUNCTIONS)}), "
                          f"not 'module:function', not a local folder, and loading it from the "
                          f"Hugging Face hub failed ({e})") from e

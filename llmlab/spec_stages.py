@@ -75,7 +75,7 @@ class PretrainStage(StageBase):
     kind: Literal["pretrain"]
     data: list[DataSource] = Field(min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    val_fraction: float = Field(0.01, gt=0, lt=1)  # share of documents held out, chosen by hash
+    val_fraction: float = Field(0.01, ge=0, lt=1)  # share of documents held out, chosen by hash (0: none)
     max_tokens: int | None = Field(None, ge=1)  # training tokens to prepare; None = all the data
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
@@ -109,7 +109,7 @@ class SftStage(ModelStage):
     lora: LoraSpec | None = None  # adapters instead of full fine-tuning
     packing: bool = False  # several short examples per row, no attention across them
     max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
-    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held out by hash when a source has no validation split (0: none)
     max_examples: int | None = Field(None, ge=1)  # training examples read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
@@ -167,7 +167,7 @@ class DpoStage(ModelStage):
     reference_model: str | None = None  # a model dir or hub name as the reference
     precompute_reference: bool = False  # score the reference once before training, then drop it
     max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
-    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held out by hash when a source has no validation split (0: none)
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
@@ -196,7 +196,7 @@ class RewardStage(ModelStage):
     data: list[DataSource] = Field(min_length=1)  # preference pairs (the dpo stage's formats)
     train: RewardTrain = Field(default_factory=RewardTrain)
     max_seq_len: int | None = Field(None, ge=8)  # longer examples are cut to this many tokens; None = the model's context
-    val_fraction: float = Field(0.05, gt=0, lt=1)  # held out by hash when a source has no validation split
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held out by hash when a source has no validation split (0: none)
     max_examples: int | None = Field(None, ge=1)  # training pairs read; None = all
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
@@ -251,7 +251,7 @@ class RlStageBase(ModelStage):
     top_k: int = Field(0, ge=0)  # 0 = off
     top_p: float = Field(1.0, gt=0, le=1)  # 1 = off
     clip_range: float = Field(0.2, gt=0)  # the policy ratio's clip epsilon
-    val_fraction: float = Field(0.05, gt=0, lt=1)  # prompts held out by hash when a source has no validation split
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # prompts held out by hash when a source has no validation split (0: none)
     max_prompts: int | None = Field(None, ge=1)  # training prompts read; None = all
     eval_prompts: int = Field(64, ge=1)  # held-out prompts scored (greedy) at each evaluation
     distributed: DistributedSpec | None = None  # run under torchrun (DDP; rollouts per rank)

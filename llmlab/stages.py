@@ -21,6 +21,7 @@ from typing import Any
 
 from llmlab import __version__
 from llmlab.checkpoint import atomic_write_json, fingerprint
+from llmlab.errors import expected_failure, format_traceback
 from llmlab.gates import GateFailed, check_gates
 from llmlab.launch import run_under_torchrun
 from llmlab.reuse import cache_key, finished_result, stage_lock
@@ -49,6 +50,29 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
         elif (out_dir / "checkpoints").exists():
             shutil.rmtree(out_dir / "checkpoints")
         return _execute(spec, spec_file, stage, inputs, parent_run_id, cache_key(spec, stage, inputs))
+
+
+def write_failure_log(out_dir: Path, exc: BaseException) -> Path:
+    """Append the failure's full traceback to the stage's log file (`<stage>/stage.log`)."""
+    log = out_dir / "stage.log"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(f"--- failed at {time.strftime('%Y-%m-%d %H:%M:%S')}\n{format_traceback(exc)}\n")
+    except OSError:  # the disk that failed the stage may refuse the log too; the console still has the cause
+        pass
+    return log
+
+
+def _record_failure(run: Any, log: Path, message: str) -> None:
+    """The failure's sentence as a tag and its traceback as an artifact of the stage's MLflow run;
+    tracking must not hide the real error, so its own failures are swallowed here."""
+    try:
+        run.set_tags({"llmlab.error": message[:5000]})
+        run.log_artifact(log)
+        run.finish("FAILED")
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: could not record the failure in MLflow: {type(exc).__name__}: {exc}")
 
 
 def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
@@ -89,8 +113,12 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         run.finish("KILLED")
         raise
     except BaseException as exc:
-        atomic_write_json(out_dir / "stage.json", {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"})
-        run.finish("FAILED")
+        sentence = expected_failure(exc, stage)
+        log = write_failure_log(out_dir, exc)
+        atomic_write_json(out_dir / "stage.json", {**record, "status": "failed", "error": sentence or f"{type(exc).__name__}: {exc}",
+                                                   "expected": sentence is not None, "log": str(log)})
+        _record_failure(run, log, sentence or f"{type(exc).__name__}: {exc}")
+        exc.stage_log = log  # where the traceback went, for the one-sentence report (tasks.stages)
         raise
     gates = [] if stage == "tokenizer" else spec.stages[stage].gates
     if gates:

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmlab.errors import UserError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -54,6 +56,10 @@ CHAT_TEMPLATE = (
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
+
+
+class TokenizerMissing(UserError, FileNotFoundError):
+    """A tokenizer path that does not exist or has no tokenizer files."""
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
@@ -115,10 +121,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if _looks_local(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer path {str(path)!r} does not exist")
+            raise TokenizerMissing(f"tokenizer path {str(path)!r} does not exist")
         if not path.is_dir() or not any((path / f).exists() for f in
                                         ("tokenizer.json", "tokenizer_config.json")):
-            raise ValueError(f"{str(path)!r} is not a tokenizer folder (no tokenizer.json or "
+            raise UserError(f"{str(path)!r} is not a tokenizer folder (no tokenizer.json or "
                              f"tokenizer_config.json in it)")
         tok = AutoTokenizer.from_pretrained(str(path))
     else:
@@ -129,7 +135,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
                           f"Hugging Face hub failed (offline? HF_HUB_OFFLINE may be set): {e}") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")
+            raise UserError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     if not tok.chat_template:
@@ -179,5 +185,5 @@ def tokenizer_fingerprint(tok_dir: str | Path) -> str:
             digest.update(path.read_bytes())
             digest.update(b"\0")
     if not found:
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {str(tok_dir)!r}")
+        raise TokenizerMissing(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {str(tok_dir)!r}")
     return digest.hexdigest()[:16]

@@ -5,6 +5,10 @@
 JSON under the state directory, so a new flow run — even against a fresh Prefect database — shows
 finished stages as Cached, and `prefect flow-run retry` resumes a failed run. The flow sets
 `refresh_cache` when the recorded output is gone or altered, so a cache entry is never trusted blindly.
+
+An expected failure (bad data, a failed gate, out of memory, a full disk: `llmlab.errors`) ends the
+task as a Failed state carrying its one sentence, so Prefect logs no traceback for it (the stage's
+log file and MLflow run keep one); anything else raises as usual. LLMLAB_DEBUG=1 raises everything.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.states import Failed, State
 
+from llmlab.errors import debug_enabled, expected_failure
 from llmlab.preflight import PreflightFailed, preflight
 from llmlab.reuse import cache_key, finished_result
 from llmlab.spec import load_spec
@@ -27,9 +33,22 @@ def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 @task(name="stage", task_run_name="{stage}", cache_key_fn=_key, persist_result=True,
       result_serializer="json", log_prints=True)
-def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None, force: bool = False) -> dict:
+def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
+              force: bool = False) -> dict | State:
     """Run stage `stage` of spec file `spec` on its upstream results; returns its StageResult dict."""
-    return execute_stage(spec, stage, inputs, parent_run_id, force=force)
+    try:
+        return execute_stage(spec, stage, inputs, parent_run_id, force=force)
+    except Exception as exc:
+        return _failed(exc, stage)
+
+
+def _failed(exc: Exception, stage: str | None = None) -> State:
+    """A Failed state with the sentence of an expected failure; re-raises anything else."""
+    sentence = expected_failure(exc, stage)
+    if sentence is None or debug_enabled():
+        raise exc
+    log = getattr(exc, "stage_log", None)
+    return Failed(message=sentence + (f" (traceback in {log})" if log else ""))
 
 
 @task(name="check-outputs", task_run_name="check-{stage}", cache_policy=NO_CACHE, persist_result=False)
@@ -39,10 +58,11 @@ def intact_result(spec: str, stage: str, inputs: dict[str, dict], strict: bool =
 
 
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
-def check_spec(spec: str) -> None:
+def check_spec(spec: str) -> None | State:
     """Open every local file, folder and model the spec names; fail before any stage runs."""
     problems, notes = preflight(load_spec(spec))
     for note in notes:
         print(f"note: {note}")
     if problems:
-        raise PreflightFailed(spec, problems)
+        return _failed(PreflightFailed(spec, problems))
+    return None

@@ -4,6 +4,7 @@ puts this folder on sys.path); no test module imports another test module."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -53,13 +54,15 @@ class CountingBatches:
 
 
 class Recorder(Callbacks):
-    """What the loop reported: (step, train loss), (step, lr) and (step, eval loss) in order."""
+    """What the loop reported: (step, train loss), (step, lr), (step, eval loss) and (step, all metrics) in order."""
 
     def __init__(self):
-        self.logs, self.lrs, self.evals = [], [], []
+        self.logs, self.lrs, self.evals, self.metrics = [], [], [], []
 
     def on_log(self, step, metrics):
-        self.logs.append((step, metrics["train/loss"]))
+        self.metrics.append((step, metrics))
+        if "train/loss" in metrics:  # absent when every step of the window was skipped
+            self.logs.append((step, metrics["train/loss"]))
         self.lrs.append((step, metrics["train/lr"]))
 
     def on_eval(self, step, metrics):
@@ -99,6 +102,13 @@ def readable(prompts, completions, **kw):
         out.append(sum(ch.isascii() and (ch.isalnum() or ch == " ") for ch in c) / max(len(c), 1))
     return out
 '''
+
+
+def half_broken_text(path: Path, good: int, bad: int) -> Path:
+    """JSONL text whose first `good` rows read (what validation samples) and the rest do not."""
+    rows = [json.dumps({"text": f"Paragraph {i}: the quick brown fox returns the value {i}."}) for i in range(good)]
+    path.write_text("\n".join(rows + ["{not json"] * bad) + "\n")
+    return path
 
 
 def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.yaml", **stage_updates) -> Path:

@@ -46,6 +46,7 @@ from llmlab.data.formats import TEXT
 from llmlab.data.order import held_out
 from llmlab.data.reader import SourceReport, stream
 from llmlab.data.sources import DataSource, source_fingerprint
+from llmlab.errors import UserError
 from llmlab.paths import cache_dir
 from llmlab.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -153,7 +154,7 @@ def prepare_pretrain_data(sources: list[DataSource], tokenizer_dir: str, seq_len
 
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {tokenizer_dir!r} has no EOS token to separate documents")
+        raise UserError(f"tokenizer {tokenizer_dir!r} has no EOS token to separate documents")
     dtype = _token_dtype(len(tokenizer))
     reports: list[SourceReport] = []
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{key}-"))
@@ -194,7 +195,7 @@ def prepare_pretrain_data(sources: list[DataSource], tokenizer_dir: str, seq_len
                          empty=report.dropped["empty rows"])
         seconds = time.perf_counter() - start
         if train.tokens < seq_len:
-            raise ValueError(f"the training stream has {train.tokens} tokens, fewer than one "
+            raise UserError(f"the training stream has {train.tokens} tokens, fewer than one "
                              f"block of seq_len={seq_len}; add data or lower val_fraction")
         for entry in per_source:
             entry["share"] = entry["train_tokens"] / train.tokens
@@ -261,7 +262,7 @@ class BlockSampler:
         self.num_blocks = len(tokens) // seq_len
         needed = seq_len * batch_size
         if len(tokens) < needed:
-            raise ValueError(f"{str(token_path)!r} has {len(tokens)} tokens, but one batch of "
+            raise UserError(f"{str(token_path)!r} has {len(tokens)} tokens, but one batch of "
                              f"{batch_size} x {seq_len} needs {needed}; add data, or lower "
                              f"batch_size or seq_len")
         self.blocks = tokens[: self.num_blocks * seq_len].reshape(self.num_blocks, seq_len)
@@ -309,7 +310,7 @@ def eval_batches(token_path: str | Path, seq_len: int, batch_size: int, max_batc
     tokens = _open_tokens(token_path, dtype)
     num_blocks = len(tokens) // seq_len
     if num_blocks == 0:
-        raise ValueError(f"{str(token_path)!r} has {len(tokens)} tokens, fewer than one block of "
+        raise UserError(f"{str(token_path)!r} has {len(tokens)} tokens, fewer than one block of "
                          f"seq_len={seq_len}; raise val_fraction or add data")
     num_blocks = min(num_blocks, batch_size * max_batches)
     blocks = np.asarray(tokens[: num_blocks * seq_len], dtype=np.int64).reshape(num_blocks, seq_len)

@@ -32,6 +32,7 @@ from pydantic import Field
 from llmlab.data.builtin import BUILTIN_SOURCES, environment_fingerprint
 from llmlab.data.tasks import SPLITS as TASK_SPLITS
 from llmlab.data.tasks import TASK_SOURCES
+from llmlab.errors import UserError
 from llmlab.paths import cache_dir
 from llmlab.spec_base import Loc, StrictModel
 
@@ -41,8 +42,12 @@ DATASETS_BUILDERS = {".parquet": "parquet", ".csv": "csv"}
 SUPPORTED_SUFFIXES = frozenset({".txt", ".jsonl", ".json", *DATASETS_BUILDERS})
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A data source cannot be read as asked; the message names it and says what to do."""
+
+
+class SourceMissing(DataSourceError, FileNotFoundError):
+    """A local data path that does not exist or holds no data files."""
 
 
 class DataSource(StrictModel):
@@ -93,13 +98,13 @@ def local_files(path: str | Path) -> list[Path]:
     """The supported files a local source stands for (the file itself, or a folder's, sorted)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data source {str(path)!r} does not exist (paths are relative to the folder you run "
+        raise SourceMissing(f"data source {str(path)!r} does not exist (paths are relative to the folder you run "
                                 f"llmlab from)")
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED_SUFFIXES
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
-            raise FileNotFoundError(f"data folder {str(path)!r} has no supported files "
+            raise SourceMissing(f"data folder {str(path)!r} has no supported files "
                                     f"({', '.join(sorted(SUPPORTED_SUFFIXES))})")
         return files
     if p.suffix.lower() not in SUPPORTED_SUFFIXES:

@@ -68,6 +68,18 @@ def report_data(ctx: StageContext, examples: Any, unit: str) -> None:
              "data/malformed_rows": float(stats["malformed"])}, 0)
 
 
+def val_limit(stage: Any, limit: int | None) -> int | None:
+    """How many validation examples a stage reads: none at all (not even a source's own validation
+    split) when its val_fraction is 0."""
+    return 0 if stage.val_fraction == 0 else limit
+
+
+def no_validation(ctx: StageContext) -> None:
+    print(f"[{ctx.name}] no validation examples (val_fraction {ctx.config.val_fraction:g}): no eval metrics are logged "
+          f"and the last model is kept")
+    ctx.run.set_tags({"llmlab.validation": "none"})
+
+
 class StageCallbacks:
     def __init__(self, ctx: StageContext):
         self.ctx = ctx

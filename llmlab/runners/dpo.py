@@ -24,10 +24,12 @@ from llmlab.runners.common import (
     StageCallbacks,
     attach_lora,
     load_start,
+    no_validation,
     prepare_checkpoints,
     report_data,
     save_trained,
     stage_metrics,
+    val_limit,
 )
 from llmlab.runners.context import StageContext
 from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
@@ -61,7 +63,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if upstream is not None and upstream.kind == "preferences":  # on-policy pairs of the model it starts from
         sources.append(DataSource(path=str(Path(upstream.outputs["pairs"]) / "pairs.jsonl"), format="plain"))
     data = prepare_preference_data(sources, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
-                                   max_val_examples=mini * stage.train.eval_steps)
+                                   max_val_examples=val_limit(stage, mini * stage.train.eval_steps))
     report_data(ctx, data, "pairs")
     device = pick_device()
     ref_dir = ctx.inputs[stage.reference_stage].outputs["model"] if stage.reference_stage else stage.reference_model
@@ -90,10 +92,13 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
     val = eval_batches(data.val, mini, tok.pad_token_id)
+    if not val:
+        no_validation(ctx)
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, objective, batches, stage.train, ckpt, evaluate=lambda m: dpo_evaluate(m, objective, val),
+    result = train(model, objective, batches, stage.train, ckpt,
+                   evaluate=(lambda m: dpo_evaluate(m, objective, val)) if val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}
-    final = dpo_evaluate(model.to(device), objective, val)
+    final = dpo_evaluate(model.to(device), objective, val) if val else {}
     return outputs, stage_metrics(ctx, result, final)

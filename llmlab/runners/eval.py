@@ -13,6 +13,7 @@ from llmlab.data.preference import preference_pairs
 from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
 from llmlab.data.tasks import cut_at_end_of_turn, exact_match
 from llmlab.device import pick_device
+from llmlab.errors import UserError
 from llmlab.evaluate import (
     TaskPrompt,
     checkable_prompts,
@@ -98,7 +99,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     reward_fn, reward_name = None, stage.reward or (f"reward stage {stage.reward_stage}" if stage.reward_stage else None)
     if reward_name is not None:
         if not tasks:
-            raise ValueError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
+            raise UserError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                                 device=str(pick_device()))
     for name, model_dir in evaluated(ctx):

@@ -4,6 +4,7 @@ the stage with every blocking option named."""
 
 from __future__ import annotations
 
+from llmlab.errors import UserError
 from llmlab.export import export_model
 from llmlab.runners.common import log_model
 from llmlab.runners.context import StageContext
@@ -12,7 +13,7 @@ from llmlab.runners.context import StageContext
 def run_export(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     upstream = ctx.inputs[ctx.config.inputs[0]]
     if "model" not in upstream.outputs:
-        raise ValueError(f"export: stage '{upstream.stage}' wrote no model/ (adapters only?): export its merge stage")
+        raise UserError(f"export: stage '{upstream.stage}' wrote no model/ (adapters only?): export its merge stage")
     target = export_model(upstream.outputs["model"], ctx.out_dir / "model", ctx.config.format)
     ctx.run.set_tags({"llmlab.export_format": ctx.config.format})
     log_model(ctx, target)

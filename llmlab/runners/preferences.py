@@ -20,6 +20,7 @@ from llmlab.checkpoint import atomic_dir
 from llmlab.data.prompts import prepare_prompt_data
 from llmlab.data.tasks import cut_at_end_of_turn
 from llmlab.device import pick_device
+from llmlab.errors import UserError
 from llmlab.generate import stop_token_ids
 from llmlab.models import load_causal_lm, model_context
 from llmlab.rewards import load_reward
@@ -48,7 +49,7 @@ def run_preferences(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]
     context = model_context(model)
     max_prompt = stage.max_prompt_length or context - stage.max_new_tokens
     if max_prompt < 1 or max_prompt + stage.max_new_tokens > context:
-        raise ValueError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
+        raise UserError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
                          f"must fit the model's context of {context} tokens; lower max_new_tokens or max_prompt_length")
     data = prepare_prompt_data(stage.data, tok, max_prompt, spec.seed, 0.0, stage.max_prompts, max_val_prompts=0)
     report_data(ctx, data, "prompts")
@@ -89,7 +90,7 @@ def run_preferences(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]
                          "chosen_score": chosen_score, "rejected_score": own[worst],
                          **{key: value for key, value in prompt.extras.items() if key in ("answer", "task")}})
     if not rows:
-        raise ValueError(f"stage '{ctx.name}': no prompt gave a pair — every prompt's {k} samples scored the same under "
+        raise UserError(f"stage '{ctx.name}': no prompt gave a pair — every prompt's {k} samples scored the same under "
                          f"{reward_name}; sample more (samples_per_prompt), at a higher temperature, or set "
                          f"answer_as_chosen: true")
     target = ctx.out_dir / "pairs"

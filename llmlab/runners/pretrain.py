@@ -10,7 +10,7 @@ from llmlab.device import pick_device
 from llmlab.evaluate import perplexity
 from llmlab.model import LlmlabConfig, build_model, count_parameters
 from llmlab.models import load_causal_lm
-from llmlab.runners.common import StageCallbacks, log_model, prepare_checkpoints, stage_metrics
+from llmlab.runners.common import StageCallbacks, log_model, no_validation, prepare_checkpoints, stage_metrics
 from llmlab.runners.context import StageContext
 from llmlab.tokenizer import load_tokenizer
 from llmlab.train.loop import load_best, train
@@ -56,14 +56,17 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     ctx.run.set_tags({"llmlab.train_tokens": data.meta["train_tokens"], "llmlab.val_tokens": data.meta["val_tokens"],
                       "llmlab.params": count_parameters(model)})
     sampler = BlockSampler(data.train_path, seq_len, stage.train.batch_sequences, spec.seed)
-    val = eval_batches(data.val_path, seq_len, stage.train.batch_sequences, stage.train.eval_steps)
+    val = eval_batches(data.val_path, seq_len, stage.train.batch_sequences, stage.train.eval_steps) if stage.val_fraction else []
+    if not val:
+        no_validation(ctx)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
     result = train(model, LanguageModeling(), LMBatches(sampler), stage.train, ckpt,
-                   evaluate=lambda m: perplexity(m, val), callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
+                   evaluate=(lambda m: perplexity(m, val)) if val else None, callbacks=StageCallbacks(ctx),
+                   seed=spec.seed, label=ctx.name)
     if stage.train.save_best_only:
         load_best(model, result)
-    final = perplexity(model, val)
+    final = perplexity(model, val) if val else {}
     model_dir = ctx.out_dir / "model"
     with atomic_dir(model_dir) as tmp:
         model.to("cpu").save_pretrained(tmp)

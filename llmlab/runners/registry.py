@@ -6,7 +6,11 @@ code that runs stages (`llmlab.stages`, `llmlab.launch`) imports it.
 
 from __future__ import annotations
 
+import random
 from typing import Callable
+
+import numpy as np
+import torch
 
 from llmlab.runners.context import StageContext
 from llmlab.runners.dpo import run_dpo
@@ -37,6 +41,22 @@ RUNNERS: dict[str, Runner] = {
 }
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators from the spec's seed. Whatever ran earlier in
+    the process (another stage, a library drawing at import) then cannot change what a stage draws
+    without its own generator: new embedding rows, LoRA's initial A matrices, dropout masks."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def runner(kind: str) -> Runner:
-    """The runner function of a stage kind: ctx -> (outputs {name: path}, metrics)."""
-    return RUNNERS[kind]
+    """The runner function of a stage kind: ctx -> (outputs {name: path}, metrics), seeded from the
+    spec's seed before it starts."""
+    run = RUNNERS[kind]
+
+    def seeded(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+        seed_everything(ctx.spec.seed)
+        return run(ctx)
+
+    return seeded

@@ -22,6 +22,7 @@ import torch
 from llmlab.checkpoint import atomic_dir
 from llmlab.data.prompts import prepare_prompt_data
 from llmlab.device import autocast_dtype, pick_device
+from llmlab.errors import UserError
 from llmlab.generate import stop_token_ids
 from llmlab.models import model_context
 from llmlab.parallel import barrier, current
@@ -34,6 +35,7 @@ from llmlab.runners.common import (
     report_data,
     save_trained,
     stage_metrics,
+    val_limit,
 )
 from llmlab.runners.context import StageContext
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare
@@ -75,10 +77,10 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     context = model_context(model)
     max_prompt = stage.max_prompt_length or context - stage.max_new_tokens
     if max_prompt < 1 or max_prompt + stage.max_new_tokens > context:
-        raise ValueError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
+        raise UserError(f"stage '{ctx.name}': max_prompt_length ({max_prompt}) + max_new_tokens ({stage.max_new_tokens}) "
                          f"must fit the model's context of {context} tokens; lower max_new_tokens or max_prompt_length")
     data = prepare_prompt_data(stage.data, tok, max_prompt, spec.seed, stage.val_fraction, stage.max_prompts,
-                               max_val_prompts=stage.eval_prompts)
+                               max_val_prompts=val_limit(stage, stage.eval_prompts))
     report_data(ctx, data, "prompts")
     device = pick_device()
     reward_name = stage.reward or f"reward stage {stage.reward_stage}"
@@ -95,7 +97,7 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     train_cfg = stage.train
     group = 1 if ppo else stage.group_size  # completions per prompt
     if train_cfg.rollout_prompts % (par.world * train_cfg.step_prompts):
-        raise ValueError(f"stage '{ctx.name}' on {par.world} processes: each process takes an equal share of every "
+        raise UserError(f"stage '{ctx.name}' on {par.world} processes: each process takes an equal share of every "
                          f"rollout, so rollout_prompts ({train_cfg.rollout_prompts}) must be a multiple of {par.world} x "
                          f"batch_prompts x gradient_accumulation_steps ({train_cfg.step_prompts})")
     rank_mini = train_cfg.step_prompts * group  # completions per optimizer step on this process

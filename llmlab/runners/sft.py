@@ -17,10 +17,12 @@ from llmlab.runners.common import (
     StageCallbacks,
     attach_lora,
     load_start,
+    no_validation,
     prepare_checkpoints,
     report_data,
     save_trained,
     stage_metrics,
+    val_limit,
 )
 from llmlab.runners.context import StageContext
 from llmlab.train.loop import train
@@ -33,20 +35,22 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
     data = prepare_sft_data(stage.data, tok, seq_len, spec.seed,
                             stage.val_fraction, stage.max_examples,
-                            max_val_examples=stage.train.batch_sequences * stage.train.eval_steps)
+                            max_val_examples=val_limit(stage, stage.train.batch_sequences * stage.train.eval_steps))
     report_data(ctx, data, "conversations")
     if stage.lora is not None:
         model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     pad = tok.pad_token_id
     batches = SFTBatches(data.train, stage.train.batch_sequences, spec.seed, stage.packing, seq_len, pad)
     val = eval_batches(data.val, stage.train.batch_sequences, pad)
+    if not val:
+        no_validation(ctx)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=lambda m: perplexity(m, val),
+    result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=(lambda m: perplexity(m, val)) if val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}
-    final = perplexity(model.to(pick_device()), val)
+    final = perplexity(model.to(pick_device()), val) if val else {}
     return outputs, stage_metrics(ctx, result, final)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT, shrunk_tiny
+from helpers import ROOT, half_broken_text, shrunk_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +54,8 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert set(info["processes"]) == {"prefect-server", "prefect-worker", "mlflow-ui"}
-        evaldata = tmp_path / "evaldata"
-        evaldata.mkdir()  # empty: the eval stage fails on it
+        # rows past the 50 that validation samples are broken: the eval stage fails on the worker
+        evaldata = half_broken_text(tmp_path / "evaldata.jsonl", 60, 200)
         spec = shrunk_tiny(tmp_path, "deploy-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
         run_env = {**env, "PREFECT_API_URL": info["prefect_api_url"]}
         prefect = str(Path(sys.executable).parent / "prefect")
@@ -64,7 +64,7 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # failed on the worker
         flow_run_id = out.stdout.split("UUID:")[1].split()[0]
         first = {s: json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] for s in ("tokenizer", "pretrain")}
-        (evaldata / "notes.txt").write_text("\n\n".join(f"Paragraph {i}: the value {i} is returned." for i in range(300)))
+        half_broken_text(evaldata, 300, 0)  # the data is fixed
         def flow_run() -> dict:
             with urllib.request.urlopen(f"{info['prefect_api_url']}/flow_runs/{flow_run_id}", timeout=10) as r:
                 return json.loads(r.read())

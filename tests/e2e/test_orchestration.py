@@ -4,6 +4,7 @@ and concurrent runs of one stage. Whole pipelines through the Prefect flow."""
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import shrunk_tiny
+from helpers import half_broken_text, shrunk_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +31,30 @@ def mlflow_runs(state: Path, name: str):
 
 
 def test_failed_stage_reruns_alone_and_finished_stages_are_cached(harness, isolated):
+    from mlflow.tracking import MlflowClient
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.pipeline import pipeline
 
-    evaldata = isolated / "evaldata"
-    evaldata.mkdir()  # empty: the eval stage fails when it reads it
+    # rows past the 50 that validation samples are broken: the eval stage itself fails, after the others ran
+    evaldata = half_broken_text(isolated / "evaldata.jsonl", 60, 200)
     spec = shrunk_tiny(isolated, "fail-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
-    with pytest.raises(FileNotFoundError, match="no supported files"):
-        pipeline(spec=str(spec))
+    failed = pipeline(spec=str(spec), return_state=True)
+    # an expected failure ends the flow with one sentence: the stage, the file, the cause and the fix
+    assert failed.is_failed() and failed.message.startswith("stage 'eval': ") and "evaldata.jsonl" in failed.message
+    assert "malformed" in failed.message and "max_bad_share" in failed.message and "Traceback" not in failed.message
     runs = isolated / "runs"
-    assert json.loads((runs / "eval" / "stage.json").read_text())["status"] == "failed"
+    record = json.loads((runs / "eval" / "stage.json").read_text())
+    assert record["status"] == "failed" and record["expected"] and "evaldata.jsonl" in record["error"]
+    log = (runs / "eval" / "stage.log").read_text()  # the traceback is kept for whoever wants it
+    assert "Traceback" in log and "DataSourceError" in log and str(runs / "eval" / "stage.log") in failed.message
+    client = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}")
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "evaldata.jsonl" in run.data.tags["llmlab.error"]
+    assert "stage.log" in [a.path for a in client.list_artifacts(run.info.run_id)]
     before = {s: started(runs, s) for s in ("tokenizer", "pretrain")}
-    # the flag goes away: the data appears
-    (evaldata / "notes.txt").write_text("\n\n".join(f"Paragraph {i}: the quick brown fox returns the value {i}." for i in range(300)))
+    half_broken_text(evaldata, 300, 0)  # the data is fixed
     state = pipeline(spec=str(spec), return_state=True)
     results = state.result()
     assert {s: started(runs, s) for s in ("tokenizer", "pretrain")} == before  # not executed again
@@ -193,12 +203,30 @@ def test_concurrent_runs_of_one_stage_never_collide(isolated):
 
 def test_a_failed_gate_stops_the_pipeline_before_the_next_stage(harness, isolated):
     from flows.pipeline import pipeline
-    from llmlab.gates import GateFailed
 
     spec = shrunk_tiny(isolated, "gate-test", pretrain={"gates": ["eval/ppl < 1.5"]})
-    with pytest.raises(GateFailed, match=r"gate 'eval/ppl < 1.5' failed: eval/ppl = [0-9.]+, bound < 1.5"):
-        pipeline(spec=str(spec))
+    state = pipeline(spec=str(spec), return_state=True)
+    assert state.is_failed() and re.search(r"gate 'eval/ppl < 1.5' failed: eval/ppl = [0-9.]+, bound < 1.5", state.message)
     runs = isolated / "runs"
     record = json.loads((runs / "pretrain" / "stage.json").read_text())
     assert record["status"] == "failed" and "eval/ppl" in record["error"]
     assert not (runs / "sft").exists()  # nothing after the gate ran
+
+
+def test_the_cli_shows_an_expected_failure_as_one_sentence_and_debug_shows_the_traceback(tmp_path):
+    data = half_broken_text(tmp_path / "corpus.jsonl", 60, 200)
+    spec = shrunk_tiny(tmp_path, "cli-fail")
+    raw = yaml.safe_load(spec.read_text())
+    raw["stages"] = {"pretrain": {**raw["stages"]["pretrain"], "data": [{"path": str(data)}]}}
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}
+    plain = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec)], capture_output=True, text=True,
+                           cwd=tmp_path, env=env, timeout=600)
+    shown = plain.stdout + plain.stderr
+    assert plain.returncode == 1, shown
+    assert "pipeline failed: stage 'pretrain': " in plain.stderr and "corpus.jsonl" in plain.stderr, shown
+    assert "Traceback" not in shown and "NoneType: None" not in shown, shown
+    debug = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", "--debug", str(spec)], capture_output=True,
+                           text=True, cwd=tmp_path, env=env, timeout=600)
+    assert debug.returncode == 1 and "Traceback" in debug.stdout + debug.stderr
+    assert "DataSourceError" in debug.stdout + debug.stderr

@@ -65,7 +65,8 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
     assert len(scores["samples"]) == len(report["prompts"])
     text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
-    assert all(text.count(f"| {m} |") == 1 for m in ("pretrain", "merge", "dpo", "grpo"))
+    table = next(block for block in text.split("\n\n") if block.startswith("| model | eval loss"))
+    assert all(table.count(f"| {m} |") == 1 for m in ("pretrain", "merge", "dpo", "grpo"))
     assert report["tasks"]["prompts"] == 8 and report["preferences"]["pairs"] == 8
     for model in ("pretrain", "merge", "dpo", "grpo"):
         assert 0.0 <= report["models"][model]["exact_match"] <= 1.0

@@ -38,3 +38,45 @@ def test_sft_stage_starts_from_a_plain_transformers_llama_dir(tmp_path, monkeypa
     assert result["status"] == "finished" and result["metrics"]["train/steps"] == 3.0
     rows = [json.loads(line) for line in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+def test_with_val_fraction_0_a_stage_logs_no_eval_numbers_and_keeps_its_last_model(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from llmlab.model import LlmlabConfig, build_model
+
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    base = tmp_path / "base"
+    tok = train_tokenizer([f"{i}+1={i + 1} rev a b c sort 321" for i in range(300)], 320, base)
+    build_model(LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed=0).save_pretrained(base)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Line {i}: {i}+1={i + 1} rev a b c sort 321" for i in range(300)))
+    train = {"max_steps": 4, "warmup_steps": 1, "batch_sequences": 4, "eval_every": 2, "eval_steps": 2, "save_every": 2,
+             "log_every": 1, "save_best_only": True}
+    spec = {"name": "noval", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)},
+            "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "max_seq_len": 32},
+            "stages": {"sft": {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 64,
+                               "val_fraction": 0.0, "lora": {"preset": "all", "r": 4}, "train": train},
+                       "cpt": {"kind": "pretrain", "data": [{"path": str(corpus)}], "val_fraction": 0.0,
+                               "train": train}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    for name in ("sft", "cpt"):
+        result = execute_stage(str(tmp_path / "s.yaml"), name, {}, None)
+        rows = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert not [k for r in rows for k in r if k.startswith("eval/")], name  # no invented eval loss / perplexity
+        assert not [k for k in result["metrics"] if k.startswith("eval/")] and "best_step" not in result["metrics"]
+        assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    sft_rows = [json.loads(line) for line in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert sft_rows[0]["data/val_examples"] == 0.0  # not even the built-in source's own validation split
+    # with save_best_only and nothing to pick the best by, the output is the last model
+    adapters = tmp_path / "runs" / "sft" / "adapters"
+    final = load_file(adapters / "final" / "adapter_model.safetensors")
+    kept = load_file(adapters / "best" / "adapter_model.safetensors")
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in final)
+    last = torch.load(sorted((tmp_path / "runs" / "cpt" / "checkpoints").glob("step-*"))[-1] / "state.pt",
+                      weights_only=False)["model"]
+    exported = load_file(tmp_path / "runs" / "cpt" / "model" / "model.safetensors")
+    assert exported.keys() <= last.keys() and all(torch.equal(exported[k], last[k].to(exported[k].dtype)) for k in exported)
