@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
+from llmlab.errors import UserError
+
 KEEP_CHECKPOINTS = 2  # resumable checkpoints kept per stage; older ones are deleted
 
 
@@ -97,6 +99,18 @@ def fingerprint(path: str | Path) -> str:
 # --------------------------------------------------------------------------- trainer checkpoints
 
 
+class CheckpointWriteFailed(UserError):
+    """A checkpoint could not be written (disk full, not writable, a failing disk); the previous
+    checkpoint stays `latest`, so a rerun resumes from it."""
+
+    def __init__(self, target: Path, cause: BaseException, kept: Path | None):
+        first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+        left = f"{kept.name} stays latest and a rerun resumes from it" if kept else "no earlier checkpoint exists"
+        super().__init__(f"could not write checkpoint {target} ({first}); {left}: free space on that disk and check "
+                         f"it is writable (or point `workdir` elsewhere), then run again")
+        self.path, self.kept = target, kept
+
+
 def _name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -110,10 +124,18 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
     ckpt_dir = Path(ckpt_dir)
     blob = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
     target = ckpt_dir / _name(step)
-    with atomic_dir(target) as tmp:
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(blob, f)
-    atomic_write_text(ckpt_dir / "latest", target.name + "\n")
+    try:
+        with atomic_dir(target) as tmp:
+            with open(tmp / "state.pt", "wb") as f:
+                torch.save(blob, f)
+        atomic_write_text(ckpt_dir / "latest", target.name + "\n")
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+            raise
+        pointer = ckpt_dir / "latest"
+        if not (pointer.is_file() and pointer.read_text().strip() == target.name):
+            shutil.rmtree(target, ignore_errors=True)  # written but never made latest: not a checkpoint
+        raise CheckpointWriteFailed(target, exc, latest_checkpoint(ckpt_dir)) from exc
     for old in sorted(ckpt_dir.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -29,6 +29,7 @@ from typing import Any
 from llmlab.data.formats import PREFERENCE, PROMPTS, SFT, TEXT
 from llmlab.data.reader import Kind, detect_format
 from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows
+from llmlab.errors import UserError
 from llmlab.spec import Pipeline
 
 PROBE_ROWS = 50  # rows of a local source read at validate time
@@ -47,7 +48,7 @@ class Problem:
     message: str
 
     def render(self) -> str:
-        return f"stage '{self.stage}': {self.what}: {self.message}"
+        return f"stage '{self.stage}': {self.what}: {self.message}" if self.stage else f"{self.what}: {self.message}"
 
 
 def offline() -> bool:
@@ -223,7 +224,7 @@ def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
     return problems, notes
 
 
-class PreflightFailed(ValueError):
+class PreflightFailed(UserError):
     """A spec names files or models that would fail its stages; one line per problem."""
 
     def __init__(self, spec_file: str, problems: list[Problem]):
@@ -232,9 +233,25 @@ class PreflightFailed(ValueError):
                          f"(no stage ran):\n" + "\n".join("  " + p.render() for p in problems))
 
 
+def workdir_problems(spec: Pipeline) -> list[Problem]:
+    """The folder stage outputs go to must be creatable and writable (checked on its nearest
+    existing ancestor; nothing is created here)."""
+    root = Path(spec.output_root).expanduser().absolute()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    what = f"workdir {root}"
+    if not existing.is_dir():
+        return [Problem("", what, f"{existing} is a file, not a folder: point `workdir` at a folder")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [Problem("", what, f"{existing} is not writable by this user: make it writable or point `workdir` "
+                                  f"somewhere writable")]
+    return []
+
+
 def preflight(spec: Pipeline) -> tuple[list[Problem], list[str]]:
-    """Every problem found in the spec's local files, folders and models (and hub ones when
-    online), and notes on what was skipped."""
+    """Every problem found in the spec's workdir, local files, folders and models (and hub ones
+    when online), and notes on what was skipped."""
     data, data_notes = data_problems(spec)
     models, model_notes = model_problems(spec)
-    return data + models, data_notes + model_notes
+    return workdir_problems(spec) + data + models, data_notes + model_notes

@@ -165,6 +165,7 @@ class TrainBase(StrictModel):
     power: float = Field(1.0, gt=0)  # exponent of the polynomial schedule
     gradient_accumulation_steps: int = Field(64, ge=1)  # forward passes per optimizer step
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping
+    max_nonfinite_steps: int = Field(3, ge=1)  # a step whose loss or grad norm is NaN/inf is skipped; this many in a row stop the stage
     eval_every: int = Field(500, ge=1)  # optimizer steps between validations
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
     save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints

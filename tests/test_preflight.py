@@ -65,6 +65,24 @@ def test_good_local_data_and_builtin_sources_pass(tmp_path):
     assert problems_of(path) == []
 
 
+def test_a_workdir_that_cannot_be_written_is_named_before_anything_runs(tmp_path, monkeypatch):
+    import llmlab.preflight as pre
+
+    (tmp_path / "blocker").write_text("a file where the workdir's parent should be")
+    raw = yaml.safe_load(spec(tmp_path, {}).read_text())
+    raw["workdir"] = str(tmp_path / "blocker" / "runs")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    (found,) = problems_of(tmp_path / "s.yaml")
+    assert found.startswith(f"workdir {tmp_path / 'blocker' / 'runs'}: ") and "is a file, not a folder" in found
+    # a folder this user cannot write (tests run as root, which may write anywhere: ask os.access to say no)
+    raw["workdir"] = str(tmp_path / "readonly" / "runs")
+    (tmp_path / "readonly").mkdir()
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(pre.os, "access", lambda path, mode: Path(path) != tmp_path / "readonly")
+    (found,) = problems_of(tmp_path / "s.yaml")
+    assert f"{tmp_path / 'readonly'} is not writable" in found and "point `workdir`" in found
+
+
 def model_folder(path: Path, architectures: list[str], vocab_size: int = 300, weights: bool = True) -> str:
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"architectures": architectures, "model_type": "llama",

@@ -35,11 +35,12 @@ import torch
 
 from llmlab.checkpoint import atomic_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from llmlab.device import autocast_dtype
+from llmlab.errors import UserError
 from llmlab.optim import Schedule, build_optimizer
 from llmlab.parallel import Engine, ShardedBatches, all_sum, any_rank, barrier, broadcast_object, current
 from llmlab.train.signals import StopFlag, TrainingInterrupted
 
-__all__ = ["BatchSource", "Callbacks", "Objective", "TrainResult", "Trainer", "TrainingInterrupted", "load_best",
+__all__ = ["BatchSource", "Callbacks", "NonFiniteTraining", "Objective", "TrainResult", "Trainer", "TrainingInterrupted", "load_best",
            "train"]
 
 
@@ -51,6 +52,11 @@ class Objective(Protocol):
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(summed loss over the micro-batch, summed extra metrics) — summed, not averaged."""
+
+
+class NonFiniteTraining(UserError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient norm; the stage stops and
+    the last checkpoint (which never holds a skipped step) stays `latest`."""
 
 
 class BatchSource(Protocol):
@@ -91,12 +97,16 @@ class Progress:
     step: int = 0
     best_value: float | None = None  # of `best_metric`
     best_step: int | None = None
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in all
+    skipped_in_row: int = 0  # ... and the current run of them
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step}
+        return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
+                "skipped": self.skipped, "skipped_in_row": self.skipped_in_row}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_value, self.best_step = int(state["step"]), state["best_value"], state["best_step"]
+        self.skipped, self.skipped_in_row = int(state.get("skipped", 0)), int(state.get("skipped_in_row", 0))
 
 
 class RandomState:
@@ -150,6 +160,7 @@ class Window:
     units: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # objective metrics (e.g. dpo/accuracy)
     tokens: int = 0
+    skipped: int = 0  # steps in this window skipped for a non-finite loss or gradient norm
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
@@ -284,38 +295,70 @@ class Trainer:
         units = all_sum(torch.as_tensor(local_units, device=self.device)).clamp(min=1)
         scale = float(self.par.world)
         step_loss = torch.zeros((), device=self.device)
+        step_extra: dict[str, torch.Tensor] = {}
         for i, b in enumerate(micro):
             with engine.no_sync(last=i == len(micro) - 1), self._autocast():
                 loss_sum, extra = self.objective(engine.train_model, b)
                 (loss_sum / units * scale).backward()
             step_loss += loss_sum.detach()
             for key, value in extra.items():
-                window.extra[key] = window.extra.get(key, 0.0) + torch.as_tensor(value, device=self.device).detach().float()
+                step_extra[key] = step_extra.get(key, 0.0) + torch.as_tensor(value, device=self.device).detach().float()
             window.tokens += int(b["input_ids"].numel())
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in engine.owner.parameters() if p.grad is not None],
             self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf"))
-        self.grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+        # one host sync per step: a non-finite loss or gradient on any rank skips the update everywhere
+        bad = any_rank(not bool(torch.isfinite(all_sum(step_loss.clone())) & torch.isfinite(grad_norm)))
+        self.progress.step += 1
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skip_step(float(step_loss), float(grad_norm))
+            return
+        self.grad_norm = grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress.step += 1
+        self.progress.skipped_in_row = 0
         window.loss += step_loss
         window.units += local_units
+        for key, value in step_extra.items():
+            window.extra[key] = window.extra.get(key, 0.0) + value
+
+    def skip_step(self, loss: float, grad_norm: float) -> None:
+        """The step just taken had a NaN/inf loss or gradient norm: its update is dropped (the data
+        moves on); `max_nonfinite_steps` of them in a row stop the stage."""
+        progress, limit = self.progress, self.cfg.max_nonfinite_steps
+        progress.skipped += 1
+        progress.skipped_in_row += 1
+        self.window.skipped += 1
+        self.say(f"[{self.label}] step {self.step}: loss {loss} / gradient norm {grad_norm} is not finite: "
+                 f"update skipped ({progress.skipped_in_row} in a row, {limit} allowed)", flush=True)
+        if progress.skipped_in_row >= limit:
+            first = self.step - progress.skipped_in_row + 1
+            kept = latest_checkpoint(self.ckpt_dir)
+            where = f"the last good checkpoint ({kept.resolve().name}) stays latest" if kept else "no checkpoint was written"
+            raise NonFiniteTraining(
+                f"[{self.label}] loss or gradient norm was NaN/inf at {progress.skipped_in_row} optimizer steps in a row "
+                f"(steps {first}-{self.step}); {where}: lower train.lr, keep train.grad_clip set, or check the data "
+                f"of those steps, then run again (train.max_nonfinite_steps = {limit})")
 
     def log(self) -> None:
         """Send the window's mean loss and metrics to the callbacks and print a progress line."""
         now, window, cfg = time.perf_counter(), self.window, self.cfg
-        all_units = all_sum(window.units)  # over every rank's micro-batches
-        loss = (all_sum(window.loss) / all_units).item()
+        all_units = all_sum(window.units)  # over every rank's micro-batches (of the steps not skipped)
         tokens = float(all_sum(torch.tensor(float(window.tokens), device=self.device)))
         lr = cfg.lr * self.lr_factor
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(self.grad_norm),
-                   "train/tokens_per_sec": tokens / max(now - window.started, 1e-9)}
-        # per-method metrics, averaged over the window's units like the loss
-        metrics.update({key: float(all_sum(value) / all_units) for key, value in sorted(window.extra.items())})
+        metrics = {"train/lr": lr, "train/tokens_per_sec": tokens / max(now - window.started, 1e-9)}
+        if float(all_units) > 0:  # a window of skipped steps only has no loss to report
+            metrics["train/loss"] = loss = (all_sum(window.loss) / all_units).item()
+            metrics["train/grad_norm"] = float(self.grad_norm)
+            # per-method metrics, averaged over the window's units like the loss
+            metrics.update({key: float(all_sum(value) / all_units) for key, value in sorted(window.extra.items())})
+        else:
+            loss = math.nan
+        if self.progress.skipped:
+            metrics["train/skipped_steps"] = float(self.progress.skipped)
         self.last = metrics
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"[{self.label}] loss is {loss} at step {self.step}: lower lr or check data")
         self.callbacks.on_log(self.step, metrics)
         rate = (self.step - self.resumed_from) / max(now - self.run_started, 1e-9)
         self.say(f"[{self.label}] {_bar(self.step / cfg.max_steps)} step {self.step}/{cfg.max_steps} loss {loss:.4f} "
@@ -352,6 +395,12 @@ class Trainer:
         """Every checkpointed part's state, written atomically by rank 0 (each part's state_dict is
         taken on every rank: under FSDP it is a collective, and RL rollouts gather their ranks' queues)."""
         blob = {key: part.state_dict() for key, part in self.checkpointed().items()}
+        broken = [name for name, t in blob["model"].items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if broken:  # never make a NaN model the one a rerun resumes from
+            raise NonFiniteTraining(
+                f"[{self.label}] weights {', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''} hold NaN/inf at "
+                f"step {self.step}; the checkpoint was not written and the previous one stays latest: lower train.lr "
+                f"or keep train.grad_clip set, then run again")
         if self.par.main:
             path = save_checkpoint(self.ckpt_dir, self.step, blob)
             self.callbacks.on_checkpoint(self.step, path)

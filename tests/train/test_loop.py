@@ -89,7 +89,7 @@ def test_gradient_accumulation_invariance():
         for b in micro:
             loss_sum, _ = obj(model, b)
             (loss_sum / units).backward()
-            total += float(loss_sum / units)
+            total += float(loss_sum.detach() / units)
         grads.append((total, [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
     for a, b in zip(grads[0][1], grads[1][1]):
@@ -136,9 +136,62 @@ def test_sigterm_saves_checkpoint_and_stops(tmp_path):
     assert load_checkpoint(latest_checkpoint(tmp_path / "ck"))["progress"]["step"] == 6
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    with pytest.raises(FloatingPointError, match="lower lr"):
-        train(tiny_model(), LanguageModeling(), Batches(4), cfg(lr=1e6, grad_clip=None, max_steps=20), tmp_path / "ck", seed=1)
+class Poisoned(Batches):
+    """Batches carrying a `poison` value the objective adds to its loss: NaN during the given
+    optimizer steps (2 micro-batches per step), 0 otherwise."""
+
+    def __init__(self, steps):
+        super().__init__(4)
+        self.steps = set(steps)
+
+    def next_batch(self):
+        step = self.i // 2 + 1
+        batch = super().next_batch()
+        batch["poison"] = torch.tensor(float("nan") if step in self.steps else 0.0)
+        return batch
+
+
+class PoisonedObjective(LanguageModeling):
+    def __call__(self, model, batch):
+        loss, extra = super().__call__(model, batch)
+        return loss + batch["poison"], extra
+
+
+def finite(state):
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_a_nan_step_is_skipped_counted_and_training_goes_on(tmp_path):
+    rec = Recorder()
+    model = tiny_model()
+    result = train(model, PoisonedObjective(), Poisoned([5]), cfg(max_steps=12, log_every=2), tmp_path / "ck",
+                   callbacks=rec, seed=1)
+    assert result.step == 12 and finite(model.state_dict())
+    logged = dict(rec.metrics)  # step -> metrics
+    assert "train/skipped_steps" not in logged[4] and logged[6]["train/skipped_steps"] == 1.0
+    assert logged[12]["train/skipped_steps"] == 1.0 and all(torch.isfinite(torch.tensor(m["train/loss"])) for m in logged.values())
+
+
+def test_nan_steps_in_a_row_stop_the_stage_and_the_last_good_checkpoint_stays_latest(tmp_path):
+    from llmlab.errors import UserError
+    from llmlab.train.loop import NonFiniteTraining
+
+    with pytest.raises(NonFiniteTraining, match=r"3 optimizer steps in a row \(steps 7-9\).*step-00000005.*lower train.lr") as info:
+        train(tiny_model(), PoisonedObjective(), Poisoned([7, 8, 9]), cfg(max_steps=20, save_every=5),
+              tmp_path / "ck", seed=1)
+    assert isinstance(info.value, UserError)  # an expected failure: one sentence, no traceback
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ck"))
+    assert state["progress"]["step"] == 5 and finite(state["model"])
+
+
+def test_a_diverging_run_never_writes_a_nan_checkpoint(tmp_path):
+    from llmlab.train.loop import NonFiniteTraining
+
+    with pytest.raises(NonFiniteTraining, match="lower train.lr"):
+        train(tiny_model(), LanguageModeling(), Batches(4), cfg(lr=1e6, grad_clip=None, max_steps=40, save_every=1),
+              tmp_path / "ck", seed=1)
+    for folder in (tmp_path / "ck").glob("step-*"):
+        assert finite(load_checkpoint(folder)["model"])
 
 
 def test_checkpoint_holds_no_pickled_objects(tmp_path):
