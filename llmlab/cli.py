@@ -47,7 +47,7 @@ def _preflight_or_exit(file: Path, spec: Pipeline) -> None:
     """Open every local data file, tokenizer and model folder the spec names; every problem at once."""
     from llmlab.preflight import preflight
 
-    problems, notes = preflight(spec)
+    problems, notes = preflight(spec, file)
     for note in notes:
         typer.echo(f"note: {note}", err=True)
     if problems:

@@ -125,7 +125,7 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
     inputs = {k: StageResult.from_dict(v) for k, v in json.loads(Path(inputs_file).read_text()).items()}
     stage_dir = Path(spec.output_root) / stage
     if par.main:
-        run: Any = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name).run(run_id)
+        run: Any = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name, spec.tracking.wait_seconds).run(run_id)
         out_dir = stage_dir
     else:
         run, out_dir = _NoRun(run_id), Path(tempfile.mkdtemp(prefix=f"llmlab-{stage}-rank{par.rank}-"))
@@ -144,8 +144,8 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
         # the first failing rank's error: torchrun stops the others before rank 0 can report
         Path(result_file).with_name(f"error-rank{par.rank}.txt").write_text(status["error"])
     if par.main:
-        if run is not None and hasattr(run, "flush"):
-            run.flush()
+        if run is not None and hasattr(run, "drain"):
+            run.drain()  # the parent ends the run; what MLflow did not take yet is sent now
         atomic_write_json(result_file, status)
     if not par.main:
         shutil.rmtree(out_dir, ignore_errors=True)

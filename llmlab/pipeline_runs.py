@@ -31,7 +31,7 @@ def _tracker(spec_file: str):
     from llmlab.tracking import Tracker
 
     spec = load_spec(spec_file)
-    return spec, Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
+    return spec, Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name, spec.tracking.wait_seconds)
 
 
 def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:

@@ -30,6 +30,7 @@ from llmlab.data.formats import PREFERENCE, PROMPTS, SFT, TEXT
 from llmlab.data.reader import Kind, detect_format
 from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows
 from llmlab.errors import UserError
+from llmlab.reuse import folder_conflict
 from llmlab.spec import Pipeline
 
 PROBE_ROWS = 50  # rows of a local source read at validate time
@@ -249,9 +250,23 @@ def workdir_problems(spec: Pipeline) -> list[Problem]:
     return []
 
 
-def preflight(spec: Pipeline) -> tuple[list[Problem], list[str]]:
-    """Every problem found in the spec's workdir, local files, folders and models (and hub ones
-    when online), and notes on what was skipped."""
+def folder_problems(spec: Pipeline, spec_file: str | Path) -> list[Problem]:
+    """Stage folders that hold another spec's stage with a different config (see
+    `llmlab.reuse.folder_conflict`); execute_stage checks again under the stage's lock."""
+    problems = []
+    for stage in spec.stage_names():
+        conflict = folder_conflict(spec_file, spec, stage)
+        if conflict:
+            _, what, message = conflict.split(": ", 2)
+            problems.append(Problem(stage, what, message))
+    return problems
+
+
+def preflight(spec: Pipeline, spec_file: str | Path | None = None) -> tuple[list[Problem], list[str]]:
+    """Every problem found in the spec's workdir (and, given the spec's file, stage folders another
+    spec owns), local files, folders and models (and hub ones when online), and notes on what was
+    skipped."""
     data, data_notes = data_problems(spec)
     models, model_notes = model_problems(spec)
-    return workdir_problems(spec) + data + models, data_notes + model_notes
+    folders = folder_problems(spec, spec_file) if spec_file is not None else []
+    return workdir_problems(spec) + folders + data + models, data_notes + model_notes

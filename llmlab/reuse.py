@@ -3,6 +3,7 @@
     key = cache_key(spec, "pretrain", inputs)          # config + input fingerprints + code version
     intact = finished_result(spec, "pretrain", inputs)   # StageResult dict if outputs are whole, else None
     with stage_lock(out_dir): ...                        # one writer per stage output, across processes
+    message = folder_conflict(spec_file, spec, "pretrain")  # another spec's stage lives there
 
 A stage's cache key is its resolved config, the fingerprints of its inputs and a hash of llmlab's
 own source (so a code change invalidates results) — never a path string alone. A cached result is
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmlab.checkpoint import fingerprint
+from llmlab.errors import UserError
 from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
 from llmlab.spec import Pipeline, config_hash
 
@@ -84,3 +86,41 @@ def stage_lock(out_dir: Path, label: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class StageFolderTaken(UserError):
+    """Two specs point one stage folder at different configs; the second is refused."""
+
+
+def folder_conflict(spec_file: str | Path, spec: Pipeline, stage: str) -> str | None:
+    """Why this spec must not write `<workdir>/<stage>/`: the folder holds the same stage of
+    another spec file with a different config (its checkpoints would be resumed as if they were
+    this config's, its results overwritten). None when the folder is free, this spec's own, or
+    another spec's with the very same config (then sharing it is reuse)."""
+    out_dir = Path(spec.output_root) / stage
+    try:
+        record = json.loads((out_dir / "stage.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    owner, this = record.get("spec_file"), str(Path(spec_file).resolve())
+    if not owner or owner == this or record.get("config_hash") == config_hash(resolved_config(spec, stage)):
+        return None
+    changed = _changed_fields(record.get("config") or {}, resolved_config(spec, stage))
+    return (f"stage '{stage}': {out_dir}: holds this stage of {owner} ({record.get('status', 'unknown')}), and {this} "
+            f"points the same folder at a different config ({changed}): give one of the two pipelines its own `workdir` "
+            f"(or delete {out_dir} to hand it over), then run again")
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> str:
+    """The first few fields that differ between two resolved configs, as `a.b: old -> new`."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif a != b:
+            diffs.append(f"{path}: {json.dumps(a)[:40]} -> {json.dumps(b)[:40]}")
+
+    walk(old, new, prefix)
+    return "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs else "a different config"

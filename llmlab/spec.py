@@ -81,6 +81,7 @@ class TrackingSpec(StrictModel):
 
     uri: str | None = None
     experiment: str | None = None  # None = the pipeline name
+    wait_seconds: float = Field(60.0, ge=0)  # at a stage's end, how long to wait for an MLflow that stopped answering
 
 
 class Pipeline(StrictModel):

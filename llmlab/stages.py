@@ -24,7 +24,7 @@ from llmlab.checkpoint import atomic_write_json, fingerprint
 from llmlab.errors import expected_failure, format_traceback
 from llmlab.gates import GateFailed, check_gates
 from llmlab.launch import run_under_torchrun
-from llmlab.reuse import cache_key, finished_result, stage_lock
+from llmlab.reuse import StageFolderTaken, cache_key, finished_result, folder_conflict, stage_lock
 from llmlab.runners.context import MAIN_OUTPUT, StageContext, StageResult, resolved_config, stage_block, stage_kind
 from llmlab.runners.registry import runner
 from llmlab.spec import Pipeline, config_hash, load_spec
@@ -42,6 +42,9 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
     spec = load_spec(spec_file)
     out_dir = Path(spec.output_root) / stage
     with stage_lock(out_dir, stage):
+        conflict = folder_conflict(spec_file, spec, stage)
+        if conflict:
+            raise StageFolderTaken(conflict)
         if not force:
             done = finished_result(spec, stage, inputs)
             if done is not None:
@@ -82,14 +85,15 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     config = resolved_config(spec, stage)
     chash = config_hash(config)
     in_results = {k: StageResult.from_dict(v) for k, v in inputs.items()}
-    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name)
+    tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name, spec.tracking.wait_seconds)
     run = tracker.start_stage_run(parent_run_id, stage, kind, tags={
         "llmlab.config_hash": chash, "llmlab.cache_key": key, "llmlab.version": __version__,
         **{f"llmlab.input.{k}.run_id": v.mlflow_run_id for k, v in in_results.items()},
         **{f"llmlab.input.{k}.fingerprint": v.fingerprint for k, v in in_results.items()},
     })
     run.log_params(config)
-    record = {"stage": stage, "kind": kind, "config": config, "config_hash": chash, "cache_key": key,
+    record = {"stage": stage, "kind": kind, "spec_file": str(Path(spec_file).resolve()), "pipeline": spec.name,
+              "config": config, "config_hash": chash, "cache_key": key,
               "status": "running", "inputs": {k: v.fingerprint for k, v in in_results.items()},
               "input_runs": {k: v.mlflow_run_id for k, v in in_results.items()}, "mlflow_run_id": run.run_id,
               "llmlab_version": __version__, "started": time.time()}

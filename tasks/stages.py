@@ -60,7 +60,7 @@ def intact_result(spec: str, stage: str, inputs: dict[str, dict], strict: bool =
 @task(name="preflight", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
 def check_spec(spec: str) -> None | State:
     """Open every local file, folder and model the spec names; fail before any stage runs."""
-    problems, notes = preflight(load_spec(spec))
+    problems, notes = preflight(load_spec(spec), spec)
     for note in notes:
         print(f"note: {note}")
     if problems:

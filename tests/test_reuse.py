@@ -156,3 +156,34 @@ def test_the_stage_lock_makes_a_second_writer_wait_for_the_first(tmp_path, capsy
     with stage_lock(out, "third"):  # free again: no waiting
         pass
     assert "another run is writing" not in capsys.readouterr().out
+
+
+def test_a_second_spec_pointing_a_stage_folder_at_another_config_is_refused_naming_both(tmp_path, monkeypatch):
+    from llmlab.preflight import preflight
+    from llmlab.reuse import StageFolderTaken
+    from llmlab.runners.context import resolved_config
+    from llmlab.spec import config_hash, load_spec
+    from llmlab.stages import execute_stage
+
+    monkeypatch.chdir(tmp_path)
+    first, second, same = tmp_path / "first.yaml", tmp_path / "second.yaml", tmp_path / "copy.yaml"
+    raw = json.loads(json.dumps(SPEC))
+    first.write_text(yaml.safe_dump(raw))
+    same.write_text(yaml.safe_dump(raw))
+    raw["stages"]["pretrain"]["train"]["lr"] = 3e-3
+    second.write_text(yaml.safe_dump(raw))
+    spec = load_spec(first)
+    config = resolved_config(spec, "pretrain")  # what the first spec's run recorded in the folder
+    atomic_write_json(tmp_path / "runs" / "keys" / "pretrain" / "stage.json",
+                      {"stage": "pretrain", "spec_file": str(first.resolve()), "status": "finished", "config": config,
+                       "config_hash": config_hash(config)})
+    with pytest.raises(StageFolderTaken) as refused:
+        execute_stage(str(second), "pretrain", {}, None)
+    message = str(refused.value)
+    assert message.startswith("stage 'pretrain': ") and str(first.resolve()) in message and str(second.resolve()) in message
+    assert "train.lr: 0.001 -> 0.003" in message and "own `workdir`" in message
+    # preflight finds it before any stage runs; the first spec itself, or a copy with its config, is fine
+    (problem,) = [p for p in preflight(load_spec(second), second)[0] if p.stage == "pretrain"]
+    assert str(first.resolve()) in problem.render() and "train.lr: 0.001 -> 0.003" in problem.render()
+    for ok in (first, same):
+        assert not [p for p in preflight(load_spec(ok), ok)[0] if p.stage == "pretrain"]

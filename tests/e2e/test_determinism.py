@@ -106,8 +106,8 @@ def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_m
     corpus.write_text("\n\n".join(f"Document {i}: the value {i} returns {i * 7 % 13} when sorted and reversed."
                                   for i in range(400)))
     (tmp_path / "toy_rewards.py").write_text(TOY_REWARDS)
-    got = []
-    for attempt in ("a", "b"):
+    runs = {}
+    for attempt in ("a", "b"):  # both at once: two fresh processes, the same environment
         work = tmp_path / attempt
         work.mkdir()
         (work / "toy_rewards.py").write_text(TOY_REWARDS)
@@ -115,10 +115,13 @@ def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_m
         path.write_text(yaml.safe_dump(spec(work, llama, corpus), sort_keys=False))
         env = {**os.environ, "LLMLAB_STATE_DIR": str(work / "state"), "PYTHONPATH": str(work) + os.pathsep
                + os.environ.get("PYTHONPATH", "")}
-        done = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(path)], cwd=work, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        got.append(numbers(work / "runs"))
+        runs[attempt] = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", str(path)], cwd=work, env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    got = []
+    for attempt, proc in runs.items():
+        out, _ = proc.communicate(timeout=1200)
+        assert proc.returncode == 0, out[-5000:]
+        got.append(numbers(tmp_path / attempt / "runs"))
     first, second = got
     kinds = {json.loads((tmp_path / "a" / "runs" / s / "stage.json").read_text())["kind"] for s in first}
     assert kinds == {"tokenizer", "pretrain", "sft", "merge", "dpo", "preferences", "grpo", "ppo", "reward", "export", "eval"}
