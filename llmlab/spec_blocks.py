@@ -173,6 +173,7 @@ class TrainBase(StrictModel):
     log_every: int = Field(10, ge=1)  # optimizer steps between logged metrics
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast: auto = bf16 only on hardware fast at it
     model_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # weights: auto = bf16 frozen weights under LoRA on a bf16 GPU, else fp32
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each transformer block; auto = on CUDA only (no gain measured on CPUs)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
     load_optimizer: bool = True  # on resume, restore optimizer state (false to switch optimizers)
     optimizer: OptimizerSpec = Field(default_factory=AdamW)
@@ -192,6 +193,8 @@ class TrainSpec(TrainBase):
         "mini_batch_size": "this stage counts sequences: batch_sequences per forward pass x gradient_accumulation_steps"}
 
     batch_sequences: int = Field(1, ge=1)  # sequences per forward pass (per process)
+    chunked_loss: Literal["auto", "on", "off"] = "auto"  # loss through the LM head in chunks, never the full fp32 logits (auto: when they would exceed 256 MiB)
+    loss_chunk_tokens: int = Field(4096, ge=1)  # scored positions per chunk of the chunked loss
 
 
 class LoraSpec(StrictModel):

@@ -22,6 +22,7 @@ from transformers import Cache, DynamicCache
 from llmlab.model.attention import Attention, build_attention_mask
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.ffn import build_ffn
+from llmlab.model.loss import chunked_nll_sum
 from llmlab.model.norms import NORMS
 from llmlab.model.positions import (
     alibi_slopes,
@@ -197,17 +198,23 @@ class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        loss_chunk_tokens: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) and, with `labels` (aligned with input_ids, -100 = ignore), the
         mean next-token cross-entropy; the shift happens here. `cache` (a transformers Cache, as
         stock models take it) is extended in place; `use_cache` without one starts a DynamicCache.
-        `logits_to_keep=k` computes the logits of the last k positions only (sampling needs one)."""
+        `logits_to_keep=k` computes the logits of the last k positions only (sampling needs one).
+        `loss_chunk_tokens=n` with `labels`: the *summed* loss through the head n scored positions
+        at a time (`llmlab.model.loss`), and no logits — the training objective's memory-light path."""
         if cache is None:
             cache = kwargs.get("past_key_values")  # the older transformers keyword
         if cache is None and use_cache:
             cache = DynamicCache()
         hidden = self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if loss_chunk_tokens and labels is not None:
+            loss = chunked_nll_sum(hidden, self.lm_head, labels.to(hidden.device), loss_chunk_tokens)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]  # (B, T, d) -> (B, k, d)
         logits = self.lm_head(hidden)

@@ -61,7 +61,7 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         no_validation(ctx)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, LanguageModeling(), LMBatches(sampler), stage.train, ckpt,
+    result = train(model, LanguageModeling.from_train(stage.train), LMBatches(sampler), stage.train, ckpt,
                    evaluate=(lambda m: perplexity(m, val)) if val else None, callbacks=StageCallbacks(ctx),
                    seed=spec.seed, label=ctx.name)
     if stage.train.save_best_only:

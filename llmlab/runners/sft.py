@@ -46,7 +46,7 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         no_validation(ctx)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, LanguageModeling(), batches, stage.train, ckpt, evaluate=(lambda m: perplexity(m, val)) if val else None,
+    result = train(model, LanguageModeling.from_train(stage.train), batches, stage.train, ckpt, evaluate=(lambda m: perplexity(m, val)) if val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}

@@ -39,6 +39,7 @@ from llmlab.errors import UserError
 from llmlab.optim import Schedule, build_optimizer
 from llmlab.parallel import Engine, ShardedBatches, all_sum, any_rank, barrier, broadcast_object, current
 from llmlab.train.signals import StopFlag, TrainingInterrupted
+from llmlab.train.speed import compile_blocks, flops_per_token, peak_flops, should_compile
 
 __all__ = ["BatchSource", "Callbacks", "NonFiniteTraining", "Objective", "TrainResult", "Trainer", "TrainingInterrupted", "load_best",
            "train"]
@@ -203,6 +204,11 @@ class Trainer:
         if self.par.active and not getattr(batches, "per_rank", False):
             batches = ShardedBatches(batches, self.par.rank, self.par.world)
         self.batches = batches
+        self.compiled = should_compile(getattr(cfg, "compile", False), self.device) and compile_blocks(self.engine.owner) > 0
+        self.compile_seconds: float | None = None  # the first step's wall time when compiled (it compiles)
+        self.peak = peak_flops(self.device)  # None off CUDA or on an unknown card: no MFU
+        self.token_flops: float | None = None
+        self.compile_logged = False
         self.optimizer = build_optimizer(self.engine.owner, cfg.optimizer, cfg.lr, cfg.weight_decay)
         self.schedule = Schedule(cfg.scheduler, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.power)
         self.progress = Progress()
@@ -285,8 +291,12 @@ class Trainer:
         self.lr_factor = self.schedule.factor(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * self.lr_factor
+        first = self.compiled and self.compile_seconds is None
+        started = time.perf_counter()
         micro = [self.batches.next_batch() for _ in range(self.cfg.gradient_accumulation_steps)]
         micro = [{k: v.to(self.device) for k, v in b.items()} for b in micro]
+        if self.peak is not None and self.token_flops is None:
+            self.token_flops = flops_per_token(self.engine.owner, micro[0]["input_ids"].shape[-1])
         if hasattr(self.optimizer, "hessian_due") and self.optimizer.hessian_due():
             self._hessian_update(micro[0])
         local_units = sum(torch.as_tensor(self.objective.count(b), device=self.device, dtype=torch.float32) for b in micro)
@@ -318,6 +328,8 @@ class Trainer:
         self.grad_norm = grad_norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if first:
+            self.compile_seconds = time.perf_counter() - started
         self.progress.skipped_in_row = 0
         window.loss += step_loss
         window.units += local_units
@@ -349,6 +361,11 @@ class Trainer:
         tokens = float(all_sum(torch.tensor(float(window.tokens), device=self.device)))
         lr = cfg.lr * self.lr_factor
         metrics = {"train/lr": lr, "train/tokens_per_sec": tokens / max(now - window.started, 1e-9)}
+        if self.peak is not None and self.token_flops:
+            metrics["train/mfu"] = metrics["train/tokens_per_sec"] * self.token_flops / (self.peak * self.par.world)
+        if self.compile_seconds is not None and not self.compile_logged:
+            metrics["train/compile_seconds"] = self.compile_seconds  # the first step, compiling included
+            self.compile_logged = True
         if float(all_units) > 0:  # a window of skipped steps only has no loss to report
             metrics["train/loss"] = loss = (all_sum(window.loss) / all_units).item()
             metrics["train/grad_norm"] = float(self.grad_norm)
@@ -363,7 +380,8 @@ class Trainer:
         rate = (self.step - self.resumed_from) / max(now - self.run_started, 1e-9)
         self.say(f"[{self.label}] {_bar(self.step / cfg.max_steps)} step {self.step}/{cfg.max_steps} loss {loss:.4f} "
                  f"lr {lr:.2e} {metrics['train/tokens_per_sec']:,.0f} tok/s "
-                 f"eta {_fmt_eta((cfg.max_steps - self.step) / max(rate, 1e-9))}", flush=True)
+                 + (f"mfu {100 * metrics['train/mfu']:.1f}% " if "train/mfu" in metrics else "")
+                 + f"eta {_fmt_eta((cfg.max_steps - self.step) / max(rate, 1e-9))}", flush=True)
         self.window = Window.empty(self.device)
         self.window.started = now
 

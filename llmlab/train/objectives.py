@@ -7,8 +7,12 @@ normalises by `count()` over the whole optimizer step (so gradient accumulation 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+
+from llmlab.model.model import LlmlabForCausalLM
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
 
@@ -26,14 +30,43 @@ def target_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+CHUNK_AUTO_BYTES = 256 * 2**20  # `chunked_loss: auto` chunks when a micro-batch's fp32 logits would exceed this
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's and peft's wrappers (FSDP2 keeps the class)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class LanguageModeling:
-    """Causal LM loss on every token (pretraining); also SFT when labels mask the prompt."""
+    """Causal LM loss on every token (pretraining); also SFT when labels mask the prompt.
+
+    `chunked`: "auto" (when a micro-batch's fp32 logits would exceed CHUNK_AUTO_BYTES), "on" or
+    "off" — llmlab's own model then computes the loss through its head `chunk_tokens` scored
+    positions at a time (`llmlab.model.loss`) and never builds the full logits; other models
+    always take the plain path."""
+
+    def __init__(self, chunked: str = "off", chunk_tokens: int = 4096):
+        self.chunked, self.chunk_tokens = chunked, chunk_tokens
+
+    @classmethod
+    def from_train(cls, train: Any) -> "LanguageModeling":
+        return cls(str(train.chunked_loss), train.loss_chunk_tokens)
 
     def count(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return target_count(batch["labels"])
 
+    def use_chunks(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+        if self.chunked == "off" or not isinstance(_core(model), LlmlabForCausalLM):
+            return False
+        vocab = _core(model).config.vocab_size
+        return self.chunked == "on" or batch["input_ids"].numel() * vocab * 4 > CHUNK_AUTO_BYTES
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.use_chunks(model, batch):
+            return model(**inputs, labels=batch["labels"], loss_chunk_tokens=self.chunk_tokens).loss, {}
         logits = model(**inputs).logits
         return token_nll_sum(logits, batch["labels"]), {}
 
