@@ -126,16 +126,16 @@ def run(
     only: list[str] = typer.Option([], "--only", help="run only this stage, on the others' finished outputs (repeatable)"),
     from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks for expected failures too (or LLMLAB_DEBUG=1)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="say what would run or be reused, and why; run nothing"),
 ) -> None:
     """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
     if debug:
         os.environ["LLMLAB_DEBUG"] = "1"
     spec = _load_or_exit(file)
-    names = spec.stage_names()
-    for flag, value in [("--force", s) for s in force] + [("--only", s) for s in only] + ([("--from", from_stage)] if from_stage else []):
-        if value not in names:
-            typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
-            raise typer.Exit(2)
+    _check_stage_flags(file, spec, force, only, from_stage)
+    if dry_run:
+        _show_plan(file, force, only, from_stage, as_json=False)
+        return
     _preflight_or_exit(file, spec)
     from llmlab.serve import configure_environment
 
@@ -162,6 +162,40 @@ def run(
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}
         status = "reused" if r["reused"] else r["status"]
         typer.echo(f"{name:<10} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
+
+
+def _check_stage_flags(file: Path, spec: Pipeline, force: list[str], only: list[str], from_stage: str | None) -> None:
+    names = spec.stage_names()
+    for flag, value in [("--force", s) for s in force] + [("--only", s) for s in only] + ([("--from", from_stage)] if from_stage else []):
+        if value not in names:
+            typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
+            raise typer.Exit(2)
+
+
+def _show_plan(file: Path, force: list[str], only: list[str], from_stage: str | None, as_json: bool) -> None:
+    from llmlab.plan import as_json as plan_json
+    from llmlab.plan import plan_run, render
+
+    rows = plan_run(file, force, only, from_stage)
+    if as_json:
+        typer.echo(json.dumps(plan_json(rows), indent=2))
+    else:
+        typer.echo(f"plan for {file} (nothing runs):")
+        typer.echo(render(rows))
+
+
+@app.command()
+def plan(
+    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    force: list[str] = typer.Option([], "--force", help="as llmlab run --force"),
+    only: list[str] = typer.Option([], "--only", help="as llmlab run --only"),
+    from_stage: str | None = typer.Option(None, "--from", help="as llmlab run --from"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable rows"),
+) -> None:
+    """What `llmlab run` would do: each stage reused or run, why, and its estimated time and memory."""
+    spec = _load_or_exit(file)
+    _check_stage_flags(file, spec, force, only, from_stage)
+    _show_plan(file, force, only, from_stage, as_json)
 
 
 @app.command()

@@ -105,13 +105,13 @@ def folder_conflict(spec_file: str | Path, spec: Pipeline, stage: str) -> str | 
     owner, this = record.get("spec_file"), str(Path(spec_file).resolve())
     if not owner or owner == this or record.get("config_hash") == config_hash(resolved_config(spec, stage)):
         return None
-    changed = _changed_fields(record.get("config") or {}, resolved_config(spec, stage))
+    changed = changed_fields(record.get("config") or {}, resolved_config(spec, stage))
     return (f"stage '{stage}': {out_dir}: holds this stage of {owner} ({record.get('status', 'unknown')}), and {this} "
             f"points the same folder at a different config ({changed}): give one of the two pipelines its own `workdir` "
             f"(or delete {out_dir} to hand it over), then run again")
 
 
-def _changed_fields(old: dict, new: dict, prefix: str = "") -> str:
+def changed_fields(old: dict, new: dict, prefix: str = "") -> str:
     """The first few fields that differ between two resolved configs, as `a.b: old -> new`."""
     diffs: list[str] = []
 

@@ -57,6 +57,10 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         # rows past the 50 that validation samples are broken: the eval stage fails on the worker
         evaldata = half_broken_text(tmp_path / "evaldata.jsonl", 60, 200)
         spec = shrunk_tiny(tmp_path, "deploy-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
+        raw = yaml.safe_load(spec.read_text())  # tokenizer -> pretrain -> eval: the fine-tuning stages add only time
+        raw["stages"] = {"pretrain": raw["stages"]["pretrain"],
+                         "eval": {**raw["stages"]["eval"], "from": ["pretrain"], "tasks": [], "preferences": [], "reward": None}}
+        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
         run_env = {**env, "PREFECT_API_URL": info["prefect_api_url"]}
         prefect = str(Path(sys.executable).parent / "prefect")
         out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny", "--param", f"spec={spec}", "--watch"],
@@ -92,7 +96,7 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
         stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.stage"}
-        assert stages == {"tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"}
+        assert stages == {"tokenizer", "pretrain", "eval"}
         parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
         assert sorted(p["info"]["status"] for p in parent) == ["FAILED", "FINISHED"]
         assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"

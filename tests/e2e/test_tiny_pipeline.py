@@ -184,3 +184,39 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
         assert report["models"][model]["reward_mean"] != report["models"][model]["exact_match"]
     (version,) = client.search_model_versions("name = 'tiny-ppo-test'")
     assert version.run_id == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model
+
+
+def test_plan_says_what_would_run_and_why_without_running_anything(finished_run):
+    """Last in this module: it edits the spec file (and puts it back)."""
+    import yaml
+
+    from llmlab.plan import plan_run
+
+    spec = finished_run["spec"]
+    rows = {r.stage: r for r in plan_run(spec)}
+    assert {s: r.action for s, r in rows.items()} == {s: "reuse" for s in finished_run["results"]}
+    rows = {r.stage: r for r in plan_run(spec, force=["grpo"])}
+    assert rows["dpo"].action == "reuse" and rows["grpo"].action == "run" and "forced" in rows["grpo"].reasons[0]
+    assert rows["eval"].action == "run" and rows["eval"].reasons == ["input 'grpo' runs again, so its output may change"]
+    # a time estimate from the stage's own last run (same shape) and a memory estimate
+    assert rows["grpo"].seconds == pytest.approx(finished_run["results"]["grpo"]["seconds"]) and rows["grpo"].memory > 0
+    original = spec.read_text()
+    try:
+        raw = yaml.safe_load(original)
+        raw["stages"]["dpo"]["beta"] = 0.3
+        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+        rows = {r.stage: r for r in plan_run(spec)}
+        assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft", "merge"]
+        assert rows["dpo"].reasons == ["config changed: beta: 0.2 -> 0.3"]
+        shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
+                               text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
+        assert shown.returncode == 0, shown.stderr
+        assert {r["stage"]: r["action"] for r in json.loads(shown.stdout)}["dpo"] == "run"
+        record = Path(finished_run["results"]["dpo"]["output_dir"]) / "stage.json"
+        before = record.read_text()
+        dry = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec), "--dry-run"], capture_output=True,
+                             text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
+        assert dry.returncode == 0 and "config changed: beta: 0.2 -> 0.3" in dry.stdout, dry.stderr
+        assert record.read_text() == before  # nothing ran
+    finally:
+        spec.write_text(original)

@@ -56,7 +56,8 @@ def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path)
     spec = shrunk_tiny(tmp_path, "tracking-test", pretrain={"gates": []})
     raw = yaml.safe_load(spec.read_text())
     raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}
-    raw["stages"]["pretrain"]["train"].update(max_steps=600, log_every=2, save_every=100, eval_every=300)
+    # a checkpoint every 10 steps also sends the buffered metrics: while the server is down, those sends fail
+    raw["stages"]["pretrain"]["train"].update(max_steps=400, log_every=2, save_every=10, eval_every=200)
     raw["tracking"] = {"uri": uri, "wait_seconds": 120}
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     server = start_mlflow(tmp_path, port)
@@ -71,6 +72,9 @@ def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path)
             time.sleep(0.2)
         stop(server)  # mid-stage
         lines_at_stop = len(metrics_file.read_text().splitlines())
+        down_until = time.time() + 30
+        while time.time() < down_until and len(metrics_file.read_text().splitlines()) < lines_at_stop + 12:
+            time.sleep(0.2)  # down for at least two checkpoints' sends
         server = start_mlflow(tmp_path, port)  # back after its start-up time (~15 s)
         out, _ = run.communicate(timeout=600)
         assert run.returncode == 0, out[-4000:]

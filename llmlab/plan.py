@@ -1,0 +1,156 @@
+"""What a run of a spec would do, before it does it: `llmlab plan SPEC` and `llmlab run --dry-run`.
+
+    rows = plan_run("pipelines/tiny.yaml", force=["dpo"])
+    print(render(rows))          # one line per stage: reuse | run | resume | skip, and why
+
+For every stage, in the order the flow runs them: whether its finished output will be reused or the
+stage will run, and why — never ran here, the last attempt failed or was interrupted (and from which
+checkpoint it resumes), the config fields that changed (old -> new), the input whose output will
+change, llmlab's code changed, the output was altered or deleted, or a flag. With the estimated wall
+time (the stage's own last duration when it ran here with the same shape, else unknown) and peak
+training memory (`llmlab.estimate`). Reads stage folders only; runs and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmlab.checkpoint import fingerprint, latest_checkpoint
+from llmlab.estimate import estimate_stage, fmt_bytes
+from llmlab.reuse import changed_fields, cache_key, folder_conflict
+from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
+from llmlab.spec import Pipeline, config_hash, load_spec
+
+# config fields that change how long a stage takes (a changed lr does not; more steps do)
+SHAPE_FIELDS = ("max_steps", "batch_sequences", "batch_pairs", "batch_prompts", "rollout_prompts",
+                "gradient_accumulation_steps", "max_seq_len", "group_size", "max_new_tokens", "ppo_epochs")
+
+
+@dataclass
+class PlanRow:
+    stage: str
+    kind: str
+    action: str  # reuse | run | resume | skip | blocked
+    reasons: list[str] = field(default_factory=list)
+    seconds: float | None = None  # estimated wall time when it runs (None: unknown)
+    estimate_source: str | None = None  # where `seconds` comes from
+    memory: int | None = None  # estimated peak training bytes
+
+
+def _record(spec: Pipeline, stage: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(spec.output_root) / stage / "stage.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _intact(spec: Pipeline, stage: str, record: dict[str, Any]) -> bool:
+    try:
+        main = Path(record["outputs"][MAIN_OUTPUT[stage_kind(spec, stage)]])
+    except (KeyError, TypeError):
+        return False
+    return main.exists() and fingerprint(main) == record.get("fingerprint")
+
+
+def _shape(config: dict[str, Any]) -> dict[str, Any]:
+    train = config.get("train") or {}
+    return {k: train.get(k, config.get(k)) for k in SHAPE_FIELDS}
+
+
+def _why_rerun(spec: Pipeline, stage: str, record: dict[str, Any], inputs: dict[str, dict]) -> list[str]:
+    """Why a finished stage's recorded key no longer matches: config, inputs, or code."""
+    reasons = []
+    config = resolved_config(spec, stage)
+    if record.get("config_hash") != config_hash(config):
+        reasons.append(f"config changed: {changed_fields(record.get('config') or {}, config)}")
+    old_inputs = record.get("inputs") or {}
+    for name, result in inputs.items():
+        if old_inputs.get(name) != result["fingerprint"]:
+            reasons.append(f"input '{name}' changed (output {str(old_inputs.get(name))[:8]} -> {result['fingerprint'][:8]})")
+    if not reasons:
+        reasons.append("llmlab's code changed since it ran")
+    return reasons
+
+
+def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[str] | None = None,
+             from_stage: str | None = None) -> list[PlanRow]:
+    """One PlanRow per stage, in execution order; see the module docstring."""
+    spec = load_spec(spec_file)
+    order = spec.stage_names()
+    forced = set(force or []) | (set(order[order.index(from_stage):]) if from_stage in order else set())
+    results: dict[str, dict | None] = {}  # a stage's result as its dependants will see it; None = not known yet
+    rows = []
+    for name in order:
+        kind = "tokenizer" if name == "tokenizer" else spec.stages[name].kind
+        row = PlanRow(name, kind, "run")
+        deps = [] if name == "tokenizer" else list(spec.stages[name].inputs)
+        if spec.tokenizer.train is not None and name != "tokenizer":
+            deps = ["tokenizer", *deps]
+        record = _record(spec, name)
+        conflict = folder_conflict(spec_file, spec, name)
+        pending = [d for d in deps if results.get(d) is None]
+        if conflict:
+            row.action, row.reasons = "blocked", [conflict.split(": ", 1)[1]]
+        elif only and name not in only:
+            intact = record is not None and record.get("status") == "finished" and _intact(spec, name, record)
+            row.action = "skip" if intact else "blocked"
+            row.reasons = ["--only: its recorded output is used" if intact else "--only: it has no finished output to use"]
+        elif name in forced:
+            row.reasons = ["forced (--force / --from): runs from step 0"]
+        elif record is None:
+            row.reasons = ["never ran in this workdir"]
+        elif record.get("status") != "finished":
+            ckpt = latest_checkpoint(Path(spec.output_root) / name / "checkpoints")
+            if ckpt is not None and record.get("config_hash") == config_hash(resolved_config(spec, name)):
+                row.action, row.reasons = "resume", [f"last attempt {record.get('status')}; resumes from {ckpt.name}"]
+            else:
+                row.reasons = [f"last attempt {record.get('status')}" + (f": {record['error']}" if record.get("error") else "")]
+        elif pending:
+            row.reasons = [f"input '{d}' runs again, so its output may change" for d in pending]
+        else:
+            inputs = {d: results[d] for d in deps}
+            key = cache_key(spec, name, inputs)  # type: ignore[arg-type]
+            if record.get("cache_key") != key:
+                row.reasons = _why_rerun(spec, name, record, inputs)  # type: ignore[arg-type]
+            elif not _intact(spec, name, record):
+                row.reasons = ["its output was deleted or altered since it finished"]
+            else:
+                row.action, row.reasons = "reuse", ["same config, inputs and code; output intact"]
+        results[name] = record.get("result") if row.action in ("reuse", "skip") and record else None
+        if row.action in ("run", "resume"):
+            _estimate(spec, name, record, row)
+        rows.append(row)
+    return rows
+
+
+def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: PlanRow) -> None:
+    if name != "tokenizer":
+        est = estimate_stage(spec, name)
+        row.memory = est.total if est is not None else None
+    last = (record or {}).get("result") or {}
+    if record and last.get("seconds") and _shape(record.get("config") or {}) == _shape(resolved_config(spec, name)):
+        row.seconds, row.estimate_source = float(last["seconds"]), "its last run here, same shape"
+
+
+def render(rows: list[PlanRow]) -> str:
+    width = max(len(r.stage) for r in rows)
+    lines = []
+    for r in rows:
+        cost = ""
+        if r.action in ("run", "resume"):
+            when = f"~{r.seconds:.0f} s" if r.seconds is not None else "time unknown (never ran with this shape here)"
+            cost = f"  [{when}" + (f", peak ~{fmt_bytes(r.memory)}" if r.memory else "") + "]"
+        lines.append(f"  {r.stage:<{width}}  {r.action:<7} {r.kind:<10} {'; '.join(r.reasons)}{cost}")
+    runs = [r for r in rows if r.action in ("run", "resume")]
+    known = sum(r.seconds for r in runs if r.seconds is not None)
+    unknown = sum(1 for r in runs if r.seconds is None)
+    total = f"{len(runs)} of {len(rows)} stages run, ~{known:.0f} s known" + (f" + {unknown} unknown" if unknown else "")
+    blocked = [r.stage for r in rows if r.action == "blocked"]
+    return "\n".join(lines + [total + (f"; blocked: {', '.join(blocked)}" if blocked else "")])
+
+
+def as_json(rows: list[PlanRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
