@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/kill_resume.py [--kills 20] [--seed 0] [--workdir bench-runs/kill-resume] [--json out.json]
 
-One small pipeline — pretrain -> sft (LoRA) -> dpo -> grpo, builtin data — runs once uninterrupted
+One small pipeline — pretrain -> sft (LoRA) -> merge -> dpo -> grpo, builtin data — runs once uninterrupted
 (the reference), then again in its own workdir while this script kills the whole `llmlab run`
 process group with SIGKILL: `--kills` times in all, spread evenly over the four training stages,
 each at a random moment (uniform over a window after the stage's first logged step; a kill that
@@ -51,7 +51,8 @@ def spec(workdir: Path) -> dict:
                          "train": train(120, batch_sequences=8, gradient_accumulation_steps=2)},
             "sft": {"kind": "sft", "from": "pretrain", "data": [{"path": "builtin:tasks"}], "max_examples": 2000,
                     "lora": {"preset": "all", "r": 8, "dropout": 0.1}, "train": train(80, batch_sequences=8)},
-            "dpo": {"kind": "dpo", "from": "sft", "data": [{"path": "builtin:tasks-preference"}], "max_examples": 600,
+            "merge": {"kind": "merge", "from": "sft"},
+            "dpo": {"kind": "dpo", "from": "merge", "data": [{"path": "builtin:tasks-preference"}], "max_examples": 600,
                     "train": train(60, batch_pairs=4, gradient_accumulation_steps=2)},
             "grpo": {"kind": "grpo", "from": "dpo", "data": [{"path": "builtin:tasks-prompts"}], "reward": "exact_match",
                      "group_size": 4, "max_new_tokens": 8, "eval_prompts": 8, "max_prompts": 400,
@@ -128,18 +129,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--window", type=float, default=12.0, help="seconds after a stage's first step a kill may land in")
+    ap.add_argument("--window", type=float, default=40.0, help="seconds after a stage's first step a kill may land in")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench-runs" / "kill-resume")
+    ap.add_argument("--keep-reference", action="store_true", help="reuse a finished reference run in --workdir")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    keep = args.keep_reference and all(status(args.workdir / "reference" / "runs", s) == "finished" for s in STAGES)
+    shutil.rmtree(args.workdir / "killed", ignore_errors=True)
+    if not keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
     started = time.time()
 
     ref_file, ref_env = prepare(args.workdir / "reference")
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(ref_file)], cwd=ref_file.parent, env=ref_env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True)  # reuses every stage when kept
     if done.returncode != 0:
         print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
         return 1

@@ -377,3 +377,13 @@ def test_dpo_takes_its_pairs_from_a_preferences_stage_and_grpo_dynamic_sampling_
             "distributed": {"nproc_per_node": 2}}
     paths = {i.path: i.message for i in issues_of(rl_spec(grpo=grpo))}
     assert any("dynamic_sampling" in p or "dynamic_sampling" in m for p, m in paths.items()), paths
+
+
+def test_a_stage_cannot_start_from_lora_adapters_without_a_merge():
+    raw = yaml.safe_load((ROOT / "pipelines/tiny-ppo.yaml").read_text())
+    raw["stages"]["reward"]["from"] = "sft"  # sft trains LoRA adapters in this pipeline
+    with pytest.raises(SpecError) as err:
+        parse_spec(yaml.safe_dump(raw, sort_keys=False))
+    (issue,) = err.value.issues
+    assert issue.path == "stages.reward.from" and "'sft' trains LoRA adapters" in issue.message
+    assert "kind: merge, from: sft" in issue.message

@@ -177,7 +177,7 @@ def test_local_file_held_out_fraction_never_in_training(tok, tmp_path):
 def test_builtin_tasks_use_their_validation_split(tok):
     data = prepare_sft_data([DataSource(path="builtin:tasks")], tok, max_seq_len=64, seed=0,
                             val_fraction=0.1, max_examples=300)
-    assert len(data.train) == 300 and len(data.val) == 300
+    assert len(data.train) == 300 and 150 < len(data.val) <= 300  # each held-out prompt once, so fewer may exist
     assert data.stats["sources"][0]["validation"] == "its validation split"
     from llmlab.data.tasks import iter_examples
 

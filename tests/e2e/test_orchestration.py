@@ -107,11 +107,11 @@ def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
     before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "eval")}
     spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4})  # an eval-only change
     results = pipeline(spec=str(spec))
-    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval")] == [True] * 6 + [False]
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "dpo", "grpo", "eval")] == [True] * 5 + [False]
     # a DPO field changes: everything before it is reused, dpo and what depends on it (grpo, eval) run
     spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4}, dpo={"beta": 0.3})
     results = pipeline(spec=str(spec))
-    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval")] == [True] * 4 + [False] * 3
+    assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "dpo", "grpo", "eval")] == [True] * 3 + [False] * 3
     assert started(runs, "pretrain") == before["pretrain"]
     # --force pretrain reruns it from step 0; --only eval runs eval alone
     results = pipeline(spec=str(spec), force=["pretrain"])
@@ -121,7 +121,7 @@ def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
     results = pipeline(spec=str(spec), only=["eval"], force=["eval"])
     assert results["tokenizer"]["reused"] and results["pretrain"]["reused"] and not results["eval"]["reused"]
     results = pipeline(spec=str(spec), from_stage="sft")
-    assert results["pretrain"]["reused"] and not results["sft"]["reused"] and not results["merge"]["reused"]
+    assert results["pretrain"]["reused"] and not results["sft"]["reused"] and not results["dpo"]["reused"]
     assert started(runs, "tokenizer") == t
 
 

@@ -33,7 +33,7 @@ def test_every_stage_finishes_with_outputs(finished_run):
     from llmlab.checkpoint import fingerprint
 
     results = finished_run["results"]
-    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
+    assert list(results) == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
     assert (Path(results["dpo"]["outputs"]["model"]) / "model.safetensors").is_file()
     assert (Path(results["grpo"]["outputs"]["model"]) / "model.safetensors").is_file()
     assert json.loads((Path(results["grpo"]["output_dir"]) / "stage.json").read_text())["inputs"]["dpo"] == \
@@ -47,12 +47,10 @@ def test_every_stage_finishes_with_outputs(finished_run):
     assert fingerprint(model_dir) == results["pretrain"]["fingerprint"]
     assert json.loads((Path(results["pretrain"]["output_dir"]) / "stage.json").read_text())["inputs"] == {
         "tokenizer": results["tokenizer"]["fingerprint"]}
-    # LoRA SFT wrote peft adapters (best and final); merge wrote a plain model with the chat template
-    sft_dir = Path(results["sft"]["output_dir"])
-    assert {p.name for p in (sft_dir / "adapters").iterdir()} == {"best", "final"}
-    assert (sft_dir / "adapters" / "best" / "adapter_config.json").is_file()
-    merged = Path(results["merge"]["outputs"]["model"])
-    assert (merged / "chat_template.jinja").is_file() and (merged / "model.safetensors").is_file()
+    # full SFT wrote a plain model with the chat template (no adapters)
+    sft_model = Path(results["sft"]["outputs"]["model"])
+    assert (sft_model / "chat_template.jinja").is_file() and (sft_model / "model.safetensors").is_file()
+    assert not (Path(results["sft"]["output_dir"]) / "adapters").exists()
     # no temporary names left behind
     assert not list(Path(results["pretrain"]["output_dir"]).rglob(".*.tmp"))
 
@@ -66,9 +64,9 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     assert len(scores["samples"]) == len(report["prompts"])
     text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
     table = next(block for block in text.split("\n\n") if block.startswith("| model | eval loss"))
-    assert all(table.count(f"| {m} |") == 1 for m in ("pretrain", "merge", "dpo", "grpo"))
+    assert all(table.count(f"| {m} |") == 1 for m in ("pretrain", "sft", "dpo", "grpo"))
     assert report["tasks"]["prompts"] == 8 and report["preferences"]["pairs"] == 8
-    for model in ("pretrain", "merge", "dpo", "grpo"):
+    for model in ("pretrain", "sft", "dpo", "grpo"):
         assert 0.0 <= report["models"][model]["exact_match"] <= 1.0
         assert 0.0 <= report["models"][model]["preference_accuracy"] <= 1.0
         # the builtin exact_match reward is 1 per exact match, so its mean is the exact-match rate
@@ -89,7 +87,7 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
     assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"}
+    assert set(children) == {"tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"}
     assert client.get_metric_history(children["dpo"].info.run_id, "dpo/accuracy")
     for key in ("rl/reward_mean", "rl/kl", "rl/zero_variance_share", "rl/generation_share", "eval/reward_mean"):
         assert client.get_metric_history(children["grpo"].info.run_id, key), key
@@ -126,7 +124,7 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
                          env=env, check=True).stdout
     lines = out.splitlines()
     assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
-    assert [line.split()[0] for line in lines[1:8]] == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
+    assert [line.split()[0] for line in lines[1:7]] == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
     assert all("finished" in line for line in lines[1:8])
 
 
@@ -150,7 +148,7 @@ def test_report_files_and_llmlab_report_rebuilds_from_mlflow(finished_run, tmp_p
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "r" / "report.md").read_text()
-    assert all(f"| {m} |" in text for m in ("pretrain", "merge", "dpo", "grpo"))
+    assert all(f"| {m} |" in text for m in ("pretrain", "sft", "dpo", "grpo"))
     assert (tmp_path / "r" / "training_curves.png").stat().st_size > 1000
     assert text == (eval_dir / "report.md").read_text()  # the same report, from MLflow alone
     missing = subprocess.run([sys.executable, "-m", "llmlab.cli", "report", "no-such-pipeline"], capture_output=True,
@@ -173,6 +171,12 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
     inputs = json.loads((Path(results["ppo"]["output_dir"]) / "stage.json").read_text())["inputs"]
     assert (inputs["merge"], inputs["reward"]) == (results["merge"]["fingerprint"], results["reward"]["fingerprint"])
     assert Path(results["ppo"]["outputs"]["value_head"]).is_file()
+    # LoRA SFT wrote peft adapters (best and final); merge wrote a plain model with the chat template
+    sft_dir = Path(results["sft"]["output_dir"])
+    assert {p.name for p in (sft_dir / "adapters").iterdir()} == {"best", "final"}
+    assert (sft_dir / "adapters" / "best" / "adapter_config.json").is_file()
+    merged = Path(results["merge"]["outputs"]["model"])
+    assert (merged / "chat_template.jinja").is_file() and (merged / "model.safetensors").is_file()
     client = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}")
     run = client.get_run(results["ppo"]["mlflow_run_id"])
     assert run.data.tags["llmlab.reward"] == "reward stage reward"
@@ -206,7 +210,7 @@ def test_plan_says_what_would_run_and_why_without_running_anything(finished_run)
         raw["stages"]["dpo"]["beta"] = 0.3
         spec.write_text(yaml.safe_dump(raw, sort_keys=False))
         rows = {r.stage: r for r in plan_run(spec)}
-        assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft", "merge"]
+        assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft"]
         assert rows["dpo"].reasons == ["config changed: beta: 0.2 -> 0.3"]
         shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
                                text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
