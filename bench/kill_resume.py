@@ -97,12 +97,27 @@ def losses(runs: Path, stage: str) -> dict[int, dict[str, float]]:
     return {step: values for step, values in out.items() if values}
 
 
+def _trained_since(runs: Path, stage: str, started: float, from_step: int) -> bool:
+    """This rerun has logged a training step of its own: metrics.jsonl was rewritten after it started
+    (a resumed stage trims the rows past its checkpoint) and holds a step past that checkpoint."""
+    metrics = runs / stage / "metrics.jsonl"
+    try:
+        if metrics.stat().st_mtime < started:
+            return False
+        return any(json.loads(line)["step"] > from_step for line in metrics.read_text().splitlines())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def kill_once(spec_file: Path, env: dict, runs: Path, stage: str, window: float, rng: random.Random) -> dict | None:
     """Start the pipeline, wait for `stage` to log its first step, SIGKILL at a random moment of
     the next `window` seconds; the kill's record, or None when the stage finished first."""
+    ckpt = runs / stage / "checkpoints" / "latest"
+    from_step = int(ckpt.read_text().strip().split("-")[1]) if ckpt.exists() else 0
+    started = time.time()
     proc = start(spec_file, env)
-    try:
-        while not (status(runs, stage) == "running" and logged_rows(runs, stage) > 0):
+    try:  # the window opens at this run's first own training step, not at rows a killed attempt left
+        while not (status(runs, stage) == "running" and _trained_since(runs, stage, started, from_step)):
             if proc.poll() is not None:
                 return None  # finished (or failed) before the stage ran again
             time.sleep(0.05)
