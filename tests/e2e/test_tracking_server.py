@@ -72,9 +72,12 @@ def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path)
             time.sleep(0.2)
         stop(server)  # mid-stage
         lines_at_stop = len(metrics_file.read_text().splitlines())
-        down_until = time.time() + 30
-        while time.time() < down_until and len(metrics_file.read_text().splitlines()) < lines_at_stop + 12:
-            time.sleep(0.2)  # down for at least two checkpoints' sends
+        def logged() -> list[dict]:
+            return [json.loads(line) for line in metrics_file.read_text().splitlines()]
+
+        down_until = time.time() + 300  # down for at least two checkpoints' sends (12 rows = 24 steps)
+        while time.time() < down_until and len(logged()) < lines_at_stop + 12 and logged()[-1]["step"] < 390:
+            time.sleep(0.2)
         server = start_mlflow(tmp_path, port)  # back after its start-up time (~15 s)
         out, _ = run.communicate(timeout=600)
         assert run.returncode == 0, out[-4000:]
