@@ -31,7 +31,7 @@ def test_the_demo_improves_its_model_at_every_stage(tmp_path):
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}
     done = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     models = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())["models"]
     em = {m: v["exact_match"] for m, v in models.items()}
