@@ -108,8 +108,9 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     ev = {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     assert {"results.json", "report.md"} <= ev
     assert client.get_metric_history(children["eval"].info.run_id, "pretrain/eval/ppl")
-    sft = children["sft"]
-    assert float(sft.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft.data.params["lora.preset"] == "all"
+    sft = children["sft"]  # full fine-tuning: every parameter trains, and no lora params are recorded
+    assert sft.data.tags["llmlab.trainable_params"] == sft.data.tags["llmlab.total_params"]
+    assert not any(k.startswith("lora.") for k in sft.data.params)
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
     assert version.run_id == children["grpo"].info.run_id
@@ -171,6 +172,8 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
     inputs = json.loads((Path(results["ppo"]["output_dir"]) / "stage.json").read_text())["inputs"]
     assert (inputs["merge"], inputs["reward"]) == (results["merge"]["fingerprint"], results["reward"]["fingerprint"])
     assert Path(results["ppo"]["outputs"]["value_head"]).is_file()
+    sft_run = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}").get_run(results["sft"]["mlflow_run_id"])
+    assert float(sft_run.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft_run.data.params["lora.preset"] == "all"
     # LoRA SFT wrote peft adapters (best and final); merge wrote a plain model with the chat template
     sft_dir = Path(results["sft"]["output_dir"])
     assert {p.name for p in (sft_dir / "adapters").iterdir()} == {"best", "final"}
