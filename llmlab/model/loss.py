@@ -40,7 +40,3 @@ def chunked_nll_sum(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
             total = total + _chunk_nll(head, piece, goal)
     return total
 
-
-def logits_bytes(batch_tokens: int, vocab_size: int) -> int:
-    """What the plain loss materialises: fp32 logits for every position."""
-    return batch_tokens * vocab_size * 4

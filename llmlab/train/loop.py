@@ -319,7 +319,7 @@ class Trainer:
             self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
         # one host sync per step: a non-finite loss or gradient on any rank skips the update everywhere
-        bad = any_rank(not bool(torch.isfinite(all_sum(step_loss.clone())) & torch.isfinite(grad_norm)))
+        bad = any_rank(not bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)))
         self.progress.step += 1
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
