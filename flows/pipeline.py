@@ -4,7 +4,10 @@
     prefect deployment run 'llmlab/tiny' --param force='["eval"]'       # through a worker
 
 Stages run in declaration order (the tokenizer first when the spec trains one); each gets the
-results of the stages it names in `from` (and the tokenizer stage's), passed as small dicts.
+results of the stages it names in `from` (and the tokenizer stage's), passed as small dicts. A
+swept stage runs as one task per branch (named by its values, e.g. `dpo[beta=0.1]`), side by side
+up to `max_parallel`; a stage with `select` takes the best branch (a `select-<stage>` task logs the
+choice); a repeated group runs as one task per stage and round (`dpo#2`).
 Finished stages whose key is unchanged are reused (Prefect shows them Cached); `force` reruns the
 named stages, `from_stage` reruns a stage and everything after it, `only` runs just the named
 stages on the recorded outputs of the others.
@@ -29,7 +32,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 
 from llmlab.spec import load_spec  # noqa: E402
-from tasks.stages import check_spec, intact_result, run_stage  # noqa: E402
+from tasks.stages import check_spec, intact_result, max_parallel, run_stage, select_branch  # noqa: E402
 from tasks.tracking import close_run, open_run  # noqa: E402
 
 
@@ -59,16 +62,41 @@ def _raise_unexpected(state: State) -> None:
         raise error
 
 
+def _batches(plan, names: list[str], parallel: int) -> list[list[str]]:
+    """Consecutive branches of one fanned-out stage run side by side (`parallel` at a time);
+    everything else one by one, in order."""
+    out: list[list[str]] = []
+    for name in names:
+        prev = out[-1] if out else None
+        variant = plan.variant(name) if name != "tokenizer" else None
+        if (prev and variant and variant.assign and len(prev) < parallel and prev[0] != "tokenizer"
+                and plan.variant(prev[0]).base == variant.base and plan.variant(prev[0]).assign):
+            prev.append(name)
+        else:
+            out.append([name])
+    return out
+
+
 @flow(name="llmlab", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None = None,
-             from_stage: str | None = None) -> dict[str, dict] | State:
-    """Run the stages of the spec file `spec`; returns {stage: StageResult dict}."""
+             from_stage: str | None = None, sweep: dict[str, dict[str, list]] | None = None) -> dict[str, dict] | State:
+    """Run the stages of the spec file `spec`; returns {stage: StageResult dict}.
+
+    Stage names may be written ones (`dpo`: all its branches and rounds) or concrete ones
+    (`dpo[beta=0.1]`, `dpo#2`). `sweep` narrows sweeps to some of their values,
+    e.g. {"dpo": {"beta": [0.1]}}: the other branches, and what fans out from them, do not run."""
     plan = load_spec(spec)
     order = plan.stage_names()
-    unknown = [s for s in [*(force or []), *(only or []), *([from_stage] if from_stage else [])] if s not in order]
+    named = [*(force or []), *(only or []), *([from_stage] if from_stage else [])]
+    unknown = [s for s in named if not plan.expand_names([s])]
     if unknown:
         return Failed(message=f"{spec}: unknown stage(s) {unknown}; this pipeline has {order}")
-    forced = set(force or []) | (set(order[order.index(from_stage):]) if from_stage else set())
+    keep, problems = plan.graph.narrowed(sweep or {})
+    if problems:
+        return Failed(message=f"{spec}: sweep={sweep}: " + "; ".join(problems))
+    first = order.index(plan.expand_names([from_stage])[0]) if from_stage else len(order)
+    forced = set(plan.expand_names(force or [])) | set(order[first:])
+    only_set = set(plan.expand_names(only or []))
     checked = check_spec(spec, return_state=True)  # every local file, folder and model it names, before any stage runs
     if checked.is_failed():
         _raise_unexpected(checked)
@@ -77,35 +105,55 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
     parent = open_run(spec, flow_run.id)
     results: dict[str, dict] = {}
     reused: dict[str, str] = {}
+    chosen: dict[str, str] = {}  # selecting stage -> the judge's branch it took
+    runnable = [n for n in order if n == "tokenizer" or n in keep]
     try:
-        for name in order:
-            deps = [] if name == "tokenizer" else plan.stages[name].inputs
-            if "tokenizer" in results and name != "tokenizer":
-                deps = ["tokenizer", *deps]
-            inputs = {d: results[d] for d in deps}
-            skip = bool(only) and name not in only
-            # with --only, any finished, intact output of another stage will do (even from older code)
-            recorded = intact_result(spec, name, inputs, strict=not skip)
-            if skip:
-                if recorded is None:
-                    close_run(spec, parent, "FAILED", results, reused)
-                    return Failed(message=f"stage '{name}' has no finished output to run {only} on; run it first "
-                                          f"(llmlab run {spec} --only {name})")
-                results[name], reused[name] = {**recorded, "reused": True}, recorded["mlflow_run_id"]
-                continue
-            state = run_stage.with_options(result_storage=storage, refresh_cache=name in forced or recorded is None)(
-                spec, name, inputs, parent, force=name in forced, return_state=True)
-            if state.is_failed():
-                _raise_unexpected(state)
-                close_run(spec, parent, "FAILED", results, reused)
-                return Failed(message=state.message)  # an expected one: its sentence, no traceback
-            result = state.result()
-            if state.name == "Cached" or result["reused"]:
-                result = {**result, "reused": True}
-                reused[name] = result["mlflow_run_id"]
-            results[name] = result
+        for batch in _batches(plan, runnable, max_parallel(spec)):
+            pending = []
+            for name in batch:
+                selection = plan.selection(name)
+                if selection is not None:
+                    judged = {b: results[b] for b in selection.options if b in results}
+                    picked = select_branch(spec, name, judged, parent, return_state=True)
+                    if picked.is_failed():
+                        _raise_unexpected(picked)
+                        close_run(spec, parent, "FAILED", results, reused, chosen)
+                        return Failed(message=picked.message)
+                    chosen[name] = picked.result()
+                inputs = {ref: results[dep] for ref, dep in plan.dependencies(name, chosen.get(name)).items()}
+                skip = bool(only_set) and name not in only_set
+                # with --only, any finished, intact output of another stage will do (even from older code)
+                recorded = intact_result(spec, name, inputs, strict=not skip)
+                if skip:
+                    if recorded is None:
+                        close_run(spec, parent, "FAILED", results, reused, chosen)
+                        return Failed(message=f"stage '{name}' has no finished output to run {only} on; run it first "
+                                              f"(llmlab run {spec} --only {name})")
+                    results[name], reused[name] = {**recorded, "reused": True}, recorded["mlflow_run_id"]
+                    continue
+                pending.append((name, inputs, recorded))
+            task = run_stage.with_options(result_storage=storage)
+            if len(pending) == 1:  # in this process, as always
+                name, inputs, recorded = pending[0]
+                states = [task.with_options(refresh_cache=name in forced or recorded is None)(
+                    spec, name, inputs, parent, force=name in forced, return_state=True)]
+            else:  # side by side, each branch in its own process on its own slot (GPU or share of the cores)
+                futures = [task.with_options(refresh_cache=name in forced or recorded is None).submit(
+                    spec, name, inputs, parent, force=name in forced, slot=i, slots=len(pending))
+                    for i, (name, inputs, recorded) in enumerate(pending)]
+                states = [f.wait() or f.state for f in futures]
+            for (name, _, _), state in zip(pending, states):
+                if state.is_failed():
+                    _raise_unexpected(state)
+                    close_run(spec, parent, "FAILED", results, reused, chosen)
+                    return Failed(message=state.message)  # an expected one: its sentence, no traceback
+                result = state.result()
+                if state.name == "Cached" or result["reused"]:
+                    result = {**result, "reused": True}
+                    reused[name] = result["mlflow_run_id"]
+                results[name] = result
     except BaseException:
-        close_run(spec, parent, "FAILED", results, reused)
+        close_run(spec, parent, "FAILED", results, reused, chosen)
         raise
-    close_run(spec, parent, "FINISHED", results, reused)
+    close_run(spec, parent, "FINISHED", results, reused, chosen)
     return results

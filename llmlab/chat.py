@@ -32,7 +32,7 @@ def resolve_model_dir(target: str) -> Path:
         spec = load_spec(spec_file)
         if stage not in spec.stage_names():
             raise ModelNotFound(f"{spec_file} has no stage '{stage}' (stages: {', '.join(spec.stage_names())})")
-        target = str(Path(spec.output_root) / stage)
+        target = str(spec.stage_dir(stage))
     path = Path(target).expanduser()
     for candidate in (path / "model", path):  # a stage folder's own config.json is the stage config
         config = candidate / "config.json"

@@ -84,13 +84,17 @@ def inspect(
     else:
         typer.echo("model: no stage builds the spec's `model:` block; each stage's starting model is shown with it")
     typer.echo("stages:")
+    width = max(len(n) for n in spec.stage_names())
     for name in spec.stage_names():
         if name == "tokenizer":
             typer.echo(f"  tokenizer  (train byte-level BPE, vocab {spec.tokenizer.train.vocab_size})")
             continue
         stage, est = spec.stages[name], estimate_stage(spec, name)
-        src = ", ".join(stage.inputs) or ("tokenizer" if spec.tokenizer.train else "-")
-        line = f"  {name:<10} kind {stage.kind:<9} from {src}"
+        bound = {k: v for k, v in spec.dependencies(name).items() if k != "tokenizer"}
+        sel = spec.selection(name)
+        src = (f"{', '.join(bound)} (the branch whose {sel.stage} has the {sel.mode} {sel.metric})" if sel else
+               ", ".join(bound.values())) or ("tokenizer" if spec.tokenizer.train else "-")
+        line = f"  {name:<{width}} kind {stage.kind:<9} from {src}"
         train = getattr(stage, "train", None)
         if train is not None and hasattr(train, "rollout_prompts"):  # ppo/grpo count prompts
             group = getattr(stage, "group_size", 1)
@@ -127,14 +131,16 @@ def run(
     from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks for expected failures too (or LLMLAB_DEBUG=1)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run or be reused, and why; run nothing"),
+    sweep: list[str] = typer.Option([], "--sweep", help="run only these values of a sweep: STAGE.FIELD=VALUE (repeatable)"),
 ) -> None:
     """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
     if debug:
         os.environ["LLMLAB_DEBUG"] = "1"
     spec = _load_or_exit(file)
     _check_stage_flags(file, spec, force, only, from_stage)
+    narrow = _sweep_option(file, spec, sweep)
     if dry_run:
-        _show_plan(file, force, only, from_stage, as_json=False)
+        _show_plan(file, force, only, from_stage, as_json=False, sweep=narrow)
         return
     _preflight_or_exit(file, spec)
     from llmlab.serve import configure_environment
@@ -143,7 +149,8 @@ def run(
     from flows.pipeline import pipeline
 
     try:
-        state = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, return_state=True)
+        state = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, sweep=narrow or None,
+                         return_state=True)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
         raise typer.Exit(130)
@@ -158,25 +165,47 @@ def run(
         raise typer.Exit(1)
     results = state.result()
     typer.echo("")
+    width = max([10] + [len(n) for n in results])
     for name, r in results.items():
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}
         status = "reused" if r["reused"] else r["status"]
-        typer.echo(f"{name:<10} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
+        typer.echo(f"{name:<{width}} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
 
 
 def _check_stage_flags(file: Path, spec: Pipeline, force: list[str], only: list[str], from_stage: str | None) -> None:
     names = spec.stage_names()
     for flag, value in [("--force", s) for s in force] + [("--only", s) for s in only] + ([("--from", from_stage)] if from_stage else []):
-        if value not in names:
+        if not spec.expand_names([value]):
             typer.echo(f"{flag} {value}: no such stage in {file} (stages: {', '.join(names)})", err=True)
             raise typer.Exit(2)
 
 
-def _show_plan(file: Path, force: list[str], only: list[str], from_stage: str | None, as_json: bool) -> None:
+def _sweep_option(file: Path, spec: Pipeline, given: list[str]) -> dict[str, dict[str, list]]:
+    """`--sweep dpo.beta=0.1 --sweep dpo.beta=0.3` -> {"dpo": {"beta": [0.1, 0.3]}}, checked against the spec."""
+    import yaml
+
+    narrow: dict[str, dict[str, list]] = {}
+    for item in given:
+        target, _, value = item.partition("=")
+        stage = next((b for b in sorted(spec.graph.labels, key=len, reverse=True) if target.startswith(b + ".")), None)
+        if not value or stage is None:
+            typer.echo(f"--sweep {item}: give STAGE.FIELD=VALUE for a swept stage of {file} "
+                       f"(swept: {', '.join(spec.graph.labels) or 'none'})", err=True)
+            raise typer.Exit(2)
+        narrow.setdefault(stage, {}).setdefault(target[len(stage) + 1:], []).append(yaml.safe_load(value))
+    _, problems = spec.graph.narrowed(narrow)
+    if problems:
+        typer.echo(f"--sweep: {'; '.join(problems)}", err=True)
+        raise typer.Exit(2)
+    return narrow
+
+
+def _show_plan(file: Path, force: list[str], only: list[str], from_stage: str | None, as_json: bool,
+               sweep: dict[str, dict[str, list]] | None = None) -> None:
     from llmlab.plan import as_json as plan_json
     from llmlab.plan import plan_run, render
 
-    rows = plan_run(file, force, only, from_stage)
+    rows = plan_run(file, force, only, from_stage, sweep)
     if as_json:
         typer.echo(json.dumps(plan_json(rows), indent=2))
     else:
@@ -191,11 +220,12 @@ def plan(
     only: list[str] = typer.Option([], "--only", help="as llmlab run --only"),
     from_stage: str | None = typer.Option(None, "--from", help="as llmlab run --from"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable rows"),
+    sweep: list[str] = typer.Option([], "--sweep", help="as llmlab run --sweep"),
 ) -> None:
-    """What `llmlab run` would do: each stage reused or run, why, and its estimated time and memory."""
+    """What `llmlab run` would do: each stage and branch reused or run, why, and its estimated time and memory."""
     spec = _load_or_exit(file)
     _check_stage_flags(file, spec, force, only, from_stage)
-    _show_plan(file, force, only, from_stage, as_json)
+    _show_plan(file, force, only, from_stage, as_json, _sweep_option(file, spec, sweep))
 
 
 @app.command()
@@ -350,9 +380,12 @@ def runs(
     pipeline: str | None = typer.Argument(None, help="pipeline name (default: all)"),
     limit: int = typer.Option(20, help="how many runs to show"),
 ) -> None:
-    """Recent pipeline runs from MLflow: status, duration, and each stage's status and cache hits."""
-    from llmlab.pipeline_runs import list_runs
+    """Recent pipeline runs from MLflow: status, duration, each stage's status and cache hits, the
+    model each run registered, and which version holds each alias (champion)."""
+    from llmlab.pipeline_runs import champions, list_runs
 
+    for c in champions(pipeline):
+        typer.echo(f"{c['alias']}: {c['model']} version {c['version']} (stage {c['stage']}, run {c['run_id']})")
     found = list_runs(pipeline, limit)
     if not found:
         typer.echo("no pipeline runs recorded yet" + (f" for '{pipeline}'" if pipeline else ""))
@@ -361,10 +394,13 @@ def runs(
 
     for r in found:
         when = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
-        typer.echo(f"{when}  {r['pipeline']:<16} {r['status']:<9} {r['seconds']:>7.1f}s  run {r['run_id']}")
+        model = f"  registered {r['registered']}" if r.get("registered") else ""
+        promotion = f" ({r['promotion']})" if r.get("promotion") else ""
+        typer.echo(f"{when}  {r['pipeline']:<16} {r['status']:<9} {r['seconds']:>7.1f}s  run {r['run_id']}{model}{promotion}")
+        width = max([12] + [len(st["stage"]) for st in r["stages"]])
         for st in r["stages"]:
             mark = "cached" if st["reused"] else st["status"]
-            typer.echo(f"    {st['stage']:<12} {mark:<9} {st['seconds']:>7.1f}s")
+            typer.echo(f"    {st['stage']:<{width}} {mark:<9} {st['seconds']:>7.1f}s")
 
 
 def main() -> None:

@@ -191,6 +191,7 @@ def stage_model(spec: Pipeline, stage: str) -> ModelSource:
         base = st.base_model or _adapter_base(st.adapters)
         return named_model(base) if base else ModelSource(None, f"adapters {st.adapters}", "base model unknown")
     start = st.start if hasattr(st, "start") else (st.inputs[0] if st.inputs else None)  # not a reference or reward stage
+    start = spec.dependencies(stage).get(start, start) if start else None  # its concrete branch or round
     return stage_model(spec, start) if start in spec.stages else spec_model(spec)
 
 

@@ -123,7 +123,7 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
     block = stage_block(spec, stage)
     par = parallel.init(block.distributed.strategy, block.distributed.backend)
     inputs = {k: StageResult.from_dict(v) for k, v in json.loads(Path(inputs_file).read_text()).items()}
-    stage_dir = Path(spec.output_root) / stage
+    stage_dir = spec.stage_dir(stage)
     if par.main:
         run: Any = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name, spec.tracking.wait_seconds).run(run_id)
         out_dir = stage_dir

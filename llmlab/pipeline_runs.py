@@ -9,6 +9,7 @@ an artifact; on close, each stage's run id, status and duration become tags of t
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -49,15 +50,33 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
     return run_id
 
 
-def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[str, dict],
-                       reused: dict[str, str]) -> None:
-    """Record each stage's run id, status and duration on the parent; `llmlab.reused.<stage>` names
-    the run whose finished output was reused instead of running the stage again."""
+def record_selection(spec_file: str, run_id: str, stage: str, judged: dict[str, dict]) -> str:
+    """Choose the branch a selecting stage takes (`llmlab.sweeps.choose_branch`), log the choice and
+    its table on the pipeline's run, and return the judge's winning branch."""
+    from llmlab.sweeps import choose_branch, log_choice
+
     spec, tracker = _tracker(spec_file)
+    choice = choose_branch(spec, stage, judged)
+    log_choice(tracker.run(run_id), choice)
+    print(f"[{stage}] takes the branch {choice.label} of '{choice.judge}' ({choice.mode} {choice.metric} = "
+          f"{next(r['value'] for r in choice.table if r['chosen']):.4g} over {len(choice.table)} branches)")
+    return choice.winner
+
+
+def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[str, dict],
+                       reused: dict[str, str], chosen: dict[str, str] | None = None) -> dict | None:
+    """Record each stage's run id, status and duration on the parent; `llmlab.reused.<stage>` names
+    the run whose finished output was reused instead of running the stage again. Stages that fanned
+    out get a table of their branches. A finished run registers its model and, with `promote`,
+    decides the alias (returned as a dict; None without `promote`)."""
+    from llmlab.sweeps import log_branch_tables
+
+    spec, tracker = _tracker(spec_file)
+    chosen = chosen or {}
     run = tracker.run(run_id)
     order = spec.stage_names()
     tags = {f"llmlab.reused.{name}": rid for name, rid in reused.items()}
-    tags["llmlab.stages"] = ",".join(order)
+    tags["llmlab.stages"] = json.dumps(order)  # concrete names may hold commas (branches of a sweep)
     missing = [s for s in order if s not in results]
     for i, name in enumerate(missing):  # after a failure: the first missing stage failed
         tags[f"llmlab.stage.{name}.status"] = "failed" if i == 0 and status == "FAILED" else "not run"
@@ -66,19 +85,43 @@ def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[s
         tags[f"llmlab.stage.{name}.status"] = r["status"]
         tags[f"llmlab.stage.{name}.seconds"] = r["seconds"]
     run.set_tags(tags)
+    log_branch_tables(run, spec, results)
+    decision = None
     if status == "FINISHED":
-        version = register_final_model(tracker, spec_file, results)
+        from llmlab.promote import promote, promotion_metrics
+
+        metrics = promotion_metrics(spec, results, chosen) if spec.promote else {}
+        version = register_final_model(tracker, spec_file, results, metrics)
         if version is not None:
             run.set_tags({"llmlab.registered_model": f"{version[0]}/{version[1]}"})
+        if version is not None and spec.promote is not None:
+            made = promote(tracker.client, spec, version[0], version[1], metrics)
+            decision = made.to_dict()
+            print(made.sentence())
+            run.set_tags({"llmlab.promote.decision": "promoted" if made.promoted else "refused",
+                          "llmlab.promote.alias": made.alias, "llmlab.promote.version": made.version,
+                          "llmlab.promote.champion_before": made.champion_version or "none",
+                          "llmlab.promote.reason": made.reason[:4000]})
+            resolved = state_dir() / "runs" / run_id / "promotion.json"
+            atomic_write_json(resolved, decision)
+            run.log_artifact(resolved)
     run.finish(status)
+    return decision
 
 
-def register_final_model(tracker, spec_file: str, results: dict[str, dict]) -> tuple[str, str] | None:
-    """Register the pipeline's last model in the MLflow model registry under the pipeline name,
-    with its lineage (every stage's run id and fingerprint) as tags. A model whose fingerprint is
-    already registered is not registered again. Returns (name, version) or None."""
+def register_final_model(tracker, spec_file: str, results: dict[str, dict],
+                         metrics: dict[str, float] | None = None) -> tuple[str, str] | None:
+    """Register the pipeline's model in the MLflow model registry under the pipeline name: the
+    `promote.model` stage's, else the last model; its lineage (every stage's run id and fingerprint)
+    and `metrics` (what promotion gates read) as tags. A model whose fingerprint is already
+    registered is not registered again. Returns (name, version) or None."""
+    from llmlab.promote import METRIC_TAG, promoted_stage
+
     spec = load_spec(spec_file)
     with_model = [name for name, r in results.items() if "model" in r["outputs"] and r["kind"] != "reward"]
+    target = promoted_stage(spec)
+    if target is not None and target in results:
+        with_model = [target]
     if not with_model:
         return None
     final = results[with_model[-1]]
@@ -92,11 +135,14 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict]) -> t
     run = client.get_run(final["mlflow_run_id"])
     logged = any(a.path == "model" for a in client.list_artifacts(final["mlflow_run_id"]))
     source = f"{run.info.artifact_uri}/model" if logged else Path(final["outputs"]["model"]).resolve().as_uri()
-    lineage = {f"llmlab.lineage.{s}": f"{r['mlflow_run_id']}@{r['fingerprint']}" for s, r in results.items()}
+    from llmlab.tracking import mlflow_key
+
+    lineage = {mlflow_key(f"llmlab.lineage.{s}"): f"{r['mlflow_run_id']}@{r['fingerprint']}" for s, r in results.items()}
     chain = " -> ".join(f"{s} ({r['kind']}, run {r['mlflow_run_id']}, fingerprint {r['fingerprint']})" for s, r in results.items())
+    scores = {f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in sorted((metrics or {}).items())[:200]}
     version = client.create_model_version(
         name, source, run_id=final["mlflow_run_id"],
-        tags={"llmlab.stage": final["stage"], "llmlab.fingerprint": final["fingerprint"], **lineage},
+        tags={"llmlab.stage": final["stage"], "llmlab.fingerprint": final["fingerprint"], **lineage, **scores},
         description=f"Model of stage '{final['stage']}' from {spec_file}. Lineage: {chain}")
     return name, version.version
 
@@ -106,7 +152,7 @@ def list_runs(pipeline: str | None, limit: int = 20) -> list[dict]:
     seconds and whether a finished output was reused."""
     from mlflow.tracking import MlflowClient
 
-    from llmlab.tracking import default_tracking_uri
+    from llmlab.tracking import default_tracking_uri, mlflow_key, stage_list
 
     client = MlflowClient(default_tracking_uri())
     experiments = [e for e in client.search_experiments() if pipeline in (None, e.name)]
@@ -115,13 +161,32 @@ def list_runs(pipeline: str | None, limit: int = 20) -> list[dict]:
         parents = client.search_runs([exp.experiment_id], filter_string="tags.`llmlab.pipeline` != ''",
                                      order_by=["attributes.start_time DESC"], max_results=limit)
         for r in parents:
-            tags = r.data.tags
-            stages = [s for s in tags.get("llmlab.stages", "").split(",") if s]
+            tags = {k: v for k, v in r.data.tags.items()}
+            stages = stage_list(tags.get("llmlab.stages", ""))
             out.append({
                 "pipeline": exp.name, "run_id": r.info.run_id, "status": r.info.status,
+                "registered": tags.get("llmlab.registered_model"), "promotion": tags.get("llmlab.promote.decision"),
                 "start": r.info.start_time, "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000,
-                "stages": [{"stage": s, "status": tags.get(f"llmlab.stage.{s}.status", "?"),
-                            "seconds": float(tags.get(f"llmlab.stage.{s}.seconds", 0)),
-                            "reused": f"llmlab.reused.{s}" in tags} for s in stages],
+                "stages": [{"stage": s, "status": tags.get(f"llmlab.stage.{mlflow_key(s)}.status", "?"),
+                            "seconds": float(tags.get(f"llmlab.stage.{mlflow_key(s)}.seconds", 0)),
+                            "reused": f"llmlab.reused.{mlflow_key(s)}" in tags} for s in stages],
             })
     return sorted(out, key=lambda r: r["start"], reverse=True)[:limit]
+
+
+def champions(pipeline: str | None = None) -> list[dict]:
+    """Every alias of llmlab's registered models: model name, alias, version, its stage and run."""
+    from mlflow.tracking import MlflowClient
+
+    from llmlab.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri())
+    out = []
+    for model in client.search_registered_models():
+        if pipeline not in (None, model.name):
+            continue
+        for alias, version in sorted((model.aliases or {}).items()):
+            v = client.get_model_version(model.name, version)
+            out.append({"model": model.name, "alias": alias, "version": str(version), "stage": v.tags.get("llmlab.stage"),
+                        "run_id": v.run_id})
+    return out

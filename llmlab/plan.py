@@ -23,6 +23,7 @@ from llmlab.estimate import estimate_stage, fmt_bytes
 from llmlab.reuse import changed_fields, cache_key, folder_conflict
 from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
 from llmlab.spec import Pipeline, config_hash, load_spec
+from llmlab.sweeps import SelectionFailed, choose_branch
 
 # config fields that change how long a stage takes (a changed lr does not; more steps do)
 SHAPE_FIELDS = ("max_steps", "batch_sequences", "batch_pairs", "batch_prompts", "rollout_prompts",
@@ -42,7 +43,7 @@ class PlanRow:
 
 def _record(spec: Pipeline, stage: str) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(spec.output_root) / stage / "stage.json").read_text())
+        return json.loads((spec.stage_dir(stage) / "stage.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -76,22 +77,40 @@ def _why_rerun(spec: Pipeline, stage: str, record: dict[str, Any], inputs: dict[
 
 
 def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[str] | None = None,
-             from_stage: str | None = None) -> list[PlanRow]:
-    """One PlanRow per stage, in execution order; see the module docstring."""
+             from_stage: str | None = None, sweep: dict[str, dict[str, list]] | None = None) -> list[PlanRow]:
+    """One PlanRow per stage and branch, in execution order; see the module docstring. Stage names
+    may be written ones (all branches and rounds) or concrete ones; `sweep` narrows as the flow's."""
     spec = load_spec(spec_file)
     order = spec.stage_names()
-    forced = set(force or []) | (set(order[order.index(from_stage):]) if from_stage in order else set())
+    starts = spec.expand_names([from_stage]) if from_stage else []
+    forced = set(spec.expand_names(force or [])) | (set(order[order.index(starts[0]):]) if starts else set())
+    only = spec.expand_names(only or [])
+    keep, _ = spec.graph.narrowed(sweep or {})
     results: dict[str, dict | None] = {}  # a stage's result as its dependants will see it; None = not known yet
     rows = []
     for name in order:
         kind = "tokenizer" if name == "tokenizer" else spec.stages[name].kind
         row = PlanRow(name, kind, "run")
-        deps = [] if name == "tokenizer" else list(spec.stages[name].inputs)
-        if spec.tokenizer.train is not None and name != "tokenizer":
-            deps = ["tokenizer", *deps]
+        if name != "tokenizer" and name not in keep:
+            rows.append(PlanRow(name, kind, "skip", ["not among the sweep values asked for"]))
+            results[name] = None
+            continue
+        selection = spec.selection(name)
+        chosen = None
+        if selection is not None:
+            judged = {b: results[b] for b in selection.options if results.get(b) is not None}
+            if len(judged) == len(selection.options):
+                try:
+                    chosen = choose_branch(spec, name, judged).winner  # type: ignore[arg-type]
+                except SelectionFailed:
+                    pass
+        bound = spec.dependencies(name, chosen)
+        deps = list(bound)
         record = _record(spec, name)
         conflict = folder_conflict(spec_file, spec, name)
-        pending = [d for d in deps if results.get(d) is None]
+        pending = [d for d in deps if results.get(bound[d]) is None]
+        if selection is not None and chosen is None:
+            pending = [f"{selection.stage}'s branches (the selection)"]
         if conflict:
             row.action, row.reasons = "blocked", [conflict.split(": ", 1)[1]]
         elif only and name not in only:
@@ -103,7 +122,7 @@ def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[s
         elif record is None:
             row.reasons = ["never ran in this workdir"]
         elif record.get("status") != "finished":
-            ckpt = latest_checkpoint(Path(spec.output_root) / name / "checkpoints")
+            ckpt = latest_checkpoint(spec.stage_dir(name) / "checkpoints")
             if ckpt is not None and record.get("config_hash") == config_hash(resolved_config(spec, name)):
                 row.action, row.reasons = "resume", [f"last attempt {record.get('status')}; resumes from {ckpt.name}"]
             else:
@@ -111,7 +130,7 @@ def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[s
         elif pending:
             row.reasons = [f"input '{d}' runs again, so its output may change" for d in pending]
         else:
-            inputs = {d: results[d] for d in deps}
+            inputs = {d: results[bound[d]] for d in deps}
             key = cache_key(spec, name, inputs)  # type: ignore[arg-type]
             if record.get("cache_key") != key:
                 row.reasons = _why_rerun(spec, name, record, inputs)  # type: ignore[arg-type]
@@ -119,11 +138,74 @@ def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[s
                 row.reasons = ["its output was deleted or altered since it finished"]
             else:
                 row.action, row.reasons = "reuse", ["same config, inputs and code; output intact"]
+        if selection is not None:
+            row.reasons.append(f"takes the branch {spec.variant(chosen).label} of '{selection.stage}'" if chosen else
+                               f"takes the best branch of '{selection.stage}' by {selection.mode} {selection.metric} once they ran")
         results[name] = record.get("result") if row.action in ("reuse", "skip") and record else None
         if row.action in ("run", "resume"):
             _estimate(spec, name, record, row)
         rows.append(row)
     return rows
+
+
+# what a small model's training step reaches of this machine's measured fp32 matmul rate (the
+# demo's stages on 2 CPU cores: ~0.2-0.35; decoding in RL stages far less, counted separately)
+TRAIN_EFFICIENCY = 0.25
+DECODE_EFFICIENCY = 0.03
+
+
+def machine_rate() -> float:
+    """This machine's fp32 matmul rate in FLOP/s with torch's current threads, measured once (~0.3 s)
+    and kept in the state dir."""
+    import os
+    import time
+
+    import torch
+
+    from llmlab.checkpoint import atomic_write_json
+    from llmlab.paths import state_dir
+
+    key = f"{os.uname().machine}-{os.cpu_count()}-{torch.get_num_threads()}-{torch.cuda.is_available()}"
+    cache = state_dir() / "machine_rate.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 0.3:
+        a @ b
+        runs += 1
+    rate = 2 * n**3 * runs / (time.perf_counter() - started)
+    atomic_write_json(cache, {**known, key: rate})
+    return rate
+
+
+def stage_flops(spec: Pipeline, name: str) -> tuple[float, float] | None:
+    """(training FLOPs, decoding FLOPs) of a stage's whole run: 6 x parameters x trained tokens (dpo:
+    both sequences of a pair; with a reference scored alongside, 2 more per token), and for ppo /
+    grpo 2 x parameters per sampled token; None for a stage that trains nothing."""
+    est = estimate_stage(spec, name)
+    if est is None or est.params is None:
+        return None
+    st = spec.stages[name]
+    train = st.train
+    steps = train.max_steps * getattr(train, "gradient_accumulation_steps", 1)
+    tokens = est.sequences * est.seq_len * steps
+    per_token = 6 * est.params
+    if st.kind == "dpo" and not st.precompute_reference:
+        per_token += 2 * est.params
+    decode = 0.0
+    if st.kind in ("ppo", "grpo"):
+        group = st.group_size if st.kind == "grpo" else 1
+        sampled = train.rollout_prompts * group * st.max_new_tokens * train.max_steps / max(1, train.rollout_prompts // max(1, train.batch_prompts))
+        decode = 2 * est.params * sampled
+        tokens = est.sequences * est.seq_len * train.max_steps * train.ppo_epochs
+    return per_token * tokens, decode
 
 
 def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: PlanRow) -> None:
@@ -133,6 +215,13 @@ def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: Pla
     last = (record or {}).get("result") or {}
     if record and last.get("seconds") and _shape(record.get("config") or {}) == _shape(resolved_config(spec, name)):
         row.seconds, row.estimate_source = float(last["seconds"]), "its last run here, same shape"
+        return
+    flops = stage_flops(spec, name) if name != "tokenizer" else None
+    if flops is not None:
+        rate = machine_rate()
+        row.seconds = flops[0] / (rate * TRAIN_EFFICIENCY) + flops[1] / (rate * DECODE_EFFICIENCY)
+        row.estimate_source = (f"estimate: {flops[0] + flops[1]:.2g} FLOPs at {TRAIN_EFFICIENCY:.0%} of this machine's "
+                               f"measured {rate / 1e9:.0f} GFLOP/s")
 
 
 def render(rows: list[PlanRow]) -> str:
@@ -141,7 +230,9 @@ def render(rows: list[PlanRow]) -> str:
     for r in rows:
         cost = ""
         if r.action in ("run", "resume"):
-            when = f"~{r.seconds:.0f} s" if r.seconds is not None else "time unknown (never ran with this shape here)"
+            when = ("time unknown (never ran with this shape here)" if r.seconds is None else
+                    f"~{r.seconds:.0f} s (estimate from FLOPs)" if (r.estimate_source or "").startswith("estimate")
+                    else f"~{r.seconds:.0f} s")
             cost = f"  [{when}" + (f", peak ~{fmt_bytes(r.memory)}" if r.memory else "") + "]"
         lines.append(f"  {r.stage:<{width}}  {r.action:<7} {r.kind:<10} {'; '.join(r.reasons)}{cost}")
     runs = [r for r in rows if r.action in ("run", "resume")]

@@ -53,7 +53,7 @@ def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
 def finished_result(spec: Pipeline, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict[str, Any] | None:
     """The recorded result of this stage if it finished with this exact key (any key when not
     `strict`) and its main output still has the recorded fingerprint; None when it must run (again)."""
-    record_file = Path(spec.output_root) / stage / "stage.json"
+    record_file = spec.stage_dir(stage) / "stage.json"
     if not record_file.is_file():
         return None
     try:
@@ -97,7 +97,7 @@ def folder_conflict(spec_file: str | Path, spec: Pipeline, stage: str) -> str | 
     another spec file with a different config (its checkpoints would be resumed as if they were
     this config's, its results overwritten). None when the folder is free, this spec's own, or
     another spec's with the very same config (then sharing it is reuse)."""
-    out_dir = Path(spec.output_root) / stage
+    out_dir = spec.stage_dir(stage)
     try:
         record = json.loads((out_dir / "stage.json").read_text())
     except (OSError, json.JSONDecodeError):

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Annotated, Any, Iterator, Union
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError
 
 from llmlab.data.sources import DataSource
 from llmlab.spec_base import Loc, StrictModel
+from llmlab.spec_graph import ROUND, Graph, Selection, Variant, expand
 from llmlab.spec_blocks import (
     OPTIMIZER_CLASSES,
     OPTIMIZER_NAMES,
@@ -84,8 +85,38 @@ class TrackingSpec(StrictModel):
     wait_seconds: float = Field(60.0, ge=0)  # at a stage's end, how long to wait for an MLflow that stopped answering
 
 
+class RepeatSpec(StrictModel):
+    """Rounds: run `stages` (consecutive in the spec) `times` times, each round from the last one's model."""
+
+    stages: list[str] = Field(min_length=1)
+    times: int = Field(ge=1, le=100)
+
+
+class PromoteSpec(StrictModel):
+    """Give the registered model of stage `model` the MLflow alias `alias` only when every gate holds.
+    Gates are `METRIC OP BOUND` over the stage's metrics and those `metrics_from` (an eval stage)
+    reported for it (`exact_match` for its `dpo/exact_match`); a bound `champion.<metric>` is the
+    recorded metric of the version that holds the alias now (no holder yet: such gates pass)."""
+
+    model: str
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    gates: list[str] = Field(default_factory=list)
+    metrics_from: str | None = None
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        from llmlab.gates import parse_gate
+
+        for i, gate in enumerate(self.gates):
+            try:
+                parse_gate(gate)
+            except ValueError as exc:
+                yield ("gates", i), str(exc)
+
+
 class Pipeline(StrictModel):
-    """A whole pipeline: tokenizer, architecture, and named stages in declaration order."""
+    """A whole pipeline: tokenizer, architecture, and named stages in declaration order. After
+    loading, `stages` holds the concrete stages (sweeps fanned out, rounds unrolled:
+    `llmlab.spec_graph`)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # MLflow experiment, Prefect run
     seed: int = 1234
@@ -94,15 +125,63 @@ class Pipeline(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     stages: dict[str, Stage] = Field(min_length=1)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    repeat: RepeatSpec | list[RepeatSpec] | None = None  # groups of stages run in rounds
+    promote: PromoteSpec | None = None  # which model gets the champion alias, and when
+    max_parallel: int | None = Field(None, ge=1)  # branches run at once; None = one per visible GPU, 1 on CPU
+    _graph: Graph | None = PrivateAttr(None)
 
     @property
     def output_root(self) -> str:
         return self.workdir or f"runs/{self.name}"
 
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:  # a Pipeline built directly, not by load_spec: no sweeps, no rounds
+            g = Graph(order=list(self.stages))
+            for name, stage in self.stages.items():
+                g.refs[name] = {r: r for r in stage.inputs}
+                g.variants[name] = Variant(name)
+                g.folders[name] = name
+            self._graph = g
+        return self._graph
+
     def stage_names(self) -> list[str]:
-        """All stages in execution order, the implicit `tokenizer` stage first when it trains."""
+        """All concrete stages in execution order, the implicit `tokenizer` stage first when it trains."""
         first = ["tokenizer"] if self.tokenizer.train is not None else []
-        return first + list(self.stages)
+        return first + list(self.graph.order)
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder of a concrete stage: `<workdir>/<stage>`, `<workdir>/<stage>/<variant>` for a
+        branch of a sweep, `<workdir>/<stage>/round-<k>` for a round."""
+        return Path(self.output_root) / self.graph.folders.get(stage, stage)
+
+    def dependencies(self, stage: str, chosen: str | None = None) -> dict[str, str]:
+        """{name the stage reads: concrete stage} including the trained tokenizer; for a stage that
+        selects a branch, `chosen` names the winning branch of its judge (else the first one's refs)."""
+        deps = {"tokenizer": "tokenizer"} if self.tokenizer.train is not None and stage != "tokenizer" else {}
+        if stage == "tokenizer":
+            return deps
+        selection = self.graph.selections.get(stage)
+        if selection is not None and chosen is not None:
+            return {**deps, **selection.options[chosen]}
+        return {**deps, **self.graph.refs[stage]}
+
+    def variant(self, stage: str) -> Variant:
+        return self.graph.variants.get(stage) or Variant(stage)
+
+    def selection(self, stage: str) -> Selection | None:
+        return self.graph.selections.get(stage)
+
+    def base_stage(self, stage: str) -> str:
+        """The stage as the spec file names it (`dpo` for `dpo[beta=0.1]` and `dpo#2`)."""
+        return self.variant(stage).base
+
+    def expand_names(self, names: list[str]) -> list[str]:
+        """Concrete stages for names a user gives: a written stage means all its branches and rounds."""
+        out = []
+        for n in names:
+            out += [n] if n == "tokenizer" or n in self.graph.variants else self.graph.branches(n)
+        return list(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------- loading
@@ -275,6 +354,12 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
     names = list(stages)
     if "tokenizer" in names:
         yield ("stages", "tokenizer"), "the name 'tokenizer' is reserved for the tokenizer stage: rename this stage"
+    for name in names:
+        if any(c in str(name) for c in "[]#/;:,= "):
+            yield ("stages", name), "stage names may not contain [ ] # / ; : , = or spaces (branches and rounds use them)"
+    groups = raw.get("repeat")
+    groups = [groups] if isinstance(groups, dict) else (groups if isinstance(groups, list) else [])
+    rounds = {s: g.get("times") for g in groups if isinstance(g, dict) for s in (g.get("stages") or []) if isinstance(s, str)}
     for name, body in stages.items():
         src = body.get("from") if isinstance(body, dict) else None
         deps = [("from", d) for d in ([src] if isinstance(src, str) else (src or []))]
@@ -284,6 +369,19 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
         for key, dep in deps:
             if not isinstance(dep, str):
                 continue
+            round_ref = ROUND.match(dep)
+            if round_ref and round_ref["base"] in names:
+                times = rounds.get(round_ref["base"])
+                if times is None:
+                    yield (("stages", name, key), f"'{dep}' names a round, but '{round_ref['base']}' is in no `repeat` group")
+                    continue
+                if not 1 <= int(round_ref["k"]) <= int(times):
+                    yield (("stages", name, key), f"'{dep}': '{round_ref['base']}' runs rounds 1 to {times}")
+                    continue
+                if round_ref["base"] in rounds and name in rounds:
+                    yield (("stages", name, key), f"'{dep}': a repeated stage reads its own round's stages by their names")
+                    continue
+                dep = round_ref["base"]
             if dep == name:
                 yield (("stages", name, key), f"stage '{name}' cannot take its own output (a cycle)")
             elif dep in names and dep not in seen:
@@ -315,6 +413,15 @@ def _graph_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
                         f"(it is {up.get('kind')}{' without lora' if up.get('kind') in lora_kinds else ''}): merge a "
                         f"stage with a lora block ({', '.join(lora_kinds)})")
         seen.append(name)
+
+
+def _stage_issues(body: dict) -> list[tuple[Loc, str]]:
+    """Every problem of one stage body (a swept variant), located within the body."""
+    try:
+        parsed = TypeAdapter(Stage).validate_python(body)
+    except ValidationError as err:
+        return [(loc[1:] if loc and loc[0] in STAGE_KINDS else loc, msg) for loc, msg in _structural_issues(err)]
+    return list(_rule_issues(parsed, ()))
 
 
 def _line_map(text: str) -> dict[Loc, int]:
@@ -367,7 +474,8 @@ def parse_spec(text: str, file: str = "<spec>") -> Pipeline:
     # cross-field rules of every block that parses on its own, even when others do not
     # (keys with structural errors are dropped first, so their defaults stand in)
     bad = [loc for loc, _ in found]
-    blocks: list[tuple[Loc, Any]] = [((k,), a) for k, a in (("model", ModelSpec), ("tokenizer", TokenizerSpec), ("tracking", TrackingSpec))]
+    blocks: list[tuple[Loc, Any]] = [((k,), a) for k, a in (("model", ModelSpec), ("tokenizer", TokenizerSpec), ("tracking", TrackingSpec),
+                                                              ("promote", PromoteSpec))]
     if isinstance(raw.get("stages"), dict):
         blocks += [(("stages", name), Stage) for name in raw["stages"]]
     cleaned = _drop(raw, bad)
@@ -381,11 +489,17 @@ def parse_spec(text: str, file: str = "<spec>") -> Pipeline:
             except ValidationError:
                 pass
     found += list(_graph_issues(raw))
+    if not found:
+        graph, concrete, graph_issues = expand(raw, _stage_issues)
+        found += graph_issues
     if found:
         lines = _line_map(text)
         unique = sorted(dict.fromkeys(found), key=lambda f: _line_for(lines, f[0]) or 0)
         raise SpecError(file, [SpecIssue(path=_dotted(loc), line=_line_for(lines, loc), message=msg) for loc, msg in unique])
     assert spec is not None
+    if list(concrete) != list(spec.stages) or graph.selections:
+        spec = Pipeline.model_validate({**raw, "stages": concrete})
+    spec._graph = graph
     return spec
 
 

@@ -5,7 +5,7 @@ Cross-field rules live next to the fields (`rules()`); the graph (`from`, `refer
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Iterator, Literal, Union
+from typing import Annotated, Any, ClassVar, Iterator, Literal, Union
 
 from pydantic import Field
 
@@ -14,11 +14,25 @@ from llmlab.spec_base import Loc, StrictModel
 from llmlab.spec_blocks import DistributedSpec, LoraSpec, TrainBase, TrainSpec
 
 
+class SelectSpec(StrictModel):
+    """Which branch of a swept upstream stage a stage takes: the one whose branch of `stage` (a stage
+    that fans out over the same sweep, e.g. an eval) reported the best `metric`."""
+
+    stage: str
+    metric: str  # a metric that stage reports, e.g. dpo/exact_match
+    mode: Literal["max", "min"] = "max"
+
+
 class StageBase(StrictModel):
-    """Fields every stage has. `from` names the stages whose outputs this one consumes."""
+    """Fields every stage has. `from` names the stages whose outputs this one consumes. `sweep`,
+    `sweep_mode` and `select` shape the graph (`llmlab.spec_graph`) and are not part of any
+    concrete stage's config."""
 
     from_: str | list[str] | None = Field(None, alias="from")
     gates: list[str] = Field(default_factory=list)  # e.g. "eval/ppl < 40", "exact_match >= previous"
+    sweep: dict[str, list[Any]] | None = Field(None, exclude=True)  # field path -> values: one branch per variant
+    sweep_mode: Literal["grid", "zip"] = Field("grid", exclude=True)  # every combination, or the lists paired
+    select: SelectSpec | None = Field(None, exclude=True)  # take one branch of a swept upstream stage
 
     def shared_issues(self) -> Iterator[tuple[Loc, str]]:
         """Rules every stage kind obeys: gates parse; optimizer and distributed choices fit the stage."""
@@ -26,7 +40,8 @@ class StageBase(StrictModel):
 
         for i, gate in enumerate(self.gates):
             try:
-                parse_gate(gate)
+                if parse_gate(gate).bound.startswith("champion."):
+                    yield ("gates", i), "a champion.<metric> bound compares model versions: put this gate in `promote.gates`"
             except ValueError as exc:
                 yield ("gates", i), str(exc)
         train = getattr(self, "train", None)

@@ -40,7 +40,7 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
     run that waited for the lock reuses what the other run finished (unless `force`). `force`
     also discards the stage's checkpoints, so it starts from step 0."""
     spec = load_spec(spec_file)
-    out_dir = Path(spec.output_root) / stage
+    out_dir = spec.stage_dir(stage)
     with stage_lock(out_dir, stage):
         conflict = folder_conflict(spec_file, spec, stage)
         if conflict:
@@ -53,6 +53,22 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
         elif (out_dir / "checkpoints").exists():
             shutil.rmtree(out_dir / "checkpoints")
         return _execute(spec, spec_file, stage, inputs, parent_run_id, cache_key(spec, stage, inputs))
+
+
+def branch_tags(spec: Pipeline, stage: str) -> dict[str, Any]:
+    """MLflow tags that place a concrete stage in the graph: its branch label and swept values (so
+    the UI can filter and group by them), the sweeps it follows, its round."""
+    variant = spec.variant(stage)
+    tags: dict[str, Any] = {}
+    if variant.label and variant.round is None:
+        tags["llmlab.branch"] = variant.label
+        for b, label in variant.assign.items():  # an upstream sweep's values too: eval branches group like dpo's
+            tags.update({f"llmlab.sweep.{k}": v for k, v in spec.graph.labels.get(b, {}).get(label, {}).items()})
+            if b != variant.base:
+                tags[f"llmlab.follows.{b}"] = label
+    if variant.round is not None:
+        tags["llmlab.round"] = variant.round
+    return tags
 
 
 def write_failure_log(out_dir: Path, exc: BaseException) -> Path:
@@ -81,17 +97,20 @@ def _record_failure(run: Any, log: Path, message: str) -> None:
 def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
              key: str) -> dict[str, Any]:
     kind = stage_kind(spec, stage)
-    out_dir = Path(spec.output_root) / stage
+    out_dir = spec.stage_dir(stage)
     config = resolved_config(spec, stage)
     chash = config_hash(config)
     in_results = {k: StageResult.from_dict(v) for k, v in inputs.items()}
     tracker = Tracker(spec.tracking.uri, spec.tracking.experiment or spec.name, spec.tracking.wait_seconds)
+    variant = spec.variant(stage)
     run = tracker.start_stage_run(parent_run_id, stage, kind, tags={
         "llmlab.config_hash": chash, "llmlab.cache_key": key, "llmlab.version": __version__,
+        "llmlab.base_stage": variant.base, **branch_tags(spec, stage),
         **{f"llmlab.input.{k}.run_id": v.mlflow_run_id for k, v in in_results.items()},
+        **{f"llmlab.input.{k}.stage": v.stage for k, v in in_results.items()},
         **{f"llmlab.input.{k}.fingerprint": v.fingerprint for k, v in in_results.items()},
     })
-    run.log_params(config)
+    run.log_params({**config, **{f"sweep.{k}": v for k, v in variant.values.items()}})
     record = {"stage": stage, "kind": kind, "spec_file": str(Path(spec_file).resolve()), "pipeline": spec.name,
               "config": config, "config_hash": chash, "cache_key": key,
               "status": "running", "inputs": {k: v.fingerprint for k, v in in_results.items()},

@@ -16,6 +16,7 @@ Default store: `sqlite:///<state dir>/mlflow.db` with artifacts in `<state dir>/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -48,6 +49,25 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix] = _shorten(str(obj))
     return out
+
+
+_KEY_CHARS = {"[": "/", "]": "", ",": " ", "=": "_", "#": "/round-", ";": " ", ":": "."}
+
+
+def mlflow_key(name: str) -> str:
+    """A metric, param or tag name MLflow accepts (letters, digits, _ - . / and spaces): a branch
+    `dpo[beta=0.1,train.lr=0.0001]` reads `dpo/beta_0.1 train.lr_0.0001`, a round `dpo#2` `dpo/round-2`."""
+    out = "".join(_KEY_CHARS.get(c, c) for c in name)
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in out)
+
+
+def stage_list(tag: str) -> list[str]:
+    """The stages a pipeline run recorded in its `llmlab.stages` tag (a JSON list; comma-separated
+    in runs recorded before sweeps)."""
+    try:
+        return list(json.loads(tag))
+    except ValueError:
+        return [s for s in tag.split(",") if s]
 
 
 def _shorten(value: str) -> str:
@@ -138,7 +158,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._buffer += [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
         if len(self._buffer) >= METRIC_FLUSH:
             self.flush()
 
@@ -153,14 +173,14 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in flatten(params).items()]
+        items = [Param(mlflow_key(k), v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             chunk = items[i : i + 100]
             self._enqueue("call", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._enqueue("call", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
+            self._enqueue("call", lambda k=mlflow_key(k), v=v: self.client.set_tag(self.run_id, k, str(v)))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -220,14 +240,15 @@ class Tracker:
             return found.experiment_id
 
     def start_pipeline_run(self, name: str, tags: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={mlflow_key(k): str(v) for k, v in tags.items()})
         return run.info.run_id
 
     def start_stage_run(self, parent_run_id: str | None, stage: str, kind: str, tags: dict[str, Any] | None = None) -> StageRun:
         all_tags = {"llmlab.stage": stage, "llmlab.kind": kind, **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=stage, tags={k: str(v) for k, v in all_tags.items()})
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={mlflow_key(k): str(v) for k, v in all_tags.items()})
         return StageRun(self.client, run.info.run_id, self.uri, self.wait_seconds, stage)
 
     def run(self, run_id: str, label: str = "") -> StageRun:
@@ -263,16 +284,17 @@ def rebuild_report(run: str, out_dir: Path, uri: str | None = None) -> list[Path
         except Exception:
             raise LookupError(f"no pipeline named '{run}' and no run with that id in {uri or default_tracking_uri()}") from None
     tags = parent.data.tags
-    evals = [s for s in tags.get("llmlab.stages", "").split(",")
-             if s and f"llmlab.stage.{s}.run_id" in tags
-             and client.get_run(tags[f"llmlab.stage.{s}.run_id"]).data.tags.get("llmlab.kind") == "eval"]
+    stages = stage_list(tags.get("llmlab.stages", ""))
+
+    def run_of(name: str) -> str | None:
+        return tags.get(f"llmlab.stage.{mlflow_key(name)}.run_id")
+
+    evals = [s for s in stages if run_of(s) and client.get_run(run_of(s)).data.tags.get("llmlab.kind") == "eval"]
     if not evals:
         raise LookupError(f"run {parent.info.run_id} has no finished eval stage to report")
-    eval_run = tags[f"llmlab.stage.{evals[-1]}.run_id"]
+    eval_run = run_of(evals[-1])
     with tempfile.TemporaryDirectory() as tmp:
         results = json.loads(Path(client.download_artifacts(eval_run, "results.json", tmp)).read_text())
-    stages = [s for s in tags.get("llmlab.stages", "").split(",") if s]
     upstream = stages[: stages.index(evals[-1])]  # every stage before the eval; those that trained have curves
-    histories = {name: stage_histories(client, tags[f"llmlab.stage.{name}.run_id"]) for name in upstream
-                 if f"llmlab.stage.{name}.run_id" in tags}
+    histories = {name: stage_histories(client, run_of(name)) for name in upstream if run_of(name)}
     return write_report(results, histories, out_dir)

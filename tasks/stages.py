@@ -21,6 +21,8 @@ from prefect.context import TaskRunContext
 from prefect.states import Failed, State
 
 from llmlab.errors import debug_enabled, expected_failure
+from llmlab.isolate import default_parallel, execute_stage_isolated
+from llmlab.pipeline_runs import record_selection
 from llmlab.preflight import PreflightFailed, preflight
 from llmlab.reuse import cache_key, finished_result
 from llmlab.spec import load_spec
@@ -34,12 +36,29 @@ def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(name="stage", task_run_name="{stage}", cache_key_fn=_key, persist_result=True,
       result_serializer="json", log_prints=True)
 def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
-              force: bool = False) -> dict | State:
-    """Run stage `stage` of spec file `spec` on its upstream results; returns its StageResult dict."""
+              force: bool = False, slot: int | None = None, slots: int = 1) -> dict | State:
+    """Run stage `stage` of spec file `spec` on its upstream results; returns its StageResult dict.
+    With a `slot` (branches running side by side), in a process of its own on that slot."""
     try:
+        if slot is not None:
+            return execute_stage_isolated(spec, stage, inputs, parent_run_id, force=force, slot=slot, slots=slots)
         return execute_stage(spec, stage, inputs, parent_run_id, force=force)
     except Exception as exc:
         return _failed(exc, stage)
+
+
+@task(name="select", task_run_name="select-{stage}", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
+def select_branch(spec: str, stage: str, judged: dict[str, dict], parent_run_id: str) -> str | State:
+    """The judge branch `stage` takes (best selection metric), logged on the pipeline's run."""
+    try:
+        return record_selection(spec, parent_run_id, stage, judged)
+    except Exception as exc:
+        return _failed(exc, stage)
+
+
+def max_parallel(spec: str) -> int:
+    """How many branches of a sweep run at once (the spec's max_parallel, else one per visible GPU, else 1)."""
+    return default_parallel(load_spec(spec).max_parallel)
 
 
 def _failed(exc: Exception, stage: str | None = None) -> State:

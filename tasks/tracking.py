@@ -14,5 +14,6 @@ def open_run(spec: str, flow_run_id: str | None) -> str:
 
 
 @task(name="close-mlflow-run", cache_policy=NO_CACHE)
-def close_run(spec: str, run_id: str, status: str, results: dict[str, dict], reused: dict[str, str]) -> None:
-    close_pipeline_run(spec, run_id, status, results, reused)
+def close_run(spec: str, run_id: str, status: str, results: dict[str, dict], reused: dict[str, str],
+              chosen: dict[str, str] | None = None) -> dict | None:
+    return close_pipeline_run(spec, run_id, status, results, reused, chosen)

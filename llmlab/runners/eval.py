@@ -52,11 +52,20 @@ def tokenizer_folder(ctx: StageContext, name: str, model_dir: str, tok) -> str:
 
 
 def upstream_histories(ctx: StageContext) -> dict[str, dict]:
-    """Training curves of every stage declared before this one that finished (sft included, which an
-    eval rarely names: its merge stage is what it scores), from their MLflow runs."""
+    """Training curves of every stage this eval's models came from that finished (sft included, which
+    an eval rarely names: its merge stage is what it scores; one branch of a sweep, not its
+    siblings), from their MLflow runs."""
     histories = {}
+    ancestors, todo = set(), [ctx.inputs[n].stage for n in ctx.inputs]
+    while todo:
+        name = todo.pop()
+        if name not in ancestors and name in ctx.spec.stage_names():
+            ancestors.add(name)
+            todo += list(ctx.spec.dependencies(name).values())
     for name in ctx.spec.stage_names()[: ctx.spec.stage_names().index(ctx.name)]:
-        record = Path(ctx.spec.output_root) / name / "stage.json"
+        if name not in ancestors:
+            continue
+        record = ctx.spec.stage_dir(name) / "stage.json"
         try:
             run_id = json.loads(record.read_text()).get("mlflow_run_id")
         except (OSError, ValueError):
