@@ -100,6 +100,31 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
         assert sorted(p["info"]["status"] for p in parent) == ["FAILED", "FINISHED"]
         assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"
+
+        # a spec with a sweep and rounds: branches and rounds are task runs; --param sweep narrows the sweep
+        sweep_dir = tmp_path / "sweep"
+        sweep_dir.mkdir()
+        spec = shrunk_tiny(sweep_dir, "deploy-sweep")
+        raw = yaml.safe_load(spec.read_text())
+        raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": raw["stages"]["sft"],
+                         "eval": {**raw["stages"]["eval"], "from": ["sft"], "tasks": [], "preferences": [], "reward": None,
+                                  "sweep": {"batches": [2, 3]}}}
+        raw["repeat"] = {"stages": ["sft"], "times": 2}
+        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+        out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny-sweep", "--param", f"spec={spec}",
+                              "--param", 'sweep={"eval": {"batches": [3]}}', "--watch"],
+                             cwd=sweep_dir, env=run_env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        flow_run_id = out.stdout.split("UUID:")[1].split()[0]
+        body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
+        req = urllib.request.Request(f"{info['prefect_api_url']}/task_runs/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+        names = {t["name"] for t in json.loads(urllib.request.urlopen(req, timeout=10).read())}
+        assert {"sft#1", "sft#2", "eval[batches=3]"} <= names and "eval[batches=2]" not in names
+        assert (sweep_dir / "runs" / "eval" / "batches=3" / "stage.json").is_file()
+        assert not (sweep_dir / "runs" / "eval" / "batches=2").exists()
+        assert json.loads((sweep_dir / "runs" / "sft" / "round-2" / "stage.json").read_text())["inputs"]["pretrain"] == \
+            json.loads((sweep_dir / "runs" / "sft" / "round-1" / "stage.json").read_text())["fingerprint"]
     finally:
         stopped = subprocess.run([*llmlab, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "prefect-server" in stopped.stdout
