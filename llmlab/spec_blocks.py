@@ -175,6 +175,10 @@ class TrainBase(StrictModel):
     model_dtype: Literal["auto", "fp32", "bf16"] = "auto"  # weights: auto = bf16 frozen weights under LoRA on a bf16 GPU, else fp32
     compile: bool | Literal["auto"] = "auto"  # torch.compile each transformer block; auto = on CUDA only (no gain measured on CPUs)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% more compute
+    # the loss (pretrain, sft) or log-probabilities (dpo, ppo, grpo) through llmlab's LM head in chunks,
+    # never the full fp32 logits (auto: when they would exceed 256 MiB)
+    chunked_loss: Literal["auto", "on", "off"] = "auto"
+    loss_chunk_tokens: int = Field(4096, ge=1)  # positions per chunk
     load_optimizer: bool = True  # on resume, restore optimizer state (false to switch optimizers)
     optimizer: OptimizerSpec = Field(default_factory=AdamW)
 
@@ -193,8 +197,6 @@ class TrainSpec(TrainBase):
         "mini_batch_size": "this stage counts sequences: batch_sequences per forward pass x gradient_accumulation_steps"}
 
     batch_sequences: int = Field(1, ge=1)  # sequences per forward pass (per process)
-    chunked_loss: Literal["auto", "on", "off"] = "auto"  # loss through the LM head in chunks, never the full fp32 logits (auto: when they would exceed 256 MiB)
-    loss_chunk_tokens: int = Field(4096, ge=1)  # scored positions per chunk of the chunked loss
 
 
 class LoraSpec(StrictModel):

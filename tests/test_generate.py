@@ -123,7 +123,7 @@ def test_sampled_log_probs_equal_a_full_forward_pass(family):
     full_ids = torch.cat([ids, out.tokens], dim=1)
     full_mask = torch.cat([mask, completion_mask], dim=1)
     with torch.no_grad():
-        _, logps, _ = policy_logps(model, full_ids, full_mask, ids.size(1), 0.8)
+        _, logps, _, _ = policy_logps(model, full_ids, full_mask, ids.size(1), 0.8)
     torch.testing.assert_close(out.logprobs * completion_mask, logps * completion_mask, atol=1e-4, rtol=0)
 
 

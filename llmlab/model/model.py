@@ -9,6 +9,7 @@ rename. Positional variants (sinusoidal, RoPE, YaRN, ALiBi) are chosen by
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from transformers import Cache, DynamicCache
 from llmlab.model.attention import Attention, build_attention_mask
 from llmlab.model.config import LlmlabConfig
 from llmlab.model.ffn import build_ffn
-from llmlab.model.loss import chunked_nll_sum
+from llmlab.model.loss import chunked_nll_sum, chunked_target_logps
 from llmlab.model.norms import NORMS
 from llmlab.model.positions import (
     alibi_slopes,
@@ -138,6 +139,15 @@ class LlmlabModel(nn.Module):
         return self.norm(x)
 
 
+@dataclass
+class LlmlabCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the chunked log-probability path's outputs (see `forward`)."""
+
+    logps: torch.FloatTensor | None = None
+    entropy: torch.FloatTensor | None = None
+    hidden: torch.FloatTensor | None = None
+
+
 class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
     """The llmlab transformer with a language-modelling head; see the module docstring.
 
@@ -199,6 +209,9 @@ class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         loss_chunk_tokens: int = 0,
+        logps_targets: torch.Tensor | None = None,
+        logps_temperature: float = 1.0,
+        logps_entropy: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) and, with `labels` (aligned with input_ids, -100 = ignore), the
@@ -206,12 +219,20 @@ class LlmlabForCausalLM(PreTrainedModel, GenerationMixin):
         stock models take it) is extended in place; `use_cache` without one starts a DynamicCache.
         `logits_to_keep=k` computes the logits of the last k positions only (sampling needs one).
         `loss_chunk_tokens=n` with `labels`: the *summed* loss through the head n scored positions
-        at a time (`llmlab.model.loss`), and no logits — the training objective's memory-light path."""
+        at a time (`llmlab.model.loss`), and no logits — the training objective's memory-light path.
+        `logps_targets` (B, T): instead of logits, `.logps` (B, T) — the log-probability of the token
+        each position predicts (-100: none; 0 there) under logits / `logps_temperature` — and with
+        `logps_entropy` `.entropy` (B, T), through the head `loss_chunk_tokens` (default 4096)
+        positions at a time; `.hidden` keeps the final hidden states (a value head reads them)."""
         if cache is None:
             cache = kwargs.get("past_key_values")  # the older transformers keyword
         if cache is None and use_cache:
             cache = DynamicCache()
         hidden = self.model(input_ids, attention_mask, position_ids, segment_ids, cache)
+        if logps_targets is not None:
+            logps, entropy = chunked_target_logps(hidden, self.lm_head, logps_targets.to(hidden.device),
+                                                  loss_chunk_tokens or 4096, logps_temperature, logps_entropy)
+            return LlmlabCausalLMOutput(logits=None, logps=logps, entropy=entropy, hidden=hidden)
         if loss_chunk_tokens and labels is not None:
             loss = chunked_nll_sum(hidden, self.lm_head, labels.to(hidden.device), loss_chunk_tokens)
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=cache)

@@ -73,14 +73,15 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     model.to(device)
     if ref_model is not None:
-        reference = model_reference(ref_model)
+        reference = model_reference(ref_model, chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
         kind = f"model {ref_dir}"
     elif stage.lora is not None:
-        reference = model_reference(model, disable_adapters=True)  # no second copy
+        reference = model_reference(model, disable_adapters=True, chunked=str(stage.train.chunked_loss),
+                                    chunk_tokens=stage.train.loss_chunk_tokens)  # no second copy
         kind = "the same model with adapters disabled"
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        reference = model_reference(ref_model)
+        reference = model_reference(ref_model, chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
         kind = "a frozen copy of the starting model"
     if stage.precompute_reference:
         attach_reference_logps(reference, data.train, mini, tok.pad_token_id, device)
@@ -89,7 +90,8 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         kind += ", precomputed"
     print(f"[{ctx.name}] reference: {kind}")
     ctx.run.set_tags({"llmlab.reference": kind})
-    objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference)
+    objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference,
+                             chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
     val = eval_batches(data.val, mini, tok.pad_token_id)
     if not val:

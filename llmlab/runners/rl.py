@@ -119,12 +119,14 @@ def run_rl(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         prepare = PPOPrepare(trained, reference, tok, reward_fn, reward_name, sampling,
                              AdaptiveKL(stage.kl_coef, stage.target_kl, stage.kl_horizon), stage.gamma, stage.gae_lambda,
                              micro, spec.seed)
-        objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T)
+        objective = PPOObjective(stage.clip_range, stage.clip_range_value, stage.vf_coef, T,
+                                 str(stage.train.chunked_loss), stage.train.loss_chunk_tokens)
     else:
         trained = model
         prepare = GRPOPrepare(model, reference, tok, reward_fn, reward_name, sampling, stage.group_size, micro, spec.seed,
                               stage.dynamic_sampling, stage.max_resample_rounds)
-        objective = GRPOObjective(stage.clip_range, stage.kl_coef, T)
+        objective = GRPOObjective(stage.clip_range, stage.kl_coef, T, str(stage.train.chunked_loss),
+                                  stage.train.loss_chunk_tokens)
     per_rollout = train_cfg.ppo_epochs * train_cfg.rollout_prompts // (train_cfg.step_prompts * par.world)
     print(f"[{ctx.name}] {stage.kind}: {train_cfg.rollout_prompts} prompts per rollout "
           f"({train_cfg.rollout_prompts * group} completions), {per_rollout} optimizer steps per rollout, "

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from llmlab.train.objectives import IGNORE_INDEX
+from llmlab.train.objectives import IGNORE_INDEX, chunk_tokens_for
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "segment_ids")
 
@@ -43,6 +43,17 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     token_logps = -F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="none")
     return token_logps.view(target.shape).sum(-1)
+
+
+def response_logps(model: torch.nn.Module, batch: dict, chunked: str = "off", chunk_tokens: int = 4096) -> torch.Tensor:
+    """(B,) `sequence_logps` of the batch's labels under `model`; with chunking on (or "auto" and
+    big logits) llmlab's model scores them through its head in chunks, never building (B, T, V)."""
+    labels = batch["labels"]
+    n = chunk_tokens_for(model, labels.numel(), chunked, chunk_tokens)
+    if n:
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts label t+1
+        return model(**_model_inputs(batch), logps_targets=targets, loss_chunk_tokens=n).logps.sum(-1)
+    return sequence_logps(model(**_model_inputs(batch)).logits, labels)
 
 
 def response_token_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -72,10 +83,12 @@ def _model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
 
 
-def model_reference(model: torch.nn.Module, disable_adapters: bool = False) -> Callable[[dict], torch.Tensor]:
+def model_reference(model: torch.nn.Module, disable_adapters: bool = False, chunked: str = "off",
+                    chunk_tokens: int = 4096) -> Callable[[dict], torch.Tensor]:
     """A reference callable: batch -> (2B,) summed response log-probs of `model`, in eval mode
     (restored afterwards) and under no_grad. With `disable_adapters`, `model` is a peft model whose
-    adapters are switched off for the call (the policy's own base weights as the reference)."""
+    adapters are switched off for the call (the policy's own base weights as the reference).
+    `chunked` / `chunk_tokens` as `response_logps`."""
 
     @torch.no_grad()
     def reference(batch: dict) -> torch.Tensor:
@@ -84,8 +97,7 @@ def model_reference(model: torch.nn.Module, disable_adapters: bool = False) -> C
         try:
             ctx = model.disable_adapter() if disable_adapters else contextlib.nullcontext()
             with ctx:
-                logits = model(**_model_inputs(batch)).logits
-            return sequence_logps(logits, batch["labels"])
+                return response_logps(model, batch, chunked, chunk_tokens)
         finally:
             model.train(was_training)
 
@@ -100,7 +112,8 @@ class DPOObjective:
     """The DPO loss as a training objective (see the module docstring)."""
 
     def __init__(self, beta: float = 0.2, label_smoothing: float = 0.0, sft_weight: float = 0.0,
-                 reference: Callable[[dict], torch.Tensor] | torch.nn.Module | None = None):
+                 reference: Callable[[dict], torch.Tensor] | torch.nn.Module | None = None,
+                 chunked: str = "off", chunk_tokens: int = 4096):
         if not beta > 0:
             raise ValueError(f"DPO beta must be > 0, not {beta}")
         if not 0.0 <= label_smoothing < 0.5:
@@ -111,6 +124,7 @@ class DPOObjective:
         self.label_smoothing = label_smoothing
         self.sft_weight = sft_weight
         self.reference = None if reference is None else _as_reference(reference)
+        self.chunked, self.chunk_tokens = chunked, chunk_tokens
 
     @staticmethod
     def _pairs(batch: dict) -> int:
@@ -134,8 +148,7 @@ class DPOObjective:
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B = self._pairs(batch)
         labels = batch["labels"]
-        logits = model(**_model_inputs(batch)).logits
-        logps = sequence_logps(logits, labels)
+        logps = response_logps(model, batch, self.chunked, self.chunk_tokens)
         ref = self.reference_logps(batch).detach().to(device=logps.device, dtype=logps.dtype)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:B], logps[B:], ref[:B], ref[B:], self.beta, self.label_smoothing)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from llmlab.data.prompts import Prompt
-from llmlab.train.rl import entropy_from_logits, group_advantages, grpo_loss, masked_mean, zero_variance_share
+from llmlab.train.rl import group_advantages, grpo_loss, masked_mean, zero_variance_share
 from llmlab.train.rollout import (
     Sampling,
     policy_logps,
@@ -109,8 +109,10 @@ class GRPOPrepare:
 class GRPOObjective:
     """The GRPO loss on a micro-batch of completions; loop protocol as `PPOObjective`."""
 
-    def __init__(self, clip_range: float, kl_coef: float, temperature: float):
+    def __init__(self, clip_range: float, kl_coef: float, temperature: float, chunked: str = "off",
+                 chunk_tokens: int = 4096):
         self.clip_range, self.kl_coef, self.temperature = clip_range, kl_coef, temperature
+        self.chunked, self.chunk_tokens = chunked, chunk_tokens
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].size(0)
@@ -118,8 +120,8 @@ class GRPOObjective:
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].size(0)
         mask = batch["completion_mask"]
-        logits, logps, _ = policy_logps(model, batch["input_ids"], batch["attention_mask"], int(batch["prompt_width"]),
-                                        self.temperature)
+        _, logps, _, entropy = policy_logps(model, batch["input_ids"], batch["attention_mask"], int(batch["prompt_width"]),
+                                            self.temperature, chunked=self.chunked, chunk_tokens=self.chunk_tokens)
         loss, m = grpo_loss(logps, batch["old_logps"], batch.get("ref_logps"), batch["advantages"], mask,
                             self.clip_range, self.kl_coef)
         with torch.no_grad():
@@ -127,6 +129,6 @@ class GRPOObjective:
             metrics = {"rl/policy_loss": m["policy_loss"] * n, "rl/kl": m["kl"] * n,
                        "rl/clip_fraction": m["clip_fraction"] * n, "rl/ratio_mean": m["ratio_mean"] * n,
                        "rl/approx_kl": masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask) * n,
-                       "rl/entropy": entropy_from_logits(logits, mask) * n,
+                       "rl/entropy": masked_mean(entropy, mask) * n,
                        **stats_metrics(batch, n)}
         return loss * n, metrics

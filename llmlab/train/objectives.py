@@ -39,6 +39,16 @@ def _core(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def chunk_tokens_for(model: torch.nn.Module, tokens: int, mode: str, chunk_tokens: int) -> int:
+    """How many positions per chunk the loss or log-probs of a forward over `tokens` positions take
+    through llmlab's head: 0 = the plain path (full logits). `mode` "on" chunks, "off" never,
+    "auto" when the fp32 logits would exceed CHUNK_AUTO_BYTES; other models always take the plain path."""
+    if mode == "off" or not isinstance(_core(model), LlmlabForCausalLM):
+        return 0
+    vocab = _core(model).config.vocab_size
+    return chunk_tokens if mode == "on" or tokens * vocab * 4 > CHUNK_AUTO_BYTES else 0
+
+
 class LanguageModeling:
     """Causal LM loss on every token (pretraining); also SFT when labels mask the prompt.
 
@@ -58,10 +68,7 @@ class LanguageModeling:
         return target_count(batch["labels"])
 
     def use_chunks(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
-        if self.chunked == "off" or not isinstance(_core(model), LlmlabForCausalLM):
-            return False
-        vocab = _core(model).config.vocab_size
-        return self.chunked == "on" or batch["input_ids"].numel() * vocab * 4 > CHUNK_AUTO_BYTES
+        return chunk_tokens_for(model, batch["input_ids"].numel(), self.chunked, self.chunk_tokens) > 0
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

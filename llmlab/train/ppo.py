@@ -20,7 +20,7 @@ import torch
 
 from llmlab.data.prompts import Prompt
 from llmlab.parallel import all_sum, current, mean_float
-from llmlab.train.rl import (AdaptiveKL, entropy_from_logits, gae, kl_penalty_rewards, masked_mean,
+from llmlab.train.rl import (AdaptiveKL, gae, kl_penalty_rewards, masked_mean,
                              ppo_policy_loss, value_loss)
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
 
@@ -36,10 +36,12 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits / T, completion log-probs, values), as `policy_logps` (a module call, so DDP syncs it)."""
-        return policy_logps(self.policy, input_ids, attention_mask, prompt_width, temperature, self.value_head)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int, temperature: float,
+                chunked: str = "off", chunk_tokens: int = 4096
+                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits / T, completion log-probs, values, entropies), as `policy_logps` (a module call, so DDP syncs it)."""
+        return policy_logps(self.policy, input_ids, attention_mask, prompt_width, temperature, self.value_head,
+                            chunked, chunk_tokens)
 
     def policy_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The policy's own entries of a state dict of this module."""
@@ -107,8 +109,10 @@ class PPOObjective:
     token means within the micro-batch (as TRL's per-mini-batch means), so a mini-batch split into
     micro-batches weighs its tokens by micro-batch, not exactly as one forward would."""
 
-    def __init__(self, clip_range: float, clip_range_value: float, vf_coef: float, temperature: float):
+    def __init__(self, clip_range: float, clip_range_value: float, vf_coef: float, temperature: float,
+                 chunked: str = "off", chunk_tokens: int = 4096):
         self.clip_range, self.clip_range_value, self.vf_coef, self.temperature = clip_range, clip_range_value, vf_coef, temperature
+        self.chunked, self.chunk_tokens = chunked, chunk_tokens
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].size(0)
@@ -116,14 +120,14 @@ class PPOObjective:
     def __call__(self, model: PolicyWithValue, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = batch["input_ids"].size(0)
         mask = batch["completion_mask"]
-        logits, logps, values = model(batch["input_ids"], batch["attention_mask"], int(batch["prompt_width"]),
-                                      self.temperature)
+        _, logps, values, entropy = model(batch["input_ids"], batch["attention_mask"], int(batch["prompt_width"]),
+                                          self.temperature, self.chunked, self.chunk_tokens)
         pg, clip_fraction, approx_kl = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, self.clip_range)
         vf = value_loss(values, batch["old_values"], batch["returns"], mask, self.clip_range_value)
         with torch.no_grad():
             metrics = {"rl/policy_loss": pg.detach() * n, "rl/value_loss": vf.detach() * n,
                        "rl/clip_fraction": clip_fraction * n, "rl/approx_kl": approx_kl * n,
-                       "rl/entropy": entropy_from_logits(logits, mask) * n,
+                       "rl/entropy": masked_mean(entropy, mask) * n,
                        "rl/ratio_mean": masked_mean(torch.exp(logps - batch["old_logps"]), mask) * n,
                        **stats_metrics(batch, n)}
         return (pg + self.vf_coef * vf) * n, metrics

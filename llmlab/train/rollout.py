@@ -1,7 +1,7 @@
 """Rollouts for online RL: sample completions, score them, and feed PPO/GRPO mini-batches to the loop.
 
     rollout = sample_rollout(policy, prompts, sampling, generator)    # batched, KV-cached
-    logits, logps, values = policy_logps(policy, rollout.input_ids, rollout.attention_mask,
+    logits, logps, values, entropy = policy_logps(policy, rollout.input_ids, rollout.attention_mask,
                                          rollout.prompt_width, temperature)
     scores = score_completions(reward_fn, prompts, rollout.completions)
 
@@ -33,6 +33,7 @@ from llmlab.data.order import EpochWalk
 from llmlab.data.prompts import Prompt
 from llmlab.generate import positions_from_mask, sample
 from llmlab.parallel import gather_objects
+from llmlab.train.objectives import IGNORE_INDEX, chunk_tokens_for
 
 
 @dataclass
@@ -124,31 +125,48 @@ def select_rollouts(parts: list[tuple[Rollout, list[int]]], pad_id: int) -> Roll
 
 
 def policy_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                 temperature: float, value_head: torch.nn.Module | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 temperature: float, value_head: torch.nn.Module | None = None, chunked: str = "off",
+                 chunk_tokens: int = 4096
+                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(logits (B, N, V) / temperature, log-probs (B, N) of the sampled completion tokens, values
-    (B, N) or None): position P + t − 1 predicts completion token t. With `value_head`, the values
-    are read from the final hidden states at the same positions (the input of the LM head)."""
+    (B, N) or None, entropies (B, N), detached): position P + t − 1 predicts completion token t.
+    With `value_head`, the values are read from the final hidden states at the same positions (the
+    input of the LM head). With chunking on (or "auto" and big logits; llmlab's model only) the
+    log-probs and entropies come through the head in chunks and the logits are None."""
+    positions = positions_from_mask(attention_mask)  # left-padded rows: positions count real tokens
+    P = prompt_width
+    n = chunk_tokens_for(model, input_ids.numel(), chunked, chunk_tokens)
+    if n:
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        targets[:, P - 1:-1] = input_ids[:, P:]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logps_targets=targets,
+                    logps_temperature=temperature, logps_entropy=True, loss_chunk_tokens=n)
+        values = None
+        if value_head is not None:
+            hidden = out.hidden[:, P - 1:-1]
+            values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+        return None, out.logps[:, P - 1:-1], values, out.entropy[:, P - 1:-1].detach()
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if value_head is not None:
         head = model.get_output_embeddings()
         handle = head.register_forward_hook(lambda mod, args, out: captured.__setitem__("hidden", args[0]))
     try:
-        # left-padded rows: positions count real tokens (stock models with learned positions need them)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=positions_from_mask(attention_mask)).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     finally:
         if handle is not None:
             handle.remove()
-    logits = logits[:, prompt_width - 1:-1].float() / temperature  # (B, P+N, V) -> (B, N, V)
-    targets = input_ids[:, prompt_width:]  # (B, N)
-    logps = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logits = logits[:, P - 1:-1].float() / temperature  # (B, P+N, V) -> (B, N, V)
+    targets = input_ids[:, P:]  # (B, N)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
+    with torch.no_grad():
+        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     values = None
     if value_head is not None:
-        hidden = captured["hidden"][:, prompt_width - 1:-1]  # (B, N, d_model)
+        hidden = captured["hidden"][:, P - 1:-1]  # (B, N, d_model)
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    return logits, logps, values
+    return logits, logps, values, entropy
 
 
 def reward_kwargs(prompts: list[Prompt]) -> dict[str, list]:
@@ -187,7 +205,7 @@ def rollout_logps(model: torch.nn.Module, rollout: Rollout, temperature: float, 
     """Log-probs (and values) of a whole rollout under `model`, `chunk` rows per forward."""
     logps, values = [], []
     for part in chunked(rollout.input_ids.size(0), chunk):
-        _, lp, v = policy_logps(model, rollout.input_ids[part], rollout.attention_mask[part], rollout.prompt_width,
+        _, lp, v, _ = policy_logps(model, rollout.input_ids[part], rollout.attention_mask[part], rollout.prompt_width,
                                 temperature, value_head)
         logps.append(lp)
         if v is not None:

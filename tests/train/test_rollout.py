@@ -62,7 +62,7 @@ def test_logps_are_the_tempered_sampling_distribution_at_the_sampled_ids(model, 
     prompts = prompts_of(tok, TEXTS)
     T = 0.7
     r = sample_rollout(model, tok, [p.ids for p in prompts], sampling(tok, T), torch.Generator().manual_seed(0))
-    _, logps, _ = policy_logps(model, r.input_ids, r.attention_mask, r.prompt_width, T)
+    _, logps, _, _ = policy_logps(model, r.input_ids, r.attention_mask, r.prompt_width, T)
     for i, p in enumerate(prompts):
         n = int(r.completion_mask[i].sum())
         completion = r.input_ids[i, r.prompt_width:r.prompt_width + n].tolist()
@@ -92,12 +92,12 @@ def test_completion_mask_ends_at_the_stop_token(model, tok):
 def test_batched_left_padded_logps_equal_one_by_one(model, tok):
     prompts = prompts_of(tok, TEXTS)
     r = sample_rollout(model, tok, [p.ids for p in prompts], sampling(tok), torch.Generator().manual_seed(2))
-    _, batched, _ = policy_logps(model, r.input_ids, r.attention_mask, r.prompt_width, 1.0)
+    _, batched, _, _ = policy_logps(model, r.input_ids, r.attention_mask, r.prompt_width, 1.0)
     for i, p in enumerate(prompts):
         n = int(r.completion_mask[i].sum())
         completion = r.input_ids[i, r.prompt_width:r.prompt_width + n]
         ids = torch.cat([torch.tensor(p.ids), completion])[None]
-        _, alone, _ = policy_logps(model, ids, torch.ones_like(ids), len(p.ids), 1.0)
+        _, alone, _, _ = policy_logps(model, ids, torch.ones_like(ids), len(p.ids), 1.0)
         assert torch.allclose(batched[i, :n], alone[0], atol=1e-5)
 
 
