@@ -1,11 +1,11 @@
 """The shipped demo, as `make demo` runs it: instruction tuning must teach the tasks, and alignment
 must not undo it.
 
-Only one seed of the current recipe has been measured (docs/benchmarks.md: exact match 0 -> 0.809 ->
-0.848 -> 0.873); dpo's and grpo's gains there are a few points, within what another seed or CPU can
-move. So this test asserts what holds with room to spare — sft far above the floor, alignment within a
-few points of it — and leaves the direction of dpo and grpo to `bench/quality.py` over seeds, until a
-worst-seed spread exists to take strict margins from.
+Margins come from `bench/quality.py` over seeds 1, 2, 3 and a one-thread run (docs/benchmarks.md):
+sft's worst run reached exact match 0.711 (floor here 0.45) and +21 points of preference accuracy
+(here +15); dpo and grpo moved exact match by -0.5 to +4.4 points and preference accuracy by -1.0 to
++1.0, so they may lose at most ALIGNMENT_SLACK (5 points) — their direction is the bench's to report,
+not a strict assertion that one prompt of 204 would flip.
 """
 
 import json
@@ -20,7 +20,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SFT_MIN_EM = 0.45  # sft exact match, absolute (the quality issue's floor; seed 1 measured 0.809)
+SFT_MIN_EM = 0.45  # sft exact match, absolute (the quality issue's floor; worst measured run 0.711)
 ALIGNMENT_SLACK = 0.05  # dpo and grpo may not lose more than this against the model they start from
 
 
@@ -39,6 +39,6 @@ def test_the_demo_improves_its_model_at_every_stage(tmp_path):
     shown = f"exact match {em}, preference accuracy {pa}"
     assert em["pretrain"] == 0.0 and em["sft"] >= SFT_MIN_EM, shown
     assert pa["sft"] > pa["pretrain"], shown
-    assert pa["sft"] >= pa["pretrain"] + 0.15, shown  # seed 1: 0.662 -> 0.956
+    assert pa["sft"] >= pa["pretrain"] + 0.15, shown  # worst measured run: +21 points
     assert pa["dpo"] >= pa["sft"] - ALIGNMENT_SLACK and em["dpo"] >= em["sft"] - ALIGNMENT_SLACK, shown
     assert em["grpo"] >= em["dpo"] - ALIGNMENT_SLACK, shown
