@@ -92,6 +92,9 @@ class PretrainStage(StageBase):
     train: TrainSpec = Field(default_factory=TrainSpec)
     val_fraction: float = Field(0.01, ge=0, lt=1)  # share of documents held out, chosen by hash (0: none)
     max_tokens: int | None = Field(None, ge=1)  # training tokens to prepare; None = all the data
+    # packed blocks keep documents apart: attention within each document, positions restarting at
+    # its first token, no loss on a document's first token (llmlab's model; validation stays plain)
+    document_masks: bool = True
     distributed: DistributedSpec | None = None  # run under torchrun (DDP or FSDP)
 
     def rules(self) -> Iterator[tuple[Loc, str]]:

@@ -13,6 +13,9 @@ same arguments reads the cache (`PretrainData.from_cache` is True).
 order each epoch (`numpy.random.default_rng(seed + epoch)`) and serves (batch_size, seq_len)
 LongTensors; its `state_dict()` resumes the exact batch sequence. `eval_batches` gives the first
 consecutive blocks of the validation stream, unshuffled. Labels are the inputs (the model shifts).
+`document_segments` turns a block into per-document segments (attention and positions per
+document, no loss on a document's first token from the one before), what pretrain's
+`document_masks` uses.
 
 Usage:
     data = prepare_pretrain_data([DataSource(path="builtin:stdlib")], "out/tok", seq_len=256,
@@ -301,6 +304,22 @@ class BlockSampler:
                              f"{self.num_blocks} blocks; was the state saved for other data?")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+def document_segments(x: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment_ids, labels) for packed (B, T) blocks whose documents end in `eos_id`: a document's
+    tokens (its EOS included) share a segment id, so attention stays within the document and
+    positions restart at its first token (llmlab's model, `segment_ids`); the label of each
+    document's first token inside a block is masked (-100), since nothing in its own document
+    predicts it."""
+    ends = (x == eos_id).long()
+    segments = torch.zeros_like(x)
+    segments[:, 1:] = torch.cumsum(ends[:, :-1], dim=1)  # a new document starts after each EOS
+    labels = x.clone()
+    starts = torch.zeros_like(x, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    labels[starts] = -100
+    return segments, labels
 
 
 def eval_batches(token_path: str | Path, seq_len: int, batch_size: int, max_batches: int,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from llmlab.checkpoint import atomic_dir
-from llmlab.data.pretrain import BlockSampler, eval_batches, prepare_pretrain_data
+from llmlab.data.pretrain import BlockSampler, document_segments, eval_batches, prepare_pretrain_data
 from llmlab.device import pick_device
 from llmlab.evaluate import perplexity
-from llmlab.model import LlmlabConfig, build_model, count_parameters
+from llmlab.model import LlmlabConfig, LlmlabForCausalLM, build_model, count_parameters
 from llmlab.models import load_causal_lm
 from llmlab.runners.common import StageCallbacks, log_model, no_validation, prepare_checkpoints, stage_metrics
 from llmlab.runners.context import StageContext
@@ -22,13 +22,17 @@ class LMBatches:
 
     unit = "sequences"
 
-    def __init__(self, sampler: Any):
+    def __init__(self, sampler: Any, eos_id: int | None = None):
         self.sampler = sampler
         self.micro_batch = sampler.batch_size
+        self.eos_id = eos_id  # given: document masks (each document attends to itself only)
 
     def next_batch(self) -> dict[str, Any]:
         x = self.sampler.next_batch()
-        return {"input_ids": x, "labels": x}
+        if self.eos_id is None:
+            return {"input_ids": x, "labels": x}
+        segments, labels = document_segments(x, self.eos_id)
+        return {"input_ids": x, "labels": labels, "segment_ids": segments}
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -59,9 +63,16 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     val = eval_batches(data.val_path, seq_len, stage.train.batch_sequences, stage.train.eval_steps) if stage.val_fraction else []
     if not val:
         no_validation(ctx)
+    eos_id = None
+    if stage.document_masks:
+        if isinstance(model, LlmlabForCausalLM) and tok.eos_token_id is not None:
+            eos_id = tok.eos_token_id
+        else:
+            print(f"[{ctx.name}] document_masks: off — {type(model).__name__} takes no segment ids (llmlab's own "
+                  f"model does); blocks attend across documents")
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, LanguageModeling.from_train(stage.train), LMBatches(sampler), stage.train, ckpt,
+    result = train(model, LanguageModeling.from_train(stage.train), LMBatches(sampler, eos_id), stage.train, ckpt,
                    evaluate=(lambda m: perplexity(m, val)) if val else None, callbacks=StageCallbacks(ctx),
                    seed=spec.seed, label=ctx.name)
     if stage.train.save_best_only:

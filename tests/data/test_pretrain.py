@@ -202,3 +202,49 @@ def test_too_little_data_says_how_much(tok_dir, docs_file):
     with pytest.raises(ValueError, match=r"training stream has 100 tokens"):
         prepare_pretrain_data([source(path)], tok_dir, seq_len=128, seed=1, val_fraction=0.0,
                               max_tokens=100)
+
+
+def test_document_masks_give_each_packed_document_the_losses_it_has_alone():
+    import torch.nn.functional as F
+
+    from llmlab.data.pretrain import document_segments
+    from llmlab.model import LlmlabConfig, build_model
+
+    EOS = 1
+    torch.manual_seed(0)
+    model = build_model(LlmlabConfig(vocab_size=50, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2,
+                                     max_seq_len=32, positional_encoding="rope"), seed=0).eval()
+    docs = [torch.randint(2, 50, (n,)).tolist() + [EOS] for n in (6, 9, 4)]  # three documents, each ending in EOS
+    row = torch.tensor([sum(docs, [])])
+    segments, labels = document_segments(row, EOS)
+    assert segments.tolist() == [[0] * 7 + [1] * 10 + [2] * 5]
+    starts = [0, 7, 17]
+    assert [labels[0, s].item() for s in starts[1:]] == [-100, -100] and labels[0, 0].item() == row[0, 0].item()
+    with torch.no_grad():
+        packed = model(input_ids=row, segment_ids=segments).logits[0]
+        target = F.pad(labels[0, 1:], (0, 1), value=-100)
+        packed_loss = F.cross_entropy(packed, target, ignore_index=-100, reduction="none")
+        plain = model(input_ids=row).logits[0]  # without the masks, later documents see earlier ones
+        for start, doc in zip(starts, docs):
+            ids = torch.tensor([doc])
+            alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(packed[start:start + len(doc)], alone, rtol=1e-5, atol=1e-5)
+            alone_loss = F.cross_entropy(alone[:-1], ids[0, 1:], reduction="none")
+            torch.testing.assert_close(packed_loss[start:start + len(doc) - 1], alone_loss, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain[7:17], packed[7:17], atol=1e-3)
+        assert packed_loss[6].item() == 0.0 and packed_loss[16].item() == 0.0  # EOS -> next document's first token
+
+
+def test_pretrain_batches_carry_document_segments_when_asked():
+    from llmlab.runners.pretrain import LMBatches
+
+    class Fixed:
+        batch_size = 1
+
+        def next_batch(self):
+            return torch.tensor([[5, 6, 1, 7, 8, 1, 9]])
+
+    plain, masked = LMBatches(Fixed()).next_batch(), LMBatches(Fixed(), eos_id=1).next_batch()
+    assert "segment_ids" not in plain and torch.equal(plain["labels"], plain["input_ids"])
+    assert masked["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 2]]
+    assert masked["labels"].tolist() == [[5, 6, 1, -100, 8, 1, -100]]
