@@ -147,13 +147,14 @@ def measure_decoding(s: dict, device: torch.device, repeats: int) -> dict:
     ids, mask = ids.to(device), mask.to(device)
     results = {}
     with torch.no_grad():
-        for name in ("llmlab", "transformers"):
+        for name in ("llmlab dynamic", "llmlab static", "transformers"):
             best = float("inf")
-            for _ in range(repeats + 1):  # the first is warm-up
+            for _ in range(repeats + 1):  # the first is warm-up (and, static on CUDA, the graph capture)
                 sync(device)
                 start = time.perf_counter()
-                if name == "llmlab":
-                    out = sample(model, ids, mask, s["new_tokens"], eos_token_id=None, pad_token_id=0, temperature=0.0)
+                if name.startswith("llmlab"):
+                    out = sample(model, ids, mask, s["new_tokens"], eos_token_id=None, pad_token_id=0, temperature=0.0,
+                                 decode=name.split()[1])
                     new = out.tokens
                 else:
                     new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s["new_tokens"],
@@ -161,11 +162,14 @@ def measure_decoding(s: dict, device: torch.device, repeats: int) -> dict:
                 sync(device)
                 best = min(best, time.perf_counter() - start)
             results[name] = {"tokens_per_sec": new.numel() / best, "tokens": new}
-    same = torch.equal(results["llmlab"]["tokens"], results["transformers"]["tokens"])
-    return {"llmlab_tokens_per_sec": results["llmlab"]["tokens_per_sec"],
-            "transformers_tokens_per_sec": results["transformers"]["tokens_per_sec"],
-            "ratio": results["llmlab"]["tokens_per_sec"] / results["transformers"]["tokens_per_sec"],
-            "greedy_outputs_equal": same}
+    base = results["transformers"]["tokens_per_sec"]
+    return {"llmlab_tokens_per_sec": results["llmlab dynamic"]["tokens_per_sec"],
+            "llmlab_static_tokens_per_sec": results["llmlab static"]["tokens_per_sec"],
+            "transformers_tokens_per_sec": base,
+            "ratio": results["llmlab dynamic"]["tokens_per_sec"] / base,
+            "static_ratio": results["llmlab static"]["tokens_per_sec"] / base,
+            "greedy_outputs_equal": torch.equal(results["llmlab dynamic"]["tokens"], results["transformers"]["tokens"]),
+            "static_equals_dynamic": torch.equal(results["llmlab static"]["tokens"], results["llmlab dynamic"]["tokens"])}
 
 
 def main() -> int:
@@ -198,10 +202,12 @@ def main() -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "–"
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "–"
         print(f"| {label} | {r['tokens_per_sec']:,.0f} | {mfu} | {mem} | {r['tokens_per_sec'] / base:.2f}x |")
-    print(f"\nDecoding {s['prompts']} prompts x {s['prompt_len']} tokens, {s['new_tokens']} new, greedy: llmlab "
-          f"{decoding['llmlab_tokens_per_sec']:,.0f} tokens/s, transformers generate() "
-          f"{decoding['transformers_tokens_per_sec']:,.0f} ({decoding['ratio']:.2f}x); greedy outputs equal: "
-          f"{decoding['greedy_outputs_equal']}.")
+    print(f"\nDecoding {s['prompts']} prompts x {s['prompt_len']} tokens, {s['new_tokens']} new, greedy: llmlab dynamic "
+          f"cache {decoding['llmlab_tokens_per_sec']:,.0f} tokens/s ({decoding['ratio']:.2f}x), llmlab static cache"
+          f"{' + CUDA graph' if device.type == 'cuda' else ''} {decoding['llmlab_static_tokens_per_sec']:,.0f} "
+          f"({decoding['static_ratio']:.2f}x), transformers generate() {decoding['transformers_tokens_per_sec']:,.0f}; "
+          f"greedy outputs equal to transformers: {decoding['greedy_outputs_equal']}, static equal to dynamic: "
+          f"{decoding['static_equals_dynamic']}.")
     if args.json:
         args.json.write_text(json.dumps({"card": card, "shape": s, "training": rows, "matmul_flops": ceiling,
                                          "decoding": decoding}, indent=2, default=str))

@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from llmlab.model.positions import positions_from_mask
+
+__all__ = ["Sampled", "decode_mode", "generate", "iter_sample", "positions_from_mask", "sample", "stop_token_ids"]
+
 
 @dataclass
 class Sampled:
@@ -44,9 +48,22 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) position ids that count real tokens only: left padding gets 0 (it is masked anyway)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def decode_mode(model: torch.nn.Module, requested: str = "auto") -> str:
+    """"static" (a static KV cache and, on CUDA, a CUDA-graph step: `llmlab.model.static_decode`) or
+    "dynamic" (a growing `DynamicCache`). `LLMLAB_DECODE=static|dynamic` overrides `requested`;
+    "auto" is static on CUDA for models that support it, dynamic otherwise (no gain on CPUs)."""
+    import os
+
+    from llmlab.model.static_decode import StaticDecoder
+
+    mode = os.environ.get("LLMLAB_DECODE", requested)
+    if mode not in ("auto", "static", "dynamic"):
+        raise ValueError(f"decode mode must be auto, static or dynamic, not {mode!r}")
+    if not StaticDecoder.supports(model):
+        return "dynamic"
+    if mode == "auto":
+        return "static" if next(model.parameters()).device.type == "cuda" else "dynamic"
+    return mode
 
 
 def iter_sample(
@@ -60,27 +77,48 @@ def iter_sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    decode: str = "auto",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (next tokens (B,), rows still running before this token (B,), their log-probs (B,))
     step by step from left-padded prompts (B, T), one KV cache for the whole batch. A row stops at
     the first of its stop ids (`eos_token_id`: one id or several); stopped rows get `pad_token_id`.
     Log-probs are of the distribution sampled from: logits / temperature, before top-k/top-p (the
-    same ones a full forward pass gives, see `llmlab.train.rollout.policy_logps`); greedy: T = 1."""
+    same ones a full forward pass gives, see `llmlab.train.rollout.policy_logps`); greedy: T = 1.
+    `decode`: see `decode_mode`; both paths give the same tokens."""
     B = input_ids.size(0)
     device = input_ids.device
-    cache = DynamicCache()
-    mask = attention_mask.long().clone()
-    positions = positions_from_mask(mask)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                             dtype=torch.long, device=device)
-    step_input = input_ids
     with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, cache=cache,
+        if max_new_tokens <= 0:
+            return
+        if decode_mode(model, decode) == "static":
+            from llmlab.model.static_decode import StaticDecoder
+
+            decoder = StaticDecoder.for_model(model)
+            logits = decoder.prefill(input_ids, attention_mask, max_new_tokens).float()
+
+            def advance(nxt: torch.Tensor) -> torch.Tensor:
+                return decoder.step(nxt, ~done).float()
+        else:
+            cache = DynamicCache()
+            state = {"mask": attention_mask.long().clone()}
+            positions = positions_from_mask(state["mask"])
+            out = model(input_ids=input_ids, attention_mask=state["mask"], position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
             cache = getattr(out, "cache", None) or cache
             logits = out.logits[:, -1, :].float()
+            state["positions"] = positions[:, -1:]
+
+            def advance(nxt: torch.Tensor) -> torch.Tensor:
+                state["mask"] = torch.cat([state["mask"], (~done).long()[:, None]], dim=1)  # finished rows: masked
+                state["positions"] = state["positions"] + 1
+                out = model(input_ids=nxt[:, None], attention_mask=state["mask"], position_ids=state["positions"],
+                            cache=cache, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1, :].float()
+
+        for step in range(max_new_tokens):
             logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
             if temperature == 0.0:
                 nxt = logits.argmax(-1)
@@ -93,11 +131,9 @@ def iter_sample(
             yield nxt, running, token_logp
             if stop_ids.numel():
                 done = done | torch.isin(nxt, stop_ids)
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 return
-            step_input = nxt[:, None]
-            mask = torch.cat([mask, (~done).long()[:, None]], dim=1)  # finished rows: masked, ignored
-            positions = positions[:, -1:] + 1
+            logits = advance(nxt)
 
 
 def sample(
@@ -111,6 +147,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    decode: str = "auto",
 ) -> Sampled:
     """All of `iter_sample` at once: (B, N) new tokens, each row's length (stop token included) and
     the new tokens' log-probs."""
@@ -119,7 +156,7 @@ def sample(
     tokens, logprobs = [], []
     lengths = torch.zeros(input_ids.size(0), dtype=torch.long, device=input_ids.device)
     for nxt, running, logp in iter_sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                                          temperature, top_k, top_p, generator):
+                                          temperature, top_k, top_p, generator, decode):
         tokens.append(nxt)
         logprobs.append(logp)
         lengths += running.long()

@@ -134,3 +134,49 @@ def test_our_model_speaks_the_same_cache_protocol(model):
         theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6,
                                 min_new_tokens=6, pad_token_id=0, eos_token_id=None)
     assert torch.equal(ours.tokens, theirs[:, ids.size(1):])
+
+
+@pytest.mark.parametrize("pe", ["rope", "sinusoidal", "yarn"])
+def test_the_static_cache_decoder_gives_the_dynamic_paths_tokens_and_log_probs(pe):
+    from llmlab.generate import decode_mode
+
+    extra = {"yarn_scale": 2.0, "yarn_original_max_seq_len": 32} if pe == "yarn" else {}
+    cfg = LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=V, max_seq_len=64,
+                       positional_encoding=pe, **extra)
+    model = build_model(cfg, seed=5).eval()
+    assert decode_mode(model, "auto") == "dynamic"  # CPU: the dynamic path unless asked
+    ids, mask = left_pad([[5, 9, 2, 7], [3], [11, 4, 8, 1, 6, 2], [7, 7]])
+    greedy = {m: sample(model, ids, mask, 12, eos_token_id=2, temperature=0.0, decode=m) for m in ("dynamic", "static")}
+    assert torch.equal(greedy["static"].tokens, greedy["dynamic"].tokens)
+    assert torch.equal(greedy["static"].lengths, greedy["dynamic"].lengths)
+    torch.testing.assert_close(greedy["static"].logprobs, greedy["dynamic"].logprobs, rtol=1e-5, atol=1e-5)
+    for row, prompt in enumerate([[5, 9, 2, 7], [3], [11, 4, 8, 1, 6, 2], [7, 7]]):  # and each row's output alone
+        n = int(greedy["static"].lengths[row])
+        assert greedy["static"].tokens[row, :n].tolist() == greedy_without_cache(model, prompt, 12)[:n]
+    drawn = {m: sample(model, ids, mask, 10, eos_token_id=None, temperature=1.0, decode=m,
+                       generator=torch.Generator().manual_seed(0)).tokens for m in ("dynamic", "static")}
+    assert torch.equal(drawn["static"], drawn["dynamic"])
+
+
+def test_models_the_static_decoder_cannot_serve_take_the_dynamic_path():
+    from llmlab.generate import decode_mode
+
+    alibi = build_model(LlmlabConfig(d_model=32, n_heads=4, d_ff=64, n_layers=1, vocab_size=V, max_seq_len=32,
+                                     positional_encoding="alibi"), seed=0)
+    window = build_model(LlmlabConfig(d_model=32, n_heads=4, d_ff=64, n_layers=1, vocab_size=V, max_seq_len=32,
+                                      sliding_window=8), seed=0)
+    assert decode_mode(alibi, "static") == "dynamic" and decode_mode(window, "static") == "dynamic"
+    with pytest.raises(ValueError, match="auto, static or dynamic"):
+        decode_mode(window, "fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_graph_captured_static_step_gives_the_eager_tokens():
+    cfg = LlmlabConfig(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, n_layers=2, vocab_size=V, max_seq_len=64)
+    model = build_model(cfg, seed=5).eval().cuda()
+    ids, mask = left_pad([[5, 9, 2, 7], [3], [11, 4, 8, 1, 6, 2], [7, 7]])
+    ids, mask = ids.cuda(), mask.cuda()
+    dynamic = sample(model, ids, mask, 16, eos_token_id=None, temperature=0.0, decode="dynamic")
+    static = sample(model, ids, mask, 16, eos_token_id=None, temperature=0.0, decode="static")  # compiled, CUDA graph
+    assert torch.equal(static.tokens, dynamic.tokens)

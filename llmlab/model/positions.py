@@ -124,3 +124,8 @@ def alibi_bias(slopes: torch.Tensor, query_index: torch.Tensor, key_index: torch
     """
     distance = (query_index[:, None] - key_index[None, :]).to(torch.float32)  # (Tq, Tk)
     return -(slopes[:, None, None] * distance)[None]  # (H, Tq, Tk) -> (1, H, Tq, Tk)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that count real tokens only: left padding gets 0 (it is masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
