@@ -269,4 +269,20 @@ def preflight(spec: Pipeline, spec_file: str | Path | None = None) -> tuple[list
     data, data_notes = data_problems(spec)
     models, model_notes = model_problems(spec)
     folders = folder_problems(spec, spec_file) if spec_file is not None else []
-    return workdir_problems(spec) + folders + data + models, data_notes + model_notes
+    return workdir_problems(spec) + folders + merge_branches(spec, data + models), data_notes + model_notes
+
+
+def merge_branches(spec: Pipeline, problems: list[Problem]) -> list[Problem]:
+    """One problem for what every branch or round of a stage shares (the same file, the same cause),
+    named by the stage as the spec writes it."""
+    groups: dict[tuple[str, str, str], list[Problem]] = {}
+    for p in problems:
+        base = spec.base_stage(p.stage) if p.stage and p.stage != "tokenizer" else p.stage
+        groups.setdefault((base, p.what, p.message), []).append(p)
+    out = []
+    for (base, what, message), found in groups.items():
+        if len(found) == 1:
+            out.append(found[0])
+        else:
+            out.append(Problem(base, what, f"{message} (all {len(found)} of its branches or rounds)"))
+    return out

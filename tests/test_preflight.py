@@ -138,3 +138,13 @@ def test_the_cli_reports_every_problem_without_a_traceback_and_runs_nothing(tmp_
     assert "stage 'sft'" in out.stderr and "chats.jsonl" in out.stderr and "could not detect the SFT format" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
     assert not (tmp_path / "runs").exists()  # no stage ran
+
+
+def test_a_problem_every_branch_of_a_sweep_shares_is_reported_once_for_the_stage(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    path = spec(tmp_path, {"sft": {"kind": "sft", "from": "pretrain", "data": [{"path": str(empty)}],
+                                   "sweep": {"train.lr": [1e-4, 3e-4, 1e-3]}}})
+    found = [p for p in problems_of(path) if "empty.jsonl" in p]
+    assert found == [f"stage 'sft': {empty}: it has no rows: add rows, or remove it from the stage's data "
+                     f"(all 3 of its branches or rounds)"]
