@@ -47,7 +47,7 @@ def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
     """What decides whether a finished result can stand in for running the stage again."""
     payload = {"config": config_hash(resolved_config(spec, stage)), "code": code_version(),
                "inputs": {k: v["fingerprint"] for k, v in sorted(inputs.items())}}
-    return f"{spec.name}-{stage}-{config_hash(payload)}"
+    return f"{spec.name}-{stage.replace('/', '_')}-{config_hash(payload)}"  # a file name in Prefect's result storage
 
 
 def finished_result(spec: Pipeline, stage: str, inputs: dict[str, dict], strict: bool = True) -> dict[str, Any] | None:
