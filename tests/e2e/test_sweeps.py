@@ -69,6 +69,7 @@ def test_a_sweep_runs_its_branches_selects_the_best_promotes_it_and_reuses_them_
     assert one.params["sweep.beta"] == "0.5" and one.params["sweep.train.lr"] == "0.0003"
     assert one.tags["llmlab.sweep.beta"] == "0.5" and one.tags["llmlab.base_stage"] == "dpo"
     assert children[evals[3]].data.tags["llmlab.sweep.train.lr"] == "0.0003"  # an eval branch groups with its dpo
+    assert children[evals[3]].data.params["sweep.beta"] == "0.5"
     tags = parent.data.tags
     assert tags["llmlab.select.release"] == best and tags["llmlab.select.release.metric"] == "min dpo/eval/loss"
     series = client.get_metric_history(parent.info.run_id, "select/release/dpo_eval_loss")
