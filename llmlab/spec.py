@@ -169,6 +169,14 @@ class Pipeline(StrictModel):
     def variant(self, stage: str) -> Variant:
         return self.graph.variants.get(stage) or Variant(stage)
 
+    def branch_values(self, stage: str) -> dict[str, Any]:
+        """The swept values a concrete stage runs with or follows (an eval branch: its dpo branch's)."""
+        variant = self.variant(stage)
+        values: dict[str, Any] = {}
+        for base, label in variant.assign.items():
+            values.update(self.graph.labels.get(base, {}).get(label, {}))
+        return {**values, **variant.values}
+
     def selection(self, stage: str) -> Selection | None:
         return self.graph.selections.get(stage)
 

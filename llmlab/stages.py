@@ -55,15 +55,6 @@ def execute_stage(spec_file: str, stage: str, inputs: dict[str, dict], parent_ru
         return _execute(spec, spec_file, stage, inputs, parent_run_id, cache_key(spec, stage, inputs))
 
 
-def branch_values(spec: Pipeline, stage: str) -> dict[str, Any]:
-    """The swept values a concrete stage runs with or follows (an eval branch: its dpo branch's)."""
-    variant = spec.variant(stage)
-    values: dict[str, Any] = {}
-    for b, label in variant.assign.items():
-        values.update(spec.graph.labels.get(b, {}).get(label, {}))
-    return {**values, **variant.values}
-
-
 def branch_tags(spec: Pipeline, stage: str) -> dict[str, Any]:
     """MLflow tags that place a concrete stage in the graph: its branch label and swept values (so
     the UI can filter and group by them), the sweeps it follows, its round."""
@@ -72,7 +63,7 @@ def branch_tags(spec: Pipeline, stage: str) -> dict[str, Any]:
     if variant.label and variant.round is None:
         tags["llmlab.branch"] = variant.label
         # an upstream sweep's values too: eval branches line up with their dpo branches
-        tags.update({f"llmlab.sweep.{k}": v for k, v in branch_values(spec, stage).items()})
+        tags.update({f"llmlab.sweep.{k}": v for k, v in spec.branch_values(stage).items()})
         tags.update({f"llmlab.follows.{b}": label for b, label in variant.assign.items() if b != variant.base})
     if variant.round is not None:
         tags["llmlab.round"] = variant.round
@@ -118,7 +109,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         **{f"llmlab.input.{k}.stage": v.stage for k, v in in_results.items()},
         **{f"llmlab.input.{k}.fingerprint": v.fingerprint for k, v in in_results.items()},
     })
-    run.log_params({**config, **{f"sweep.{k}": v for k, v in branch_values(spec, stage).items()}})
+    run.log_params({**config, **{f"sweep.{k}": v for k, v in spec.branch_values(stage).items()}})
     record = {"stage": stage, "kind": kind, "spec_file": str(Path(spec_file).resolve()), "pipeline": spec.name,
               "config": config, "config_hash": chash, "cache_key": key,
               "status": "running", "inputs": {k: v.fingerprint for k, v in in_results.items()},

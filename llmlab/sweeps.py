@@ -61,10 +61,7 @@ def choose_branch(spec: Pipeline, stage: str, judged: dict[str, dict]) -> Choice
     for branch in selection.options:
         if branch not in judged:
             continue  # narrowed away (--param sweep=...)
-        variant = spec.variant(branch)
-        values = {}
-        for base, label in variant.assign.items():
-            values.update(spec.graph.labels.get(base, {}).get(label, {}))
+        variant, values = spec.variant(branch), spec.branch_values(branch)
         value = judged[branch]["metrics"].get(selection.metric)
         ok = isinstance(value, (int, float)) and not math.isnan(value)
         rows.append({"branch": branch, "label": variant.label, "values": values,
@@ -131,10 +128,7 @@ def branch_table(spec: Pipeline, base: str, results: dict[str, dict]) -> list[di
     for branch in spec.graph.branches(base):
         if branch not in results:
             continue
-        variant = spec.variant(branch)
-        values = {}
-        for b, label in variant.assign.items():
-            values.update(spec.graph.labels.get(b, {}).get(label, {}))
+        variant, values = spec.variant(branch), spec.branch_values(branch)
         r = results[branch]
         rows.append({"branch": branch, "label": variant.label, "values": values, "run_id": r.get("mlflow_run_id"),
                      "reused": bool(r.get("reused")), "metrics": r.get("metrics", {})})

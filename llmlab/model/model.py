@@ -139,6 +139,12 @@ class LlmlabModel(nn.Module):
         return self.norm(x)
 
 
+def core_model(model: nn.Module) -> nn.Module:
+    """The model under DDP's and peft's wrappers (FSDP2 keeps the class)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass
 class LlmlabCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the chunked log-probability path's outputs (see `forward`)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from llmlab.model.model import LlmlabForCausalLM
+from llmlab.model.model import LlmlabForCausalLM, core_model
 from llmlab.model.positions import positions_from_mask, rotary_cos_sin, sinusoidal_embedding
 
 
@@ -41,17 +41,12 @@ class _StaticKV:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def _core(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 class StaticDecoder:
     """A static-cache decoder for one model; see the module docstring."""
 
     def __init__(self, model: torch.nn.Module, compile: bool):
         self.model = model  # the model as given (peft-wrapped or not): its layers carry the adapters
-        self.lm = _core(model)
+        self.lm = core_model(model)
         self.compile = compile
         self._compiled = None
         self.keys: list[torch.Tensor] = []
@@ -59,7 +54,7 @@ class StaticDecoder:
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
-        lm = _core(model)
+        lm = core_model(model)
         if not isinstance(lm, LlmlabForCausalLM):
             return False
         cfg = lm.config

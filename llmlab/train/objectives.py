@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmlab.model.model import LlmlabForCausalLM
+from llmlab.model.model import LlmlabForCausalLM, core_model
 
 IGNORE_INDEX = -100  # label value that contributes no loss (prompt tokens, padding)
 
@@ -33,19 +33,13 @@ def target_count(labels: torch.Tensor) -> torch.Tensor:
 CHUNK_AUTO_BYTES = 256 * 2**20  # `chunked_loss: auto` chunks when a micro-batch's fp32 logits would exceed this
 
 
-def _core(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP's and peft's wrappers (FSDP2 keeps the class)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def chunk_tokens_for(model: torch.nn.Module, tokens: int, mode: str, chunk_tokens: int) -> int:
     """How many positions per chunk the loss or log-probs of a forward over `tokens` positions take
     through llmlab's head: 0 = the plain path (full logits). `mode` "on" chunks, "off" never,
     "auto" when the fp32 logits would exceed CHUNK_AUTO_BYTES; other models always take the plain path."""
-    if mode == "off" or not isinstance(_core(model), LlmlabForCausalLM):
+    if mode == "off" or not isinstance(core_model(model), LlmlabForCausalLM):
         return 0
-    vocab = _core(model).config.vocab_size
+    vocab = core_model(model).config.vocab_size
     return chunk_tokens if mode == "on" or tokens * vocab * 4 > CHUNK_AUTO_BYTES else 0
 
 
