@@ -79,7 +79,7 @@ def _batches(plan, names: list[str], parallel: int) -> list[list[str]]:
 
 @flow(name="llmlab", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None = None,
-             from_stage: str | None = None, sweep: dict[str, dict[str, list]] | None = None) -> dict[str, dict] | State:
+             from_stage: str | None = None, sweep: dict | None = None) -> dict[str, dict] | State:
     """Run the stages of the spec file `spec`; returns {stage: StageResult dict}.
 
     Stage names may be written ones (`dpo`: all its branches and rounds) or concrete ones

@@ -78,7 +78,8 @@ class Graph:
     def narrowed(self, narrow: dict[str, dict[str, list[Any]]]) -> tuple[set[str], list[str]]:
         """The concrete stages left when each swept stage keeps only the listed values
         (`{"dpo": {"beta": [0.1]}}`), and what in `narrow` does not fit the spec."""
-        problems = []
+        problems: list[str] = []
+        narrow = _narrow_shape(narrow, problems)
         keep_labels: dict[str, set[str]] = {}
         for base, fields in narrow.items():
             if base not in self.labels:
@@ -98,6 +99,22 @@ class Graph:
         keep = {n for n in self.order if all(self.variants[n].assign.get(b) in ok
                                              for b, ok in keep_labels.items() if b in self.variants[n].assign)}
         return keep, problems
+
+
+def _narrow_shape(narrow: Any, problems: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """`{stage: {field: [values]}}` as given by a deployment's `sweep` parameter; one value may stand
+    for a list of one. Anything else becomes a problem, in one sentence."""
+    example = 'e.g. {"dpo": {"beta": [0.1, 0.3]}}'
+    if not isinstance(narrow, dict):
+        problems.append(f"sweep must map a stage to {{field: [values]}} ({example}), not {json.dumps(narrow)}")
+        return {}
+    out: dict[str, dict[str, list[Any]]] = {}
+    for base, fields in narrow.items():
+        if not isinstance(fields, dict) or not fields:
+            problems.append(f"sweep.{base} must map a swept field to the values to keep ({example}), not {json.dumps(fields)}")
+            continue
+        out[base] = {field: list(values) if isinstance(values, list) else [values] for field, values in fields.items()}
+    return out
 
 
 def _norm(value: Any) -> Any:

@@ -117,6 +117,16 @@ def test_narrowing_keeps_the_asked_values_and_what_fans_out_of_them():
     assert any("no variant of stage 'dpo'" in p for p in problems) and any("'sft' has no sweep" in p for p in problems)
 
 
+def test_a_deployments_sweep_parameter_of_the_wrong_shape_is_one_sentence_and_one_value_stands_for_a_list():
+    spec = load(BASE)
+    keep, problems = spec.graph.narrowed({"dpo": {"beta": 0.5}})  # a bare value: a list of one
+    assert not problems and keep == spec.graph.narrowed({"dpo": {"beta": [0.5]}})[0]
+    _, problems = spec.graph.narrowed({"dpo": [0.5]})
+    assert problems == ['sweep.dpo must map a swept field to the values to keep (e.g. {"dpo": {"beta": [0.1, 0.3]}}), not [0.5]']
+    _, problems = spec.graph.narrowed(["dpo"])
+    assert len(problems) == 1 and problems[0].startswith("sweep must map a stage to {field: [values]}")
+
+
 def test_rounds_chain_each_round_from_the_last_rounds_model_and_later_stages_read_the_last_round():
     raw = edit(dpo=None, eval=None, release=None)
     raw["stages"]["prefs"] = {"kind": "preferences", "from": "sft", "data": [{"path": "builtin:tasks-prompts"}],
