@@ -167,6 +167,9 @@ class TrainBase(StrictModel):
     grad_clip: float | None = Field(1.0, gt=0)  # max global grad norm; None = no clipping
     max_nonfinite_steps: int = Field(3, ge=1)  # a step whose loss or grad norm is NaN/inf is skipped; this many in a row stop the stage
     eval_every: int = Field(500, ge=1)  # optimizer steps between validations
+    # also evaluate the starting model before step 1: curves start at its score, and (save_best_only) it stays
+    # the stage's model when no evaluated step beats it
+    eval_at_start: bool = False
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
     save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints
     save_best_only: bool = True  # the exported model is the best validation one, not the last

@@ -241,6 +241,7 @@ class RlTrain(TrainBase):
     gradient_accumulation_steps: int = Field(1, ge=1)  # forward passes per optimizer step
     ppo_epochs: int = Field(4, ge=1)  # passes over each rollout
     eval_every: int = Field(50, ge=1)
+    eval_at_start: bool = True  # RL can lower held-out scores (noisy gradients): the starting model is a candidate too
     save_every: int = Field(50, ge=1)
 
     @property

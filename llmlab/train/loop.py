@@ -430,9 +430,11 @@ class Trainer:
     def run(self) -> TrainResult:
         self.resume()
         self.announce()
+        cfg = self.cfg
+        if self.evaluate_fn is not None and self.step == 0 and getattr(cfg, "eval_at_start", False):
+            self.last.update(self.evaluate())  # step 0: the starting model's score, a candidate for the best
         self.engine.train_model.train()
         self.run_started = self.window.started = time.perf_counter()
-        cfg = self.cfg
         with StopFlag() as stop:
             while self.step < cfg.max_steps:
                 self.train_step()
@@ -448,6 +450,9 @@ class Trainer:
                     raise TrainingInterrupted(self.step)
         if self.evaluate_fn is not None and self.step == self.resumed_from and self.best_path is None:
             self.last.update(self.evaluate())  # a resumed, already finished run still reports its numbers
+        if self.progress.best_step == 0 and self.step > 0 and getattr(cfg, "save_best_only", False):
+            self.say(f"[{self.label}] no evaluated step beat the starting model on {self.best_metric} "
+                     f"({self.progress.best_value:.4f}): the stage's model is the one it started from", flush=True)
         self.engine.finish()
         return TrainResult(self.step, self.resumed_from, self.progress.best_value, self.progress.best_step,
                            self.best_path, self.last)

@@ -92,6 +92,8 @@ def test_grpo_stage_raises_the_reward_and_logs_every_metric(project, base):
             "rl/group_reward_std", "rl/zero_variance_share", "rl/best_of_n", "rl/rollout_tokens_per_sec",
             "rl/generation_share", "eval/reward_mean", "eval/exact_match"} <= logged
     assert all(0 < r["rl/generation_share"] <= 1 for r in rows if "rl/generation_share" in r)
+    # the starting model is evaluated too (eval_at_start, on by default for RL): the curve starts at its score
+    assert [r["step"] for r in rows if "eval/reward_mean" in r] == [0, 12, 24]
     assert (project / "runs" / "grpo" / "model" / "model.safetensors").is_file()
     assert result["metrics"]["train/steps"] == 24
 

@@ -122,6 +122,25 @@ def test_best_model_is_kept(tmp_path):
     assert eval_fn(model)["eval/loss"] == pytest.approx(best_loss, abs=1e-6)
 
 
+def test_eval_at_start_makes_the_starting_model_a_candidate_for_the_best(tmp_path):
+    """Judged by a metric that training only lowers (maximize the eval loss), the starting model is
+    the best: with eval_at_start it is kept (step 0, its exact weights), without it the first
+    evaluated step is."""
+    start = {k: v.clone() for k, v in tiny_model(dropout=0.0).state_dict().items()}
+    results = {}
+    for at_start in (True, False):
+        rec, model = Recorder(), tiny_model(dropout=0.0)
+        results[at_start] = train(model, LanguageModeling(), Batches(4), cfg(max_steps=8, eval_every=4, eval_at_start=at_start),
+                                  tmp_path / str(at_start), evaluate=eval_fn, callbacks=rec, seed=1, maximize=True)
+        assert [s for s, _ in rec.evals] == ([0] if at_start else []) + [4, 8]
+        if at_start:
+            assert rec.evals[0][1] > max(v for _, v in rec.evals[1:])  # the loss went down
+            load_best(model, results[at_start])
+            for k, v in model.state_dict().items():
+                torch.testing.assert_close(v, start[k], atol=0, rtol=0)
+    assert results[True].best_step == 0 and results[False].best_step == 4
+
+
 def test_sigterm_saves_checkpoint_and_stops(tmp_path):
     class Killer(Batches):
         def next_batch(self):
