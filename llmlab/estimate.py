@@ -205,15 +205,19 @@ def _adapter_base(adapters: str | None) -> str | None:
 # --------------------------------------------------------------------------- what trains
 
 
-def _optimizer_bytes(name: str, trainable: list[Weight]) -> int:
+def _optimizer_bytes(optimizer: Any, trainable: list[Weight]) -> int:
     """Optimizer state in fp32 (llmlab.optim): AdamW two moments, Sophia momentum + Hessian EMA, Lion one
     momentum, Muon one momentum for 2-D hidden matrices and AdamW's two for the rest, Adafactor
-    (torch's) a row and a column statistic per matrix and a full second moment per vector."""
+    (torch's) a row and a column statistic per matrix and a full second moment per vector, SGD one
+    momentum buffer (none without momentum)."""
     from llmlab.model.memory import FP32_BYTES
 
+    name = optimizer.name
     total = 0
     for w in trainable:
-        if name == "adafactor":
+        if name == "sgd":
+            total += w.numel * FP32_BYTES if optimizer.momentum > 0 else 0
+        elif name == "adafactor":
             total += (sum(w.shape) * w.copies if len(w.shape) == 2 else w.numel) * FP32_BYTES
         elif name == "lion" or (name == "muon" and w.role == "hidden" and len(w.shape) == 2):
             total += w.numel * FP32_BYTES
@@ -297,7 +301,7 @@ def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
     est.trainable = sum(w.numel for w in trainable)
     parts["weights"] = est.params * b + (est.trainable * b if lora is not None else 0)
     parts["gradients"] = est.trainable * b
-    parts["optimizer state"] = _optimizer_bytes(train.optimizer.name, trainable)
+    parts["optimizer state"] = _optimizer_bytes(train.optimizer, trainable)
     if st.distributed is not None and st.distributed.strategy == "fsdp":
         for key in ("weights", "gradients", "optimizer state"):
             parts[key] //= st.distributed.world_size

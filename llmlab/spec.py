@@ -38,6 +38,7 @@ from llmlab.spec_blocks import (
     ModelSpec,
     Muon,
     OptimizerSpec,
+    SGD,
     Sophia,
     TokenizerSpec,
     TokenizerTrain,
@@ -69,7 +70,7 @@ from llmlab.spec_stages import (
 
 __all__ = [
     "OPTIMIZER_CLASSES", "OPTIMIZER_NAMES", "Adafactor", "AdamW", "DataSource", "DistributedSpec", "Lion", "Loc",
-    "LoraSpec", "ModelSpec", "Muon", "OptimizerSpec", "Sophia", "StrictModel", "TokenizerSpec", "TokenizerTrain",
+    "LoraSpec", "ModelSpec", "Muon", "OptimizerSpec", "SGD", "Sophia", "StrictModel", "TokenizerSpec", "TokenizerTrain",
     "TrainBase", "TrainSpec", "DEFAULT_PROMPTS", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalModel", "EvalStage", "ExportStage", "GrpoStage",
     "MergeStage", "PpoStage", "PreferencesStage", "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage",
     "SftTrain", "Stage", "StageBase", "TrackingSpec", "Pipeline", "SpecIssue", "SpecError", "parse_spec", "load_spec",

@@ -146,8 +146,26 @@ class Muon(StrictModel):
     adamw_eps: float = Field(1e-8, gt=0)  # AdamW part: denominator epsilon
 
 
-OPTIMIZER_CLASSES: dict[str, type[StrictModel]] = {"adamw": AdamW, "adafactor": Adafactor, "lion": Lion, "sophia": Sophia, "muon": Muon}
-OptimizerSpec = Annotated[Union[AdamW, Adafactor, Lion, Sophia, Muon], Field(discriminator="name")]
+class SGD(StrictModel):
+    """torch.optim.SGD with (heavy-ball or Nesterov) momentum: a step proportional to the gradient,
+    where Adam-type optimizers move every parameter by about lr whatever its gradient's size. For
+    RL on small models, whose gradients are mostly noise: GRPO with AdamW lowered the demo's held-out
+    exact match at every lr tried, with SGD it rose (docs/benchmarks.md). lr is in gradient units
+    (1e-3 to 1e-2 there, not AdamW's 1e-4)."""
+
+    name: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum decay (0 = plain SGD)
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+    dampening: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of each gradient left out of the momentum
+
+    def rules(self) -> Iterator[tuple[Loc, str]]:
+        if self.nesterov and (self.momentum == 0 or self.dampening != 0):
+            yield ("nesterov",), "nesterov: true needs momentum > 0 and dampening 0 (torch's rule)"
+
+
+OPTIMIZER_CLASSES: dict[str, type[StrictModel]] = {"adamw": AdamW, "adafactor": Adafactor, "lion": Lion, "sophia": Sophia,
+                                                   "muon": Muon, "sgd": SGD}
+OptimizerSpec = Annotated[Union[AdamW, Adafactor, Lion, Sophia, Muon, SGD], Field(discriminator="name")]
 OPTIMIZER_NAMES = tuple(OPTIMIZER_CLASSES)
 
 

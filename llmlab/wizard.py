@@ -88,6 +88,7 @@ OPTIMIZER_BLURBS = {
     "lion": "sign of momentum, half AdamW's state, wants a smaller lr",
     "sophia": "momentum over a clipped diagonal-Hessian estimate",
     "muon": "orthogonalised momentum for weight matrices, AdamW for the rest",
+    "sgd": "momentum SGD, steps in proportion to the gradient (RL on small models)",
 }
 
 

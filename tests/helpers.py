@@ -19,7 +19,7 @@ VOCAB, SEQ = 64, 16
 
 # per-optimizer learning rates in each method's usual range (Lion ~3x below AdamW; Sophia's
 # updates are bounded by rho * lr, so its lr is ~1/rho larger; Adafactor's lr is relative)
-OPTIMIZER_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.15, "muon": 0.04}
+OPTIMIZER_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.15, "muon": 0.04, "sgd": 0.3}
 
 
 def tiny_model(seed: int = 0, **config) -> torch.nn.Module:

@@ -93,7 +93,7 @@ def test_invalid_answers_are_reasked(tmp_path):
         "d_model": ["abc", "-4", "96"],
         "n_heads": ["5", "3"],  # 96 % 5 != 0
         "stages": ["pretrain,ppo", "sft", "pretrain,merge,eval"],  # unknown; no pretrain; merge implies sft
-        "pretrain.optimizer": ["sgd", "muon"],
+        "pretrain.optimizer": ["rmsprop", "muon"],
         "pretrain.optimizer.ns_steps": ["2.5", "0", "3"],
         "pretrain.optimizer.ns_dtype": ["fp16", "fp32"],
         "pretrain.lr": ["fast", "0", "0.01"],

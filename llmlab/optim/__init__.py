@@ -9,6 +9,7 @@ Optimizers (`OPTIMIZERS`, keyed by the spec's `optimizer.name`; fields in llmlab
 - sophia: `sophia.SophiaG` (arXiv 2305.14342); the training loop feeds its Hessian estimator.
 - muon: `muon.Muon` (kellerjordan.github.io/posts/muon): hidden matrices orthogonalised, the rest
   AdamW at `adamw_lr_ratio` x lr.
+- sgd: torch.optim.SGD with momentum: steps in proportion to the gradient (RL on small models).
 
 Parameter groups everywhere: weight decay only on matrices of linear layers, never on norms, biases
 or embeddings (Loshchilov & Hutter 2019; GPT-2/nanoGPT practice). Each group carries `hidden`: True
@@ -78,8 +79,12 @@ def _muon(groups: list[dict], lr: float, spec: Any) -> torch.optim.Optimizer:
                 ns_dtype=spec.ns_dtype, betas=(spec.adamw_beta1, spec.adamw_beta2), eps=spec.adamw_eps)
 
 
+def _sgd(groups: list[dict], lr: float, spec: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, nesterov=spec.nesterov, dampening=spec.dampening)
+
+
 OPTIMIZERS: dict[str, Callable[[list[dict], float, Any], torch.optim.Optimizer]] = {
-    "adamw": _adamw, "adafactor": _adafactor, "lion": _lion, "sophia": _sophia, "muon": _muon}
+    "adamw": _adamw, "adafactor": _adafactor, "lion": _lion, "sophia": _sophia, "muon": _muon, "sgd": _sgd}
 
 
 def build_optimizer(model: torch.nn.Module, spec: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -24,11 +24,12 @@ def issues_of(a, b="{name: adamw}"):
 
 def test_seed_defaults():
     opt = {name: TrainSpec(optimizer={"name": name}).optimizer for name in OPTIMIZER_NAMES}
-    assert set(OPTIMIZER_NAMES) == {"adamw", "adafactor", "lion", "sophia", "muon"}
+    assert set(OPTIMIZER_NAMES) == {"adamw", "adafactor", "lion", "sophia", "muon", "sgd"}
     assert (opt["adamw"].beta1, opt["adamw"].beta2, opt["adamw"].eps) == (0.9, 0.999, 1e-8)
     assert (opt["lion"].beta1, opt["lion"].beta2) == (0.9, 0.99)
     assert (opt["sophia"].beta1, opt["sophia"].beta2, opt["sophia"].rho, opt["sophia"].k) == (0.965, 0.99, 0.04, 10)
     assert (opt["muon"].momentum, opt["muon"].nesterov, opt["muon"].adamw_lr_ratio) == (0.95, True, 0.1)
+    assert (opt["sgd"].momentum, opt["sgd"].nesterov, opt["sgd"].dampening) == (0.9, False, 0.0)
     # torch.optim.Adafactor's own defaults
     assert (opt["adafactor"].beta2_decay, opt["adafactor"].eps1, opt["adafactor"].eps2, opt["adafactor"].d) == (-0.8, None, 1e-3, 1.0)
     assert TrainSpec().optimizer.name == "adamw"
@@ -44,7 +45,7 @@ def test_each_stage_picks_its_own_optimizer():
 def test_field_of_another_optimizer_names_its_owner():
     msgs = issues_of("{name: adamw, rho: 0.1}", "{name: lion, momentum: 0.9}")
     assert msgs["stages.a.train.optimizer.rho"] == "unknown key 'rho' for optimizer 'adamw' — 'rho' is a field of sophia"
-    assert "'momentum' is a field of muon" in msgs["stages.b.train.optimizer.momentum"]
+    assert "'momentum' is a field of muon, sgd" in msgs["stages.b.train.optimizer.momentum"]
     assert "for optimizer 'lion'" in msgs["stages.b.train.optimizer.momentum"]
 
 
@@ -60,7 +61,8 @@ def test_shared_field_lists_every_owner_and_typos_still_get_suggestions():
     ("{name: lion, beta2: 1.0}", "stages.a.train.optimizer.beta2", "less than 1"),
     ("{name: muon, ns_dtype: fp16}", "stages.a.train.optimizer.ns_dtype", "fp32"),
     ("{name: adafactor, beta2_decay: 0.5}", "stages.a.train.optimizer.beta2_decay", "less than or equal to 0"),
-    ("{name: sgd}", "stages.a.train.optimizer", "choose one of 'adamw', 'adafactor', 'lion', 'sophia', 'muon'"),
+    ("{name: sgd, momentum: 0, nesterov: true}", "stages.a.train.optimizer.nesterov", "needs momentum > 0"),
+    ("{name: rmsprop}", "stages.a.train.optimizer", "choose one of 'adamw', 'adafactor', 'lion', 'sophia', 'muon', 'sgd'"),
 ])
 def test_values_are_validated_per_optimizer(opt, path, fragment):
     assert fragment in issues_of(opt)[path]

@@ -19,7 +19,7 @@ from llmlab.train.objectives import LanguageModeling
 
 NAMES = list(OPTIMIZER_CLASSES)
 LR = OPTIMIZER_LR
-REGRESSION_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.1, "muon": 0.02}
+REGRESSION_LR = {"adamw": 1e-2, "adafactor": 0.1, "lion": 3e-3, "sophia": 0.1, "muon": 0.02, "sgd": 0.05}
 
 
 def spec_of(name, **fields):

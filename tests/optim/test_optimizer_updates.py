@@ -37,6 +37,22 @@ def test_adamw_update_matches_formula():
         np.testing.assert_allclose(got[t - 1], w, atol=1e-6)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_update_matches_formula(nesterov):
+    """llmlab's sgd (built from the spec) is heavy-ball momentum: b = mu b + g; w -= lr (g + mu b if Nesterov else b)."""
+    from llmlab.optim import build_optimizer
+    from llmlab.spec import TrainSpec
+
+    lr, mu = 0.1, 0.9
+    spec = TrainSpec(optimizer={"name": "sgd", "momentum": mu, "nesterov": nesterov}).optimizer
+    got = run_steps(lambda ps: build_optimizer(torch.nn.ParameterList(ps), spec, lr, 0.0))
+    w, b = W0.copy(), 0 * W0
+    for t, g in enumerate(GRADS, 1):
+        b = mu * b + g
+        w = w - lr * (g + mu * b if nesterov else b)
+        np.testing.assert_allclose(got[t - 1], w, atol=1e-6)
+
+
 def test_lion_update_matches_paper():
     lr, b1, b2, wd = 0.01, 0.9, 0.99, 0.5
     got = run_steps(lambda ps: Lion(ps, lr=lr, betas=(b1, b2), weight_decay=wd))
