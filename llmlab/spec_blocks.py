@@ -149,9 +149,9 @@ class Muon(StrictModel):
 class SGD(StrictModel):
     """torch.optim.SGD with (heavy-ball or Nesterov) momentum: a step proportional to the gradient,
     where Adam-type optimizers move every parameter by about lr whatever its gradient's size. For
-    RL on small models, whose gradients are mostly noise: GRPO with AdamW lowered the demo's held-out
-    exact match at every lr tried, with SGD it rose (docs/benchmarks.md). lr is in gradient units
-    (1e-3 to 1e-2 there, not AdamW's 1e-4)."""
+    RL on small models, whose gradients are mostly noise: from the demo's dpo models, GRPO with AdamW
+    lowered held-out exact match at every lr tried, while with SGD it moved less and either way
+    (docs/benchmarks.md, `bench/grpo_steps.py`). lr is in gradient units (~3e-3 there, not 1e-4)."""
 
     name: Literal["sgd"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # momentum decay (0 = plain SGD)
