@@ -170,3 +170,26 @@ def test_a_model_folder_is_sized_by_its_own_config(tmp_path):
     est = estimate_stage(load_spec(tmp_path / "s.yaml"), "sft")
     assert est.params == params and est.seq_len == 128
     assert re.search(r"offline .*memory unknown \(no-such-org/no-such-model: size unknown offline", out)
+
+
+@pytest.mark.parametrize("optimizer", [{"name": "adamw"}, {"name": "sgd", "momentum": 0.9}, {"name": "sgd", "momentum": 0.0}])
+def test_optimizer_state_estimate_equals_the_real_optimizers_state(tmp_path, optimizer):
+    """The estimate's optimizer-state bytes against the state torch's optimizer holds after one step
+    (SGD: one momentum buffer per weight, none without momentum)."""
+    from llmlab.optim import build_optimizer
+    from llmlab.spec import TrainSpec
+
+    model_cfg = {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "max_seq_len": 16}
+    spec = {"name": "est", "tokenizer": {"train": {"vocab_size": 300, "data": [{"path": "builtin:stdlib"}]}},
+            "model": model_cfg, "stages": {"pretrain": {"kind": "pretrain", "data": [{"path": "builtin:stdlib"}],
+                                                        "train": {"optimizer": optimizer}}}}
+    path = tmp_path / "est.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    estimated = estimate_stage(load_spec(path), "pretrain").parts["optimizer state"]
+    model = build_model(LlmlabConfig(**model_cfg, vocab_size=300))
+    opt = build_optimizer(model, TrainSpec(optimizer=optimizer).optimizer, 0.01, 0.0)
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.sum().backward()
+    opt.step()
+    real = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+    assert estimated == real, (estimated, real)
