@@ -6,6 +6,7 @@ tokenizer):
 
     successor  "347+1="        -> "348"       (N < 1000)
     add        "7+5="          -> "12"        (single digits)
+    plus       "347+5="        -> "352"       (N < 1000, 2 to 9 added: 8,000 prompts)
     reverse    "rev c a t"     -> "t a c"     (3-4 letters)
     sort       "sort 372"      -> "237"       (3 digits)
     max        "max 3729"      -> "9"         (4 digits)
@@ -27,11 +28,14 @@ Three row shapes per split:
 `TASK_SOURCES` maps built-in source names ("tasks", "tasks-preference", "tasks-prompts", and
 "tasks-<task>" for one task alone) to `fn(split) -> Iterator[dict]` with `SPLIT_SIZES` rows.
 
-Default mix (`DEFAULT_MIX`): successor, addition, sort and reverse. Per docs (shared notes,
-1.25M-param model, 150/600 SFT steps): successor 0.51/0.88, addition 0.55/0.55, sort 0.81/1.00,
-reverse 0.00/0.995; `max` saturates almost at once (0.995 at 150 steps) and is left out, `copy`
-behaves like reverse. Successor and addition get most of the weight: they stay in the middle longest
-and give prompts with mixed right/wrong samples (what DPO and GRPO learn from).
+Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
+mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
+sft the ~1M-parameter model gets 0.2-0.4 of it right (its mistakes are mostly the last digit), while
+successor and sort reach 0.5-0.9 and their preference pairs are ranked right 0.98-1.00 of the time, so
+without plus neither exact match nor preference accuracy left the alignment stages room
+(docs/benchmarks.md). Its rejected answers are the sum with the carry forgotten (347+5 -> 342) on
+half of the prompts that carry, else one off. reverse and copy stay beyond this model (0.00-0.01
+held out after sft); `max` saturates almost at once; both are left out.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ TEST_SIZE = 500
 SPLIT_SIZES = {"train": TRAIN_SIZE, "validation": VALIDATION_SIZE, "test": TEST_SIZE}
 DEFAULT_SEED = 0
 # reverse (and copy, max) stay available as builtin:tasks-<name>; reverse left the default mix: a 1M-parameter
-# model scored 0.00-0.01 on its 196 held-out prompts after LoRA or full SFT (docs/benchmarks.md)
-DEFAULT_MIX = {"successor": 0.4, "add": 0.2, "sort": 0.4}
+# model scored 0.00-0.01 on its 196 held-out prompts after LoRA or full SFT (docs/benchmarks.md). plus joined it
+# to leave dpo and grpo room (see the module docstring).
+DEFAULT_MIX = {"successor": 0.3, "add": 0.1, "sort": 0.3, "plus": 0.3}
 
 LETTERS = string.ascii_lowercase
 
@@ -113,6 +118,18 @@ def _add(rng):
     return f"{a}+{b}=", str(a + b)
 
 
+def _plus(rng):
+    n, d = rng.randrange(1000), rng.randrange(2, 10)
+    return f"{n}+{d}=", str(n + d)
+
+
+def _wrong_plus(answer, prompt, rng):
+    n, d = (int(x) for x in prompt[:-1].split("+"))
+    if n % 10 + d >= 10 and rng.random() < 0.5:
+        return str(n - n % 10 + (n % 10 + d) % 10)  # the carry forgotten: 347+5 -> 342
+    return _off_by_one(answer, rng)
+
+
 def _reverse(rng):
     word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 4)))
     return f"rev {_spell(word)}", _spell(word[::-1])
@@ -157,6 +174,7 @@ def _copy(rng):
 TASKS: dict[str, Task] = {
     "successor": Task("successor", _successor, lambda a, p, r: _off_by_one(a, r), 1000),
     "add": Task("add", _add, lambda a, p, r: _off_by_one(a, r), 100),
+    "plus": Task("plus", _plus, _wrong_plus, 8000),
     "reverse": Task("reverse", _reverse, _wrong_reverse, 26**3 + 26**4),
     "sort": Task("sort", _sort, _wrong_sort, 1000),
     "max": Task("max", _max, _wrong_max, 10_000),

@@ -39,8 +39,9 @@ def test_held_out_prompts_never_occur_in_training():
     train = {p for _, p, _ in iter_examples("train")}
     val = {p for _, p, _ in iter_examples("validation")}
     test = {p for _, p, _ in iter_examples("test")}
-    # the default mix's prompt space is ~2,100 prompts (successor 1,000, sort 1,000, add 100): ~80% train
-    assert len(train) > 1500 and len(val) > 150 and len(test) > 150
+    # the default mix's prompt space is ~10,000 prompts (plus 8,000, successor 1,000, sort 1,000, add 100):
+    # ~80% train
+    assert len(train) > 5000 and len(val) > 150 and len(test) > 150
     assert not train & val and not train & test and not val & test
     # Also the whole prompt space of the small tasks: every prompt has exactly one split.
     for n in range(1000):
@@ -55,8 +56,10 @@ def test_sizes_determinism_and_seed():
         else:  # each held-out prompt once: the split ends when the mix's held-out prompts are used up
             prompts = [r["messages"][0]["content"] for r in rows]
             assert 150 < len(rows) <= SPLIT_SIZES[split] and len(set(prompts)) == len(rows)
-            everything = {p for _, p, _ in iter_examples(split, size=10 * SPLIT_SIZES[split])}
-            assert set(prompts) == everything  # ... all of them
+            # the small families' held-out prompts are all used (plus, ~800 per split, fills the rest)
+            everything = {(t, p) for t, p, _ in iter_examples(split, size=20 * SPLIT_SIZES[split])}
+            small = {p for t, p in everything if t != "plus"}
+            assert small and small <= set(prompts)
     a = list(sft_rows("validation", seed=3))
     assert a == list(sft_rows("validation", seed=3))
     assert a != list(sft_rows("validation", seed=4))
@@ -89,10 +92,30 @@ def test_rejected_answers_are_wrong_but_plausible(task):
 def test_wrong_answer_edge_cases():
     rng = random.Random(0)
     for prompt, answer in [("rev a a a", "a a a"), ("sort 999", "999"), ("max 0000", "0"),
-                           ("copy z z z", "z z z"), ("0+0=", "0"), ("999+1=", "1000")]:
+                           ("copy z z z", "z z z"), ("0+0=", "0"), ("999+1=", "1000"), ("999+9=", "1008"),
+                           ("0+2=", "2")]:
         task = {"rev": "reverse", "sort": "sort", "max": "max", "copy": "copy"}.get(prompt.split()[0], "add")
-        for _ in range(20):
-            assert tasks.wrong_answer(task, prompt, answer, rng) != answer
+        for name in ([task, "plus"] if task == "add" and not prompt.endswith("+1=") else [task]):
+            for _ in range(20):
+                assert tasks.wrong_answer(name, prompt, answer, rng) != answer
+
+
+def test_plus_rejected_answers_are_the_forgotten_carry_or_off_by_one():
+    """plus ("347+5=" -> "352"): the rejected answer is the sum with its carry dropped (342) on about
+    half of the prompts that carry, else one off; both are what an undertrained model writes."""
+    rows = list(preference_rows("train", size=2000, mix={"plus": 1.0}))
+    kinds = {"carry": 0, "off": 0}
+    for r in rows:
+        n, d = (int(x) for x in r["prompt"][:-1].split("+"))
+        assert 2 <= d <= 9 and 0 <= n < 1000
+        no_carry = str(n - n % 10 + (n % 10 + d) % 10)
+        if n % 10 + d >= 10 and r["rejected"] == no_carry:
+            kinds["carry"] += 1
+        else:
+            assert abs(int(r["rejected"]) - int(r["chosen"])) == 1
+            kinds["off"] += 1
+    carries = sum(1 for r in rows if int(r["prompt"].split("+")[0]) % 10 + int(r["prompt"][:-1].split("+")[1]) >= 10)
+    assert 0.35 * carries < kinds["carry"] < 0.65 * carries and kinds["off"] > 0
 
 
 def test_exact_match_and_reward():
