@@ -1,7 +1,7 @@
 """What GRPO steps do to a model's held-out exact match, step by step, from a given model folder.
 
-    .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--every 10]
-                     [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--fixed] [--seed 2]
+    .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--warmup 5] [--every 10]
+                     [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
 (`GRPOObjective`) with llmlab's AdamW or momentum SGD (`--optimizer`, built from the spec's
@@ -10,7 +10,7 @@ held-out validation prompts before the first step and every `--every` steps, wit
 reward and the k3 KL to the starting model. `--fixed` trains on the same prompts every rollout
 (no dynamic sampling): the rollout reward on them must rise if the update is sound.
 
-It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a 5-step warmup),
+It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup),
 which is how docs/benchmarks.md found that GRPO steps with AdamW lower the demo's held-out exact
 match at every learning rate tried, while momentum SGD raises it.
 """
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmlab.data.prompts import prepare_prompt_data  # noqa: E402
 from llmlab.data.sources import DataSource  # noqa: E402
 from llmlab.generate import stop_token_ids  # noqa: E402
+from llmlab.lora import apply_lora, resolve_targets  # noqa: E402
 from llmlab.models import load_causal_lm  # noqa: E402
 from llmlab.optim import build_optimizer  # noqa: E402
 from llmlab.rewards import load_reward  # noqa: E402
@@ -48,11 +49,13 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kl", type=float, default=0.04, help="k3 KL coefficient (0: no reference)")
     parser.add_argument("--rollout-prompts", type=int, default=16)
     parser.add_argument("--batch-prompts", type=int, default=8)
+    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every linear layer (0: all weights)")
     parser.add_argument("--fixed", action="store_true", help="the same prompts every rollout, no dynamic sampling")
     parser.add_argument("--seed", type=int, default=2)
     args = parser.parse_args()
@@ -67,6 +70,8 @@ def main() -> None:
     sampling = Sampling(12, args.temperature, 0, 1.0, stop_token_ids(tok, model),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if args.lora:
+        model = apply_lora(model, args.lora, 2.0 * args.lora, 0.0, resolve_targets(model, "all"))
     micro = args.batch_prompts * GROUP
     prepare = GRPOPrepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
                           tok, reward, "exact_match", sampling, GROUP, micro, args.seed, not args.fixed, 4)
@@ -83,7 +88,7 @@ def main() -> None:
 
     print(f"model {args.model}: {len(data.val)} held-out prompts, {args.optimizer} lr {args.lr}, temperature {args.temperature}, "
           f"kl {args.kl}, {args.rollout_prompts} prompts x {GROUP} per rollout, {micro} completions per step"
-          + (", fixed prompts" if args.fixed else ""))
+          + (", fixed prompts" if args.fixed else "") + (f", LoRA r={args.lora}" if args.lora else ""))
     print(f"step 0: held-out exact match {held_out():.3f}", flush=True)
     position, step, rollout, start = 0, 0, 0, time.perf_counter()
 
@@ -99,7 +104,7 @@ def main() -> None:
         for i in range(0, rows["input_ids"].size(0), micro):
             batch = {k: (v[i:i + micro] if v.dim() else v) for k, v in rows.items()}
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / 5)
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
             loss_sum, metrics = objective(model, batch)
             n = objective.count(batch)
             optimizer.zero_grad()
