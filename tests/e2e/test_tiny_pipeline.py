@@ -210,11 +210,12 @@ def test_plan_says_what_would_run_and_why_without_running_anything(finished_run)
     original = spec.read_text()
     try:
         raw = yaml.safe_load(original)
+        changed = f"config changed: beta: {raw['stages']['dpo']['beta']} -> 0.3"  # the shipped beta, whatever it is
         raw["stages"]["dpo"]["beta"] = 0.3
         spec.write_text(yaml.safe_dump(raw, sort_keys=False))
         rows = {r.stage: r for r in plan_run(spec)}
         assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft"]
-        assert rows["dpo"].reasons == ["config changed: beta: 0.2 -> 0.3"]
+        assert rows["dpo"].reasons == [changed]
         shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
                                text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
         assert shown.returncode == 0, shown.stderr
@@ -223,7 +224,7 @@ def test_plan_says_what_would_run_and_why_without_running_anything(finished_run)
         before = record.read_text()
         dry = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec), "--dry-run"], capture_output=True,
                              text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
-        assert dry.returncode == 0 and "config changed: beta: 0.2 -> 0.3" in dry.stdout, dry.stderr
+        assert dry.returncode == 0 and changed in dry.stdout, dry.stderr
         assert record.read_text() == before  # nothing ran
     finally:
         spec.write_text(original)
