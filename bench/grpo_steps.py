@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--warmup 5] [--every 10]
                      [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
+                     [--negative-weight 1.0] [--answer-weight 0.0] [--no-dynamic] [--val 200]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
 (`GRPOObjective`) with llmlab's AdamW or momentum SGD (`--optimizer`, built from the spec's
@@ -9,6 +10,9 @@ optimizer block) on the built-in task prompts, and prints greedy exact match on 
 held-out validation prompts before the first step and every `--every` steps, with the rollouts' mean
 reward and the k3 KL to the starting model. `--fixed` trains on the same prompts every rollout
 (no dynamic sampling): the rollout reward on them must rise if the update is sound.
+`--negative-weight 0` learns from rewarded completions only (negative advantages dropped);
+`--answer-weight W` adds W x the NLL of each rollout prompt's reference answer (an SFT term through
+the same log-prob path); `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts.
 
 It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup),
 which is how docs/benchmarks.md found that GRPO steps with AdamW lower the demo's held-out exact
@@ -37,7 +41,7 @@ from llmlab.rewards import load_reward  # noqa: E402
 from llmlab.spec import TrainSpec  # noqa: E402
 from llmlab.tokenizer import ensure_chat_template, load_tokenizer  # noqa: E402
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare  # noqa: E402
-from llmlab.train.rollout import Sampling, disable_dropout, rl_evaluate, rollout_logps  # noqa: E402
+from llmlab.train.rollout import Sampling, disable_dropout, policy_logps, rl_evaluate, rollout_logps  # noqa: E402
 
 GROUP = 8
 
@@ -58,6 +62,11 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every linear layer (0: all weights)")
     parser.add_argument("--fixed", action="store_true", help="the same prompts every rollout, no dynamic sampling")
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--negative-weight", type=float, default=1.0,
+                        help="scale of negative advantages (0: learn from rewarded completions only)")
+    parser.add_argument("--answer-weight", type=float, default=0.0, help="weight of the NLL of the prompts' reference answers")
+    parser.add_argument("--no-dynamic", action="store_true", help="keep zero-variance groups (no dynamic sampling)")
+    parser.add_argument("--val", type=int, default=200, help="held-out validation prompts")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
@@ -65,7 +74,7 @@ def main() -> None:
     model = load_causal_lm(args.model)
     disable_dropout(model)
     data = prepare_prompt_data([DataSource(path="builtin:tasks-prompts")], tok, 100, args.seed, 0.05, None,
-                               max_val_prompts=200)
+                               max_val_prompts=args.val)
     reward = load_reward("exact_match")
     sampling = Sampling(12, args.temperature, 0, 1.0, stop_token_ids(tok, model),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
@@ -74,7 +83,7 @@ def main() -> None:
         model = apply_lora(model, args.lora, 2.0 * args.lora, 0.0, resolve_targets(model, "all"))
     micro = args.batch_prompts * GROUP
     prepare = GRPOPrepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
-                          tok, reward, "exact_match", sampling, GROUP, micro, args.seed, not args.fixed, 4)
+                          tok, reward, "exact_match", sampling, GROUP, micro, args.seed, not (args.fixed or args.no_dynamic), 4)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
     spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else {})})
     optimizer = build_optimizer(model, spec.optimizer, args.lr, 0.0)
@@ -92,6 +101,20 @@ def main() -> None:
     print(f"step 0: held-out exact match {held_out():.3f}", flush=True)
     position, step, rollout, start = 0, 0, 0, time.perf_counter()
 
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def answer_nll(ps) -> torch.Tensor:
+        comps = [tok.encode(p.extras["answer"], add_special_tokens=False) + [end] for p in ps]
+        P, N = max(len(p.ids) for p in ps), max(len(c) for c in comps)
+        ids = torch.full((len(ps), P + N), sampling.pad_id)
+        am = torch.zeros((len(ps), P + N), dtype=torch.long)
+        cm = torch.zeros((len(ps), N))
+        for i, (p, c) in enumerate(zip(ps, comps)):
+            ids[i, P - len(p.ids):P], am[i, P - len(p.ids):P] = torch.tensor(p.ids), 1
+            ids[i, P:P + len(c)], am[i, P:P + len(c)], cm[i, :len(c)] = torch.tensor(c), 1, 1
+        _, lp, _, _ = policy_logps(model, ids, am, P, 1.0)
+        return -((lp * cm).sum(1) / cm.sum(1)).mean()
+
     def draw(n: int) -> list:
         nonlocal position
         position += n
@@ -100,6 +123,9 @@ def main() -> None:
     while step < args.steps:
         prompts = data.train[:args.rollout_prompts] if args.fixed else draw(args.rollout_prompts)
         rows, stats = prepare(prompts, rollout, None if args.fixed else draw)
+        if args.negative_weight != 1.0:
+            adv = rows["advantages"]
+            rows["advantages"] = torch.where(adv < 0, adv * args.negative_weight, adv)
         rollout += 1
         for i in range(0, rows["input_ids"].size(0), micro):
             batch = {k: (v[i:i + micro] if v.dim() else v) for k, v in rows.items()}
@@ -108,7 +134,10 @@ def main() -> None:
             loss_sum, metrics = objective(model, batch)
             n = objective.count(batch)
             optimizer.zero_grad()
-            (loss_sum / n).backward()
+            total = loss_sum / n
+            if args.answer_weight:
+                total = total + args.answer_weight * answer_nll(prompts)
+            total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1

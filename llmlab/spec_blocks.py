@@ -188,6 +188,10 @@ class TrainBase(StrictModel):
     # also evaluate the starting model before step 1: curves start at its score, and (save_best_only) it stays
     # the stage's model when no evaluated step beats it
     eval_at_start: bool = False
+    # an evaluation becomes the best only when it beats the best so far by more than this, in best_metric's
+    # units (e.g. 0.04 = 4 points of exact match): a noisy held-out score must not hand on a step that merely
+    # drew lucky prompts (the start, with eval_at_start, then stays the stage's model)
+    min_improvement: float = Field(0.0, ge=0)
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
     save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints
     save_best_only: bool = True  # the exported model is the best validation one, not the last

@@ -387,7 +387,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics (every rank evaluates the same data; rank 0's numbers decide for all);
-        a new best by `best_metric` is saved as `best/` beside the checkpoints."""
+        a new best by `best_metric` (by more than the train block's `min_improvement`) is saved as `best/`
+        beside the checkpoints."""
         evaluated = self.engine.eval_model
         evaluated.eval()
         with torch.no_grad(), self._autocast():
@@ -396,7 +397,8 @@ class Trainer:
         metrics = broadcast_object(metrics)
         value = metrics.get(self.best_metric) if metrics else None
         best = self.progress.best_value
-        if value is not None and (best is None or (value > best if self.maximize else value < best)):
+        margin = float(getattr(self.cfg, "min_improvement", 0.0) or 0.0)
+        if value is not None and (best is None or (value > best + margin if self.maximize else value < best - margin)):
             self.progress.best_value, self.progress.best_step = value, self.step
             state = self.engine.model_state()
             if self.par.main:
@@ -451,8 +453,10 @@ class Trainer:
         if self.evaluate_fn is not None and self.step == self.resumed_from and self.best_path is None:
             self.last.update(self.evaluate())  # a resumed, already finished run still reports its numbers
         if self.progress.best_step == 0 and self.step > 0 and getattr(cfg, "save_best_only", False):
+            margin = float(getattr(cfg, "min_improvement", 0.0) or 0.0)
             self.say(f"[{self.label}] no evaluated step beat the starting model on {self.best_metric} "
-                     f"({self.progress.best_value:.4f}): the stage's model is the one it started from", flush=True)
+                     f"({self.progress.best_value:.4f})" + (f" by more than min_improvement {margin:g}" if margin else "")
+                     + ": the stage's model is the one it started from", flush=True)
         self.engine.finish()
         return TrainResult(self.step, self.resumed_from, self.progress.best_value, self.progress.best_step,
                            self.best_path, self.last)

@@ -141,6 +141,29 @@ def test_eval_at_start_makes_the_starting_model_a_candidate_for_the_best(tmp_pat
     assert results[True].best_step == 0 and results[False].best_step == 4
 
 
+@pytest.mark.parametrize("scores, margin, best_step", [
+    ((0.50, 0.53, 0.52), 0.0, 4),   # any gain counts
+    ((0.50, 0.53, 0.52), 0.02, 4),  # +3 points clears a 2-point margin
+    ((0.50, 0.53, 0.52), 0.04, 0),  # +3 does not clear 4: the start stays
+    ((0.50, 0.53, 0.56), 0.04, 8),  # +6 over the start does (measured against the best so far, the start)
+])
+def test_min_improvement_keeps_the_best_unless_beaten_by_the_margin(tmp_path, scores, margin, best_step):
+    """A held-out score must beat the best so far by more than `min_improvement` to replace it; the
+    kept model is that evaluation's weights (the start's exact weights when it stays)."""
+    values = iter(scores)
+    start = {k: v.clone() for k, v in tiny_model(dropout=0.0).state_dict().items()}
+    model = tiny_model(dropout=0.0)
+    result = train(model, LanguageModeling(), Batches(4),
+                   cfg(max_steps=8, eval_every=4, eval_at_start=True, min_improvement=margin), tmp_path,
+                   evaluate=lambda m: {"eval/exact_match": next(values)}, seed=1, best_metric="eval/exact_match",
+                   maximize=True)
+    assert result.best_step == best_step
+    assert result.best_eval_loss == pytest.approx(scores[best_step // 4])
+    load_best(model, result)
+    same = all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert same == (best_step == 0)
+
+
 def test_sigterm_saves_checkpoint_and_stops(tmp_path):
     class Killer(Batches):
         def next_batch(self):
