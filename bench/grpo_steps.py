@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmlab.data.prompts import prepare_prompt_data  # noqa: E402
 from llmlab.data.sources import DataSource  # noqa: E402
+from llmlab.data.tasks import exact_match  # noqa: E402
 from llmlab.generate import stop_token_ids  # noqa: E402
 from llmlab.lora import apply_lora, resolve_targets  # noqa: E402
 from llmlab.models import load_causal_lm  # noqa: E402
@@ -41,7 +42,7 @@ from llmlab.rewards import load_reward  # noqa: E402
 from llmlab.spec import TrainSpec  # noqa: E402
 from llmlab.tokenizer import ensure_chat_template, load_tokenizer  # noqa: E402
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare  # noqa: E402
-from llmlab.train.rollout import Sampling, disable_dropout, policy_logps, rl_evaluate, rollout_logps  # noqa: E402
+from llmlab.train.rollout import Sampling, disable_dropout, policy_logps, rollout_logps, sample_rollout  # noqa: E402
 
 GROUP = 8
 
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("model", help="a model folder (e.g. runs/tiny/dpo/model)")
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--momentum", type=float, default=0.9, help="sgd's momentum")
+    parser.add_argument("--eps", type=float, default=None, help="adamw's eps (default: the spec's)")
+    parser.add_argument("--beta2", type=float, default=None, help="adamw's beta2 (default: the spec's)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5, help="linear warmup steps")
@@ -85,20 +88,30 @@ def main() -> None:
     prepare = GRPOPrepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
                           tok, reward, "exact_match", sampling, GROUP, micro, args.seed, not (args.fixed or args.no_dynamic), 4)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
-    spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else {})})
+    adam = {k: v for k, v in (("eps", args.eps), ("beta2", args.beta2)) if v is not None}
+    spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else adam)})
     optimizer = build_optimizer(model, spec.optimizer, args.lr, 0.0)
 
-    def held_out() -> float:
+    greedy = Sampling(12, 0.0, 0, 1.0, sampling.stop_ids, sampling.pad_id)
+
+    def held_out() -> str:
+        """Greedy exact match on the validation prompts, overall and per task family."""
         model.eval()
+        hits: dict[str, list[float]] = {}
         with torch.no_grad():
-            score = rl_evaluate(model, tok, data.val, reward, "exact_match", sampling)["eval/exact_match"]
+            for i in range(0, len(data.val), 64):
+                chunk = data.val[i:i + 64]
+                r = sample_rollout(model, tok, [p.ids for p in chunk], greedy, None)
+                for c, p in zip(r.completions, chunk):
+                    hits.setdefault(p.extras.get("task", "?"), []).append(float(exact_match(c, str(p.extras["answer"]))))
         model.train()
-        return score
+        every = [h for v in hits.values() for h in v]
+        return f"{sum(every) / len(every):.3f} (" + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(hits.items())) + ")"
 
     print(f"model {args.model}: {len(data.val)} held-out prompts, {args.optimizer} lr {args.lr}, temperature {args.temperature}, "
           f"kl {args.kl}, {args.rollout_prompts} prompts x {GROUP} per rollout, {micro} completions per step"
           + (", fixed prompts" if args.fixed else "") + (f", LoRA r={args.lora}" if args.lora else ""))
-    print(f"step 0: held-out exact match {held_out():.3f}", flush=True)
+    print(f"step 0: held-out exact match {held_out()}", flush=True)
     position, step, rollout, start = 0, 0, 0, time.perf_counter()
 
     end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -143,7 +156,7 @@ def main() -> None:
             step += 1
             if step % args.every == 0 or args.fixed:
                 kl = float(metrics["rl/kl"]) / n
-                print(f"step {step}: held-out exact match {held_out():.3f}, rollout reward {stats['rl/reward_mean']:.3f}, "
+                print(f"step {step}: held-out exact match {held_out()}, rollout reward {stats['rl/reward_mean']:.3f}, "
                       f"kl {kl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             if step >= args.steps:
                 break

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmlab.data.preference import preference_pairs  # noqa: E402
 from llmlab.data.sources import DataSource  # noqa: E402
-from llmlab.data.tasks import preference_rows  # noqa: E402
+from llmlab.data.tasks import forgotten_carry, preference_rows  # noqa: E402
 from llmlab.evaluate import preference_wins  # noqa: E402
 from llmlab.models import load_causal_lm, model_context  # noqa: E402
 from llmlab.tokenizer import load_tokenizer  # noqa: E402
@@ -31,9 +31,7 @@ from llmlab.tokenizer import load_tokenizer  # noqa: E402
 def family(row: dict) -> str:
     if row["task"] != "plus":
         return row["task"]
-    n, d = (int(x) for x in row["prompt"][:-1].split("+"))
-    forgot = n % 10 + d >= 10 and row["rejected"] == str(n - n % 10 + (n % 10 + d) % 10)
-    return "plus (carry forgotten)" if forgot else "plus (one off)"
+    return "plus (carry forgotten)" if row["rejected"] == forgotten_carry(row["prompt"]) else "plus (one off)"
 
 
 def main() -> None:

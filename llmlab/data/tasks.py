@@ -123,10 +123,16 @@ def _plus(rng):
     return f"{n}+{d}=", str(n + d)
 
 
-def _wrong_plus(answer, prompt, rng):
+def forgotten_carry(prompt: str) -> str | None:
+    """A plus prompt's answer with the carry forgotten (`347+5=` -> "342"); None when the sum does not carry."""
     n, d = (int(x) for x in prompt[:-1].split("+"))
-    if n % 10 + d >= 10 and rng.random() < 0.5:
-        return str(n - n % 10 + (n % 10 + d) % 10)  # the carry forgotten: 347+5 -> 342
+    return str(n - n % 10 + (n % 10 + d) % 10) if n % 10 + d >= 10 else None
+
+
+def _wrong_plus(answer, prompt, rng):
+    dropped = forgotten_carry(prompt)
+    if dropped is not None and rng.random() < 0.5:
+        return dropped
     return _off_by_one(answer, rng)
 
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from llmlab.data import tasks
-from llmlab.data.tasks import (SPLIT_SIZES, SPLITS, TASK_SOURCES, TASKS, exact_match,
+from llmlab.data.tasks import (SPLIT_SIZES, SPLITS, TASK_SOURCES, TASKS, exact_match, forgotten_carry,
                                iter_examples, preference_rows, prompt_rows, prompt_split, sft_rows)
 
 
@@ -98,6 +98,12 @@ def test_wrong_answer_edge_cases():
         for name in ([task, "plus"] if task == "add" and not prompt.endswith("+1=") else [task]):
             for _ in range(20):
                 assert tasks.wrong_answer(name, prompt, answer, rng) != answer
+
+
+@pytest.mark.parametrize("prompt, dropped", [("347+5=", "342"), ("999+9=", "998"), ("5+5=", "0"), ("340+5=", None),
+                                             ("13+6=", None)])
+def test_forgotten_carry_drops_the_units_carry_and_only_then(prompt, dropped):
+    assert forgotten_carry(prompt) == dropped
 
 
 def test_plus_rejected_answers_are_the_forgotten_carry_or_off_by_one():
