@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--warmup 5] [--every 10]
                      [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
-                     [--negative-weight 1.0] [--answer-weight 0.0] [--no-dynamic] [--val 200]
+                     [--negative-weight 1.0] [--answer-weight 0.0] [--answers-only N] [--no-dynamic] [--val 200]
+                     [--eps E] [--beta2 B]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
 (`GRPOObjective`) with llmlab's AdamW or momentum SGD (`--optimizer`, built from the spec's
@@ -12,7 +13,8 @@ reward and the k3 KL to the starting model. `--fixed` trains on the same prompts
 (no dynamic sampling): the rollout reward on them must rise if the update is sound.
 `--negative-weight 0` learns from rewarded completions only (negative advantages dropped);
 `--answer-weight W` adds W x the NLL of each rollout prompt's reference answer (an SFT term through
-the same log-prob path); `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts.
+the same log-prob path); `--answers-only N` is the control without RL: each step that NLL on N fresh
+training prompts; `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts.
 
 It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup),
 which is how docs/benchmarks.md found that GRPO steps with AdamW lower the demo's held-out exact
@@ -44,9 +46,6 @@ from llmlab.tokenizer import ensure_chat_template, load_tokenizer  # noqa: E402
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare  # noqa: E402
 from llmlab.train.rollout import Sampling, disable_dropout, policy_logps, rollout_logps, sample_rollout  # noqa: E402
 
-GROUP = 8
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a model folder (e.g. runs/tiny/dpo/model)")
@@ -60,6 +59,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--kl", type=float, default=0.04, help="k3 KL coefficient (0: no reference)")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (GRPO's group size)")
     parser.add_argument("--rollout-prompts", type=int, default=16)
     parser.add_argument("--batch-prompts", type=int, default=8)
     parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on every linear layer (0: all weights)")
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--negative-weight", type=float, default=1.0,
                         help="scale of negative advantages (0: learn from rewarded completions only)")
     parser.add_argument("--answer-weight", type=float, default=0.0, help="weight of the NLL of the prompts' reference answers")
+    parser.add_argument("--answers-only", type=int, default=0, metavar="N",
+                        help="the control: no RL, each step the NLL of N fresh prompts' reference answers")
     parser.add_argument("--no-dynamic", action="store_true", help="keep zero-variance groups (no dynamic sampling)")
     parser.add_argument("--val", type=int, default=200, help="held-out validation prompts")
     args = parser.parse_args()
@@ -84,9 +86,9 @@ def main() -> None:
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if args.lora:
         model = apply_lora(model, args.lora, 2.0 * args.lora, 0.0, resolve_targets(model, "all"))
-    micro = args.batch_prompts * GROUP
+    micro = args.batch_prompts * args.group
     prepare = GRPOPrepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
-                          tok, reward, "exact_match", sampling, GROUP, micro, args.seed, not (args.fixed or args.no_dynamic), 4)
+                          tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic), 4)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
     adam = {k: v for k, v in (("eps", args.eps), ("beta2", args.beta2)) if v is not None}
     spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else adam)})
@@ -109,7 +111,7 @@ def main() -> None:
         return f"{sum(every) / len(every):.3f} (" + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(hits.items())) + ")"
 
     print(f"model {args.model}: {len(data.val)} held-out prompts, {args.optimizer} lr {args.lr}, temperature {args.temperature}, "
-          f"kl {args.kl}, {args.rollout_prompts} prompts x {GROUP} per rollout, {micro} completions per step"
+          f"kl {args.kl}, {args.rollout_prompts} prompts x {args.group} per rollout, {micro} completions per step"
           + (", fixed prompts" if args.fixed else "") + (f", LoRA r={args.lora}" if args.lora else ""))
     print(f"step 0: held-out exact match {held_out()}", flush=True)
     position, step, rollout, start = 0, 0, 0, time.perf_counter()
@@ -133,6 +135,16 @@ def main() -> None:
         position += n
         return data.train[position - n:position]
 
+    while args.answers_only and step < args.steps:  # the control: supervised steps, no rollouts
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        optimizer.zero_grad()
+        answer_nll(draw(args.answers_only)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step % args.every == 0:
+            print(f"step {step}: held-out exact match {held_out()} ({time.perf_counter() - start:.0f} s)", flush=True)
     while step < args.steps:
         prompts = data.train[:args.rollout_prompts] if args.fixed else draw(args.rollout_prompts)
         rows, stats = prepare(prompts, rollout, None if args.fixed else draw)
