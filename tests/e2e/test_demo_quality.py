@@ -5,8 +5,9 @@ Margins come from `bench/quality.py` over seeds 1, 2, 3 and a one-thread run (do
 fourth session's recipe with the plus family), taken below each worst run so they hold on other CPUs:
 sft's worst run reached exact match 0.242 (floor here 0.20) and +7.8 points of preference accuracy
 (here +5); dpo gained +5.2 to +6.2 points of preference accuracy and +6.0 to +9.6 of exact match on
-every run (here at least +3 of each); grpo moved exact match by -1.4 to +0.0, so it may lose at most
-ALIGNMENT_SLACK (5 points). grpo also must not end below its start on its own validation prompts: it
+every run (here at least +3 of each); grpo handed on the dpo model on every run (+0.0; before its
+`min_improvement` margin it moved exact match by -1.4 to +0.0), and may lose at most ALIGNMENT_SLACK
+(5 points) on a CPU where a step clears the margin on validation and not on test. grpo also must not end below its start on its own validation prompts: it
 evaluates the dpo model first and keeps it unless a step beats it by more than `min_improvement`.
 """
 
