@@ -30,7 +30,7 @@ Three row shapes per split:
 
 Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
 mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
-sft the ~1M-parameter model gets 0.1-0.4 of it right (its mistakes are mostly the last digit), while
+sft the ~1M-parameter model gets 0.1-0.4 of it right (over half its wrong answers miss only the last digit), while
 successor and sort reach 0.5-0.9 and their preference pairs are ranked right 0.98-1.00 of the time, so
 without plus neither exact match nor preference accuracy left the alignment stages room
 (docs/benchmarks.md). Its rejected answers are the sum with the carry forgotten (347+5 -> 342) on
