@@ -7,8 +7,9 @@ sft's worst run reached exact match 0.242 (floor here 0.20) and +7.8 points of p
 (here +5); dpo gained +5.2 to +6.2 points of preference accuracy and +6.0 to +9.6 of exact match on
 every run (here at least +3 of each); grpo handed on the dpo model on every run (+0.0; before its
 `min_improvement` margin it moved exact match by -1.4 to +0.0), and may lose at most ALIGNMENT_SLACK
-(5 points) on a CPU where a step clears the margin on validation and not on test. grpo also must not end below its start on its own validation prompts: it
-evaluates the dpo model first and keeps it unless a step beats it by more than `min_improvement`.
+(5 points) on a CPU where a step clears the margin on validation and not on test. grpo also must not
+end below its start on its own validation prompts: it evaluates the dpo model first and keeps it
+unless a step beats it by more than `min_improvement`.
 """
 
 import json
