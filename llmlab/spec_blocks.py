@@ -210,6 +210,9 @@ class TrainBase(StrictModel):
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.warmup_steps > self.max_steps:
             yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+        if self.min_improvement and not self.save_best_only:
+            yield ("min_improvement",), ("min_improvement only decides which evaluated step is kept, and save_best_only: "
+                                         "false keeps the last one; drop min_improvement or set save_best_only: true")
 
 
 class TrainSpec(TrainBase):

@@ -131,6 +131,15 @@ def test_tokenizer_needs_exactly_one_source():
     assert issues[0].path == "tokenizer" and "exactly one" in issues[0].message
 
 
+def test_min_improvement_without_save_best_only_is_refused():
+    raw = yaml.safe_load(BASE)
+    raw["stages"]["pretrain"]["train"].update({"min_improvement": 0.01, "save_best_only": False})
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.pretrain.train.min_improvement" and "save_best_only: true" in issue.message
+    raw["stages"]["pretrain"]["train"]["save_best_only"] = True
+    assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml").stages["pretrain"].train.min_improvement == 0.01
+
+
 def test_every_error_reported_at_once():
     raw = yaml.safe_load(BASE)
     raw["model"].update({"d_model": 65, "dropout": 2.0, "colour": "red"})

@@ -385,6 +385,11 @@ class Trainer:
         self.window = Window.empty(self.device)
         self.window.started = now
 
+    @property
+    def min_improvement(self) -> float:
+        """How much an evaluation must beat the best so far by to replace it (0 for configs without the field)."""
+        return float(getattr(self.cfg, "min_improvement", 0.0) or 0.0)
+
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics (every rank evaluates the same data; rank 0's numbers decide for all);
         a new best by `best_metric` (by more than the train block's `min_improvement`) is saved as `best/`
@@ -397,7 +402,7 @@ class Trainer:
         metrics = broadcast_object(metrics)
         value = metrics.get(self.best_metric) if metrics else None
         best = self.progress.best_value
-        margin = float(getattr(self.cfg, "min_improvement", 0.0) or 0.0)
+        margin = self.min_improvement
         if value is not None and (best is None or (value > best + margin if self.maximize else value < best - margin)):
             self.progress.best_value, self.progress.best_step = value, self.step
             state = self.engine.model_state()
@@ -453,7 +458,7 @@ class Trainer:
         if self.evaluate_fn is not None and self.step == self.resumed_from and self.best_path is None:
             self.last.update(self.evaluate())  # a resumed, already finished run still reports its numbers
         if self.progress.best_step == 0 and self.step > 0 and getattr(cfg, "save_best_only", False):
-            margin = float(getattr(cfg, "min_improvement", 0.0) or 0.0)
+            margin = self.min_improvement
             self.say(f"[{self.label}] no evaluated step beat the starting model on {self.best_metric} "
                      f"({self.progress.best_value:.4f})" + (f" by more than min_improvement {margin:g}" if margin else "")
                      + ": the stage's model is the one it started from", flush=True)
