@@ -3,7 +3,7 @@
     .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--warmup 5] [--every 10]
                      [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
                      [--negative-weight 1.0] [--answer-weight 0.0] [--answers-only N] [--no-dynamic] [--val 200]
-                     [--eps E] [--beta2 B]
+                     [--eps E] [--beta2 B] [--max-group-mean M] [--rounds 4] [--ema D]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
 (`GRPOObjective`) with llmlab's AdamW or momentum SGD (`--optimizer`, built from the spec's
@@ -14,11 +14,13 @@ reward and the k3 KL to the starting model. `--fixed` trains on the same prompts
 `--negative-weight 0` learns from rewarded completions only (negative advantages dropped);
 `--answer-weight W` adds W x the NLL of each rollout prompt's reference answer (an SFT term through
 the same log-prob path); `--answers-only N` is the control without RL: each step that NLL on N fresh
-training prompts; `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts.
+training prompts; `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts;
+`--max-group-mean M` trains only on groups with at most a share M of right answers (hard prompts;
+`--rounds` extra sampling rounds to find them); `--ema D` also scores a moving average of the
+weights (decay D) at each report.
 
-It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup),
-which is how docs/benchmarks.md found that GRPO steps with AdamW lower the demo's held-out exact
-match at every learning rate tried, while momentum SGD raises it.
+It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup):
+docs/benchmarks.md ("What limits grpo") has what each of these did to the demo's dpo models.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def main() -> None:
                         help="the control: no RL, each step the NLL of N fresh prompts' reference answers")
     parser.add_argument("--no-dynamic", action="store_true", help="keep zero-variance groups (no dynamic sampling)")
     parser.add_argument("--val", type=int, default=200, help="held-out validation prompts")
+    parser.add_argument("--max-group-mean", type=float, default=None,
+                        help="dynamic sampling keeps only groups whose mean reward is at most this (hard prompts)")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="also score an exponential moving average of the weights with this decay (0: off)")
+    parser.add_argument("--rounds", type=int, default=4, help="dynamic sampling's extra rounds per rollout at most")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
@@ -87,14 +94,28 @@ def main() -> None:
     if args.lora:
         model = apply_lora(model, args.lora, 2.0 * args.lora, 0.0, resolve_targets(model, "all"))
     micro = args.batch_prompts * args.group
-    prepare = GRPOPrepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
-                          tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic), 4)
+    class Prepare(GRPOPrepare):
+        def wanted_groups(self, scores: torch.Tensor) -> torch.Tensor:
+            keep = super().wanted_groups(scores)
+            if args.max_group_mean is not None:  # hard prompts only: few of the group's answers right
+                keep &= scores.view(-1, self.group_size).mean(dim=1) <= args.max_group_mean
+            return keep
+
+    prepare = Prepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
+                          tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic), args.rounds)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
     adam = {k: v for k, v in (("eps", args.eps), ("beta2", args.beta2)) if v is not None}
     spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else adam)})
     optimizer = build_optimizer(model, spec.optimizer, args.lr, 0.0)
 
     greedy = Sampling(12, 0.0, 0, 1.0, sampling.stop_ids, sampling.pad_id)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in trained] if args.ema else []
+
+    def update_ema() -> None:
+        with torch.no_grad():
+            for e, p in zip(ema, trained):
+                e.mul_(args.ema).add_(p, alpha=1.0 - args.ema)
 
     def held_out() -> str:
         """Greedy exact match on the validation prompts, overall and per task family."""
@@ -109,6 +130,19 @@ def main() -> None:
         model.train()
         every = [h for v in hits.values() for h in v]
         return f"{sum(every) / len(every):.3f} (" + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in sorted(hits.items())) + ")"
+
+    def scored() -> str:
+        """held_out() of the weights, and with --ema of their moving average too."""
+        text = held_out()
+        if ema:
+            with torch.no_grad():
+                kept = [p.detach().clone() for p in trained]
+                for e, p in zip(ema, trained):
+                    p.copy_(e)
+                text += f"; ema {held_out()}"
+                for k, p in zip(kept, trained):
+                    p.copy_(k)
+        return text
 
     print(f"model {args.model}: {len(data.val)} held-out prompts, {args.optimizer} lr {args.lr}, temperature {args.temperature}, "
           f"kl {args.kl}, {args.rollout_prompts} prompts x {args.group} per rollout, {micro} completions per step"
@@ -165,10 +199,12 @@ def main() -> None:
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            if ema:
+                update_ema()
             step += 1
             if step % args.every == 0 or args.fixed:
                 kl = float(metrics["rl/kl"]) / n
-                print(f"step {step}: held-out exact match {held_out()}, rollout reward {stats['rl/reward_mean']:.3f}, "
+                print(f"step {step}: held-out exact match {scored()}, rollout reward {stats['rl/reward_mean']:.3f}, "
                       f"kl {kl:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             if step >= args.steps:
                 break

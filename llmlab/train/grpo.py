@@ -44,6 +44,11 @@ class GRPOPrepare:
         self.group_size, self.chunk, self.seed = group_size, chunk, seed
         self.dynamic_sampling, self.max_rounds = dynamic_sampling, max_rounds
 
+    def wanted_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per group of G scores: whether dynamic sampling counts it as informative (its rewards
+        are not all equal). The one place the rule lives; a subclass may ask for more."""
+        return scores.view(-1, self.group_size).std(dim=1) > 0
+
     def _sample(self, prompts: list[Prompt], g: torch.Generator) -> tuple[Any, torch.Tensor]:
         repeated = [p for p in prompts for _ in range(self.group_size)]  # prompt-major: each prompt's G together
         r = sample_rollout(self.model, self.tokenizer, [p.ids for p in repeated], self.s, g)
@@ -58,8 +63,7 @@ class GRPOPrepare:
         r, scores = self._sample(prompts, g)
         sampled_scores, drawn = [scores], 0
         if self.dynamic_sampling and draw is not None:
-            spread = scores.view(-1, G).std(dim=1) > 0
-            parts, informative = [(r, scores)], int(spread.sum())
+            parts, informative = [(r, scores)], int(self.wanted_groups(scores).sum())
             for _ in range(self.max_rounds):
                 if informative >= wanted:
                     break
@@ -68,12 +72,11 @@ class GRPOPrepare:
                 r2, s2 = self._sample(extra, g)
                 parts.append((r2, s2))
                 sampled_scores.append(s2)
-                informative += int((s2.view(-1, G).std(dim=1) > 0).sum())
+                informative += int(self.wanted_groups(s2).sum())
             if len(parts) > 1:  # keep informative groups first, then fill with the rest, up to `wanted` groups
-                keep = [(k, grp) for k, (_, s) in enumerate(parts) for grp in range(len(s) // G)
-                        if s.view(-1, G)[grp].std() > 0]
-                rest = [(k, grp) for k, (_, s) in enumerate(parts) for grp in range(len(s) // G)
-                        if not s.view(-1, G)[grp].std() > 0]
+                wanted_by_part = [self.wanted_groups(s).tolist() for _, s in parts]
+                keep = [(k, grp) for k, w in enumerate(wanted_by_part) for grp in range(len(w)) if w[grp]]
+                rest = [(k, grp) for k, w in enumerate(wanted_by_part) for grp in range(len(w)) if not w[grp]]
                 chosen = (keep + rest)[:wanted]
                 rows = {k: [grp * G + j for kk, grp in chosen if kk == k for j in range(G)] for k in range(len(parts))}
                 r = select_rollouts([(parts[k][0], rows[k]) for k in range(len(parts)) if rows[k]], self.s.pad_id)

@@ -275,3 +275,25 @@ def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(model, tok
     advantages = rows["advantages"].view(-1, 4)
     assert stats["rl/resampled_prompts"] >= 3 and stats["rl/trained_zero_variance_share"] < stats["rl/zero_variance_share"]
     assert (advantages.abs().sum(dim=1) > 0).float().mean() >= 0.75  # groups that teach something
+
+
+def test_dynamic_sampling_keeps_what_wanted_groups_asks_for(model, tok):
+    """`wanted_groups` is the one rule dynamic sampling applies: a subclass that wants only groups
+    scoring below 1 (the "hard" prompts here) gets a rollout of those, where the plain rule keeps the
+    "easy" prompts' groups too (their rewards, 1 or 2, spread as well)."""
+    def reward(prompts, completions, **kw):
+        return [(1.0 if p.startswith("easy") else 0.0) + float(len(c) % 2) for p, c in zip(prompts, completions)]
+
+    class HardOnly(GRPOPrepare):
+        def wanted_groups(self, scores):
+            return super().wanted_groups(scores) & (scores.view(-1, self.group_size).max(dim=1).values < 2)
+
+    easy = prompts_of(tok, ["easy a b", "easy c d", "easy e f", "easy g h"])
+    stream = iter(prompts_of(tok, [f"hard {c} {d}" for c in "abcdefgh" for d in "xyz"]))
+    plain = GRPOPrepare(model, None, tok, reward, "toy", sampling(tok), 4, 8, seed=0, dynamic_sampling=True)
+    _, stats = plain(easy, 0, draw=lambda n: [next(stream) for _ in range(n)])
+    assert stats["rl/reward_mean"] >= 1.0 and stats["rl/resampled_prompts"] == 0
+    hard = HardOnly(model, None, tok, reward, "toy", sampling(tok), 4, 8, seed=0, dynamic_sampling=True, max_rounds=6)
+    rows, stats = hard(easy, 0, draw=lambda n: [next(stream) for _ in range(n)])
+    assert rows["input_ids"].size(0) == 16 and stats["rl/resampled_prompts"] >= 4
+    assert stats["rl/reward_mean"] < 1.0  # only the hard prompts' groups (rewards 0 or 1) were kept
