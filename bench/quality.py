@@ -104,11 +104,13 @@ def summarize(runs: dict[str, dict], spec: dict) -> dict:
             if all(metric in m for m in per_run.values()):
                 entry[metric] = {**spread([m[metric] for m in per_run.values()]),
                                  "runs": {label: {"value": m[metric], "ci": m.get(f"{metric}_ci")} for label, m in per_run.items()}}
-        families = sorted({f for m in per_run.values() for f in m.get("exact_match_by_family", {})})
-        entry["families"] = {f: spread([m["exact_match_by_family"][f]["value"] for m in per_run.values()
-                                        if f in m.get("exact_match_by_family", {})]) for f in families}
-        entry["family_n"] = {f: next(m["exact_match_by_family"][f]["n"] for m in per_run.values()
-                                     if f in m.get("exact_match_by_family", {})) for f in families}
+        for metric, key in (("exact_match", "families"), ("preference_accuracy", "preference_families")):
+            by = f"{metric}_by_family"
+            families = sorted({f for m in per_run.values() for f in m.get(by, {})})
+            entry[key] = {f: spread([m[by][f]["value"] for m in per_run.values() if f in m.get(by, {})])
+                          for f in families}
+            entry[f"{key}_n"] = {f: next(m[by][f]["n"] for m in per_run.values() if f in m.get(by, {}))
+                                 for f in families}
         models[model] = entry
     for model in order:
         start = start_of(spec, model)
@@ -141,16 +143,18 @@ def markdown(summary: dict, runs: dict, seconds: dict, args, spec: dict) -> str:
             cells.append(f"{r['value']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r and r["ci"] else "–")
         lines.append(f"| {model} | " + (f"{em['mean']:.3f} ({em['min']:.3f}–{em['max']:.3f})" if em else "–") + " | "
                      + (f"{pa['mean']:.3f} ({pa['min']:.3f}–{pa['max']:.3f})" if pa else "–") + " | " + " | ".join(cells) + " |")
-    families = sorted({f for e in summary["models"].values() for f in e["families"]})
-    if families:
-        n = next(iter(summary["models"].values()))["family_n"]
-        lines += ["", "Exact match per task family, mean (min–max) over runs:", "",
+    for key, title in (("families", "Exact match"), ("preference_families", "Preference accuracy")):
+        families = sorted({f for e in summary["models"].values() for f in e[key]})
+        if not families:
+            continue
+        n = next(iter(summary["models"].values()))[f"{key}_n"]
+        lines += ["", f"{title} per task family, mean (min–max) over runs:", "",
                   "| model | " + " | ".join(f"{f} (n={n.get(f, '?')})" for f in families) + " |",
                   "|---|" + "---|" * len(families)]
         for model, entry in summary["models"].items():
             lines.append(f"| {model} | " + " | ".join(
-                f"{entry['families'][f]['mean']:.2f} ({entry['families'][f]['min']:.2f}–{entry['families'][f]['max']:.2f})"
-                if f in entry["families"] else "–" for f in families) + " |")
+                f"{entry[key][f]['mean']:.2f} ({entry[key][f]['min']:.2f}–{entry[key][f]['max']:.2f})"
+                if f in entry[key] else "–" for f in families) + " |")
     lines += ["", "Each stage against the model it started from (points; worst run is what may be claimed):", "",
               "| stage | over | exact match: mean (worst–best) | preference accuracy: mean (worst–best) | better on every run |",
               "|---|---|---|---|---|"]

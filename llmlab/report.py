@@ -93,8 +93,8 @@ def _with_ci(m: dict, key: str) -> str:
 
 
 def render_report(results: dict[str, Any]) -> str:
-    """A Markdown report: one row per model (proportions with 95% Wilson intervals), exact match per
-    task family, then each model's sample generations."""
+    """A Markdown report: one row per model (proportions with 95% Wilson intervals), exact match and
+    preference accuracy per task family, then each model's sample generations."""
     models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
     lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
              f"Held-out text: {results['val_tokens']:,} tokens scored per model "
@@ -109,14 +109,15 @@ def render_report(results: dict[str, Any]) -> str:
         reward = f"{m['reward_mean']:.3f}" if "reward_mean" in m else "–"
         lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | "
                      f"{_with_ci(m, 'exact_match')} | {_with_ci(m, 'preference_accuracy')} | {reward} |")
-    families = sorted({f for m in models.values() for f in m.get("exact_match_by_family", {})})
-    if families:
-        lines += ["", "## Exact match per task family", "",
-                  "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
-        for name, m in models.items():
-            by = m.get("exact_match_by_family", {})
-            cells = [f"{by[f]['value']:.3f} (n={by[f]['n']})" if f in by else "–" for f in families]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for metric, title in (("exact_match", "Exact match"), ("preference_accuracy", "Preference accuracy")):
+        families = sorted({f for m in models.values() for f in m.get(f"{metric}_by_family", {})})
+        if families:
+            lines += ["", f"## {title} per task family", "",
+                      "| model | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+            for name, m in models.items():
+                by = m.get(f"{metric}_by_family", {})
+                cells = [f"{by[f]['value']:.3f} (n={by[f]['n']})" if f in by else "–" for f in families]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Samples (greedy)" if results["temperature"] == 0 else "## Samples", ""]
     for prompt_i, prompt in enumerate(results["prompts"]):
         lines.append(f"**Prompt:** `{prompt}`")

@@ -118,8 +118,27 @@ def test_report_shows_intervals_and_a_row_per_task_family():
                "temperature": 0.0, "prompts": [], "model_order": ["m"], "tasks": {"prompts": 10},
                "models": {"m": {"eval/loss": 1.0, "eval/ppl": 2.7, "unigram_ppl": 9.0, "samples": [],
                                 "exact_match": em["value"], "exact_match_ci": em["ci"],
-                                "exact_match_by_family": {"add": {"value": 0.75, "n": 4}, "sort": {"value": 0.5, "n": 6}}}}}
+                                "exact_match_by_family": {"add": {"value": 0.75, "n": 4}, "sort": {"value": 0.5, "n": 6}},
+                                "preference_accuracy_by_family": {"plus": {"value": 0.25, "n": 8}}}}}
     text = render_report(results)
     low, high = em["ci"]
     assert f"0.600 ({low:.2f}-{high:.2f})" in text, text
     assert "| model | add | sort |" in text and "| m | 0.750 (n=4) | 0.500 (n=6) |" in text
+    pa = text.split("## Preference accuracy per task family", 1)[1]
+    assert "| model | plus |" in pa and "| m | 0.250 (n=8) |" in pa
+
+
+def test_preference_accuracy_per_family_counts_each_pair_in_its_family():
+    from llmlab.runners.eval import score_preferences
+
+    wins = [True, False, True, True, False]
+    pairs = [{"family": "plus"}, {"family": "plus"}, {"family": "sort"}, {"family": "plus"}, {"family": "sort"}]
+    scores: dict = {}
+    score_preferences(wins, pairs, scores)
+    assert scores["preference_accuracy"] == pytest.approx(3 / 5)
+    by = scores["preference_accuracy_by_family"]
+    assert (by["plus"]["value"], by["plus"]["n"]) == (pytest.approx(2 / 3), 3)
+    assert (by["sort"]["value"], by["sort"]["n"]) == (pytest.approx(1 / 2), 2)
+    unnamed: dict = {}
+    score_preferences(wins, [{} for _ in wins], unnamed)
+    assert "preference_accuracy_by_family" not in unnamed and unnamed["preference_accuracy"] == pytest.approx(3 / 5)

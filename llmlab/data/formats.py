@@ -4,7 +4,8 @@ anything runs; the kind modules (`sft`, `preference`, `prompts`, `pretrain`) enc
 
     SFT         conversations (list of {role, content} messages), from: messages, sharegpt, alpaca,
                 instruction, prompt_completion, question_answer
-    PREFERENCE  (prompt messages, chosen text, rejected text), from: plain, hh_rlhf, ultrafeedback
+    PREFERENCE  (prompt messages, chosen text, rejected text, the row's `task` or None), from: plain,
+                hh_rlhf, ultrafeedback
     PROMPTS     (prompt messages, plain prompt text or None, the row's other columns), from: prompt,
                 messages, hh-rlhf
     TEXT        a document's text, from the data entry's `column:`
@@ -199,9 +200,11 @@ def _ultrafeedback(row: dict) -> tuple[list[dict], str, str]:
 
 def _checked(convert):
     """A converter that also checks what every pair needs: a prompt ending with a user or system
-    turn and two non-empty responses."""
+    turn and two non-empty responses; the item is (prompt, chosen, rejected, family), family the
+    row's `task` string when it has one (None otherwise), so an evaluation can score pairs per
+    task family. The held-out hash reads the first three only."""
 
-    def pair(row: dict, source: DataSource | None = None) -> tuple[list[dict], str, str]:
+    def pair(row: dict, source: DataSource | None = None) -> tuple[list[dict], str, str, str | None]:
         if not isinstance(row, dict):
             raise ValueError(f"row is a {type(row).__name__}, not a dict")  # noqa: TRY004
         prompt, chosen, rejected = convert(row)
@@ -213,7 +216,8 @@ def _checked(convert):
         for what, text in (("chosen", chosen), ("rejected", rejected)):
             if not text.strip():
                 raise ValueError(f"the {what} response is empty")
-        return prompt, chosen, rejected
+        family = row.get("task")
+        return prompt, chosen, rejected, family if isinstance(family, str) and family else None
 
     return pair
 
@@ -244,7 +248,7 @@ def _detect(rows_sample: list[dict], source: DataSource) -> str | None:
     return None
 
 
-PREFERENCE = Kind("preference", PREFERENCE_FORMATS, _detect, held_out_key=lambda pair: list(pair),
+PREFERENCE = Kind("preference", PREFERENCE_FORMATS, _detect, held_out_key=lambda pair: list(pair[:3]),
                   help="plain (prompt, chosen, rejected); hh_rlhf (chosen, rejected: whole transcripts); "
                        "ultrafeedback (chosen, rejected: message lists). A preference source needs `chosen` and "
                        "`rejected` columns (strings or message lists), plus `prompt` unless they are whole "
@@ -265,7 +269,7 @@ def to_pair(row: dict, fmt: str) -> tuple[list[dict], str, str]:
         missing = [c for c in PREFERENCE_FORMATS[fmt].columns if row.get(c) is None]
         if missing:
             raise ValueError(f"row lacks the column(s) {missing} of format {fmt!r}; it has {', '.join(map(str, row))}")
-    return PREFERENCE_FORMATS[fmt].convert(row, None)
+    return PREFERENCE_FORMATS[fmt].convert(row, None)[:3]
 
 
 # ------------------------------------------------------------------------------------- prompts

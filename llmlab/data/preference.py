@@ -46,7 +46,8 @@ with that split), else a `val_fraction` of its pairs chosen by a stable hash of 
     batch = batches.next_batch()  # {input_ids, attention_mask, labels}: 2B rows, B chosen first
     for batch in eval_batches(data.val, batch_size=16, pad_id=tokenizer.pad_token_id): ...
 
-A pair is a dict {chosen_ids, chosen_labels, rejected_ids, rejected_labels} (lists of ints); when
+A pair is a dict {chosen_ids, chosen_labels, rejected_ids, rejected_labels} (lists of ints), plus
+"family" (a string) when its row had a `task` column (the built-in task pairs do); when
 every pair of a batch also has "ref_logps" (a (chosen, rejected) pair of floats, see
 `llmlab.train.dpo.attach_reference_logps`) the batch carries `ref_logps` (2B,) too.
 """
@@ -66,7 +67,7 @@ from llmlab.data.sft import pad_batch, tokenize_conversation
 from llmlab.data.sources import DataSource
 from llmlab.train.objectives import IGNORE_INDEX
 
-Pair = dict  # {chosen_ids, chosen_labels, rejected_ids, rejected_labels[, ref_logps]}
+Pair = dict  # {chosen_ids, chosen_labels, rejected_ids, rejected_labels[, family][, ref_logps]}
 
 # ------------------------------------------------------------------------------------ tokenizing
 
@@ -107,11 +108,12 @@ def tokenize_pair(tokenizer, prompt_messages: list[dict], chosen: str, rejected:
 
 
 def encoder(tokenizer, max_seq_len: int):
-    """(prompt, chosen, rejected) -> a tokenized pair; truncation noted; dropped when a response
-    has no token left, or chosen and rejected are identical token for token."""
+    """(prompt, chosen, rejected, family) -> a tokenized pair (with "family" when the row named
+    one); truncation noted; dropped when a response has no token left, or chosen and rejected are
+    identical token for token."""
 
-    def encode(item: tuple[list[dict], str, str], report: SourceReport) -> Pair | None:
-        pair = tokenize_pair(tokenizer, *item, max_seq_len)
+    def encode(item: tuple[list[dict], str, str, str | None], report: SourceReport) -> Pair | None:
+        pair = tokenize_pair(tokenizer, *item[:3], max_seq_len)
         if pair.pop("truncated"):
             report.note("truncated")
         if (all(x == IGNORE_INDEX for x in pair["chosen_labels"])
@@ -121,6 +123,8 @@ def encoder(tokenizer, max_seq_len: int):
         if pair["chosen_ids"] == pair["rejected_ids"]:
             report.drop("dropped_identical")
             return None
+        if item[3] is not None:
+            pair["family"] = item[3]
         return pair
 
     return encode

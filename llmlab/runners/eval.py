@@ -75,6 +75,19 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     return histories
 
 
+def score_preferences(wins: list[bool], pairs: list[dict], scores: dict) -> None:
+    """Preference accuracy overall and, when the pairs name their task family, per family (each
+    with its 95% interval)."""
+    overall = proportion(wins)
+    scores["preference_accuracy"], scores["preference_accuracy_ci"] = overall["value"], overall["ci"]
+    families: dict[str, list[bool]] = {}
+    for pair, win in zip(pairs, wins):
+        if "family" in pair:
+            families.setdefault(pair["family"], []).append(win)
+    if families:
+        scores["preference_accuracy_by_family"] = {f: proportion(w) for f, w in sorted(families.items())}
+
+
 def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward_fn, scores: dict) -> list[str]:
     """Exact match overall and per task family (with 95% intervals), and the mean reward of the
     completions when a reward is named; returns the completions (stop token kept)."""
@@ -125,8 +138,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                            prefix_ids=[tok.eos_token_id] if tok.eos_token_id is not None else None)
         if stage.preferences:  # the named split's rows, tokenized with this model's template
             prefs = preference_pairs(stage.preferences, tok, seq_len, stage.preferences_limit)
-            wins = proportion(preference_wins(model, prefs, tok.pad_token_id))
-            scores["preference_accuracy"], scores["preference_accuracy_ci"] = wins["value"], wins["ci"]
+            score_preferences(preference_wins(model, prefs, tok.pad_token_id), prefs, scores)
             results["preferences"] = {"pairs": len(prefs)}
         if tasks:
             ended = score_tasks(model, tok, tasks, stage.task_max_new_tokens, reward_fn, scores)
@@ -139,8 +151,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         for key, value in scores.items():
             if isinstance(value, float):
                 metrics[f"{name}/{key}"] = value
-        for family, share in scores.get("exact_match_by_family", {}).items():
-            metrics[f"{name}/exact_match/{family}"] = share["value"]
+        for metric in ("exact_match", "preference_accuracy"):
+            for family, share in scores.get(f"{metric}_by_family", {}).items():
+                metrics[f"{name}/{metric}/{family}"] = share["value"]
         em = f", exact match {scores['exact_match']:.3f} on {len(tasks)} held-out tasks" if tasks else ""
         em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
         em += f", mean reward ({reward_name}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""

@@ -261,6 +261,29 @@ def test_held_out_fraction_is_stable_and_disjoint(tok, tmp_path):
     assert a.stats["sources"][0]["validation"] == "held-out share 0.3"
 
 
+def test_pairs_carry_their_task_family_and_the_split_ignores_it(tok, tmp_path):
+    """A row's `task` column rides along as the pair's "family" (for per-family preference
+    accuracy); the held-out hash reads only prompt, chosen and rejected, so adding or changing the
+    column moves no pair across the split."""
+    rows = [{"prompt": f"what is {i}?", "chosen": f"the answer is {i}", "rejected": "hello"} for i in range(40)]
+    tagged = [{**r, "task": "plus" if i % 2 else "sort"} for i, r in enumerate(rows)]
+    plain = prepare_preference_data([DataSource(path=write_jsonl(tmp_path / "a.jsonl", rows))], tok, 64, 0, 0.3)
+    fam = prepare_preference_data([DataSource(path=write_jsonl(tmp_path / "b.jsonl", tagged))], tok, 64, 0, 0.3)
+    key = lambda p: tuple(p["chosen_ids"])
+    assert [key(p) for p in fam.val] == [key(p) for p in plain.val] and 0 < len(fam.val) < 40
+    assert all("family" not in p for p in plain.train + plain.val)
+    by_key = {key(p): p["family"] for p in fam.train + fam.val}
+    want = {tuple(encode_pair_chosen(tok, r)): r["task"] for r in tagged}
+    assert by_key == {k: want[k] for k in by_key}
+    builtin = prepare_preference_data([DataSource(path="builtin:tasks-preference")], tok, 96, 0, 0.0, max_examples=40)
+    assert {p["family"] for p in builtin.train} <= {"successor", "sort", "plus", "add", "reverse"}
+    assert len({p["family"] for p in builtin.train}) >= 2
+
+
+def encode_pair_chosen(tok, row):
+    return tokenize_pair(tok, [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"], 64)["chosen_ids"]
+
+
 def test_builtin_task_source_uses_its_validation_split(tok):
     data = prepare_preference_data([DataSource(path="builtin:tasks-preference")], tok, 96, seed=0,
                                    val_fraction=0.5, max_examples=6)
