@@ -7,6 +7,8 @@ stage reads, in its order) with llmlab's own `preference_wins` (summed log-proba
 rejected) and prints, per model, the share won overall and per family; plus pairs are split by their
 rejected answer: the carry forgotten (347+5 -> 342) or one off (351). This is where a preference
 gain can come from: families whose pairs a model already ranks right ~100% of the time leave none.
+(The eval stage's report has preference accuracy per family too, for the models of a run; this script
+scores any model folders and splits the plus pairs by their rejected answer, which the report does not.)
 """
 
 from __future__ import annotations
