@@ -128,6 +128,16 @@ def test_report_shows_intervals_and_a_row_per_task_family():
     assert "| model | plus |" in pa and "| m | 0.250 (n=8) |" in pa
 
 
+def test_by_family_groups_hits_in_sorted_families_and_skips_unnamed_ones():
+    from llmlab.runners.eval import by_family
+
+    by = by_family(["sort", None, "add", "sort", "add", "add"], [True, True, False, False, True, True])
+    assert list(by) == ["add", "sort"]
+    assert (by["add"]["value"], by["add"]["n"]) == (pytest.approx(2 / 3), 3)
+    assert (by["sort"]["value"], by["sort"]["n"]) == (pytest.approx(1 / 2), 2)
+    assert by_family([None, None], [True, False]) == {}
+
+
 def test_preference_accuracy_per_family_counts_each_pair_in_its_family():
     from llmlab.runners.eval import score_preferences
 

@@ -75,17 +75,24 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     return histories
 
 
+def by_family(families: list[str | None], hits: list[bool]) -> dict[str, dict]:
+    """The share of hits per family name (with its 95% interval), families in sorted order; hits
+    whose family is None count in no family."""
+    grouped: dict[str, list[bool]] = {}
+    for family, hit in zip(families, hits):
+        if family is not None:
+            grouped.setdefault(family, []).append(hit)
+    return {f: proportion(h) for f, h in sorted(grouped.items())}
+
+
 def score_preferences(wins: list[bool], pairs: list[dict], scores: dict) -> None:
     """Preference accuracy overall and, when the pairs name their task family, per family (each
     with its 95% interval)."""
     overall = proportion(wins)
     scores["preference_accuracy"], scores["preference_accuracy_ci"] = overall["value"], overall["ci"]
-    families: dict[str, list[bool]] = {}
-    for pair, win in zip(pairs, wins):
-        if "family" in pair:
-            families.setdefault(pair["family"], []).append(win)
+    families = by_family([pair.get("family") for pair in pairs], wins)
     if families:
-        scores["preference_accuracy_by_family"] = {f: proportion(w) for f, w in sorted(families.items())}
+        scores["preference_accuracy_by_family"] = families
 
 
 def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward_fn, scores: dict) -> list[str]:
@@ -95,10 +102,7 @@ def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward
     hits = [exact_match(c, t.answer) for c, t in zip(completions, tasks)]
     overall = proportion(hits)
     scores["exact_match"], scores["exact_match_ci"] = overall["value"], overall["ci"]
-    families: dict[str, list[bool]] = {}
-    for task, hit in zip(tasks, hits):
-        families.setdefault(task.family, []).append(hit)
-    scores["exact_match_by_family"] = {f: proportion(h) for f, h in sorted(families.items())}
+    scores["exact_match_by_family"] = by_family([task.family for task in tasks], hits)
     if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
         rewards = reward_fn(render_user_prompts(tok, [t.prompt for t in tasks]), completions,
                             answers=[t.answer for t in tasks],

@@ -72,10 +72,11 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
         # the builtin exact_match reward is 1 per exact match, so its mean is the exact-match rate
         assert report["models"][model]["reward_mean"] == pytest.approx(report["models"][model]["exact_match"])
         assert len(report["task_samples"][model]) == 8
-        # the built-in pairs name their task family: the per-family shares cover every pair once
-        by = report["models"][model]["preference_accuracy_by_family"]
-        assert sum(f["n"] for f in by.values()) == 8
-        assert sum(f["value"] * f["n"] for f in by.values()) / 8 == pytest.approx(report["models"][model]["preference_accuracy"])
+        # the built-in prompts and pairs name their task family: the per-family shares cover each once
+        for metric in ("exact_match", "preference_accuracy"):
+            by = report["models"][model][f"{metric}_by_family"]
+            assert sum(f["n"] for f in by.values()) == 8
+            assert sum(f["value"] * f["n"] for f in by.values()) / 8 == pytest.approx(report["models"][model][metric])
     assert "## Preference accuracy per task family" in text
 
 
