@@ -80,6 +80,10 @@ def main() -> None:
                         help="also score an exponential moving average of the weights with this decay (0: off)")
     parser.add_argument("--rounds", type=int, default=4, help="dynamic sampling's extra rounds per rollout at most")
     args = parser.parse_args()
+    if args.max_group_mean is not None and (args.fixed or args.no_dynamic):
+        parser.error("--max-group-mean chooses which groups dynamic sampling keeps; drop --fixed / --no-dynamic")
+    if not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema is a decay in [0, 1) (0: off), not {args.ema}")
     torch.manual_seed(args.seed)
     tok = load_tokenizer(args.model)
     ensure_chat_template(tok)
@@ -102,7 +106,8 @@ def main() -> None:
             return keep
 
     prepare = Prepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
-                          tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic), args.rounds)
+                      tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic),
+                      args.rounds)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
     adam = {k: v for k, v in (("eps", args.eps), ("beta2", args.beta2)) if v is not None}
     spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else adam)})

@@ -279,8 +279,8 @@ def test_dynamic_sampling_replaces_groups_whose_rewards_are_all_equal(model, tok
 
 def test_dynamic_sampling_keeps_what_wanted_groups_asks_for(model, tok):
     """`wanted_groups` is the one rule dynamic sampling applies: a subclass that wants only groups
-    scoring below 1 (the "hard" prompts here) gets a rollout of those, where the plain rule keeps the
-    "easy" prompts' groups too (their rewards, 1 or 2, spread as well)."""
+    whose best reward is below 2 (the "hard" prompts here, rewards 0 or 1) gets a rollout of those,
+    where the plain rule keeps the "easy" prompts' groups too (their rewards, 1 or 2, spread as well)."""
     def reward(prompts, completions, **kw):
         return [(1.0 if p.startswith("easy") else 0.0) + float(len(c) % 2) for p, c in zip(prompts, completions)]
 
