@@ -26,7 +26,10 @@ Three row shapes per split:
 - RL prompt rows: {"prompt", "answer", "task"} scored with `exact_match`.
 
 `TASK_SOURCES` maps built-in source names ("tasks", "tasks-preference", "tasks-prompts", and
-"tasks-<task>" for one task alone) to `fn(split) -> Iterator[dict]` with `SPLIT_SIZES` rows.
+"tasks-<task>", "tasks-preference-<task>", "tasks-prompts-<task>" for one task alone) to
+`fn(split) -> Iterator[dict]` with `SPLIT_SIZES` rows. Listing a whole mix and one task's source
+together weights that task up (sources interleave by `weight`): the demo's dpo trains on the plus
+pairs twice as often, the only family whose pairs its sft leaves room in.
 
 Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
 mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
@@ -303,13 +306,15 @@ def reward(completion: str, answer: str) -> float:
     return 1.0 if exact_match(completion, answer) else 0.0
 
 
-def _single(task: str) -> Callable[[str], Iterator[dict]]:
-    return lambda split="train": sft_rows(split, mix={task: 1.0})
+def _single(rows: Callable[..., Iterator[dict]], task: str) -> Callable[[str], Iterator[dict]]:
+    return lambda split="train": rows(split, mix={task: 1.0})
 
 
 TASK_SOURCES: dict[str, Callable[[str], Iterator[dict]]] = {
     "tasks": lambda split="train": sft_rows(split),
     "tasks-preference": lambda split="train": preference_rows(split),
     "tasks-prompts": lambda split="train": prompt_rows(split),
-    **{f"tasks-{name}": _single(name) for name in TASKS},
+    **{f"tasks-{name}": _single(sft_rows, name) for name in TASKS},
+    **{f"tasks-preference-{name}": _single(preference_rows, name) for name in TASKS},
+    **{f"tasks-prompts-{name}": _single(prompt_rows, name) for name in TASKS},
 }

@@ -1,5 +1,6 @@
 """Built-in tasks: right answers, deterministic splits that never overlap, plausible wrong answers."""
 
+import itertools
 import random
 
 import pytest
@@ -75,6 +76,19 @@ def test_row_shapes():
     assert set(p) == {"prompt", "answer", "task"} and solve(p["prompt"]) == p["answer"]
     one = list(TASK_SOURCES["tasks-reverse"]("train"))[:50]
     assert {r["task"] for r in one} == {"reverse"}
+
+
+@pytest.mark.parametrize("shape", ["preference", "prompts"])
+def test_one_task_sources_of_every_row_shape(shape):
+    """`tasks-preference-<task>` and `tasks-prompts-<task>`: one family alone, in the shape of the
+    whole mix's source, from the same split's prompts (so a held-out prompt stays held out)."""
+    whole = next(TASK_SOURCES[f"tasks-{shape}"]("train"))
+    for task in ("plus", "sort"):
+        for split in SPLITS:
+            rows = list(itertools.islice(TASK_SOURCES[f"tasks-{shape}-{task}"](split), 200))
+            assert rows and {r["task"] for r in rows} == {task}
+            assert all(set(r) == set(whole) and prompt_split(r["prompt"]) == split for r in rows)
+            assert all(r.get("chosen", r.get("answer")) == solve(r["prompt"]) for r in rows)
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
