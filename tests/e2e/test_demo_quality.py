@@ -2,16 +2,16 @@
 optimisation must raise both preference accuracy and exact match, and grpo must not undo it.
 
 Margins come from `bench/quality.py` (docs/benchmarks.md), taken below each worst run so they hold on
-other CPUs. sft (unchanged since the fourth session): worst exact match 0.242 on an AMD EPYC, 0.220 on an
-Intel Xeon (seed 3, one thread; floor here 0.20), worst preference gain over pretrain +7.8 points (here +5). dpo, with its
-pairs weighted to the plus family (seventh session; Intel Xeon, seeds 1, 2, 3, 1234 and a one-thread
-run): +7.0 to +9.4 points of preference accuracy and +6.2 to +19.6 of exact match on every run (here at
-least +4 of each; the old recipe's worst was +3.0 and +4.2, so this margin fails if the weighting is
-lost). grpo handed on the dpo model on every run of both machines (+0.0; before its `min_improvement`
-margin it moved exact match by -1.4 to +0.0), and may lose at most ALIGNMENT_SLACK (5 points) on a CPU
-where a step clears the margin on validation and not on test. grpo also must not end below its start on
-its own validation prompts: it evaluates the dpo model first and keeps it unless a step beats it by more
-than `min_improvement`.
+other CPUs. sft (unchanged since the fourth session): worst exact match 0.242 on an AMD EPYC and 0.220
+on an Intel Xeon (seed 3, one thread; floor here 0.20), worst preference gain over pretrain +7.8 points
+(here +5). dpo, with its pairs weighted to the plus family (seventh session; Intel Xeon, seeds 1, 2, 3,
+1234 and a one-thread run): +7.0 to +9.4 points of preference accuracy and +6.2 to +19.6 of exact match
+on every run (here at least +4 of each; before the weighting the shipped seed gained +3.6 points of
+preference accuracy on the AMD EPYC and +4.8 on the Intel Xeon). grpo handed on the dpo model on every
+run of both machines (+0.0; before its `min_improvement` margin it moved exact match by -1.4 to +0.0),
+and may lose at most ALIGNMENT_SLACK (5 points) on a CPU where a step clears the margin on validation
+and not on test. grpo also must not end below its start on its own validation prompts: it evaluates the
+dpo model first and keeps it unless a step beats it by more than `min_improvement`.
 """
 
 import json
