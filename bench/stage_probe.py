@@ -43,7 +43,12 @@ def set_field(stage: dict, dotted: str, value: str) -> None:
     *path, last = dotted.split(".")
     for key in path:
         stage = stage.setdefault(key, {})
-    stage[last] = yaml.safe_load(value)
+        if not isinstance(stage, dict):
+            sys.exit(f"--set {dotted}: '{key}' is not a block of fields; set it whole (--set STAGE.{key}=YAML)")
+    try:
+        stage[last] = yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        sys.exit(f"--set {dotted}: the value is not YAML ({err.__class__.__name__}); quote lists and blocks")
 
 
 def probe_spec(spec: dict, model_dir: str, stages: list[str], sets: list[str], preferences: bool) -> dict:
@@ -107,12 +112,16 @@ def main() -> None:
           + (f"; set {', '.join(args.set)}" if args.set else "") + ("; on-policy pairs" if args.preferences else ""))
     print("| model | exact match | preference accuracy | points over the model before (EM / PA) |")
     print("|---|---|---|---|")
+    def shown(value: float | None, scale: float = 1.0, fmt: str = ".3f") -> str:
+        return "–" if value is None else format(scale * value, fmt)
+
     for before, name in zip([None, *order], order):
         m = models[name]
-        change = ("–" if before is None else
-                  f"{100 * (m['exact_match'] - models[before]['exact_match']):+.1f} / "
-                  f"{100 * (m['preference_accuracy'] - models[before]['preference_accuracy']):+.1f}")
-        print(f"| {name} | {m['exact_match']:.3f} | {m['preference_accuracy']:.3f} | {change} |")
+        em, pa = m.get("exact_match"), m.get("preference_accuracy")  # an eval without tasks or pairs has none
+        gains = [None if before is None or now is None else now - models[before].get(key, now)
+                 for key, now in (("exact_match", em), ("preference_accuracy", pa))]
+        change = "–" if before is None else f"{shown(gains[0], 100, '+.1f')} / {shown(gains[1], 100, '+.1f')}"
+        print(f"| {name} | {shown(em)} | {shown(pa)} | {change} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"spec": probe, "seed": seed, "seconds": seconds, "models": models}, indent=1))
 
