@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--negative-weight", type=float, default=1.0,
                         help="scale of negative advantages (0: learn from rewarded completions only)")
     parser.add_argument("--answer-weight", type=float, default=0.0, help="weight of the NLL of the prompts' reference answers")
+    parser.add_argument("--answer-prompts", type=int, default=0, metavar="N",
+                        help="with --answer-weight: the NLL on N fresh training prompts a step instead of the rollout's")
     parser.add_argument("--answers-only", type=int, default=0, metavar="N",
                         help="the control: no RL, each step the NLL of N fresh prompts' reference answers")
     parser.add_argument("--no-dynamic", action="store_true", help="keep zero-variance groups (no dynamic sampling)")
@@ -200,7 +202,7 @@ def main() -> None:
             optimizer.zero_grad()
             total = loss_sum / n
             if args.answer_weight:
-                total = total + args.answer_weight * answer_nll(prompts)
+                total = total + args.answer_weight * answer_nll(draw(args.answer_prompts) if args.answer_prompts else prompts)
             total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
