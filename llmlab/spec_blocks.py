@@ -192,6 +192,10 @@ class TrainBase(StrictModel):
     # units (e.g. 0.04 = 4 points of exact match): a noisy held-out score must not hand on a step that merely
     # drew lucky prompts (the start, with eval_at_start, then stays the stage's model)
     min_improvement: float = Field(0.0, ge=0)
+    # stop the stage at the first evaluation whose best_metric reaches this value (at or below it for a loss,
+    # at or above for exact match or reward); max_steps stays the cap and the schedule is still laid over it.
+    # A target rather than a step count lands every seed at about the same quality (docs/benchmarks.md)
+    stop_at: float | None = None
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation
     save_every: int = Field(500, ge=1)  # optimizer steps between resumable checkpoints
     save_best_only: bool = True  # the exported model is the best validation one, not the last
@@ -210,6 +214,9 @@ class TrainBase(StrictModel):
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.warmup_steps > self.max_steps:
             yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+        if self.stop_at is not None and self.eval_every > self.max_steps:
+            yield ("stop_at",), (f"stop_at is checked at evaluations, and eval_every ({self.eval_every}) exceeds max_steps "
+                                 f"({self.max_steps}): none would run; lower eval_every")
         if self.min_improvement and not self.save_best_only:
             yield ("min_improvement",), ("min_improvement only decides which evaluated step is kept, and save_best_only: "
                                          "false keeps the last one; drop min_improvement or set save_best_only: true")

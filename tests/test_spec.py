@@ -131,6 +131,15 @@ def test_tokenizer_needs_exactly_one_source():
     assert issues[0].path == "tokenizer" and "exactly one" in issues[0].message
 
 
+def test_stop_at_without_an_evaluation_before_max_steps_is_refused():
+    raw = yaml.safe_load(BASE)
+    raw["stages"]["pretrain"]["train"].update({"stop_at": 2.5, "max_steps": 50, "eval_every": 100})
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.pretrain.train.stop_at" and "lower eval_every" in issue.message
+    raw["stages"]["pretrain"]["train"]["eval_every"] = 25
+    assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml").stages["pretrain"].train.stop_at == 2.5
+
+
 def test_min_improvement_without_save_best_only_is_refused():
     raw = yaml.safe_load(BASE)
     raw["stages"]["pretrain"]["train"].update({"min_improvement": 0.01, "save_best_only": False})

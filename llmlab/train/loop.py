@@ -100,14 +100,16 @@ class Progress:
     best_step: int | None = None
     skipped: int = 0  # optimizer steps skipped for a non-finite loss or gradient norm, in all
     skipped_in_row: int = 0  # ... and the current run of them
+    stopped: bool = False  # an evaluation reached the train block's `stop_at`: the run is done before max_steps
 
     def state_dict(self) -> dict:
         return {"step": self.step, "best_value": self.best_value, "best_step": self.best_step,
-                "skipped": self.skipped, "skipped_in_row": self.skipped_in_row}
+                "skipped": self.skipped, "skipped_in_row": self.skipped_in_row, "stopped": self.stopped}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_value, self.best_step = int(state["step"]), state["best_value"], state["best_step"]
         self.skipped, self.skipped_in_row = int(state.get("skipped", 0)), int(state.get("skipped_in_row", 0))
+        self.stopped = bool(state.get("stopped", False))
 
 
 class RandomState:
@@ -416,6 +418,14 @@ class Trainer:
             self.say(f"[{self.label}] step {self.step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
+    def reached_target(self, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation reached the train block's `stop_at` on `best_metric` (never without one)."""
+        target = getattr(self.cfg, "stop_at", None)
+        value = metrics.get(self.best_metric) if metrics else None
+        if target is None or value is None:
+            return False
+        return value >= target if self.maximize else value <= target
+
     def checkpoint(self) -> None:
         """Every checkpointed part's state, written atomically by rank 0 (each part's state_dict is
         taken on every rank: under FSDP it is a collective, and RL rollouts gather their ranks' queues)."""
@@ -443,14 +453,20 @@ class Trainer:
         self.engine.train_model.train()
         self.run_started = self.window.started = time.perf_counter()
         with StopFlag() as stop:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not self.progress.stopped:
                 self.train_step()
                 if self._due(cfg.log_every):
                     self.log()
                 if self.evaluate_fn is not None and self._due(cfg.eval_every):
-                    self.last.update(self.evaluate())
-                if self._due(cfg.save_every):
-                    self.checkpoint()
+                    metrics = self.evaluate()
+                    self.last.update(metrics)
+                    if self.reached_target(metrics):  # rank 0's numbers, broadcast: every rank stops here
+                        self.progress.stopped = True
+                        self.say(f"[{self.label}] step {self.step}: {self.best_metric} {metrics[self.best_metric]:.4f} "
+                                 f"reached stop_at {cfg.stop_at:g}; the stage stops here (max_steps {cfg.max_steps})",
+                                 flush=True)
+                if self._due(cfg.save_every) or self.progress.stopped:
+                    self.checkpoint()  # a stop is saved with its step, so a rerun resumes as finished
                 if any_rank(stop.raised):  # a signal may reach one worker first: all stop at this step
                     if not self._due(cfg.save_every):
                         self.checkpoint()
