@@ -2,6 +2,7 @@
 
 import itertools
 import random
+from collections import Counter
 
 import pytest
 
@@ -136,6 +137,23 @@ def test_plus_rejected_answers_are_the_forgotten_carry_or_off_by_one():
             kinds["off"] += 1
     carries = sum(1 for r in rows if int(r["prompt"].split("+")[0]) % 10 + int(r["prompt"][:-1].split("+")[1]) >= 10)
     assert 0.35 * carries < kinds["carry"] < 0.65 * carries and kinds["off"] > 0
+
+
+def test_sort_rejected_answers_are_sorted_with_one_digit_one_off():
+    """sort ("sort 926" -> "269"): the rejected answer looks sorted and differs in one digit by one
+    (269 -> 259), the last digit on about half of the rows: the miss the demo's models make, not an
+    unsorted answer every model after sft ranks below the right one."""
+    rows = list(preference_rows("train", size=2000, mix={"sort": 1.0}))
+    last = 0
+    for r in rows:
+        chosen, rejected = r["chosen"], r["rejected"]
+        assert chosen == "".join(sorted(r["prompt"].split()[1])) and rejected == "".join(sorted(rejected))
+        assert len(rejected) == len(chosen) == 3 and rejected != chosen
+        # one digit moved by one: the digit sums differ by one and all but one digit are shared
+        assert abs(sum(map(int, rejected)) - sum(map(int, chosen))) == 1
+        assert sum((Counter(chosen) & Counter(rejected)).values()) == 2
+        last += rejected[:2] == chosen[:2]
+    assert 0.4 * len(rows) < last < 0.9 * len(rows)
 
 
 def test_exact_match_and_reward():
