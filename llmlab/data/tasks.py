@@ -28,16 +28,17 @@ Three row shapes per split:
 `TASK_SOURCES` maps built-in source names ("tasks", "tasks-preference", "tasks-prompts", and
 "tasks-<task>", "tasks-preference-<task>", "tasks-prompts-<task>" for one task alone) to
 `fn(split) -> Iterator[dict]` with `SPLIT_SIZES` rows. Listing a whole mix and one task's source
-together weights that task up (sources interleave by `weight`): the demo's dpo trains on the plus
-pairs twice as often, the only family whose pairs its sft leaves room in.
+together weights that task up (sources interleave by `weight`): the demo's dpo lists the plus pairs
+again at weight 3 (~80% of its pairs), the family whose pairs its sft leaves most room in.
 
 Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
 mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
 sft the ~1M-parameter model gets 0.1-0.4 of it right (over half its wrong answers miss only the last digit), while
-successor and sort reach 0.5-0.9 and their preference pairs are ranked right 0.98-1.00 of the time, so
+successor and sort reach 0.5-0.9 and their preference pairs are ranked right 0.96-1.00 of the time, so
 without plus neither exact match nor preference accuracy left the alignment stages room
-(docs/benchmarks.md). Its rejected answers are the sum with the carry forgotten (347+5 -> 342) on
-half of the prompts that carry, else one off. reverse and copy stay beyond this model (0.00-0.01
+(docs/benchmarks.md). sort's rejected answers are its near misses (sorted, one digit one off);
+plus's are the sum with the carry forgotten (347+5 -> 342) on half of the prompts that carry, else
+one off. reverse and copy stay beyond this model (0.00-0.01
 held out after sft); `max` saturates almost at once; both are left out.
 """
 
