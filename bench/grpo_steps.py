@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/grpo_steps.py MODEL_DIR [--optimizer adamw|sgd] [--lr 1e-4] [--steps 40] [--warmup 5] [--every 10]
                      [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
-                     [--negative-weight 1.0] [--answer-weight 0.0] [--answers-only N] [--no-dynamic] [--val 200]
+                     [--negative-weight 1.0] [--answer-weight 0.0] [--answer-prompts N] [--answers-only N] [--no-dynamic] [--val 200]
                      [--eps E] [--beta2 B] [--max-group-mean M] [--rounds 4] [--ema D]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
@@ -13,7 +13,7 @@ reward and the k3 KL to the starting model. `--fixed` trains on the same prompts
 (no dynamic sampling): the rollout reward on them must rise if the update is sound.
 `--negative-weight 0` learns from rewarded completions only (negative advantages dropped);
 `--answer-weight W` adds W x the NLL of each rollout prompt's reference answer (an SFT term through
-the same log-prob path); `--answers-only N` is the control without RL: each step that NLL on N fresh
+the same log-prob path; `--answer-prompts N`: of N fresh training prompts a step instead); `--answers-only N` is the control without RL: each step that NLL on N fresh
 training prompts; `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts;
 `--max-group-mean M` trains only on groups with at most a share M of right answers (hard prompts;
 `--rounds` extra sampling rounds to find them); `--ema D` also scores a moving average of the
