@@ -34,8 +34,9 @@ again at weight 3 (~80% of its pairs), the family whose pairs its sft leaves mos
 Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
 mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
 sft the ~1M-parameter model gets 0.1-0.4 of it right (over half its wrong answers miss only the last digit), while
-successor and sort reach 0.5-0.9 and their preference pairs are ranked right 0.96-1.00 of the time, so
-without plus neither exact match nor preference accuracy left the alignment stages room
+successor and sort reach 0.5-0.9 and successor's preference pairs are ranked right 0.97-1.00 of the
+time (sort's near misses 0.83-0.97), so without plus neither exact match nor preference accuracy left
+the alignment stages room
 (docs/benchmarks.md). sort's rejected answers are its near misses (sorted, one digit one off);
 plus's are the sum with the carry forgotten (347+5 -> 342) on half of the prompts that carry, else
 one off. reverse and copy stay beyond this model (0.00-0.01
