@@ -445,6 +445,10 @@ class Trainer:
         return self.step % every == 0 or self.step == self.cfg.max_steps
 
     def run(self) -> TrainResult:
+        if getattr(self.cfg, "stop_at", None) is not None and self.evaluate_fn is None:
+            raise UserError(f"[{self.label}] train.stop_at ({self.cfg.stop_at:g}) is checked on held-out data, and this "
+                            f"stage has none: give it validation data (val_fraction above 0, or a validation split) "
+                            f"or drop stop_at")
         self.resume()
         self.announce()
         cfg = self.cfg

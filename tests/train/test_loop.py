@@ -12,6 +12,7 @@ from helpers import CountingBatches as Batches
 from helpers import SEQ, Recorder, eval_fn, tiny_model
 from helpers import train_spec as cfg
 from llmlab.checkpoint import latest_checkpoint, load_checkpoint
+from llmlab.errors import UserError
 from llmlab.train.loop import Callbacks, TrainingInterrupted, load_best, train
 from llmlab.train.objectives import LanguageModeling
 
@@ -184,6 +185,12 @@ def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, 
                   cfg(max_steps=8, eval_every=2, save_every=100, stop_at=target), tmp_path,
                   evaluate=lambda m: {metric: 0.0 if maximize else 9.0}, seed=1, best_metric=metric, maximize=maximize)
     assert again.step == stop and again.resumed_from == stop
+
+
+def test_stop_at_without_held_out_data_is_one_sentence_before_any_step(tmp_path):
+    with pytest.raises(UserError, match="stop_at .* has none: give it validation data"):
+        train(tiny_model(), LanguageModeling(), Batches(4), cfg(stop_at=1.0), tmp_path, evaluate=None, seed=1)
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_sigterm_saves_checkpoint_and_stops(tmp_path):
