@@ -4,6 +4,7 @@
                      [--temperature 1.0] [--kl 0.04] [--rollout-prompts 16] [--batch-prompts 8] [--lora R] [--fixed] [--seed 2]
                      [--negative-weight 1.0] [--answer-weight 0.0] [--answer-prompts N] [--answers-only N] [--no-dynamic] [--val 200]
                      [--eps E] [--beta2 B] [--max-group-mean M] [--rounds 4] [--ema D]
+                     [--reward exact_match] [--greedy-in-group] [--no-std]
 
 Runs llmlab's own GRPO rollout step (`GRPOPrepare`, dynamic sampling on) and objective
 (`GRPOObjective`) with llmlab's AdamW or momentum SGD (`--optimizer`, built from the spec's
@@ -17,7 +18,10 @@ the same log-prob path; `--answer-prompts N`: of N fresh training prompts a step
 training prompts; `--no-dynamic` keeps zero-variance groups; `--val N` scores N prompts;
 `--max-group-mean M` trains only on groups with at most a share M of right answers (hard prompts;
 `--rounds` extra sampling rounds to find them); `--ema D` also scores a moving average of the
-weights (decay D) at each report.
+weights (decay D) at each report; `--reward` scores the rollouts with another reward (e.g.
+`partial_match`); `--greedy-in-group` makes one of each group's completions the greedy answer (the one
+exact match scores); `--no-std` leaves the advantages r - mean(group) undivided by the group's std
+(Dr. GRPO).
 
 It isolates the RL step from the pipeline (no checkpoint selection, no schedule but a linear warmup):
 docs/benchmarks.md ("What limits grpo") has what each of these did to the demo's dpo models.
@@ -45,8 +49,10 @@ from llmlab.optim import build_optimizer  # noqa: E402
 from llmlab.rewards import load_reward  # noqa: E402
 from llmlab.spec import TrainSpec  # noqa: E402
 from llmlab.tokenizer import ensure_chat_template, load_tokenizer  # noqa: E402
+import llmlab.train.grpo as grpo_module  # noqa: E402
 from llmlab.train.grpo import GRPOObjective, GRPOPrepare  # noqa: E402
-from llmlab.train.rollout import Sampling, disable_dropout, policy_logps, rollout_logps, sample_rollout  # noqa: E402
+from llmlab.train.rollout import (  # noqa: E402
+    Sampling, disable_dropout, policy_logps, rollout_logps, sample_rollout, score_completions, select_rollouts)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -80,6 +86,11 @@ def main() -> None:
                         help="dynamic sampling keeps only groups whose mean reward is at most this (hard prompts)")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="also score an exponential moving average of the weights with this decay (0: off)")
+    parser.add_argument("--reward", default="exact_match", help="the rollouts' reward (a built-in name or module:function)")
+    parser.add_argument("--greedy-in-group", action="store_true",
+                        help="one of each group's completions is the greedy answer (the one exact match scores)")
+    parser.add_argument("--no-std", action="store_true",
+                        help="advantages r - mean(group), not divided by the group's std (Dr. GRPO)")
     parser.add_argument("--rounds", type=int, default=4, help="dynamic sampling's extra rounds per rollout at most")
     args = parser.parse_args()
     if args.max_group_mean is not None and (args.fixed or args.no_dynamic):
@@ -93,14 +104,29 @@ def main() -> None:
     disable_dropout(model)
     data = prepare_prompt_data([DataSource(path="builtin:tasks-prompts")], tok, 100, args.seed, 0.05, None,
                                max_val_prompts=args.val)
-    reward = load_reward("exact_match")
+    reward = load_reward(args.reward)
     sampling = Sampling(12, args.temperature, 0, 1.0, stop_token_ids(tok, model),
                         tok.pad_token_id if tok.pad_token_id is not None else 0)
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
     if args.lora:
         model = apply_lora(model, args.lora, 2.0 * args.lora, 0.0, resolve_targets(model, "all"))
     micro = args.batch_prompts * args.group
+    greedy = Sampling(12, 0.0, 0, 1.0, sampling.stop_ids, sampling.pad_id)
+    if args.no_std:
+        grpo_module.group_advantages = lambda r, g: (r.view(-1, g) - r.view(-1, g).mean(dim=1, keepdim=True)).view(-1)
+
     class Prepare(GRPOPrepare):
+        def _sample(self, prompts, g):
+            if not args.greedy_in_group:
+                return super()._sample(prompts, g)
+            G = self.group_size
+            sampled = sample_rollout(self.model, self.tokenizer, [p.ids for p in prompts for _ in range(G - 1)], self.s, g)
+            best = sample_rollout(self.model, self.tokenizer, [p.ids for p in prompts], greedy, None)
+            parts = [part for i in range(len(prompts)) for part in ((sampled, list(range(i * (G - 1), (i + 1) * (G - 1)))),
+                                                                     (best, [i]))]
+            r = select_rollouts(parts, self.s.pad_id)
+            return r, score_completions(self.reward_fn, [p for p in prompts for _ in range(G)], r.completions, self.reward_name)
+
         def wanted_groups(self, scores: torch.Tensor) -> torch.Tensor:
             keep = super().wanted_groups(scores)
             if args.max_group_mean is not None:  # hard prompts only: few of the group's answers right
@@ -108,14 +134,13 @@ def main() -> None:
             return keep
 
     prepare = Prepare(model, (lambda r: rollout_logps(frozen, r, args.temperature, micro)[0]) if args.kl else None,
-                      tok, reward, "exact_match", sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic),
+                      tok, reward, args.reward, sampling, args.group, micro, args.seed, not (args.fixed or args.no_dynamic),
                       args.rounds)
     objective = GRPOObjective(0.2, args.kl, args.temperature)
     adam = {k: v for k, v in (("eps", args.eps), ("beta2", args.beta2)) if v is not None}
     spec = TrainSpec(optimizer={"name": args.optimizer, **({"momentum": args.momentum} if args.optimizer == "sgd" else adam)})
     optimizer = build_optimizer(model, spec.optimizer, args.lr, 0.0)
 
-    greedy = Sampling(12, 0.0, 0, 1.0, sampling.stop_ids, sampling.pad_id)
     trained = [p for p in model.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in trained] if args.ema else []
 

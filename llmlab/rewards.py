@@ -12,6 +12,10 @@ A spec names one with a string that `load_reward` resolves, in this order:
     exact_match     1.0 when the completion is the row's answer (kw `answers`), else 0.0, by
                     `llmlab.data.tasks.exact_match` (text from the first end-of-turn marker on and
                     surrounding whitespace ignored).
+    partial_match   the share of the answer's characters the completion has right, position by
+                    position, over the longer of the two (kw `answers`): 1.0 exactly at an exact
+                    match, 0.75 for one wrong digit of four; partial credit for GRPO groups whose
+                    answers are all wrong or all near misses.
     format          1.0 when the completion, cut at its first end-of-turn marker ("<|im_end|>" or
                     "<|eos|>"), is non-empty after stripping whitespace and holds no chat special
                     token ("<|im_start|>", "<|im_end|>", "<|bos|>", "<|eos|>", "<|pad|>"), else 0.0.
@@ -128,8 +132,28 @@ def numeric_match_reward(prompts: list[str], completions: list[str], answers: Se
     return out
 
 
+def partial_match_reward(prompts: list[str], completions: list[str], answers: Sequence[str] | None = None,
+                         **kw) -> list[float]:
+    """The share of the answer's characters the completion has right, position by position: matches
+    over the longer of the two (cut at the first end-of-turn marker, stripped), so a missing or extra
+    character counts as a miss; 1.0 exactly when `exact_match` is 1.0."""
+    if answers is None:
+        answers = kw.get("answer")
+    if answers is None:
+        raise RewardError("reward 'partial_match' needs kw `answers` (one answer per completion); "
+                         "the prompt rows must have an 'answer' column")
+    answers = _per_row(answers, len(completions), "answers")
+    out = []
+    for c, a in zip(completions, answers):
+        got, want = cut_at_end_of_turn(c).strip(), str(a).strip()
+        longest = max(len(got), len(want))
+        out.append(1.0 if longest == 0 else sum(x == y for x, y in zip(got, want)) / longest)
+    return out
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "exact_match": exact_match_reward,
+    "partial_match": partial_match_reward,
     "numeric_match": numeric_match_reward,
     "format": format_reward,
     "length_penalty": length_penalty_reward,

@@ -262,7 +262,7 @@ class RlStageBase(ModelStage):
 
     data: list[DataSource] = Field(min_length=1)  # prompts: a prompt column, chat messages or hh-rlhf transcripts
     train: RlTrain = Field(default_factory=RlTrain)
-    reward: str | None = None  # a builtin (exact_match, numeric_match, format, length_penalty), module:function, or a reward model dir / hub name
+    reward: str | None = None  # a builtin (exact_match, partial_match, numeric_match, format, length_penalty), module:function, or a reward model dir / hub name
     reward_stage: str | None = None  # or: an earlier reward stage, by name
     lora: LoraSpec | None = None  # with LoRA the KL reference is the same model with adapters disabled
     max_new_tokens: int = Field(128, ge=1)  # completion length limit

@@ -30,6 +30,18 @@ def test_exact_match_builtin():
         fn(["p"], ["c"])
 
 
+def test_partial_match_builtin_gives_a_share_of_right_characters_and_one_only_at_an_exact_match():
+    fn = load_reward("partial_match")
+    assert fn is REWARD_FUNCTIONS["partial_match"]
+    comps = [" 1234<|im_end|>junk", "1235", "123", "12345", "4321", "", "1234 "]
+    scores = fn([""] * len(comps), comps, answers=["1234"] * len(comps))
+    assert scores == [1.0, 0.75, 0.75, 0.8, 0.0, 0.0, 1.0]
+    exact = load_reward("exact_match")([""] * len(comps), comps, answers=["1234"] * len(comps))
+    assert [s == 1.0 for s in scores] == [e == 1.0 for e in exact]
+    with pytest.raises(ValueError, match="answers"):
+        fn(["p"], ["c"])
+
+
 def test_format_builtin():
     completions = ["42<|im_end|>", "42", "", "   <|im_end|>", "4<|im_start|>user", "<|pad|>x",
                    "ok<|eos|><|im_start|>trailing after the end is ignored"]
@@ -102,7 +114,7 @@ def test_wrong_signature_is_clear(reward_module, name, problem):
 
 def test_unknown_reference_is_clear(tmp_path):
     with pytest.raises(ValueError, match=r"unknown reward 'exactmatch': not a built-in "
-                                         r"\(exact_match, numeric_match, format, length_penalty\)"):
+                                         r"\(exact_match, partial_match, numeric_match, format, length_penalty\)"):
         load_reward("exactmatch")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a model folder"):
