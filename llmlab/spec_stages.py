@@ -49,6 +49,10 @@ class StageBase(StrictModel):
             yield ("train", "optimizer", "name"), (f"sophia estimates curvature from the model's own next-token samples; a "
                                                    f"{self.kind} stage trains a scalar head it cannot sample from: use adamw, "
                                                    f"adafactor, lion or muon")
+        if train is not None and getattr(train, "stop_at", None) is not None and self._surely_no_held_out_data():
+            yield ("train", "stop_at"), (f"stop_at ({train.stop_at:g}) is checked on held-out data, and with val_fraction 0 "
+                                         f"none of this stage's sources gives any: set val_fraction above 0, give a source "
+                                         f"with a validation split, or drop stop_at")
         dist = getattr(self, "distributed", None)
         if dist is not None and dist.strategy == "fsdp":
             if getattr(self, "lora", None) is not None:
@@ -56,6 +60,23 @@ class StageBase(StrictModel):
             train = getattr(self, "train", None)
             if train is not None and train.optimizer.name == "muon":
                 yield ("distributed", "strategy"), "muon orthogonalises whole matrices, which fsdp shards: use ddp, or another optimizer"
+
+    def _surely_no_held_out_data(self) -> bool:
+        """Whether the stage will have no held-out data, known without reading it: nothing is held out
+        (val_fraction 0) and no source has a validation split of its own (local files, a built-in that is
+        not a task generator, a source read from its validation split). A hub dataset may have one, so
+        a stage with one is left to the run, which refuses `stop_at` before its first step."""
+        from llmlab.data.sources import BUILTIN_PREFIX, TASK_SOURCES
+
+        data = getattr(self, "data", None)
+        if getattr(self, "val_fraction", None) != 0 or not data:
+            return False
+
+        def no_own_validation(source: DataSource) -> bool:
+            if source.split == "validation" or source.is_local:
+                return True
+            return source.path.startswith(BUILTIN_PREFIX) and source.path[len(BUILTIN_PREFIX):] not in TASK_SOURCES
+        return all(no_own_validation(source) for source in data)
 
     @property
     def inputs(self) -> list[str]:

@@ -140,6 +140,25 @@ def test_stop_at_without_an_evaluation_before_max_steps_is_refused():
     assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml").stages["pretrain"].train.stop_at == 2.5
 
 
+def test_stop_at_on_a_stage_that_surely_has_no_held_out_data_is_refused_before_any_stage_runs():
+    raw = yaml.safe_load(BASE)
+    raw["stages"]["pretrain"]["train"].update({"stop_at": 2.5, "eval_every": 5})
+    raw["stages"]["pretrain"]["val_fraction"] = 0
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))  # a corpus: no validation split of its own
+    assert issue.path == "stages.pretrain.train.stop_at" and "val_fraction" in issue.message
+    raw["stages"]["pretrain"]["val_fraction"] = 0.01
+    assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml").stages["pretrain"].train.stop_at == 2.5
+    sft = {"kind": "sft", "from": "pretrain", "val_fraction": 0, "data": [{"path": "builtin:tasks"}],
+           "train": {"max_steps": 10, "warmup_steps": 1, "eval_every": 5, "stop_at": 0.5}}
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": sft}
+    assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml")  # the task generator has a validation split
+    sft["data"] = [{"path": "builtin:tasks", "split": "validation"}]  # read as training data: nothing held out
+    (issue,) = issues_of(yaml.safe_dump(raw, sort_keys=False))
+    assert issue.path == "stages.sft.train.stop_at"
+    sft["data"] = [{"path": "some-org/some-dataset"}]  # a hub dataset may have one: left to the run
+    assert parse_spec(yaml.safe_dump(raw, sort_keys=False), "x.yaml")
+
+
 def test_min_improvement_without_save_best_only_is_refused():
     raw = yaml.safe_load(BASE)
     raw["stages"]["pretrain"]["train"].update({"min_improvement": 0.01, "save_best_only": False})
