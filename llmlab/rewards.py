@@ -61,15 +61,20 @@ def _per_row(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def exact_match_reward(prompts: list[str], completions: list[str], answers: Sequence[str] | None = None,
-                       **kw) -> list[float]:
-    """1.0 where the completion is the row's answer (`llmlab.data.tasks.exact_match`), else 0.0."""
+def _answers(name: str, answers: Sequence[str] | None, kw: dict, n: int) -> list:
+    """The rows' answers (kw `answers`, or `answer` as the column is named), one per completion."""
     if answers is None:
         answers = kw.get("answer")
     if answers is None:
-        raise RewardError("reward 'exact_match' needs kw `answers` (one answer per completion); "
-                         "the prompt rows must have an 'answer' column")
-    answers = _per_row(answers, len(completions), "answers")
+        raise RewardError(f"reward {name!r} needs kw `answers` (one answer per completion); "
+                          f"the prompt rows must have an 'answer' column")
+    return _per_row(answers, n, "answers")
+
+
+def exact_match_reward(prompts: list[str], completions: list[str], answers: Sequence[str] | None = None,
+                       **kw) -> list[float]:
+    """1.0 where the completion is the row's answer (`llmlab.data.tasks.exact_match`), else 0.0."""
+    answers = _answers("exact_match", answers, kw, len(completions))
     return [1.0 if exact_match(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
@@ -120,11 +125,7 @@ def numeric_match_reward(prompts: list[str], completions: list[str], answers: Se
                          **kw) -> list[float]:
     """1.0 where the completion's final number equals the answer's (GSM8K: the number after "####";
     otherwise the answer's last number), else 0.0 — the reward for verifiable math prompts."""
-    if answers is None:
-        answers = kw.get("answer")
-    if answers is None:
-        raise RewardError("reward 'numeric_match' needs kw `answers`; the prompt rows must have an 'answer' column")
-    answers = _per_row(answers, len(completions), "answers")
+    answers = _answers("numeric_match", answers, kw, len(completions))
     out = []
     for c, a in zip(completions, answers):
         want, got = final_number(str(a)), final_number(c)
@@ -137,12 +138,7 @@ def partial_match_reward(prompts: list[str], completions: list[str], answers: Se
     """The share of the answer's characters the completion has right, position by position: matches
     over the longer of the two (cut at the first end-of-turn marker, stripped), so a missing or extra
     character counts as a miss; 1.0 exactly when `exact_match` is 1.0."""
-    if answers is None:
-        answers = kw.get("answer")
-    if answers is None:
-        raise RewardError("reward 'partial_match' needs kw `answers` (one answer per completion); "
-                         "the prompt rows must have an 'answer' column")
-    answers = _per_row(answers, len(completions), "answers")
+    answers = _answers("partial_match", answers, kw, len(completions))
     out = []
     for c, a in zip(completions, answers):
         got, want = cut_at_end_of_turn(c).strip(), str(a).strip()
