@@ -192,8 +192,9 @@ class TrainBase(StrictModel):
     # units (e.g. 0.04 = 4 points of exact match): a noisy held-out score must not hand on a step that merely
     # drew lucky prompts (the start, with eval_at_start, then stays the stage's model)
     min_improvement: float = Field(0.0, ge=0)
-    # stop the stage at the first evaluation whose best_metric reaches this value (at or below it for a loss,
-    # at or above for exact match or reward); max_steps stays the cap and the schedule is still laid over it.
+    # stop the stage at the first evaluation after which its kept best on best_metric reaches this value (at or
+    # below it for a loss, at or above for exact match or reward; with min_improvement a score must also count
+    # as the best); max_steps stays the cap and the schedule is still laid over it.
     # A target rather than a step count lands every seed at about the same quality (docs/benchmarks.md)
     stop_at: float | None = None
     eval_steps: int = Field(100, ge=1)  # validation batches per evaluation

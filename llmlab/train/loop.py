@@ -418,13 +418,15 @@ class Trainer:
             self.say(f"[{self.label}] step {self.step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    def reached_target(self, metrics: dict[str, float]) -> bool:
-        """Whether this evaluation reached the train block's `stop_at` on `best_metric` (never without one)."""
+    def reached_target(self) -> bool:
+        """Whether the kept best on `best_metric` — the model the stage hands on — has reached the train
+        block's `stop_at` (never without one). The best, not this evaluation: with `min_improvement` an
+        evaluation can reach the target without replacing a best that is under it."""
         target = getattr(self.cfg, "stop_at", None)
-        value = metrics.get(self.best_metric) if metrics else None
-        if target is None or value is None:
+        best = self.progress.best_value
+        if target is None or best is None:
             return False
-        return value >= target if self.maximize else value <= target
+        return best >= target if self.maximize else best <= target
 
     def checkpoint(self) -> None:
         """Every checkpointed part's state, written atomically by rank 0 (each part's state_dict is
@@ -464,11 +466,11 @@ class Trainer:
                 if self.evaluate_fn is not None and self._due(cfg.eval_every):
                     metrics = self.evaluate()
                     self.last.update(metrics)
-                    if self.reached_target(metrics):  # rank 0's numbers, broadcast: every rank stops here
+                    if self.reached_target():  # rank 0's numbers, broadcast: every rank stops here
                         self.progress.stopped = True
-                        self.say(f"[{self.label}] step {self.step}: {self.best_metric} {metrics[self.best_metric]:.4f} "
-                                 f"reached stop_at {cfg.stop_at:g}; the stage stops here (max_steps {cfg.max_steps})",
-                                 flush=True)
+                        self.say(f"[{self.label}] step {self.step}: the best {self.best_metric} "
+                                 f"{self.progress.best_value:.4f} (step {self.progress.best_step}) reached stop_at "
+                                 f"{cfg.stop_at:g}; the stage stops here (max_steps {cfg.max_steps})", flush=True)
                 if self._due(cfg.save_every) or self.progress.stopped:
                     self.checkpoint()  # a stop is saved with its step, so a rerun resumes as finished
                 if any_rank(stop.raised):  # a signal may reach one worker first: all stop at this step

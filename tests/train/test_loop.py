@@ -165,24 +165,27 @@ def test_min_improvement_keeps_the_best_unless_beaten_by_the_margin(tmp_path, sc
     assert same == (best_step == 0)
 
 
-@pytest.mark.parametrize("maximize, scores, target, stop", [
-    (False, (2.0, 1.5, 0.9, 0.5), 1.0, 6),   # a loss: stops at the first evaluation at or below the target
-    (True, (0.2, 0.4, 0.45, 0.7), 0.45, 6),  # exact match: at or above it
-    (False, (2.0, 1.5, 1.2, 1.1), 1.0, 8),   # never reached: max_steps is the cap
+@pytest.mark.parametrize("maximize, scores, target, stop, margin", [
+    (False, (2.0, 1.5, 0.9, 0.5), 1.0, 6, 0.0),   # a loss: stops at the first evaluation at or below the target
+    (True, (0.2, 0.4, 0.45, 0.7), 0.45, 6, 0.0),  # exact match: at or above it
+    (False, (2.0, 1.5, 1.2, 1.1), 1.0, 8, 0.0),   # never reached: max_steps is the cap
+    # with min_improvement, 0.46 at step 4 reaches the target without beating the best (0.2) by 0.3: the
+    # stage would hand on a model under the target, so it goes on until the kept best reaches it
+    (True, (0.2, 0.46, 0.55, 0.7), 0.45, 6, 0.3),
 ])
-def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, maximize, scores, target, stop):
-    """`stop_at` stops training at the evaluation that reaches it, saves that step as finished, and a
-    rerun from the checkpoints trains no further."""
+def test_stop_at_ends_the_run_at_the_first_evaluation_that_reaches_it(tmp_path, maximize, scores, target, stop, margin):
+    """`stop_at` stops training at the evaluation whose kept best reaches it, saves that step as
+    finished, and a rerun from the checkpoints trains no further."""
     metric = "eval/exact_match" if maximize else "eval/loss"
     values = iter(scores)
     result = train(tiny_model(dropout=0.0), LanguageModeling(), Batches(4),
-                   cfg(max_steps=8, eval_every=2, save_every=100, stop_at=target), tmp_path,
+                   cfg(max_steps=8, eval_every=2, save_every=100, stop_at=target, min_improvement=margin), tmp_path,
                    evaluate=lambda m: {metric: next(values)}, seed=1, best_metric=metric, maximize=maximize)
     assert result.step == stop and result.best_step == stop
     saved = load_checkpoint(latest_checkpoint(tmp_path))["progress"]
     assert saved["step"] == stop and saved["stopped"] == (stop < 8)
     again = train(tiny_model(dropout=0.0), LanguageModeling(), Batches(4),
-                  cfg(max_steps=8, eval_every=2, save_every=100, stop_at=target), tmp_path,
+                  cfg(max_steps=8, eval_every=2, save_every=100, stop_at=target, min_improvement=margin), tmp_path,
                   evaluate=lambda m: {metric: 0.0 if maximize else 9.0}, seed=1, best_metric=metric, maximize=maximize)
     assert again.step == stop and again.resumed_from == stop
 
