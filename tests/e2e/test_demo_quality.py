@@ -1,18 +1,18 @@
 """The shipped demo, as `make demo` runs it: instruction tuning must teach the tasks, preference
-optimisation must raise both preference accuracy and exact match, and grpo must not undo it.
+optimisation must raise preference accuracy without lowering exact match, and grpo must raise exact
+match — the quality issue's targets, each stage against the model it started from.
 
-Margins come from `bench/quality.py` (docs/benchmarks.md), taken below each worst run so they hold on
-other CPUs. sft stops at a held-out loss (`stop_at`, eighth session), which lands every seed at about the
-same place: on the Intel Xeon's benches 0.488-0.560 exact match at `stop_at: 0.38` (seeds 1, 2, 3, 1234) and 0.480-0.560
-at the shipped 0.35 (the same and seed 1 on one thread), where a fixed 300 steps gave 0.220-0.514
-(AMD EPYC and Intel Xeon) — so the floor here is the quality issue's own 0.45; preference accuracy over
-pretrain +26 points at the least (here +15). dpo, its plus pairs weighted 3:1 for 150 steps: +9.0 to
-+13.6 points of preference accuracy and +17.4 to +31.4 of exact match on every run (here the issue's +5
-of each). grpo handed on the dpo model on every run of both machines (+0.0; before its `min_improvement`
-margin it moved exact match by -1.4 to +0.0), and may lose at most ALIGNMENT_SLACK (5 points) on a CPU
-where a step clears the margin on validation and not on test. grpo also must not end below its start on
-its own validation prompts: it evaluates the dpo model first and keeps it unless a step beats it by
-more than `min_improvement`.
+Margins come from `bench/quality.py` (docs/benchmarks.md), taken at or below each worst run so they hold
+on other CPUs. sft stops at a held-out loss (`stop_at`, eighth session), which lands every seed at about
+the same place: on the Intel Xeon's benches 0.480-0.560 exact match at the shipped 0.35 (seeds 1, 2, 3,
+1234 and seed 1 on one thread), where a fixed 300 steps gave 0.220-0.514 (AMD EPYC and Intel Xeon) — so
+the floor here is the quality issue's own 0.45; preference accuracy over pretrain +26 points at the least
+(here +15). dpo, with a light NLL term (`sft_weight: 0.05`, tenth session), and grpo, 16 prompts x 4
+answers a step: on the tenth session's bench dpo +6.2 to +12.0 points of preference accuracy and +5.2
+to +18.2 of exact match, grpo +7.6 to +12.8 of exact match; the test asks the issue's targets (dpo +5
+points of preference accuracy and exact match not lower, grpo +5 points of exact match), under every
+bench run. grpo also must hand on the checkpoint its own validation picks: it evaluates the dpo model
+first and keeps it unless a step beats the best so far by more than `min_improvement`.
 """
 
 import json
@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SFT_MIN_EM = 0.45  # sft exact match, absolute: the issue's floor (worst measured stop_at runs 0.480 and 0.488)
 SFT_MIN_PA_GAIN = 0.15  # over pretrain (worst measured run +26.4 points)
-DPO_MIN_GAIN = 0.05  # dpo over sft, both preference accuracy and exact match: the issue's target (worst runs +9.0, +17.4)
-ALIGNMENT_SLACK = 0.05  # grpo may not lose more than this against the dpo model it starts from
+DPO_MIN_PA_GAIN = 0.05  # dpo over sft, preference accuracy: the issue's target (worst bench run +6.2, seed 1234 +9.8)
+DPO_MIN_EM_GAIN = 0.0  # dpo over sft, exact match: the issue's "not lower" (worst bench run +5.2, seed 1234 +6.8)
+GRPO_MIN_EM_GAIN = 0.05  # grpo over dpo, exact match: the issue's target (worst bench run +7.6, seed 1234 +8.6)
 
 
 def test_the_demo_improves_its_model_at_every_stage(tmp_path):
@@ -53,8 +54,8 @@ def test_the_demo_improves_its_model_at_every_stage(tmp_path):
     assert em["pretrain"] == 0.0 and em["sft"] >= SFT_MIN_EM, shown
     assert round(pa["sft"] - pa["pretrain"], 6) >= SFT_MIN_PA_GAIN, shown
     # gains compared rounded: scores are counts over 500, and 0.684 + 0.03 > 0.714 in floating point
-    assert round(pa["dpo"] - pa["sft"], 6) >= DPO_MIN_GAIN and round(em["dpo"] - em["sft"], 6) >= DPO_MIN_GAIN, shown
-    assert round(em["grpo"] - em["dpo"], 6) >= -ALIGNMENT_SLACK, shown
+    assert round(pa["dpo"] - pa["sft"], 6) >= DPO_MIN_PA_GAIN and round(em["dpo"] - em["sft"], 6) >= DPO_MIN_EM_GAIN, shown
+    assert round(em["grpo"] - em["dpo"], 6) >= GRPO_MIN_EM_GAIN, shown
     grpo = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     held_out = {r["step"]: r["eval/exact_match"] for r in grpo if "eval/exact_match" in r and "step" in r}
     final = json.loads((tmp_path / "runs" / "grpo" / "stage.json").read_text())["metrics"]
