@@ -58,8 +58,15 @@ def _preflight_or_exit(file: Path, spec: Pipeline) -> None:
 
 
 @app.command()
-def schema() -> None:
-    """Print the spec's JSON Schema (save it and point your editor's YAML plugin at it)."""
+def schema(
+    markdown: bool = typer.Option(False, "--markdown", help="every block and field as Markdown tables (docs/spec.md)"),
+) -> None:
+    """Print the spec's JSON Schema, every field described (point your editor's YAML plugin at it)."""
+    if markdown:
+        from llmlab.spec.docs import spec_markdown
+
+        typer.echo(spec_markdown(), nl=False)
+        return
     typer.echo(json.dumps(json_schema(), indent=2))
 
 

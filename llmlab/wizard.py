@@ -23,7 +23,6 @@ stages, then `<stage>.optimizer`, `<stage>.optimizer.<field>`, `<stage>.lr`, `<s
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import re
 import typing
@@ -133,20 +132,6 @@ def _check_field(cls: type[BaseModel], field: str, value: Any, context: dict[str
         mine = [e for e in err.errors() if e["loc"][:1] == (field,)] or err.errors()
         raise Invalid("; ".join(e["msg"] for e in mine)) from None
     return getattr(obj, field)
-
-
-def field_comments(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field line in a class's source (the spec's one-line docs)."""
-    out: dict[str, str] = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return out
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*?#\s*(.+)$", line)
-        if m and m.group(1) in getattr(cls, "model_fields", {}):
-            out[m.group(1)] = m.group(2).strip()
-    return out
 
 
 class _Asker:
@@ -273,7 +258,6 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
     docs = "; ".join(f"{n}: {OPTIMIZER_BLURBS.get(n, '')}" for n in OPTIMIZER_CLASSES)
     name = q.choice(f"{stage}.optimizer", f"{stage}: optimizer ({docs})", "adamw", tuple(OPTIMIZER_CLASSES))
     opt_cls = OPTIMIZER_CLASSES[name]
-    comments = field_comments(opt_cls)
     optimizer: dict[str, Any] = {"name": name}
     for field, info in opt_cls.model_fields.items():
         if field == "name":
@@ -283,7 +267,7 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
             value = _parse_scalar(answer)
             return _check_field(opt_cls, field, value)
 
-        optimizer[field] = q(f"{stage}.optimizer.{field}", f"{stage}: {name} {field} — {comments.get(field, info.description or '')}",
+        optimizer[field] = q(f"{stage}.optimizer.{field}", f"{stage}: {name} {field} — {info.description}",
                              info.default, check)
 
     def number(field: str, integer: bool):

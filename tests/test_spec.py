@@ -203,6 +203,35 @@ def test_schema_is_json_schema_of_the_spec():
     assert json.loads(out.stdout)["title"] == "Pipeline"
 
 
+def _properties(node, path=""):
+    """(path, property schema) of every field of every block in a JSON Schema."""
+    if isinstance(node, dict):
+        for name, prop in node.get("properties", {}).items():
+            yield f"{path}.{name}", prop
+        for key, value in node.items():
+            yield from _properties(value, f"{path}/{key}" if key != "properties" else path)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _properties(item, path)
+
+
+def test_every_field_of_the_schema_has_a_description():
+    fields = list(_properties(json_schema()))
+    assert len(fields) > 150  # every block is in the schema, stages and optimizers included
+    undocumented = [path for path, prop in fields if not prop.get("description")]
+    assert not undocumented, undocumented
+
+
+def test_docs_spec_md_is_generated_from_the_schema_and_up_to_date():
+    from llmlab.spec.docs import spec_markdown
+
+    text = spec_markdown()
+    for path, prop in _properties(json_schema()):
+        assert prop["description"].split()[0] in text
+    assert "| `grpo`" not in text and "| `temperature` |" in text
+    assert (ROOT / "docs" / "spec.md").read_text() == text, "docs/spec.md is stale: llmlab schema --markdown > docs/spec.md"
+
+
 def test_validate_does_not_import_torch_or_prefect():
     code = "import sys, llmlab.cli; llmlab.cli.load_spec(sys.argv[1]); print('torch' in sys.modules, 'prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "pipelines/tiny.yaml")], capture_output=True, text=True, check=True)
@@ -296,8 +325,14 @@ def test_ppo_and_grpo_have_the_seed_defaults():
     assert (ppo.train.ppo_epochs, ppo.clip_range, ppo.vf_coef, ppo.gamma, ppo.gae_lambda, ppo.train.rollout_prompts,
             ppo.train.batch_prompts, ppo.max_new_tokens, ppo.temperature, ppo.top_k, ppo.top_p) == (
         4, 0.2, 0.1, 1.0, 0.95, 32, 8, 128, 1.0, 0, 1.0)
-    assert (grpo.group_size, grpo.grpo_temperature, grpo.sampling_temperature) == (4, 1.0, 1.0)
+    assert (grpo.group_size, grpo.temperature) == (4, 1.0)
     assert ppo.start == "pretrain" and ppo.inputs == ["pretrain"]
+
+
+def test_grpo_temperature_is_one_sentence_naming_temperature():
+    old = {"kind": "grpo", "from": "pretrain", "data": PROMPTS, "reward": "exact_match", "grpo_temperature": 0.7}
+    (issue,) = issues_of(rl_spec(grpo=old))
+    assert issue.path == "stages.grpo.grpo_temperature" and "renamed to temperature" in issue.message
 
 
 def test_rl_reward_rules():

@@ -34,7 +34,7 @@ from llmlab.data.tasks import SPLITS as TASK_SPLITS
 from llmlab.data.tasks import TASK_SOURCES
 from llmlab.errors import UserError
 from llmlab.paths import cache_dir
-from llmlab.spec_base import Loc, StrictModel
+from llmlab.spec.base import Loc, StrictModel
 
 BUILTIN_PREFIX = "builtin:"
 # File extension -> `datasets` builder name, for the formats we do not parse ourselves.
@@ -54,12 +54,14 @@ class DataSource(StrictModel):
     """One data source of a stage; several interleave by relative weight."""
 
     path: str = Field(description="builtin:<name>, a local file or folder, or a hub dataset name")
-    subset: str | None = None  # hub dataset configuration name
-    split: str = "train"  # which split to read (hub datasets and built-in task generators)
-    weight: float = Field(1.0, gt=0)  # relative share of examples drawn from this source
-    column: str = "text"  # the text column of plain-text data (pretraining, tokenizer)
-    format: str | None = None  # row format of SFT / preference / prompt data; None = detect from the columns
-    max_bad_share: float = Field(0.05, ge=0, le=1)  # malformed rows skipped (and reported) before the source fails
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    split: str = Field("train", description="which split to read (hub datasets and built-in task generators)")
+    weight: float = Field(1.0, gt=0, description="relative share of examples drawn from this source")
+    column: str = Field("text", description="the text column of plain-text data (pretraining, tokenizer)")
+    format: str | None = Field(None, description="row format of SFT / preference / prompt data; None = detect from the "
+                                                 "columns")
+    max_bad_share: float = Field(0.05, ge=0, le=1, description="share of malformed rows skipped (and reported) before "
+                                                               "the source fails")
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.path.startswith(BUILTIN_PREFIX):

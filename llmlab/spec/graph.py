@@ -30,14 +30,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 
-from llmlab.spec_base import Loc
+from llmlab.spec.base import Loc
+from llmlab.spec.stages import REF_KEYS, STAGE_CLASSES
 
 Check = Callable[[dict], list]  # a stage body -> its problems as (location in the body, message)
 
 ROUND = re.compile(r"^(?P<base>.+)#(?P<k>\d+)$")
-MODEL_KINDS = ("pretrain", "sft", "merge", "dpo", "ppo", "grpo")  # stage kinds whose output is a language model
-REF_KEYS = ("reference_stage", "reward_stage")
 FIXED = ("kind", "from", "sweep", "sweep_mode", "select", *REF_KEYS)  # what a sweep may not vary
+
+
+def makes_model(body: dict) -> bool:
+    """Whether a raw stage body's kind makes a model a later stage can start from."""
+    cls = STAGE_CLASSES.get(body.get("kind"))  # type: ignore[arg-type]
+    return cls is not None and cls.makes_model
 
 
 @dataclass
@@ -212,10 +217,11 @@ def _repeat_groups(raw: dict, names: list[str]) -> tuple[list[dict], list[tuple[
             if stages[s].get("sweep") or stages[s].get("select"):
                 issues.append((loc + ("stages",), f"stage '{s}' sweeps or selects; a repeated group cannot (sweep a stage "
                                                   f"before the group instead)"))
-        producers = [s for s in members if stages[s].get("kind") in MODEL_KINDS]
+        producers = [s for s in members if makes_model(stages[s])]
         if not producers:
-            issues.append((loc + ("stages",), f"no stage of {members} trains a model, so a round has nothing to hand "
-                                              f"to the next: include a {'/'.join(MODEL_KINDS)} stage"))
+            kinds = "/".join(k for k, cls in STAGE_CLASSES.items() if cls.makes_model)
+            issues.append((loc + ("stages",), f"no stage of {members} makes a model, so a round has nothing to hand "
+                                              f"to the next: include a {kinds} stage"))
         elif stages[producers[-1]].get("lora"):
             issues.append((loc + ("stages",), f"'{producers[-1]}' trains LoRA adapters, which the next round cannot start "
                                               f"from: add a merge stage after it to the group"))
@@ -320,7 +326,7 @@ def _unroll(stages: dict[str, dict], group: dict, latest: dict[str, list[str]], 
     members = group["stages"]
     times = int(group.get("times", 1))
     entry = refs_of(stages[members[0]])[0]
-    last_model = [s for s in members if stages[s].get("kind") in MODEL_KINDS][-1]
+    last_model = [s for s in members if makes_model(stages[s])][-1]
     issues: list[tuple[Loc, str]] = []
     for k in range(1, times + 1):
         for s in members:
@@ -380,8 +386,9 @@ def _promote_issues(raw: dict, graph: Graph, latest: dict[str, list[str]], issue
     if model not in latest:
         issues.append((("promote", "model"), f"unknown stage '{model}' (stages: {', '.join(latest)})"))
         return
-    kind = raw["stages"][graph.variants[latest[model][0]].base].get("kind")
-    if kind not in MODEL_KINDS + ("export",):
+    body = raw["stages"][graph.variants[latest[model][0]].base]
+    kind = body.get("kind")
+    if not makes_model(body):
         issues.append((("promote", "model"), f"'{model}' is a {kind} stage: promote a stage that makes a model"))
     src = promote.get("metrics_from")
     if src is not None and src not in latest:
