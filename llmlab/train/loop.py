@@ -10,8 +10,9 @@
                     completions) of the whole step — so batch 1 x accumulation 8 equals 8 x 1
     log()           the metrics of the steps since the last log line
     evaluate()      held-out metrics; keeps the best model by `best_metric`
-    checkpoint()    model, optimizer, schedule, data position, RNG and the loop's own counters,
-                    each through its `state_dict`, written atomically
+    checkpoint()    model, optimizer, schedule, data position, RNG, the loop's own counters and
+                    the metric window since the last log line, each through its `state_dict`,
+                    written atomically
     run()           all of the above until `max_steps`, or until SIGINT/SIGTERM (then a checkpoint
                     at the step boundary and `TrainingInterrupted`)
 
@@ -171,6 +172,35 @@ class Window:
         return cls(torch.zeros((), device=device), torch.zeros((), device=device))
 
 
+class WindowState:
+    """The metric window as checkpointed state, so the first log line after a resume averages the same
+    steps the uninterrupted run's did (a checkpoint between two log lines holds the steps since the
+    last one). Saved as every rank's sums (`state_dict` is a collective: every rank calls it);
+    restored on rank 0, the other ranks' windows start empty, so the sums over ranks are unchanged.
+    The seconds the window has run are kept too, so tokens/s stays a rate."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        window, device = self.trainer.window, self.trainer.device
+        return {"loss": float(all_sum(window.loss)), "units": float(all_sum(window.units)),
+                "extra": {k: float(all_sum(v)) for k, v in sorted(window.extra.items())},
+                "tokens": int(all_sum(torch.tensor(float(window.tokens), device=device))),
+                "skipped": window.skipped, "seconds": time.perf_counter() - window.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        trainer = self.trainer
+        window = Window.empty(trainer.device)
+        if trainer.par.main:
+            window.loss = torch.tensor(state["loss"], device=trainer.device)
+            window.units = torch.tensor(state["units"], device=trainer.device)
+            window.extra = {k: torch.tensor(v, device=trainer.device) for k, v in state["extra"].items()}
+            window.tokens, window.skipped = int(state["tokens"]), int(state["skipped"])
+        window.started = time.perf_counter() - float(state["seconds"])
+        trainer.window = window
+
+
 def _bar(done: float, width: int = 20) -> str:
     """A text progress bar, e.g. [#######-------------] 35%; one per log line, so it reads the same
     in a terminal, in Prefect's logs and in CI output."""
@@ -227,7 +257,8 @@ class Trainer:
     # -- what is checkpointed, each with state_dict / load_state_dict
     def checkpointed(self) -> dict[str, Any]:
         return {"model": ModelState(self.engine), "optimizer": OptimizerState(self.engine, self.optimizer),
-                "schedule": self.schedule, "data": self.batches, "rng": RandomState(), "progress": self.progress}
+                "schedule": self.schedule, "data": self.batches, "rng": RandomState(), "progress": self.progress,
+                "window": WindowState(self)}
 
     @property
     def step(self) -> int:
@@ -248,8 +279,8 @@ class Trainer:
         if found is not None:
             saved = load_checkpoint(found)
             for key, part in self.checkpointed().items():
-                if key == "optimizer" and not self.cfg.load_optimizer:
-                    continue
+                if (key == "optimizer" and not self.cfg.load_optimizer) or key not in saved:
+                    continue  # a checkpoint written before the loop kept its metric window has none
                 part.load_state_dict(saved[key])
                 if key == "schedule":
                     self.schedule.extend(self.cfg.max_steps, saved["progress"]["step"])
@@ -457,7 +488,9 @@ class Trainer:
         if self.evaluate_fn is not None and self.step == 0 and getattr(cfg, "eval_at_start", False):
             self.last.update(self.evaluate())  # step 0: the starting model's score, a candidate for the best
         self.engine.train_model.train()
-        self.run_started = self.window.started = time.perf_counter()
+        self.run_started = time.perf_counter()
+        if self.step == 0:  # a resumed window keeps the seconds its steps took
+            self.window.started = self.run_started
         with StopFlag() as stop:
             while self.step < cfg.max_steps and not self.progress.stopped:
                 self.train_step()

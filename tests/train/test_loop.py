@@ -70,6 +70,27 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
 
 
+def test_a_resume_between_a_checkpoint_and_a_log_line_logs_what_the_uninterrupted_run_logged(tmp_path):
+    """Checkpoints every 3 steps, a log line every 2: the run dies in step 10, after step 9's
+    checkpoint; the resumed run's step-10 line must average steps 9 and 10, as the uninterrupted one."""
+    every = dict(save_every=3, log_every=2, eval_every=6)
+    _, _, full = run(tmp_path / "a", **every)
+    with pytest.raises(Crash):
+        train(tiny_model(), LanguageModeling(), CrashingBatches(4), cfg(**every), tmp_path / "b", evaluate=eval_fn, seed=1)
+    assert load_checkpoint(latest_checkpoint(tmp_path / "b"))["progress"]["step"] == 9
+    _, result, resumed = run(tmp_path / "b", **every)
+    assert result.resumed_from == 9
+
+    def logged(rec, after):
+        return [(step, {k: v for k, v in m.items() if k != "train/tokens_per_sec"}) for step, m in rec.metrics if step > after]
+
+    assert [step for step, _ in logged(resumed, 9)] == [10, 12]
+    for (s1, m1), (s2, m2) in zip(logged(full, 9), logged(resumed, 9), strict=True):
+        assert s1 == s2 and m1.keys() == m2.keys()
+        for key in m1:
+            assert m1[key] == pytest.approx(m2[key], abs=1e-6), (s1, key)
+
+
 def test_resume_without_optimizer_state_differs(tmp_path):
     _, _, with_opt = crash_then_resume(tmp_path / "a")
     _, _, without = crash_then_resume(tmp_path / "b", load_optimizer=False)
