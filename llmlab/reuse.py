@@ -5,8 +5,9 @@
     with stage_lock(out_dir): ...                        # one writer per stage output, across processes
     message = folder_conflict(spec_file, spec, "pretrain")  # another spec's stage lives there
 
-A stage's cache key is its resolved config, the fingerprints of its inputs and a hash of llmlab's
-own source (so a code change invalidates results) — never a path string alone. A cached result is
+A stage's cache key is its resolved config, the fingerprints of its inputs and the version of the
+code the stage runs (`llmlab.code`: a code change there invalidates it, a comment does not) —
+never a path string alone. A cached result is
 trusted only while `stage.json` says finished for the same key and the output still has the
 fingerprint recorded there; otherwise the stage runs again.
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import hashlib
 import json
 import os
 import time
@@ -24,28 +23,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmlab.checkpoint import fingerprint
+from llmlab.code import code_version
 from llmlab.errors import UserError
-from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
+from llmlab.runners.registry import kind_of, resolved_config
 from llmlab.spec import Pipeline, config_hash
-
-
-PACKAGE_ROOT = Path(__file__).resolve().parent
-
-
-@functools.lru_cache(maxsize=4)
-def code_version(root: Path = PACKAGE_ROOT) -> str:
-    """A hash of every .py file under `root`, the llmlab package by default (a code change means
-    new results)."""
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def cache_key(spec: Pipeline, stage: str, inputs: dict[str, dict]) -> str:
     """What decides whether a finished result can stand in for running the stage again."""
-    payload = {"config": config_hash(resolved_config(spec, stage)), "code": code_version(),
+    payload = {"config": config_hash(resolved_config(spec, stage)), "code": code_version(kind_of(spec, stage).name),
                "inputs": {k: v["fingerprint"] for k, v in sorted(inputs.items())}}
     return f"{spec.name}-{stage.replace('/', '_')}-{config_hash(payload)}"  # a file name in Prefect's result storage
 
@@ -62,7 +48,7 @@ def finished_result(spec: Pipeline, stage: str, inputs: dict[str, dict], strict:
         return None
     if record.get("status") != "finished" or (strict and record.get("cache_key") != cache_key(spec, stage, inputs)):
         return None
-    main = Path(record["outputs"][MAIN_OUTPUT[stage_kind(spec, stage)]])
+    main = Path(record["outputs"][kind_of(spec, stage).main_output])
     if not main.exists() or fingerprint(main) != record["fingerprint"]:
         return None
     return record["result"]

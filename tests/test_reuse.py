@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+import llmlab.code
 from llmlab import reuse
 from llmlab.checkpoint import atomic_write_json, fingerprint
-from llmlab.reuse import cache_key, code_version, finished_result, stage_lock
+from llmlab.code import code_version
+from llmlab.reuse import cache_key, finished_result, stage_lock
+from llmlab.runners.registry import KINDS
 from llmlab.spec import parse_spec
 
 SPEC = {
@@ -70,19 +73,69 @@ def test_the_cache_key_changes_with_an_input_fingerprint_and_with_the_code(monke
     base = cache_key(spec, "sft", INPUTS)
     assert cache_key(spec, "sft", {"pretrain": {"fingerprint": "bbbb"}}) != base
     assert cache_key(spec, "sft", INPUTS) == base  # and nothing else: it is a pure function
-    monkeypatch.setattr(reuse, "code_version", lambda: "another")
+    monkeypatch.setattr(reuse, "code_version", lambda kind: "another")
     assert cache_key(spec, "sft", INPUTS) != base
 
 
-def test_the_code_version_changes_when_any_source_file_does(tmp_path):
-    root = tmp_path / "pkg"
-    shutil.copytree(reuse.PACKAGE_ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
-    before = code_version(root)
-    assert before == code_version(reuse.PACKAGE_ROOT)  # the same files give the same version
-    target = root / "train" / "loop.py"
-    target.write_text(target.read_text() + "\n# a comment is a change too\n")
-    code_version.cache_clear()
-    assert code_version(root) != before
+@pytest.fixture
+def source_copy(tmp_path):
+    """A copy of the llmlab, flows and tasks packages whose files a test may edit."""
+    root = tmp_path / "src"
+    for package in llmlab.code.PACKAGES:
+        shutil.copytree(llmlab.code.PROJECT_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    yield root
+    llmlab.code.clear()
+
+
+def versions(root) -> dict[str, str]:
+    llmlab.code.clear()
+    return {kind: code_version(kind, root) for kind in KINDS}
+
+
+def edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_comments_and_docstrings_anywhere_keep_every_code_version(source_copy):
+    before = versions(source_copy)
+    assert before == {kind: code_version(kind) for kind in KINDS}  # the same files give the same versions
+    edit(source_copy / "llmlab" / "train" / "loop.py", '"""The one training loop.', '"""The one and only training loop.')
+    edit(source_copy / "flows" / "pipeline.py", "\nfrom prefect import flow", "\n# a comment\nfrom prefect import flow")
+    edit(source_copy / "llmlab" / "runners" / "dpo.py", "    stage, spec = ctx.config, ctx.spec\n",
+         "    stage, spec = ctx.config, ctx.spec  # the block and the pipeline\n")
+    assert versions(source_copy) == before
+
+
+def test_code_a_stage_runs_changes_its_version_and_only_its_own(source_copy):
+    before = versions(source_copy)
+    edit(source_copy / "llmlab" / "runners" / "dpo.py", "    mini = stage.train.batch_pairs\n",
+         "    mini = stage.train.batch_pairs + 0\n")
+    after = versions(source_copy)
+    assert after["dpo"] != before["dpo"]
+    assert {k: v for k, v in after.items() if k != "dpo"} == {k: v for k, v in before.items() if k != "dpo"}
+    edit(source_copy / "llmlab" / "train" / "loop.py", "        self.progress.step += 1\n",
+         "        self.progress.step += 1\n        self.progress.step += 0\n")
+    loop = versions(source_copy)
+    assert all(loop[k] != after[k] for k in ("pretrain", "sft", "dpo", "grpo")) and loop["tokenizer"] == after["tokenizer"]
+
+
+@pytest.mark.parametrize("path", ["flows/pipeline.py", "tasks/stage_tasks.py"])
+def test_the_orchestration_is_code_every_stage_runs(source_copy, path):
+    before = versions(source_copy)
+    target = source_copy / path
+    target.write_text(target.read_text() + "\n_ORCHESTRATION_CHANGED = True\n")
+    after = versions(source_copy)
+    assert all(after[k] != before[k] for k in KINDS)
+
+
+def test_code_no_stage_runs_keeps_every_version(source_copy):
+    before = versions(source_copy)
+    for path in ("llmlab/wizard.py", "llmlab/cli.py"):
+        target = source_copy / path
+        target.write_text(target.read_text() + "\n_NOT_RUN_BY_A_STAGE = True\n")
+    assert versions(source_copy) == before
 
 
 def finish(tmp_path, spec, stage="pretrain", key=None):
@@ -161,9 +214,9 @@ def test_the_stage_lock_makes_a_second_writer_wait_for_the_first(tmp_path, capsy
 def test_a_second_spec_pointing_a_stage_folder_at_another_config_is_refused_naming_both(tmp_path, monkeypatch):
     from llmlab.preflight import preflight
     from llmlab.reuse import StageFolderTaken
-    from llmlab.runners.context import resolved_config
+    from llmlab.runners.registry import resolved_config
     from llmlab.spec import config_hash, load_spec
-    from llmlab.stages import execute_stage
+    from llmlab.execute import execute_stage
 
     monkeypatch.chdir(tmp_path)
     first, second, same = tmp_path / "first.yaml", tmp_path / "second.yaml", tmp_path / "copy.yaml"
