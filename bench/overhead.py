@@ -3,7 +3,7 @@
     .venv/bin/python bench/overhead.py [--steps 60] [--repeats 2]
 
 1. bare      — the stage runners called directly, MLflow replaced by a no-op (the work itself)
-2. tracked   — `llmlab.stages.execute_stage` per stage (MLflow runs, params, metrics, artifacts)
+2. tracked   — `llmlab.execute.execute_stage` per stage (MLflow runs, params, metrics, artifacts)
 3. flow      — `llmlab run` (a Prefect flow in ephemeral mode, one task per stage), a fresh process
 4. cached    — `llmlab run` again: every stage reused
 
@@ -68,7 +68,7 @@ print(f"SECONDS {time.perf_counter() - t0:.2f}")
 TRACKED = """
 import sys, time
 from llmlab.spec import load_spec
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 spec_file = sys.argv[1]
 spec = load_spec(spec_file)
 results = {}

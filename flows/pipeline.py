@@ -12,7 +12,7 @@ Finished stages whose key is unchanged are reused (Prefect shows them Cached); `
 named stages, `from_stage` reruns a stage and everything after it, `only` runs just the named
 stages on the recorded outputs of the others.
 
-A stage that fails in an expected way (its task ends Failed with one sentence, see tasks.stages)
+A stage that fails in an expected way (its task ends Failed with one sentence, see tasks.stage_tasks)
 ends the flow Failed with that sentence, after closing the pipeline's MLflow run; unexpected errors
 raise with their traceback.
 """
@@ -32,8 +32,8 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 
 from llmlab.spec import load_spec  # noqa: E402
-from tasks.stages import check_spec, intact_result, max_parallel, run_stage, select_branch  # noqa: E402
-from tasks.tracking import close_run, open_run  # noqa: E402
+from tasks.stage_tasks import check_spec, intact_result, max_parallel, run_stage, select_branch  # noqa: E402
+from tasks.tracking_tasks import close_run, open_run  # noqa: E402
 
 
 class _NoEmptyTraceback(logging.Filter):

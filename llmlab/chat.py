@@ -1,8 +1,7 @@
-"""Talk to any stage's model, or complete a file of prompts.
+"""Talk to any stage's model.
 
     llmlab chat runs/tiny/dpo                  # a stage output, a model dir, or SPEC:STAGE
     llmlab chat pipelines/tiny.yaml:dpo --temperature 0.7 --top-p 0.9 --max-new-tokens 256
-    llmlab generate runs/tiny/dpo/model --prompts prompts.txt --out completions.jsonl
 
 Instruction-tuned models (a tokenizer with a chat template) get the conversation rendered with the
 template; base models get plain continuation. Tokens stream as they are sampled (the shared
@@ -11,49 +10,11 @@ KV-cached sampler); `/reset` clears the conversation; Ctrl+C or Ctrl+D leaves cl
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
-from llmlab.errors import UserError
-
-
-class ModelNotFound(UserError):
-    """The argument names no model: the message says what was looked for."""
-
-
-def resolve_model_dir(target: str) -> Path:
-    """A model folder from: a model dir, a stage output dir (its model/), or `SPEC.yaml:STAGE`."""
-    if ":" in target and target.split(":", 1)[0].endswith((".yaml", ".yml")):
-        from llmlab.spec import load_spec
-
-        spec_file, stage = target.split(":", 1)
-        spec = load_spec(spec_file)
-        if stage not in spec.stage_names():
-            raise ModelNotFound(f"{spec_file} has no stage '{stage}' (stages: {', '.join(spec.stage_names())})")
-        target = str(spec.stage_dir(stage))
-    path = Path(target).expanduser()
-    for candidate in (path / "model", path):  # a stage folder's own config.json is the stage config
-        config = candidate / "config.json"
-        if config.is_file() and "model_type" in json.loads(config.read_text()):
-            return candidate
-    record = path / "stage.json"
-    if record.is_file():
-        outputs = json.loads(record.read_text()).get("outputs") or {}
-        if "model" in outputs:
-            return Path(outputs["model"])
-        raise ModelNotFound(f"stage output {path} has no model/ (adapters only? merge it first: llmlab merge {path} OUT)")
-    raise ModelNotFound(f"no model at {path}: give a model folder (with config.json), a stage output folder, "
-                        f"or SPEC.yaml:STAGE after running the pipeline")
-
-
-def load(model_dir: Path):
-    from llmlab.device import pick_device
-    from llmlab.models import load_causal_lm
-    from llmlab.tokenizer import load_tokenizer
-
-    return load_causal_lm(model_dir).to(pick_device()).eval(), load_tokenizer(str(model_dir))
+from llmlab.models import load_for_generation
 
 
 def _prompt_ids(tokenizer, conversation: list[dict], text: str) -> list[int]:
@@ -110,7 +71,7 @@ def read_line(prompt: str) -> str:
 
 def chat_loop(model_dir: Path, temperature: float, top_p: float, max_new_tokens: int,
               read: Callable[[str], str] = read_line, out: TextIO = sys.stdout) -> None:
-    model, tokenizer = load(model_dir)
+    model, tokenizer = load_for_generation(model_dir)
     mode = "chat" if tokenizer.chat_template else "plain continuation (base model)"
     out.write(f"{model_dir} — {mode}; /reset clears the conversation, Ctrl+C or Ctrl+D quits\n")
     conversation: list[dict] = []
@@ -136,33 +97,3 @@ def chat_loop(model_dir: Path, temperature: float, top_p: float, max_new_tokens:
             continue
         out.write("\n")
         conversation.append({"role": "assistant", "content": answer})
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Prompts from a .jsonl (a `prompt` field per line) or a text file (one per line)."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines]
-        missing = [i + 1 for i, r in enumerate(rows) if "prompt" not in r]
-        if missing:
-            raise ValueError(f"{path}: lines {missing[:5]} have no 'prompt' field")
-        return [r["prompt"] for r in rows]
-    return lines
-
-
-def generate_file(model_dir: Path, prompts: list[str], temperature: float, top_p: float, max_new_tokens: int,
-                  batch_size: int = 16) -> list[dict]:
-    """Completions of every prompt (batched, KV-cached), rendered as single-turn chats when the
-    tokenizer has a chat template."""
-    from llmlab.generate import generate
-
-    model, tokenizer = load(model_dir)
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                if tokenizer.chat_template else p for p in prompts]
-    prefix = None if tokenizer.chat_template else [tokenizer.eos_token_id]
-    rows = []
-    for i in range(0, len(prompts), batch_size):
-        outs = generate(model, tokenizer, rendered[i:i + batch_size], max_new_tokens, temperature, top_p=top_p,
-                        prefix_ids=prefix)
-        rows += [{"prompt": p, "completion": c} for p, c in zip(prompts[i:i + batch_size], outs)]
-    return rows

@@ -77,8 +77,10 @@ def inspect(
 ) -> None:
     """Stage graph, parameter count and a training-memory estimate per training stage."""
     spec = _load_or_exit(file)
-    from llmlab.estimate import SPEC_MODEL, breakdown, describe, estimate_stage, spec_model, spec_vocab, stage_model
+    from llmlab.estimate import SPEC_MODEL, breakdown, describe, spec_model, spec_vocab, stage_model
     from llmlab.model.memory import count_parameters
+    from llmlab.runners.context import stage_block
+    from llmlab.runners.registry import estimate_stage, kind_of
 
     typer.echo(f"pipeline {spec.name} (seed {spec.seed}, outputs in {spec.output_root}/)")
     if any(stage_model(spec, name).label == SPEC_MODEL for name in spec.stages):
@@ -93,30 +95,16 @@ def inspect(
     typer.echo("stages:")
     width = max(len(n) for n in spec.stage_names())
     for name in spec.stage_names():
-        if name == "tokenizer":
-            typer.echo(f"  tokenizer  (train byte-level BPE, vocab {spec.tokenizer.train.vocab_size})")
-            continue
-        stage, est = spec.stages[name], estimate_stage(spec, name)
+        kind = kind_of(spec, name)
+        block = stage_block(spec, name)
+        est = estimate_stage(spec, name)
         bound = {k: v for k, v in spec.dependencies(name).items() if k != "tokenizer"}
         sel = spec.selection(name)
         src = (f"{', '.join(bound)} (the branch whose {sel.stage} has the {sel.mode} {sel.metric})" if sel else
-               ", ".join(bound.values())) or ("tokenizer" if spec.tokenizer.train else "-")
-        line = f"  {name:<{width}} kind {stage.kind:<9} from {src}"
-        train = getattr(stage, "train", None)
-        if train is not None and hasattr(train, "rollout_prompts"):  # ppo/grpo count prompts
-            group = getattr(stage, "group_size", 1)
-            per_rollout = train.ppo_epochs * train.rollout_prompts // train.step_prompts
-            line += (f"; {train.max_steps:,} updates of {train.step_prompts} prompts ({train.step_prompts * group} "
-                     f"completions), {-(-train.max_steps // per_rollout):,} rollouts of {train.rollout_prompts} prompts "
-                     f"({train.rollout_prompts * group} completions)")
-        elif train is not None and hasattr(train, "batch_pairs"):  # dpo/reward count pairs
-            line += (f"; {train.max_steps:,} steps x {train.batch_pairs * train.gradient_accumulation_steps} pairs "
-                     f"({2 * train.batch_pairs} sequences per forward pass)")
-        elif train is not None:
-            seq = est.seq_len if est is not None and est.seq_len else spec.model.max_seq_len
-            tokens = train.max_steps * train.batch_sequences * train.gradient_accumulation_steps * seq
-            line += (f"; {train.max_steps:,} steps x {train.batch_sequences}x{train.gradient_accumulation_steps} sequences"
-                     f" = {tokens:,} tokens")
+               ", ".join(bound.values())) or ("tokenizer" if spec.tokenizer.train and name != "tokenizer" else "-")
+        line = f"  {name:<{width}} kind {kind.name:<11} from {src}; {kind.summary}"
+        if kind.describe is not None:
+            line += f": {kind.describe(spec, block, est)}"
         typer.echo(line + (f"; {describe(est)}" if est is not None else ""))
         if est is None:
             continue
@@ -243,7 +231,8 @@ def chat(
     max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
 ) -> None:
     """Chat with a model: its chat template when it has one, plain continuation otherwise."""
-    from llmlab.chat import ModelNotFound, chat_loop, resolve_model_dir
+    from llmlab.chat import chat_loop
+    from llmlab.models import ModelNotFound, resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(model)
@@ -263,7 +252,8 @@ def generate(
     max_new_tokens: int = typer.Option(256, help="longest completion in tokens"),
 ) -> None:
     """Complete every prompt of a file; one JSON line per prompt: {"prompt", "completion"}."""
-    from llmlab.chat import ModelNotFound, generate_file, read_prompts, resolve_model_dir
+    from llmlab.completions import generate_file, read_prompts
+    from llmlab.models import ModelNotFound, resolve_model_dir
 
     try:
         model_dir = resolve_model_dir(model)
@@ -325,7 +315,7 @@ def export(
     format: str = typer.Option("hf", "--format", help="hf (transformers, our model code) or llama (stock LlamaForCausalLM)"),
 ) -> None:
     """Export a model: `hf` for transformers with llmlab's code, `llama` for stock transformers (no llmlab needed)."""
-    from llmlab.chat import ModelNotFound, resolve_model_dir
+    from llmlab.models import ModelNotFound, resolve_model_dir
     from llmlab.export import ExportError, export_model
 
     try:

@@ -1,29 +1,28 @@
-"""How much memory a pipeline stage needs to train: one rule of thumb, used by `llmlab inspect` and
-by the `llmlab init` wizard.
+"""How much memory and compute a pipeline stage needs to train: rules of thumb, used by `llmlab
+inspect`, `llmlab plan` and the `llmlab init` wizard.
 
-    from llmlab.estimate import estimate_stage, fmt_bytes
-    spec = load_spec("pipelines/tiny.yaml")
+    from llmlab.runners.registry import estimate_stage      # asks the stage kind's record
     est = estimate_stage(spec, "dpo")        # None for stages that train nothing (merge, export, eval)
     print(fmt_bytes(est.total), est.parts)   # peak bytes, and bytes by component
 
-The estimate is a rule of thumb, not a measurement: the bytes of what a stage holds at its peak,
-in fp32 (as llmlab trains on CPU today), per process, from the model's shape alone (no weights are
-read): weights, gradients and optimizer state of what trains, activations kept for the backward
-pass, logit-sized tensors of the loss, and per stage kind a reference model, a value head, a reward
-model, the KV cache and logits of sampling, the rollout's tensors. What lives throughout the stage
-is added up; the phases that come one after another (forward and backward: activations and logits;
-the optimizer step's temporaries; RL sampling: KV cache and prompt logits) count by the largest. It
+This module holds what every training stage shares (`estimate_training`); what differs by kind —
+one forward pass, the loss's logits, a reference, a value head, a rollout — is the `Forward` its
+record in `llmlab.runners` gives, built with the helpers here. The estimate is a rule of thumb, not
+a measurement: the bytes of what a stage holds at its peak, in fp32 (as llmlab trains on CPU today),
+per process, from the model's shape alone (no weights are read). What lives throughout the stage is
+added up; the phases that come one after another (forward and backward: activations and logits; the
+optimizer step's temporaries; RL sampling: KV cache and prompt logits) count by the largest. It
 ignores allocator overhead, scratch memory inside kernels and the framework's own memory. Gradients
 count as alive with the activations (true with gradient accumulation; otherwise they are built as
 the activations are freed, so the total is a little high). tests/test_estimate.py runs every
 training stage kind on a small model and checks the measured peak of live tensor bytes lies within
-[0.8, 1.2] x this estimate.
+[0.8, 1.2] x this estimate. `Work` counts a stage's FLOPs for `llmlab plan`'s time estimate.
 
 The model of a stage is the spec's `model:` block (vocabulary from the tokenizer) for a stage that
 builds from scratch or starts `from` stages that did; a stage whose `model:` names a folder uses that
 folder's config.json (any transformers architecture); a hub name uses the locally cached config, and
 is "size unknown offline" when there is none (nothing is downloaded). `import llmlab.estimate` does
-not import torch; `estimate_stage` does (through llmlab.model, whose configs it reads).
+not import torch; estimating does (through llmlab.model, whose configs it reads).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from llmlab.tokenizer import SPECIAL_TOKENS, tokenizer_file_vocab
 
@@ -41,18 +40,8 @@ if TYPE_CHECKING:
     from llmlab.spec import Pipeline
 
 ASSUMED_VOCAB = 32000  # vocabulary assumed when the tokenizer's is unknown before it is trained or loaded
-TRAINING_KINDS = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")  # merge, export, eval: no training
 SPEC_MODEL = "the spec's model"  # ModelSource.label of the `model:` block
 
-# Logit-sized fp32 tensors alive at the peak, per stage kind, counted with tests/helpers.py's PeakMemory:
-# DPO with a live reference: the policy's logits and log-softmax, then the reference's forward (logits,
-# the shifted copy, log-softmax) while they live; precomputed, as a causal-LM step (memory.LM_LOSS_LOGIT_COPIES).
-DPO_LIVE_REFERENCE_LOGIT_COPIES = 5
-# PPO/GRPO update (llmlab.train.rollout.policy_logps): the full (B, P+N, V) logits and their gradient
-# do not live together; one full-length tensor plus two completion-length ones (tempered logits,
-# their gradient) are alive at the peak.
-RL_FULL_LOGIT_COPIES = 1
-RL_COMPLETION_LOGIT_COPIES = 2
 # Parts of phases that come one after another (never alive together): the total counts the largest
 # phase on top of what lives throughout (weights, gradients, optimizer state, references, buffers).
 PHASES = {"forward and backward": ("activations", "logits"), "optimizer step": ("optimizer step",),
@@ -66,12 +55,7 @@ PHASES = {"forward and backward": ("activations", "logits"), "optimizer step": (
 # quotient; Lion: the previous and the next update). Measured with PeakMemory: every optimizer's
 # step-bound pretraining within 1.00-1.01 x the estimate.
 STEP_SCRATCH_TENSORS = 2
-RL_EVAL_BATCH = 64  # llmlab.train.rollout.rl_evaluate samples held-out prompts 64 at a time
-TOKEN_ID_BYTES = 8  # int64 input_ids and attention_mask of rollout rows
 DROPOUT_MASK_BYTES = 1  # torch's dropout keeps a bool mask per element
-# Per-token fp32 tensors of a rollout row, kept until its updates are done (llmlab.train.grpo, ppo):
-# completion_mask, old_logps (+ ref_logps with a reference) for GRPO; + old_values, advantages, returns for PPO.
-GRPO_ROW_VALUES, PPO_ROW_VALUES = 2, 5
 
 
 # The sizes of hub models llmlab's shipped pipelines start from, as their published config.json
@@ -187,7 +171,7 @@ def stage_model(spec: Pipeline, stage: str) -> ModelSource:
     st = spec.stages[stage]
     if isinstance(getattr(st, "model", None), str):
         return named_model(st.model)
-    if st.kind == "merge" and st.adapters is not None:
+    if getattr(st, "adapters", None) is not None:
         base = st.base_model or _adapter_base(st.adapters)
         return named_model(base) if base else ModelSource(None, f"adapters {st.adapters}", "base model unknown")
     start = st.start if hasattr(st, "start") else (st.inputs[0] if st.inputs else None)  # not a reference or reward stage
@@ -277,28 +261,49 @@ def _reward_backbone(all_weights: list[Weight], shape: ModelShape) -> list[Weigh
 # --------------------------------------------------------------------------- the estimate
 
 
-def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
-    """The peak training memory of `stage` (see the module docstring), or None for a stage that trains
-    nothing (tokenizer, merge, export, eval). When the model's size cannot be known offline the
-    estimate has `total` None and says why in `problem`."""
+@dataclass
+class Forward:
+    """What differs between stage kinds in the estimate, as a kind's record gives it: one forward pass
+    of its training step, the logit-sized tensors of its loss, and what the kind holds besides the
+    model it trains (a reference, a value head, a reward model, a rollout)."""
+
+    sequences: int  # sequences per forward pass
+    seq_len: int  # tokens per sequence (the longest a batch can be)
+    logits: int = 0  # bytes of logit-sized tensors alive at the peak of the loss
+    padded: bool = True  # rows padded to the batch's longest carry an attention mask
+    scalar_head: bool = False  # a sequence classifier: the backbone and a one-output head, no LM head
+    parts: dict[str, int] = field(default_factory=dict)  # the kind's own parts (reference model, KV cache, ...)
+    notes: list[str] = field(default_factory=list)
+
+
+# The kind's part of the estimate: (spec, stage block, the model source, which has a shape) -> Forward
+ForwardFn = Callable[["Pipeline", Any, ModelSource], Forward]
+
+
+def estimate_training(spec: Pipeline, stage: str, forward: ForwardFn) -> StageEstimate:
+    """The peak training memory of `stage` (see the module docstring): what every training stage holds
+    (weights, gradients, optimizer state, activations, the optimizer step's temporaries), plus what
+    its kind's `forward` says. When the model's size cannot be known offline the estimate has
+    `total` None and says why in `problem`."""
     from llmlab.model import memory as mm
 
-    st = spec.stages.get(stage)
-    if st is None or st.kind not in TRAINING_KINDS:
-        return None
+    st = spec.stages[stage]
     source = stage_model(spec, stage)
     est = StageEstimate(stage, st.kind, source.label)
     if source.shape is None:
         est.problem = source.problem
         return est
-    shape, train, kind, parts, notes, b = source.shape, st.train, st.kind, est.parts, est.notes, mm.FP32_BYTES
+    shape, train, parts, notes, b = source.shape, st.train, est.parts, est.notes, mm.FP32_BYTES
     all_weights = mm.weights(shape)
-    if kind == "reward":
-        all_weights = _reward_backbone(all_weights, shape)
-    lora = st.lora if kind in ("sft", "dpo", "ppo", "grpo") else None
+    lora = getattr(st, "lora", None)
     trainable = _lora_weights(shape, all_weights, lora, notes) if lora is not None else all_weights
+    fwd = forward(spec, st, source)
+    if fwd.scalar_head:
+        all_weights = _reward_backbone(all_weights, shape)
+        trainable = all_weights if lora is None else trainable
     est.params = sum(w.numel for w in all_weights)
     est.trainable = sum(w.numel for w in trainable)
+    est.sequences, est.seq_len = fwd.sequences, fwd.seq_len
     parts["weights"] = est.params * b + (est.trainable * b if lora is not None else 0)
     parts["gradients"] = est.trainable * b
     parts["optimizer state"] = _optimizer_bytes(train.optimizer, trainable)
@@ -306,32 +311,16 @@ def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
         for key in ("weights", "gradients", "optimizer state"):
             parts[key] //= st.distributed.world_size
         notes.append(f"fsdp: weights, gradients and optimizer state split over {st.distributed.world_size} processes")
-    if kind in ("dpo", "ppo") or (kind == "grpo" and st.kl_coef > 0):
-        if kind == "dpo" and st.precompute_reference:
-            notes.append("reference: scored once before training, then dropped")
-        else:
-            parts["reference model"] = _reference_bytes(spec, st, source, notes)
-    if kind in ("ppo", "grpo"):
-        _rl_parts(spec, st, shape, est)
-    else:
-        est.seq_len = min(st.max_seq_len or shape.max_context, shape.max_context) if kind != "pretrain" else shape.max_context
-        est.sequences = train.batch_sequences if kind in ("pretrain", "sft") else 2 * train.batch_pairs
-        notes.append(f"{est.sequences} sequence{'s' if est.sequences != 1 else ''} of {est.seq_len} tokens per forward pass "
-                     f"(the longest a batch can be)")
+    parts.update(fwd.parts)
+    notes += fwd.notes
     tokens = est.sequences * est.seq_len
-    padded = kind != "pretrain"  # batches padded to their longest row carry an attention mask
     if train.gradient_checkpointing:
         notes.append("gradient checkpointing: each block keeps only its input; one block is recomputed at a time")
-        parts["recomputed block"] = tokens * mm.recomputed_block_bytes_per_token(shape, est.seq_len, padded)
-    parts["activations"] = tokens * (mm.activation_bytes_per_token(shape, est.seq_len, padded, train.gradient_checkpointing)
+        parts["recomputed block"] = tokens * mm.recomputed_block_bytes_per_token(shape, est.seq_len, fwd.padded)
+    parts["activations"] = tokens * (mm.activation_bytes_per_token(shape, est.seq_len, fwd.padded, train.gradient_checkpointing)
                                      + (_lora_activation_bytes(trainable, lora.dropout) if lora is not None else 0))
-    if kind in ("pretrain", "sft", "dpo"):  # a reward model scores the last token: no vocabulary-wide logits
-        live_reference = kind == "dpo" and not st.precompute_reference
-        copies = DPO_LIVE_REFERENCE_LOGIT_COPIES if live_reference else mm.LM_LOSS_LOGIT_COPIES
-        parts["logits"] = mm.logits_bytes(shape, tokens, copies)
-    elif kind in ("ppo", "grpo"):
-        parts["logits"] = (mm.logits_bytes(shape, tokens, RL_FULL_LOGIT_COPIES)
-                           + mm.logits_bytes(shape, est.sequences * st.max_new_tokens, RL_COMPLETION_LOGIT_COPIES))
+    if fwd.logits:
+        parts["logits"] = fwd.logits
     largest = max(math.prod(w.shape) for w in trainable) * b
     parts["optimizer step"] = largest * STEP_SCRATCH_TENSORS
     phases = {name: sum(parts.get(p, 0) for p in members) for name, members in PHASES.items()}
@@ -344,17 +333,30 @@ def estimate_stage(spec: Pipeline, stage: str) -> StageEstimate | None:
     return est
 
 
-def _reference_bytes(spec: Pipeline, st: Any, source: ModelSource, notes: list[str]) -> int:
-    """The reference model's weights (no gradients): `reference_stage` / `reference_model` (dpo), else
-    a frozen copy of the starting model, or nothing with LoRA (the same model, adapters disabled)."""
+def sequence_batch(st: Any, shape: ModelShape, sequences: int, *, padded: bool = True) -> Forward:
+    """A forward pass of `sequences` rows cut to the stage's `max_seq_len` (the model's context when it
+    has none or is a pretrain stage), with the notes every sequence-counting kind gives."""
+    limit = getattr(st, "max_seq_len", None)
+    seq_len = min(limit or shape.max_context, shape.max_context)
+    return Forward(sequences, seq_len, padded=padded,
+                   notes=[f"{sequences} sequence{'s' if sequences != 1 else ''} of {seq_len} tokens per forward pass "
+                          f"(the longest a batch can be)"])
+
+
+def lm_logits(shape: ModelShape, fwd: Forward, copies: float = 0) -> int:
+    """The logit-sized tensors of a language-modelling loss over every token of `fwd`'s pass
+    (`copies` of them; a causal-LM step's by default)."""
+    from llmlab.model import memory as mm
+
+    return mm.logits_bytes(shape, fwd.sequences * fwd.seq_len, copies or mm.LM_LOSS_LOGIT_COPIES)
+
+
+def reference_bytes(spec: Pipeline, st: Any, source: ModelSource, notes: list[str], other: ModelSource | None = None) -> int:
+    """A reference model's weights (no gradients): `other` when the stage names one, else a frozen copy of
+    the starting model, or nothing with LoRA (the same model, adapters disabled)."""
     from llmlab.model.memory import FP32_BYTES, count_parameters
 
-    other = None
-    if st.kind == "dpo" and st.reference_stage:
-        other = stage_model(spec, st.reference_stage)
-    elif st.kind == "dpo" and st.reference_model:
-        other = named_model(st.reference_model)
-    elif st.lora is not None:
+    if other is None and getattr(st, "lora", None) is not None:
         notes.append("reference: the same model with adapters disabled (no copy)")
         return 0
     if other is not None and other.shape is None:
@@ -363,39 +365,8 @@ def _reference_bytes(spec: Pipeline, st: Any, source: ModelSource, notes: list[s
     return count_parameters(shape) * FP32_BYTES
 
 
-def _rl_parts(spec: Pipeline, st: Any, shape: ModelShape, est: StageEstimate) -> None:
-    """PPO/GRPO's own parts: a value head (ppo), a reward model, the rollout's rows, and sampling (a KV
-    cache and the prompt pass's logits); sets the update's sequences and their length."""
-    from llmlab.model import memory as mm
-
-    train, parts, notes, b = st.train, est.parts, est.notes, mm.FP32_BYTES
-    group = st.group_size if st.kind == "grpo" else 1  # completions per prompt
-    prompt = st.max_prompt_length or shape.max_context - st.max_new_tokens
-    length = prompt + st.max_new_tokens
-    world = st.distributed.world_size if st.distributed is not None else 1
-    rollout = max(1, train.rollout_prompts // world) * group  # completions sampled at once on this process
-    est.sequences, est.seq_len = train.batch_prompts * group, length
-    if st.kind == "grpo" and st.kl_coef == 0:
-        notes.append("no reference model (kl_coef 0)")
-    if st.kind == "ppo":  # a d_model -> 1 linear head with its gradient and AdamW state
-        parts["value head"] = (shape.d_model + 1) * b * 4
-    rm = _reward_model(spec, st)
-    if rm is not None and rm.shape is None:
-        notes.append(f"reward model {rm.problem}: not counted")
-    elif rm is not None:
-        parts["reward model"] = sum(w.numel for w in _reward_backbone(mm.weights(rm.shape), rm.shape)) * b
-    values = PPO_ROW_VALUES if st.kind == "ppo" else GRPO_ROW_VALUES + int(st.kl_coef > 0)
-    row = length * 2 * TOKEN_ID_BYTES + st.max_new_tokens * values * b
-    parts["rollout buffers"] = rollout * row * (train.ppo_epochs + 1)  # the rollout's rows and the queued passes
-    sampled = max(rollout, min(st.eval_prompts, RL_EVAL_BATCH))
-    parts["KV cache"] = mm.kv_cache_bytes(shape, sampled, length)
-    parts["sampling logits"] = mm.logits_bytes(shape, sampled)  # llmlab.generate keeps one position's logits per step
-    notes.append(f"update: {est.sequences} completions of {length} tokens per forward pass; sampling: {sampled} "
-                 f"at once with a KV cache")
-
-
-def _reward_model(spec: Pipeline, st: Any) -> ModelSource | None:
-    """The reward model an RL stage holds in memory: a reward stage's, or a model folder / hub name
+def reward_model(spec: Pipeline, st: Any) -> ModelSource | None:
+    """The reward model a stage holds in memory: a reward stage's, or a model folder / hub name
     (built-in rewards and module:function ones hold none)."""
     if st.reward_stage:
         return stage_model(spec, st.reward_stage)
@@ -404,6 +375,39 @@ def _reward_model(spec: Pipeline, st: Any) -> ModelSource | None:
     if local.is_dir() or ("/" in ref and ":" not in ref):
         return named_model(ref)
     return None
+
+
+def reward_model_bytes(spec: Pipeline, st: Any, notes: list[str]) -> dict[str, int]:
+    """{"reward model": bytes} when the stage holds one (its backbone and score head), else {}."""
+    from llmlab.model import memory as mm
+
+    rm = reward_model(spec, st)
+    if rm is None:
+        return {}
+    if rm.shape is None:
+        notes.append(f"reward model {rm.problem}: not counted")
+        return {}
+    return {"reward model": sum(w.numel for w in _reward_backbone(mm.weights(rm.shape), rm.shape)) * mm.FP32_BYTES}
+
+
+# --------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class Work:
+    """A stage's compute over its whole run, for time estimates: FLOPs of training (forward and
+    backward, references scored alongside) and of sampling (decoding, 2 x parameters per token)."""
+
+    train_flops: float
+    decode_flops: float = 0.0
+    rollouts: int = 0  # rollouts an RL stage samples
+
+
+def training_work(st: Any, est: StageEstimate, flops_per_token: float = 0.0) -> Work:
+    """6 x parameters (or `flops_per_token`) per token of every forward pass of every step."""
+    train = st.train
+    tokens = est.sequences * est.seq_len * train.max_steps * train.gradient_accumulation_steps
+    return Work((flops_per_token or 6 * (est.params or 0)) * tokens)
 
 
 def describe(est: StageEstimate) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmlab.data.formats import PROMPTS
+from llmlab.data.tasks import exact_match
 from llmlab.data.reader import read
 from llmlab.data.sources import DataSource, DataSourceError
 from llmlab.train.objectives import target_count, token_nll_sum
@@ -132,7 +133,7 @@ def exact_match_accuracy(model: torch.nn.Module, tokenizer, pairs: list[tuple[st
                          batch_size: int = 64, with_stop: bool = False) -> tuple[float, list[str]]:
     """Share of prompts whose greedy completion is exactly the answer, and the completions (ending
     with their stop token's text when `with_stop`)."""
-    from llmlab.data.tasks import cut_at_end_of_turn, exact_match
+    from llmlab.data.tasks import cut_at_end_of_turn
 
     completions = task_completions(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size)
     hits = [exact_match(c, a) for c, (_, a) in zip(completions, pairs)]
@@ -163,3 +164,39 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[dict], pad_id: int, 
     """Share of held-out pairs whose chosen response the model finds more likely (`preference_wins`)."""
     wins = preference_wins(model, pairs, pad_id, batch_size)
     return sum(wins) / max(len(wins), 1)
+
+
+def by_family(families: list[str | None], hits: list[bool]) -> dict[str, dict]:
+    """The share of hits per family name (with its 95% interval), families in sorted order; hits
+    whose family is None count in no family."""
+    grouped: dict[str, list[bool]] = {}
+    for family, hit in zip(families, hits):
+        if family is not None:
+            grouped.setdefault(family, []).append(hit)
+    return {f: proportion(h) for f, h in sorted(grouped.items())}
+
+
+def score_preferences(wins: list[bool], pairs: list[dict], scores: dict) -> None:
+    """Preference accuracy overall and, when the pairs name their task family, per family (each
+    with its 95% interval)."""
+    overall = proportion(wins)
+    scores["preference_accuracy"], scores["preference_accuracy_ci"] = overall["value"], overall["ci"]
+    families = by_family([pair.get("family") for pair in pairs], wins)
+    if families:
+        scores["preference_accuracy_by_family"] = families
+
+
+def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward_fn, scores: dict) -> list[str]:
+    """Exact match overall and per task family (with 95% intervals), and the mean reward of the
+    completions when a reward is named; returns the completions (stop token kept)."""
+    completions = task_completions(model, tok, [t.prompt for t in tasks], max_new_tokens)
+    hits = [exact_match(c, t.answer) for c, t in zip(completions, tasks)]
+    overall = proportion(hits)
+    scores["exact_match"], scores["exact_match_ci"] = overall["value"], overall["ci"]
+    scores["exact_match_by_family"] = by_family([task.family for task in tasks], hits)
+    if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
+        rewards = reward_fn(render_user_prompts(tok, [t.prompt for t in tasks]), completions,
+                            answers=[t.answer for t in tasks],
+                            prompt_messages=[[{"role": "user", "content": t.prompt}] for t in tasks])
+        scores["reward_mean"] = sum(rewards) / len(rewards)
+    return completions

@@ -5,7 +5,7 @@
 
 Branches running at once must not share a process: seeding, the RNG and torch's thread pool are
 process-wide, so two branches in threads of one process would change each other's numbers. Each
-gets a child `python -m llmlab.isolate` that runs `llmlab.stages.execute_stage` exactly as the
+gets a child `python -m llmlab.isolate` that runs `llmlab.execute.execute_stage` exactly as the
 flow's own process would (same lock, cache check, MLflow run, stage.json), on GPU `slot` of the
 visible ones, or on CPU with its share of the cores (cores / slots threads). Its console output
 streams through. An expected failure comes back as a `StageFailed` with the child's sentence; a bug
@@ -81,7 +81,7 @@ def _child(request_file: str, answer_file: str) -> int:
     from llmlab.checkpoint import atomic_write_json
     from llmlab.errors import expected_failure, format_traceback
     from llmlab.serve import configure_environment
-    from llmlab.stages import execute_stage
+    from llmlab.execute import execute_stage
 
     configure_environment()
     if os.environ.get(THREADS_ENV):

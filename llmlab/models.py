@@ -6,6 +6,7 @@ SmolLM, ...) — from a folder or the hub, and fitting it to a tokenizer.
     added = ensure_chat_template(tokenizer)                       # llmlab.tokenizer: ChatML when none
     grown = fit_embeddings(model, tokenizer)                      # rows for tokens the model lacks
     weights_dtype("auto", device, lora=True)                      # bf16 under LoRA on a capable GPU
+    resolve_model_dir("pipelines/tiny.yaml:dpo")                  # a model folder, a stage's folder or SPEC:STAGE
 
 A folder or name that is not a causal LM (no config, no weights, a sequence-classification-only
 architecture) fails with `ModelLoadError`, one sentence naming it and the fix.
@@ -72,6 +73,16 @@ def load_sequence_classifier(name: str | Path, dtype: torch.dtype = torch.float3
     return _load(AutoModelForSequenceClassification, str(name), dtype, "sequence-classification model", **kwargs)
 
 
+def load_reward_backbone(path: str | Path, tokenizer: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A one-output sequence-classification model from a causal LM folder (head initialised fresh)
+    or from a reward model folder, its embeddings fitted to the tokenizer."""
+    model = load_sequence_classifier(path, dtype, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    fit_embeddings(model, tokenizer)
+    return model
+
+
 def model_context(model_or_config: Any) -> int:
     """The longest sequence a model was built for (max_seq_len, max_position_embeddings, n_positions)."""
     cfg = getattr(model_or_config, "config", model_or_config)
@@ -109,3 +120,40 @@ def read_config(name: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+class ModelNotFound(UserError):
+    """The argument names no model: the message says what was looked for."""
+
+
+def resolve_model_dir(target: str) -> Path:
+    """A model folder from: a model dir, a stage output dir (its model/), or `SPEC.yaml:STAGE`."""
+    if ":" in target and target.split(":", 1)[0].endswith((".yaml", ".yml")):
+        from llmlab.spec import load_spec
+
+        spec_file, stage = target.split(":", 1)
+        spec = load_spec(spec_file)
+        if stage not in spec.stage_names():
+            raise ModelNotFound(f"{spec_file} has no stage '{stage}' (stages: {', '.join(spec.stage_names())})")
+        target = str(spec.stage_dir(stage))
+    path = Path(target).expanduser()
+    for candidate in (path / "model", path):  # a stage folder's own config.json is the stage config
+        config = candidate / "config.json"
+        if config.is_file() and "model_type" in json.loads(config.read_text()):
+            return candidate
+    record = path / "stage.json"
+    if record.is_file():
+        outputs = json.loads(record.read_text()).get("outputs") or {}
+        if "model" in outputs:
+            return Path(outputs["model"])
+        raise ModelNotFound(f"stage output {path} has no model/ (adapters only? merge it first: llmlab merge {path} OUT)")
+    raise ModelNotFound(f"no model at {path}: give a model folder (with config.json), a stage output folder, "
+                        f"or SPEC.yaml:STAGE after running the pipeline")
+
+
+def load_for_generation(model_dir: str | Path) -> tuple[Any, Any]:
+    """A model in eval mode on the best device, and its tokenizer."""
+    from llmlab.device import pick_device
+    from llmlab.tokenizer import load_tokenizer
+
+    return load_causal_lm(model_dir).to(pick_device()).eval(), load_tokenizer(str(model_dir))

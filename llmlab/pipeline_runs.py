@@ -51,9 +51,9 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
 
 
 def record_selection(spec_file: str, run_id: str, stage: str, judged: dict[str, dict]) -> str:
-    """Choose the branch a selecting stage takes (`llmlab.sweeps.choose_branch`), log the choice and
+    """Choose the branch a selecting stage takes (`llmlab.selection.choose_branch`), log the choice and
     its table on the pipeline's run, and return the judge's winning branch."""
-    from llmlab.sweeps import choose_branch, log_choice
+    from llmlab.selection import choose_branch, log_choice
 
     spec, tracker = _tracker(spec_file)
     choice = choose_branch(spec, stage, judged)
@@ -69,7 +69,7 @@ def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[s
     the run whose finished output was reused instead of running the stage again. Stages that fanned
     out get a table of their branches. A finished run registers its model and, with `promote`,
     decides the alias (returned as a dict; None without `promote`)."""
-    from llmlab.sweeps import log_branch_tables
+    from llmlab.selection import log_branch_tables
 
     spec, tracker = _tracker(spec_file)
     chosen = chosen or {}

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.checkpoint import fingerprint, latest_checkpoint
-from llmlab.estimate import estimate_stage, fmt_bytes
+from llmlab.estimate import Work, fmt_bytes
 from llmlab.reuse import changed_fields, cache_key, folder_conflict
-from llmlab.runners.context import MAIN_OUTPUT, resolved_config, stage_kind
+from llmlab.runners.registry import estimate_stage, kind_of, resolved_config
 from llmlab.spec import Pipeline, config_hash, load_spec
-from llmlab.sweeps import SelectionFailed, choose_branch
+from llmlab.selection import SelectionFailed, choose_branch
 
 # config fields that change how long a stage takes (a changed lr does not; more steps do)
 SHAPE_FIELDS = ("max_steps", "batch_sequences", "batch_pairs", "batch_prompts", "rollout_prompts",
@@ -50,7 +50,7 @@ def _record(spec: Pipeline, stage: str) -> dict[str, Any] | None:
 
 def _intact(spec: Pipeline, stage: str, record: dict[str, Any]) -> bool:
     try:
-        main = Path(record["outputs"][MAIN_OUTPUT[stage_kind(spec, stage)]])
+        main = Path(record["outputs"][kind_of(spec, stage).main_output])
     except (KeyError, TypeError):
         return False
     return main.exists() and fingerprint(main) == record.get("fingerprint")
@@ -89,7 +89,7 @@ def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[s
     results: dict[str, dict | None] = {}  # a stage's result as its dependants will see it; None = not known yet
     rows = []
     for name in order:
-        kind = "tokenizer" if name == "tokenizer" else spec.stages[name].kind
+        kind = kind_of(spec, name).name
         row = PlanRow(name, kind, "run")
         if name != "tokenizer" and name not in keep:
             rows.append(PlanRow(name, kind, "skip", ["not among the sweep values asked for"]))
@@ -185,43 +185,31 @@ def machine_rate() -> float:
     return rate
 
 
-def stage_flops(spec: Pipeline, name: str) -> tuple[float, float] | None:
-    """(training FLOPs, decoding FLOPs) of a stage's whole run: 6 x parameters x trained tokens (dpo:
-    both sequences of a pair; with a reference scored alongside, 2 more per token), and for ppo /
-    grpo 2 x parameters per sampled token; None for a stage that trains nothing."""
-    est = estimate_stage(spec, name)
-    if est is None or est.params is None:
+def stage_work(spec: Pipeline, name: str) -> Work | None:
+    """A stage's compute over its whole run, as its kind's record counts it (`llmlab.estimate.Work`);
+    None for a stage that trains nothing or whose model's size is unknown here."""
+    if name == "tokenizer":
         return None
-    st = spec.stages[name]
-    train = st.train
-    steps = train.max_steps * getattr(train, "gradient_accumulation_steps", 1)
-    tokens = est.sequences * est.seq_len * steps
-    per_token = 6 * est.params
-    if st.kind == "dpo" and not st.precompute_reference:
-        per_token += 2 * est.params
-    decode = 0.0
-    if st.kind in ("ppo", "grpo"):
-        group = st.group_size if st.kind == "grpo" else 1
-        sampled = train.rollout_prompts * group * st.max_new_tokens * train.max_steps / max(1, train.rollout_prompts // max(1, train.batch_prompts))
-        decode = 2 * est.params * sampled
-        tokens = est.sequences * est.seq_len * train.max_steps * train.ppo_epochs
-    return per_token * tokens, decode
+    kind = kind_of(spec, name)
+    est = kind.estimate(spec, name)
+    if est is None or est.params is None or kind.work is None:
+        return None
+    return kind.work(spec.stages[name], est)
 
 
 def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: PlanRow) -> None:
-    if name != "tokenizer":
-        est = estimate_stage(spec, name)
-        row.memory = est.total if est is not None else None
+    est = estimate_stage(spec, name)
+    row.memory = est.total if est is not None else None
     last = (record or {}).get("result") or {}
     if record and last.get("seconds") and _shape(record.get("config") or {}) == _shape(resolved_config(spec, name)):
         row.seconds, row.estimate_source = float(last["seconds"]), "its last run here, same shape"
         return
-    flops = stage_flops(spec, name) if name != "tokenizer" else None
-    if flops is not None:
+    work = stage_work(spec, name)
+    if work is not None:
         rate = machine_rate()
-        row.seconds = flops[0] / (rate * TRAIN_EFFICIENCY) + flops[1] / (rate * DECODE_EFFICIENCY)
-        row.estimate_source = (f"estimate: {flops[0] + flops[1]:.2g} FLOPs at {TRAIN_EFFICIENCY:.0%} of this machine's "
-                               f"measured {rate / 1e9:.0f} GFLOP/s")
+        row.seconds = work.train_flops / (rate * TRAIN_EFFICIENCY) + work.decode_flops / (rate * DECODE_EFFICIENCY)
+        row.estimate_source = (f"estimate: {work.train_flops + work.decode_flops:.2g} FLOPs at {TRAIN_EFFICIENCY:.0%} of "
+                               f"this machine's measured {rate / 1e9:.0f} GFLOP/s")
 
 
 def render(rows: list[PlanRow]) -> str:

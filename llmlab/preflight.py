@@ -8,9 +8,10 @@
   named `format:` fits) and the format's columns are in the sampled rows; too many malformed rows in
   the sample is a problem too. Built-in sources are ours and known good.
 - Models: a stage's `model:` folder has a config and weights, and the head the stage needs — a
-  causal LM for a policy (sft, dpo, ppo, grpo; a dpo `reference_model`; eval `models:`), a
-  sequence classifier for a `reward:` model; a model's tokenizer (or the stage's `tokenizer:`) has
-  no more tokens than the model has embedding rows. Merge adapters and spec tokenizers exist.
+  causal LM when its kind samples or trains one (the record's `policy`) — and so does every other
+  model its record names (a dpo `reference_model`, eval `models:`, a `reward:` model, which must be a
+  sequence classifier); a model's tokenizer (or the stage's `tokenizer:`) has no more tokens than
+  the model has embedding rows. Merge adapters and spec tokenizers exist.
 - Hub names are checked when the hub is reachable; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
   they are skipped with a note, never downloaded.
 
@@ -26,17 +27,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from llmlab.data.formats import PREFERENCE, PROMPTS, SFT, TEXT
 from llmlab.data.reader import Kind, detect_format
 from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows
 from llmlab.errors import UserError
 from llmlab.reuse import folder_conflict
+from llmlab.runners.context import stage_block
+from llmlab.runners.registry import KINDS, kind_of
 from llmlab.spec import Pipeline
 
 PROBE_ROWS = 50  # rows of a local source read at validate time
-DATA_KINDS: dict[str, Kind] = {"pretrain": TEXT, "sft": SFT, "dpo": PREFERENCE, "reward": PREFERENCE, "ppo": PROMPTS,
-                               "grpo": PROMPTS, "preferences": PROMPTS}
-POLICY_KINDS = ("sft", "dpo", "ppo", "grpo", "preferences")  # stages whose `model:` must be a causal LM
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -91,20 +90,9 @@ def check_source(source: DataSource, kind: Kind) -> str | None:
     return None
 
 
-def _sources(stage: Any) -> list[tuple[DataSource, Kind]]:
-    if stage.kind == "eval":
-        return ([(s, TEXT) for s in stage.data] + [(s, PROMPTS) for s in stage.tasks]
-                + [(s, PREFERENCE) for s in stage.preferences])
-    kind = DATA_KINDS.get(stage.kind)
-    return [(s, kind) for s in getattr(stage, "data", [])] if kind else []
-
-
 def data_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
     problems, notes = [], []
-    stages: list[tuple[str, list[tuple[DataSource, Kind]]]] = []
-    if spec.tokenizer.train is not None:
-        stages.append(("tokenizer", [(s, TEXT) for s in spec.tokenizer.train.data]))
-    stages += [(name, _sources(stage)) for name, stage in spec.stages.items()]
+    stages = [(name, kind_of(spec, name).sources(stage_block(spec, name))) for name in spec.stage_names()]
     for name, sources in stages:
         for source, kind in sources:
             if source.path.startswith(BUILTIN_PREFIX):
@@ -198,10 +186,10 @@ def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
     if spec.tokenizer.path and not Path(spec.tokenizer.path).expanduser().is_dir():
         problems.append(Problem("tokenizer", spec.tokenizer.path, "no such tokenizer folder"))
     for name, stage in spec.stages.items():
+        kind = KINDS[stage.kind]
         start = getattr(stage, "model", None)
         if isinstance(start, str):
-            need = "causal" if stage.kind in POLICY_KINDS else None
-            config = check(name, start, f"starting model of a {stage.kind} stage", need or "")
+            config = check(name, start, f"starting model of a {stage.kind} stage", "causal" if kind.policy else "")
             tok_dir = stage.tokenizer or start
             vocab = tokenizer_file_vocab(tok_dir) if _is_local(tok_dir) else None
             rows = (config or {}).get("vocab_size")
@@ -209,19 +197,13 @@ def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
                 problems.append(Problem(name, tok_dir, f"the tokenizer has {vocab:,} tokens but the model {start} has "
                                                        f"{rows:,} embedding rows: use the tokenizer the model was "
                                                        f"trained with"))
-        if stage.kind == "dpo" and stage.reference_model:
-            check(name, stage.reference_model, "reference model", "causal")
-        if stage.kind in ("ppo", "grpo", "preferences") and stage.reward and ("/" in stage.reward and ":" not in stage.reward
-                                                               or _is_local(stage.reward)):
-            check(name, stage.reward, "reward model", "classifier")
-        if stage.kind == "eval":
-            for m in stage.models:
-                check(name, m.path, f"evaluated model '{m.name}'", "causal")
-            if stage.reward and ("/" in stage.reward and ":" not in stage.reward or _is_local(stage.reward)):
-                check(name, stage.reward, "reward model", "classifier")
-        if stage.kind == "merge" and stage.adapters and not (Path(stage.adapters) / "adapter_config.json").is_file():
-            problems.append(Problem(name, stage.adapters, "no adapter_config.json: name the folder a LoRA stage wrote "
-                                                          "(<stage>/adapters/best)"))
+        for named in kind.models(stage):
+            if named.need == "adapters":
+                if not (Path(named.path) / "adapter_config.json").is_file():
+                    problems.append(Problem(name, named.path, "no adapter_config.json: name the folder a LoRA stage "
+                                                              "wrote (<stage>/adapters/best)"))
+            else:
+                check(name, named.path, named.role, named.need)
     return problems, notes
 
 

@@ -57,7 +57,7 @@ def plot_metrics(results: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def plot_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> Path | None:
+def plot_training_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> Path | None:
     """Each training stage's curves against optimizer step: train/eval loss, or for an RL stage its
     rollouts' mean reward and its held-out reward and exact match (stages without curves skipped)."""
     drawn = {}
@@ -134,7 +134,7 @@ def write_report(results: dict[str, Any], histories: dict[str, dict[str, list[tu
     out_dir.mkdir(parents=True, exist_ok=True)
     text = render_report(results)
     files = [plot_metrics(results, out_dir / "metrics.png")]
-    curves = plot_curves(histories, out_dir / "training_curves.png")
+    curves = plot_training_curves(histories, out_dir / "training_curves.png")
     text += "\n![metrics](metrics.png)\n"
     if curves:
         files.append(curves)

@@ -33,7 +33,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from llmlab.estimate import StageEstimate, describe, estimate_stage, spec_model
+from llmlab.estimate import StageEstimate, describe, spec_model
+from llmlab.runners.registry import estimate_stage
 from llmlab.spec import (
     OPTIMIZER_CLASSES,
     DpoTrain,
@@ -342,7 +343,7 @@ def _stage_estimates(spec: dict[str, Any]) -> tuple[int, dict[str, StageEstimate
 
 def estimates(spec: dict[str, Any]) -> tuple[int, dict[str, int]]:
     """(parameter count, {training stage: estimated peak training bytes}) of a spec dict: the numbers
-    `llmlab inspect` prints for the written spec (both come from `llmlab.estimate.estimate_stage`)."""
+    `llmlab inspect` prints for the written spec (both come from `llmlab.runners.registry.estimate_stage`)."""
     params, found = _stage_estimates(spec)
     return params, {name: e.total for name, e in found.items() if e.total is not None}
 

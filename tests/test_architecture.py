@@ -103,7 +103,7 @@ def test_llmlab_never_imports_prefect_except_the_cli_starting_a_flow():
         imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not any(name == "prefect" or name.startswith("prefect.") for name in imported), module
     graph = import_graph()
-    reaching_flows = {m for m, deps in graph.items() if m.startswith("llmlab") and deps & {"flows.pipeline", "tasks.stages"}}
+    reaching_flows = {m for m, deps in graph.items() if m.startswith("llmlab") and deps & {"flows.pipeline", "tasks.stage_tasks"}}
     assert reaching_flows == {"llmlab.cli"}
 
 
@@ -113,13 +113,13 @@ def test_layers_point_one_way():
     lower = {"llmlab.model", "llmlab.optim", "llmlab.checkpoint", "llmlab.parallel"}
     for module, deps in graph.items():
         if any(module == m or module.startswith(m + ".") for m in lower):
-            upward = {d for d in deps if d.startswith(("llmlab.runners", "llmlab.stages", "llmlab.train",
+            upward = {d for d in deps if d.startswith(("llmlab.runners", "llmlab.execute", "llmlab.train",
                                                          "llmlab.launch", "llmlab.data", "tasks", "flows"))}
             assert not upward, f"{module} imports the layer above it: {sorted(upward)}"
     for module, deps in graph.items():
         if module.startswith(("llmlab.train", "llmlab.data", "llmlab.generate")):
-            upward = {d for d in deps if d.startswith(("llmlab.runners", "llmlab.stages", "llmlab.launch", "tasks", "flows"))}
+            upward = {d for d in deps if d.startswith(("llmlab.runners", "llmlab.execute", "llmlab.launch", "tasks", "flows"))}
             assert not upward, f"{module} imports the layer above it: {sorted(upward)}"
     flows_deps = graph["flows.pipeline"]
-    assert all(d.startswith(("tasks", "llmlab.spec", "llmlab.paths", "llmlab.serve", "llmlab.plan", "llmlab.sweep"))
+    assert all(d.startswith(("tasks", "llmlab.spec", "llmlab.paths", "llmlab.serve", "llmlab.plan", "llmlab.selection"))
                for d in flows_deps), sorted(flows_deps)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmlab.chat import ModelNotFound, resolve_model_dir
+from llmlab.models import ModelNotFound, resolve_model_dir
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.tokenizer import train_tokenizer
 

@@ -1,6 +1,6 @@
 """The memory estimate against a measured peak: every training stage kind runs for two steps on a
 small model inside `PeakMemory`, and its peak of live tensor bytes must lie within [LOW, HIGH] x
-`llmlab.estimate.estimate_stage`. Also: the meter sees the backward pass, `llmlab inspect` and the
+`llmlab.runners.registry.estimate_stage`. Also: the meter sees the backward pass, `llmlab inspect` and the
 `llmlab init` wizard print the same number, and a stage's `model:` folder is sized by its own config.
 
 The stage kinds run a model (d_model 64, 2 layers, a 600-token vocabulary, 64-token context) big
@@ -21,10 +21,11 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import TOY_REWARDS, PeakMemory
-from llmlab.estimate import estimate_stage, fmt_bytes
+from llmlab.estimate import fmt_bytes
+from llmlab.runners.registry import estimate_stage
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.spec import load_spec
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 # measured / estimated. Measured on one x86 CPU (torch 2.13): 0.90-0.98 for the activation-bound

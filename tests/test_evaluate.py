@@ -129,7 +129,7 @@ def test_report_shows_intervals_and_a_row_per_task_family():
 
 
 def test_by_family_groups_hits_in_sorted_families_and_skips_unnamed_ones():
-    from llmlab.runners.eval import by_family
+    from llmlab.evaluate import by_family
 
     by = by_family(["sort", None, "add", "sort", "add", "add"], [True, True, False, False, True, True])
     assert list(by) == ["add", "sort"]
@@ -139,7 +139,7 @@ def test_by_family_groups_hits_in_sorted_families_and_skips_unnamed_ones():
 
 
 def test_preference_accuracy_per_family_counts_each_pair_in_its_family():
-    from llmlab.runners.eval import score_preferences
+    from llmlab.evaluate import score_preferences
 
     wins = [True, False, True, True, False]
     pairs = [{"family": "plus"}, {"family": "plus"}, {"family": "sort"}, {"family": "plus"}, {"family": "sort"}]

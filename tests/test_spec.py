@@ -260,7 +260,8 @@ def test_cli_inspect_prints_graph_params_and_memory():
             f"{rollouts} rollouts of {grpo.rollout_prompts} prompts ({grpo.rollout_prompts * group} completions)") in out.stdout
     dpo = spec.stages["dpo"].train
     assert f"x {dpo.batch_pairs * dpo.gradient_accumulation_steps} pairs ({2 * dpo.batch_pairs} sequences per forward pass)" in out.stdout
-    from llmlab.estimate import describe, estimate_stage
+    from llmlab.estimate import describe
+    from llmlab.runners.registry import estimate_stage
 
     lines = out.stdout.splitlines()
     for name in ("pretrain", "sft", "dpo", "grpo"):  # each training stage: llmlab.estimate's number

@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from llmlab.reuse import cache_key
-from llmlab.runners.context import resolved_config
+from llmlab.runners.registry import resolved_config
 from llmlab.spec import SpecError, parse_spec
-from llmlab.sweeps import SelectionFailed, choose_branch
+from llmlab.selection import SelectionFailed, choose_branch
 
 BASE = {
     "name": "graph",

@@ -322,6 +322,32 @@ def document_segments(x: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch
     return segments, labels
 
 
+class LMBatches:
+    """A BlockSampler as the training loop's batch source (labels = inputs; the model shifts). With an
+    `eos_id`, each block carries document segments, so every document attends to itself only and
+    positions restart at its first token."""
+
+    unit = "sequences"
+
+    def __init__(self, sampler: BlockSampler, eos_id: int | None = None):
+        self.sampler = sampler
+        self.micro_batch = sampler.batch_size
+        self.eos_id = eos_id
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        x = self.sampler.next_batch()
+        if self.eos_id is None:
+            return {"input_ids": x, "labels": x}
+        segments, labels = document_segments(x, self.eos_id)
+        return {"input_ids": x, "labels": labels, "segment_ids": segments}
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
 def eval_batches(token_path: str | Path, seq_len: int, batch_size: int, max_batches: int,
                  dtype: str | None = None) -> list[torch.Tensor]:
     """The first `max_batches` batches of consecutive `seq_len` blocks of a token file, in order;

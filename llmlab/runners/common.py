@@ -13,7 +13,7 @@ from llmlab.device import pick_device
 from llmlab.lora import apply_lora, is_adapter_parameter, resolve_targets, save_adapters, trainable_share
 from llmlab.models import fit_embeddings, load_causal_lm, weights_dtype
 from llmlab.parallel import barrier, current
-from llmlab.runners.context import StageContext, resolved_config
+from llmlab.runners.context import StageContext
 from llmlab.spec import config_hash
 from llmlab.tokenizer import ensure_chat_template, load_tokenizer
 from llmlab.train.loop import load_best
@@ -42,7 +42,7 @@ def prepare_checkpoints(ctx: StageContext) -> Path:
     (by rank 0 alone in a distributed stage; the others wait for it)."""
     ckpt = ctx.checkpoint_dir
     if current().main:
-        identity = _checkpoint_identity(ctx, resolved_config(ctx.spec, ctx.name))
+        identity = _checkpoint_identity(ctx, ctx.resolved)
         id_file = ckpt / "identity.json"
         if ckpt.exists() and (not id_file.is_file() or json.loads(id_file.read_text()) != identity):
             print(f"[{ctx.name}] config or inputs changed since the last checkpoint: starting afresh")
@@ -131,7 +131,7 @@ def load_start(ctx: StageContext, chat: bool = True) -> tuple[Any, Any, str, lis
     return model, tok, base, new_ids
 
 
-def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
+def plot_loss_curve(metrics_file: Path, out: Path, title: str) -> Path | None:
     """train/loss and eval/loss against optimizer step, as a PNG."""
     if not metrics_file.is_file():
         return None
@@ -159,7 +159,7 @@ def plot_curves(metrics_file: Path, out: Path, title: str) -> Path | None:
 def stage_metrics(ctx: StageContext, result: Any, final: dict[str, float]) -> dict[str, float]:
     """A training stage's closing metrics (its final evaluation, steps, best step), with its loss
     curve plotted and logged."""
-    plot = plot_curves(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
+    plot = plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
     if plot:
         ctx.run.log_artifact(plot, "plots")
     metrics = {**final, "train/steps": float(result.step)}

@@ -1,11 +1,12 @@
-"""What a stage is, before it runs: its result record, the context a runner gets, its resolved config.
+"""What a stage is, before it runs: its result record and the context a runner gets.
 
-    ctx = StageContext(spec, "sft", spec.stages["sft"], out_dir, inputs={"pretrain": result}, run=run)
-    config = resolved_config(spec, "sft")     # the stage's block plus what it inherits (seed, model)
-    MAIN_OUTPUT["sft"]                          # which output's fingerprint identifies the stage
+    ctx = StageContext(spec, "sft", spec.stages["sft"], out_dir, inputs={"pretrain": result}, run=run,
+                       resolved=resolved_config(spec, "sft"))
 
 Runners (`llmlab.runners.<kind>`) receive a `StageContext` and return (outputs, metrics); executing a
-stage (cache, lock, MLflow run, stage.json) is `llmlab.stages`' job. Nothing here imports torch.
+stage (cache, lock, MLflow run, stage.json) is `llmlab.execute`'s job, and what each kind is —
+its runner, main output, resolved config — is its record (`llmlab.runners.registry`). Nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.spec import Pipeline
-
-# kind -> the output whose fingerprint identifies a finished stage (what downstream cache keys hash)
-MAIN_OUTPUT = {"tokenizer": "tokenizer", "pretrain": "model", "sft": "output", "merge": "model", "dpo": "output",
-               "reward": "model", "ppo": "output", "grpo": "output", "preferences": "pairs", "eval": "results",
-               "export": "model"}
 
 
 @dataclass
@@ -49,7 +45,7 @@ class StageResult:
 
 @dataclass
 class StageContext:
-    """Everything a runner needs; built by `llmlab.stages.execute_stage` (or a torchrun worker)."""
+    """Everything a runner needs; built by `llmlab.execute.execute_stage` (or a torchrun worker)."""
 
     spec: Pipeline
     name: str
@@ -58,6 +54,7 @@ class StageContext:
     inputs: dict[str, StageResult]
     run: Any  # tracking.StageRun (or a stand-in that logs nothing, on ranks > 0)
     stage_dir: Path | None = None  # the stage's real folder (= out_dir except on ranks > 0 of a distributed stage)
+    resolved: dict[str, Any] = field(default_factory=dict)  # the config it runs with (registry.resolved_config)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -76,23 +73,6 @@ class StageContext:
             return self.inputs["tokenizer"].outputs["tokenizer"]
         tok = self.spec.tokenizer
         return tok.path or tok.name  # type: ignore[return-value]
-
-
-def resolved_config(spec: Pipeline, stage: str) -> dict[str, Any]:
-    """The stage's full configuration as it will run: its block plus what it inherits."""
-    if stage == "tokenizer":
-        return {"kind": "tokenizer", "seed": spec.seed, "tokenizer": spec.tokenizer.model_dump(mode="json", by_alias=True)}
-    cfg = spec.stages[stage].model_dump(mode="json", by_alias=True)
-    cfg["seed"] = spec.seed
-    if cfg["kind"] == "pretrain" and not spec.stages[stage].inputs:
-        cfg["model"] = spec.model.model_dump(mode="json")
-    if cfg["kind"] == "pretrain":
-        cfg["tokenizer"] = spec.tokenizer.model_dump(mode="json", by_alias=True) if spec.tokenizer.train is None else "stage"
-    return cfg
-
-
-def stage_kind(spec: Pipeline, stage: str) -> str:
-    return "tokenizer" if stage == "tokenizer" else spec.stages[stage].kind
 
 
 def stage_block(spec: Pipeline, stage: str) -> Any:

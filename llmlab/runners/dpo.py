@@ -5,62 +5,61 @@ The reference model, by default the stage's starting model, costs no second copy
 - with `precompute_reference: true`, reference log-probs are scored once before training and the
   reference model is dropped;
 - otherwise a frozen copy; or `reference_stage` / `reference_model` names another model.
+A dpo stage that starts `from` a preferences stage also trains on the pairs that stage wrote.
 Outputs: `model/` (full training) or `adapters/{final,best}` (LoRA), like the sft stage.
 """
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from llmlab.data.formats import PREFERENCE
+from llmlab.estimate import lm_logits, named_model, reference_bytes, sequence_batch, stage_model, training_work
+from llmlab.runners.kind import NamedModel, StageKind, describe_pairs
+from llmlab.spec.stages import DpoStage
 
-from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-from llmlab.data.sources import DataSource
-from llmlab.device import autocast_dtype, pick_device
-from llmlab.models import load_causal_lm, model_context
-from llmlab.runners.common import (
-    StageCallbacks,
-    attach_lora,
-    load_start,
-    no_validation,
-    prepare_checkpoints,
-    report_data,
-    save_trained,
-    stage_metrics,
-    val_limit,
-)
-from llmlab.runners.context import StageContext
-from llmlab.train.dpo import DPOObjective, attach_reference_logps, model_reference
-from llmlab.train.loop import train
+if TYPE_CHECKING:
+    from llmlab.estimate import Forward, ModelSource, StageEstimate, Work
+    from llmlab.runners.context import StageContext
+    from llmlab.spec import Pipeline
 
-
-def dpo_evaluate(model: torch.nn.Module, objective: Any, batches: list[dict]) -> dict[str, float]:
-    """Held-out DPO loss, preference accuracy, margin and rewards (means over pairs)."""
-    device = next(model.parameters()).device
-    totals: dict[str, float] = {}
-    pairs = 0
-    with torch.no_grad():
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, extra = objective(model, batch)
-            n = objective.count(batch)
-            pairs += n
-            for key, value in {"eval/loss": loss, **{f"eval/{k.split('/')[-1] if k.startswith('dpo/') else k}": v
-                                                     for k, v in extra.items()}}.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-    return {k: v / max(pairs, 1) for k, v in totals.items()}
+# Logit-sized fp32 tensors alive at the peak with a live reference, counted with tests/helpers.py's
+# PeakMemory: the policy's logits and log-softmax, then the reference's forward (logits, the shifted
+# copy, log-softmax) while they live. Precomputed, as a causal-LM step (memory.LM_LOSS_LOGIT_COPIES).
+LIVE_REFERENCE_LOGIT_COPIES = 5
 
 
 def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+    from llmlab.data.sources import DataSource
+    from llmlab.device import autocast_dtype, pick_device
+    from llmlab.models import load_causal_lm, model_context
+    from llmlab.runners.common import (
+        StageCallbacks,
+        attach_lora,
+        load_start,
+        no_validation,
+        prepare_checkpoints,
+        report_data,
+        save_trained,
+        stage_metrics,
+        val_limit,
+    )
+    from llmlab.train.dpo import DPOObjective, attach_reference_logps, dpo_evaluate, model_reference
+    from llmlab.train.loop import train
+
     stage, spec = ctx.config, ctx.spec
     model, tok, base, new_ids = load_start(ctx)
     seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
     mini = stage.train.batch_pairs
     sources = list(stage.data)
     upstream = ctx.inputs.get(stage.start) if stage.start else None
-    if upstream is not None and upstream.kind == "preferences":  # on-policy pairs of the model it starts from
+    if upstream is not None and "pairs" in upstream.outputs:  # on-policy pairs of the model it starts from
         sources.append(DataSource(path=str(Path(upstream.outputs["pairs"]) / "pairs.jsonl"), format="plain"))
     data = prepare_preference_data(sources, tok, seq_len, spec.seed, stage.val_fraction, stage.max_examples,
                                    max_val_examples=val_limit(stage, mini * stage.train.eval_steps))
@@ -72,16 +71,16 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if stage.lora is not None:
         model = attach_lora(ctx, model, tok, stage.lora, new_ids)
     model.to(device)
+    chunking = {"chunked": str(stage.train.chunked_loss), "chunk_tokens": stage.train.loss_chunk_tokens}
     if ref_model is not None:
-        reference = model_reference(ref_model, chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
+        reference = model_reference(ref_model, **chunking)
         kind = f"model {ref_dir}"
     elif stage.lora is not None:
-        reference = model_reference(model, disable_adapters=True, chunked=str(stage.train.chunked_loss),
-                                    chunk_tokens=stage.train.loss_chunk_tokens)  # no second copy
+        reference = model_reference(model, disable_adapters=True, **chunking)  # no second copy
         kind = "the same model with adapters disabled"
     else:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        reference = model_reference(ref_model, chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
+        reference = model_reference(ref_model, **chunking)
         kind = "a frozen copy of the starting model"
     if stage.precompute_reference:
         attach_reference_logps(reference, data.train, mini, tok.pad_token_id, device)
@@ -90,8 +89,7 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         kind += ", precomputed"
     print(f"[{ctx.name}] reference: {kind}")
     ctx.run.set_tags({"llmlab.reference": kind})
-    objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference,
-                             chunked=str(stage.train.chunked_loss), chunk_tokens=stage.train.loss_chunk_tokens)
+    objective = DPOObjective(stage.beta, stage.label_smoothing, stage.sft_weight, reference, **chunking)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
     val = eval_batches(data.val, mini, tok.pad_token_id)
     if not val:
@@ -104,3 +102,33 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                                                         stage.train.save_best_only)}
     final = dpo_evaluate(model.to(device), objective, val) if val else {}
     return outputs, stage_metrics(ctx, result, final)
+
+
+def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
+    """Both sequences of each pair; the reference (unless precomputed) and the logits it keeps alive."""
+    fwd = sequence_batch(block, source.shape, 2 * block.train.batch_pairs)
+    if block.precompute_reference:
+        fwd.notes.insert(0, "reference: scored once before training, then dropped")
+        fwd.logits = lm_logits(source.shape, fwd)
+    else:
+        other = (stage_model(spec, block.reference_stage) if block.reference_stage else
+                 named_model(block.reference_model) if block.reference_model else None)
+        fwd.parts["reference model"] = reference_bytes(spec, block, source, fwd.notes, other)
+        fwd.logits = lm_logits(source.shape, fwd, LIVE_REFERENCE_LOGIT_COPIES)
+    return fwd
+
+
+def _work(block: Any, est: StageEstimate) -> Work:
+    """A live reference scores every sequence too: 2 more FLOPs per parameter and token."""
+    live_reference = 0 if block.precompute_reference else 2 * (est.params or 0)
+    return training_work(block, est, 6 * (est.params or 0) + live_reference)
+
+
+def _models(block: Any) -> list[NamedModel]:
+    return [NamedModel(block.reference_model, "reference model", "causal")] if block.reference_model else []
+
+
+KIND = StageKind(
+    name="dpo", config=DpoStage, run=run_dpo, main_output="output",
+    summary="direct preference optimization on preference pairs", data=(("data", PREFERENCE),), policy=True,
+    models=_models, forward=_forward, work=_work, describe=describe_pairs)

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from llmlab.data.formats import PREFERENCE, PROMPTS, TEXT
+from llmlab.runners.kind import NamedModel, StageKind, reward_models
+from llmlab.spec.stages import EvalStage
 
-from llmlab.checkpoint import atomic_write_json
-from llmlab.data.preference import preference_pairs
-from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
-from llmlab.data.tasks import cut_at_end_of_turn, exact_match
-from llmlab.device import pick_device
-from llmlab.errors import UserError
-from llmlab.evaluate import (
-    TaskPrompt,
-    checkable_prompts,
-    perplexity,
-    preference_wins,
-    proportion,
-    render_user_prompts,
-    task_completions,
-    unigram_perplexity,
-)
-from llmlab.generate import generate
-from llmlab.models import load_causal_lm, model_context
-from llmlab.report import write_report
-from llmlab.rewards import load_reward
-from llmlab.runners.context import StageContext
-from llmlab.tokenizer import load_tokenizer
-from llmlab.tracking import stage_histories
+if TYPE_CHECKING:
+    from llmlab.runners.context import StageContext
 
 MAX_EVAL_CONTEXT = 2048  # held-out text is scored in blocks of at most this many tokens (a hub model's context can be 32k)
 
@@ -55,6 +36,8 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     """Training curves of every stage this eval's models came from that finished (sft included, which
     an eval rarely names: its merge stage is what it scores; one branch of a sweep, not its
     siblings), from their MLflow runs."""
+    from llmlab.tracking import stage_histories
+
     histories = {}
     ancestors, todo = set(), [ctx.inputs[n].stage for n in ctx.inputs]
     while todo:
@@ -75,44 +58,30 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     return histories
 
 
-def by_family(families: list[str | None], hits: list[bool]) -> dict[str, dict]:
-    """The share of hits per family name (with its 95% interval), families in sorted order; hits
-    whose family is None count in no family."""
-    grouped: dict[str, list[bool]] = {}
-    for family, hit in zip(families, hits):
-        if family is not None:
-            grouped.setdefault(family, []).append(hit)
-    return {f: proportion(h) for f, h in sorted(grouped.items())}
-
-
-def score_preferences(wins: list[bool], pairs: list[dict], scores: dict) -> None:
-    """Preference accuracy overall and, when the pairs name their task family, per family (each
-    with its 95% interval)."""
-    overall = proportion(wins)
-    scores["preference_accuracy"], scores["preference_accuracy_ci"] = overall["value"], overall["ci"]
-    families = by_family([pair.get("family") for pair in pairs], wins)
-    if families:
-        scores["preference_accuracy_by_family"] = families
-
-
-def score_tasks(model, tok, tasks: list[TaskPrompt], max_new_tokens: int, reward_fn, scores: dict) -> list[str]:
-    """Exact match overall and per task family (with 95% intervals), and the mean reward of the
-    completions when a reward is named; returns the completions (stop token kept)."""
-    completions = task_completions(model, tok, [t.prompt for t in tasks], max_new_tokens)
-    hits = [exact_match(c, t.answer) for c, t in zip(completions, tasks)]
-    overall = proportion(hits)
-    scores["exact_match"], scores["exact_match_ci"] = overall["value"], overall["ci"]
-    scores["exact_match_by_family"] = by_family([task.family for task in tasks], hits)
-    if reward_fn is not None:  # scored as RL scores rollouts: the prompt as rendered, the stop token kept
-        rewards = reward_fn(render_user_prompts(tok, [t.prompt for t in tasks]), completions,
-                            answers=[t.answer for t in tasks],
-                            prompt_messages=[[{"role": "user", "content": t.prompt}] for t in tasks])
-        scores["reward_mean"] = sum(rewards) / len(rewards)
-    return completions
-
-
 def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     """Score every model on the same held-out batches, tasks and pairs; samples from fixed prompts; a report."""
+    import numpy as np
+
+    from llmlab.checkpoint import atomic_write_json
+    from llmlab.data.preference import preference_pairs
+    from llmlab.data.pretrain import eval_batches, prepare_pretrain_data
+    from llmlab.data.tasks import cut_at_end_of_turn
+    from llmlab.device import pick_device
+    from llmlab.errors import UserError
+    from llmlab.evaluate import (
+        checkable_prompts,
+        perplexity,
+        preference_wins,
+        score_preferences,
+        score_tasks,
+        unigram_perplexity,
+    )
+    from llmlab.generate import generate
+    from llmlab.models import load_causal_lm, model_context
+    from llmlab.report import write_report
+    from llmlab.rewards import load_reward
+    from llmlab.tokenizer import load_tokenizer
+
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
@@ -171,3 +140,23 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     for path in files:
         ctx.run.log_artifact(path, None if path.suffix in (".md", ".html") else "plots")
     return {"results": str(results_file), "report": str(ctx.out_dir / "report.md")}, metrics
+
+
+def _models(block: Any) -> list[NamedModel]:
+    named = [NamedModel(m.path, f"evaluated model '{m.name}'", "causal") for m in block.models]
+    return named + reward_models(block)
+
+
+def _describe(spec: Any, block: Any, est: Any) -> str:
+    scored = len(block.model_stages) + len(block.models)
+    parts = [f"{block.batches} held-out text batches"]
+    parts += [f"{block.tasks_limit} task prompts"] if block.tasks else []
+    parts += [f"{block.preferences_limit} pairs"] if block.preferences else []
+    return f"{scored} model{'s' if scored != 1 else ''} on " + ", ".join(parts)
+
+
+KIND = StageKind(
+    name="eval", config=EvalStage, run=run_eval, main_output="results",
+    summary="score models on held-out text, tasks and pairs",
+    data=(("data", TEXT), ("tasks", PROMPTS), ("preferences", PREFERENCE)), models=_models, describe=_describe)
+

@@ -13,21 +13,14 @@ from __future__ import annotations
 
 import json
 import random
+from typing import TYPE_CHECKING, Any
 
-import torch
+from llmlab.data.formats import PROMPTS
+from llmlab.runners.kind import StageKind, reward_models
+from llmlab.spec.stages import PreferencesStage
 
-from llmlab.checkpoint import atomic_dir
-from llmlab.data.prompts import prepare_prompt_data
-from llmlab.data.tasks import cut_at_end_of_turn
-from llmlab.device import pick_device
-from llmlab.errors import UserError
-from llmlab.generate import stop_token_ids
-from llmlab.models import load_causal_lm, model_context
-from llmlab.rewards import load_reward
-from llmlab.runners.common import base_model_dir, report_data
-from llmlab.runners.context import StageContext
-from llmlab.tokenizer import ensure_chat_template, load_tokenizer
-from llmlab.train.rollout import Sampling, chunked, sample_rollout, score_completions
+if TYPE_CHECKING:
+    from llmlab.runners.context import StageContext
 
 
 def best_and_worst(scores: list[float], rng: random.Random, usable: list[int] | None = None) -> tuple[int, int]:
@@ -40,6 +33,20 @@ def best_and_worst(scores: list[float], rng: random.Random, usable: list[int] | 
 
 
 def run_preferences(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    import torch
+
+    from llmlab.checkpoint import atomic_dir
+    from llmlab.data.prompts import prepare_prompt_data
+    from llmlab.data.tasks import cut_at_end_of_turn
+    from llmlab.device import pick_device
+    from llmlab.errors import UserError
+    from llmlab.generate import stop_token_ids
+    from llmlab.models import load_causal_lm, model_context
+    from llmlab.rewards import load_reward
+    from llmlab.runners.common import base_model_dir, report_data
+    from llmlab.tokenizer import ensure_chat_template, load_tokenizer
+    from llmlab.train.rollout import Sampling, chunked, sample_rollout, score_completions
+
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
     tok = load_tokenizer(stage.tokenizer or base)
@@ -107,3 +114,15 @@ def run_preferences(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]
           f"{counts['with_signal']:,} with a better and a worse sample, {counts['from_answer']:,} with the answer as "
           f"chosen; best-of-{k} {metrics['preferences/best_of_n']:.3f}, mean score {metrics['preferences/mean_score']:.3f}")
     return {"pairs": str(target), "model": base}, metrics
+
+
+def _describe(spec: Any, block: Any, est: Any) -> str:
+    prompts = f"up to {block.max_prompts:,}" if block.max_prompts else "all"
+    return f"{prompts} prompts x {block.samples_per_prompt} samples, the best and the worst of each kept as a pair"
+
+
+KIND = StageKind(
+    name="preferences", config=PreferencesStage, run=run_preferences, main_output="pairs",
+    summary="sample answers, score them, write preference pairs", data=(("data", PROMPTS),), policy=True,
+    models=reward_models, describe=_describe)
+

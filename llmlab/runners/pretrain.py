@@ -1,47 +1,37 @@
-"""The pretrain stage: a causal LM on packed text, from scratch or continued from `from`."""
+"""The pretrain stage: a causal LM on packed text, from scratch or continued from `from`.
+
+From scratch it builds llmlab's decoder from the spec's `model:` block with the tokenizer stage's
+vocabulary; continued, it loads the upstream model and its tokenizer. Outputs: `model/` (the best
+validation weights unless `save_best_only: false`) and `checkpoints/`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmlab.checkpoint import atomic_dir
-from llmlab.data.pretrain import BlockSampler, document_segments, eval_batches, prepare_pretrain_data
-from llmlab.device import pick_device
-from llmlab.evaluate import perplexity
-from llmlab.model import LlmlabConfig, LlmlabForCausalLM, build_model, count_parameters
-from llmlab.models import load_causal_lm
-from llmlab.runners.common import StageCallbacks, log_model, no_validation, prepare_checkpoints, stage_metrics
-from llmlab.runners.context import StageContext
-from llmlab.tokenizer import load_tokenizer
-from llmlab.train.loop import load_best, train
-from llmlab.train.objectives import LanguageModeling
+from llmlab.data.formats import TEXT
+from llmlab.estimate import lm_logits, sequence_batch, training_work
+from llmlab.runners.kind import StageKind, block_config, describe_sequences
+from llmlab.spec.stages import PretrainStage
 
-
-class LMBatches:
-    """Adapts a BlockSampler to the loop's batch dicts (labels = inputs; the model shifts)."""
-
-    unit = "sequences"
-
-    def __init__(self, sampler: Any, eos_id: int | None = None):
-        self.sampler = sampler
-        self.micro_batch = sampler.batch_size
-        self.eos_id = eos_id  # given: document masks (each document attends to itself only)
-
-    def next_batch(self) -> dict[str, Any]:
-        x = self.sampler.next_batch()
-        if self.eos_id is None:
-            return {"input_ids": x, "labels": x}
-        segments, labels = document_segments(x, self.eos_id)
-        return {"input_ids": x, "labels": labels, "segment_ids": segments}
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
+if TYPE_CHECKING:
+    from llmlab.estimate import Forward, ModelSource
+    from llmlab.runners.context import StageContext
+    from llmlab.spec import Pipeline
 
 
 def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.checkpoint import atomic_dir
+    from llmlab.data.pretrain import BlockSampler, LMBatches, eval_batches, prepare_pretrain_data
+    from llmlab.device import pick_device
+    from llmlab.evaluate import perplexity
+    from llmlab.model import LlmlabConfig, LlmlabForCausalLM, build_model, count_parameters
+    from llmlab.models import load_causal_lm
+    from llmlab.runners.common import StageCallbacks, log_model, no_validation, prepare_checkpoints, stage_metrics
+    from llmlab.tokenizer import load_tokenizer
+    from llmlab.train.loop import load_best, train
+    from llmlab.train.objectives import LanguageModeling
+
     stage, spec = ctx.config, ctx.spec
     if stage.inputs:  # continued pretraining: the upstream model and its tokenizer
         tok_dir = ctx.inputs[stage.inputs[0]].outputs["model"]
@@ -84,3 +74,25 @@ def run_pretrain(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         tok.save_pretrained(tmp)
     log_model(ctx, model_dir)
     return {"model": str(model_dir), "checkpoints": str(ckpt)}, stage_metrics(ctx, result, final)
+
+
+def _resolve(spec: Pipeline, stage: str) -> dict[str, Any]:
+    """A pretrain stage from scratch also runs with the spec's `model:` block and tokenizer."""
+    cfg = block_config(spec, stage)
+    if not spec.stages[stage].inputs:
+        cfg["model"] = spec.model.model_dump(mode="json")
+    cfg["tokenizer"] = spec.tokenizer.model_dump(mode="json", by_alias=True) if spec.tokenizer.train is None else "stage"
+    return cfg
+
+
+def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
+    """Packed blocks of the model's whole context, no padding; the causal-LM loss's logits."""
+    fwd = sequence_batch(block, source.shape, block.train.batch_sequences, padded=False)
+    fwd.logits = lm_logits(source.shape, fwd)
+    return fwd
+
+
+KIND = StageKind(
+    name="pretrain", config=PretrainStage, run=run_pretrain, main_output="model",
+    summary="train a causal LM on packed text", data=(("data", TEXT),), resolve=_resolve,
+    forward=_forward, work=training_work, describe=describe_sequences)

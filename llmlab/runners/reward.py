@@ -9,39 +9,38 @@ which a later stage names with `reward_stage:` (or any tool loads with
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Any
 
-from llmlab.checkpoint import atomic_dir
-from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
-from llmlab.device import pick_device
-from llmlab.models import fit_embeddings, load_sequence_classifier, model_context, weights_dtype
-from llmlab.runners.common import (
-    StageCallbacks,
-    base_model_dir,
-    log_model,
-    no_validation,
-    prepare_checkpoints,
-    report_data,
-    stage_metrics,
-    val_limit,
-)
-from llmlab.runners.context import StageContext
-from llmlab.tokenizer import ensure_chat_template, load_tokenizer
-from llmlab.train.loop import load_best, train
-from llmlab.train.reward import RewardObjective, reward_evaluate
+from llmlab.data.formats import PREFERENCE
+from llmlab.estimate import sequence_batch, training_work
+from llmlab.runners.kind import StageKind, describe_pairs
+from llmlab.spec.stages import RewardStage
 
-
-def load_reward_backbone(path: str, tokenizer, dtype=torch.float32):
-    """A one-output sequence-classification model from a causal LM folder (head initialised fresh)
-    or from a reward model folder, its embeddings fitted to the tokenizer."""
-    model = load_sequence_classifier(path, dtype, num_labels=1)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    fit_embeddings(model, tokenizer)
-    return model
+if TYPE_CHECKING:
+    from llmlab.estimate import Forward, ModelSource
+    from llmlab.runners.context import StageContext
+    from llmlab.spec import Pipeline
 
 
 def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.checkpoint import atomic_dir
+    from llmlab.data.preference import PreferenceBatches, eval_batches, prepare_preference_data
+    from llmlab.device import pick_device
+    from llmlab.models import load_reward_backbone, model_context, weights_dtype
+    from llmlab.runners.common import (
+        StageCallbacks,
+        base_model_dir,
+        log_model,
+        no_validation,
+        prepare_checkpoints,
+        report_data,
+        stage_metrics,
+        val_limit,
+    )
+    from llmlab.tokenizer import ensure_chat_template, load_tokenizer
+    from llmlab.train.loop import load_best, train
+    from llmlab.train.reward import RewardObjective, reward_evaluate
+
     stage, spec = ctx.config, ctx.spec
     base = base_model_dir(ctx)
     tok = load_tokenizer(stage.tokenizer or base)
@@ -60,7 +59,8 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         no_validation(ctx)
     batches = PreferenceBatches(data.train, mini, spec.seed, tok.pad_token_id)
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, RewardObjective(), batches, stage.train, ckpt, evaluate=(lambda m: reward_evaluate(m, val)) if val else None,
+    result = train(model, RewardObjective(), batches, stage.train, ckpt,
+                   evaluate=(lambda m: reward_evaluate(m, val)) if val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name, best_metric="eval/loss")
     if stage.train.save_best_only:
         load_best(model, result)
@@ -75,3 +75,16 @@ def run_reward(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     if final:
         print(f"[{ctx.name}] held-out pair accuracy {final['eval/accuracy']:.3f}, margin {final['eval/margin']:.3f}")
     return {"model": str(model_dir), "checkpoints": str(ckpt)}, stage_metrics(ctx, result, final)
+
+
+def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
+    """Both sequences of each pair; a scalar head scores the last token, so no vocabulary-wide logits."""
+    fwd = sequence_batch(block, source.shape, 2 * block.train.batch_pairs)
+    fwd.scalar_head = True
+    return fwd
+
+
+KIND = StageKind(
+    name="reward", config=RewardStage, run=run_reward, main_output="model",
+    summary="train a reward model on preference pairs", data=(("data", PREFERENCE),),
+    forward=_forward, work=training_work, describe=describe_pairs)

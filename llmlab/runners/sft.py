@@ -9,27 +9,38 @@ model). Validation loss is on held-out conversations, never training ones.
 
 from __future__ import annotations
 
-from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
-from llmlab.device import pick_device
-from llmlab.evaluate import perplexity
-from llmlab.models import model_context
-from llmlab.runners.common import (
-    StageCallbacks,
-    attach_lora,
-    load_start,
-    no_validation,
-    prepare_checkpoints,
-    report_data,
-    save_trained,
-    stage_metrics,
-    val_limit,
-)
-from llmlab.runners.context import StageContext
-from llmlab.train.loop import train
-from llmlab.train.objectives import LanguageModeling
+from typing import TYPE_CHECKING, Any
+
+from llmlab.data.formats import SFT
+from llmlab.estimate import lm_logits, sequence_batch, training_work
+from llmlab.runners.kind import StageKind, describe_sequences
+from llmlab.spec.stages import SftStage
+
+if TYPE_CHECKING:
+    from llmlab.estimate import Forward, ModelSource
+    from llmlab.runners.context import StageContext
+    from llmlab.spec import Pipeline
 
 
 def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
+    from llmlab.data.sft import SFTBatches, eval_batches, prepare_sft_data
+    from llmlab.device import pick_device
+    from llmlab.evaluate import perplexity
+    from llmlab.models import model_context
+    from llmlab.runners.common import (
+        StageCallbacks,
+        attach_lora,
+        load_start,
+        no_validation,
+        prepare_checkpoints,
+        report_data,
+        save_trained,
+        stage_metrics,
+        val_limit,
+    )
+    from llmlab.train.loop import train
+    from llmlab.train.objectives import LanguageModeling
+
     stage, spec = ctx.config, ctx.spec
     model, tok, base, new_ids = load_start(ctx)
     seq_len = min(stage.max_seq_len or model_context(model), model_context(model))
@@ -46,7 +57,8 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         no_validation(ctx)
     model.to(pick_device())
     ckpt = prepare_checkpoints(ctx)
-    result = train(model, LanguageModeling.from_train(stage.train), batches, stage.train, ckpt, evaluate=(lambda m: perplexity(m, val)) if val else None,
+    result = train(model, LanguageModeling.from_train(stage.train), batches, stage.train, ckpt,
+                   evaluate=(lambda m: perplexity(m, val)) if val else None,
                    callbacks=StageCallbacks(ctx), seed=spec.seed, label=ctx.name)
     outputs = {"checkpoints": str(ckpt), **save_trained(ctx, model, tok, base, result, stage.lora is not None,
                                                         stage.train.save_best_only)}
@@ -54,3 +66,14 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     return outputs, stage_metrics(ctx, result, final)
 
 
+def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
+    """Conversations padded to the batch's longest (at most max_seq_len); the causal-LM loss's logits."""
+    fwd = sequence_batch(block, source.shape, block.train.batch_sequences)
+    fwd.logits = lm_logits(source.shape, fwd)
+    return fwd
+
+
+KIND = StageKind(
+    name="sft", config=SftStage, run=run_sft, main_output="output",
+    summary="supervised fine-tuning on conversations", data=(("data", SFT),), policy=True,
+    forward=_forward, work=training_work, describe=describe_sequences)

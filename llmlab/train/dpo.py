@@ -166,6 +166,23 @@ class DPOObjective:
 
 
 @torch.no_grad()
+def dpo_evaluate(model: torch.nn.Module, objective: DPOObjective, batches: list[dict]) -> dict[str, float]:
+    """Held-out DPO loss, preference accuracy, margin and rewards (means over pairs)."""
+    device = next(model.parameters()).device
+    totals: dict[str, float] = {}
+    pairs = 0
+    with torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, extra = objective(model, batch)
+            n = objective.count(batch)
+            pairs += n
+            for key, value in {"eval/loss": loss, **{f"eval/{k.split('/')[-1] if k.startswith('dpo/') else k}": v
+                                                     for k, v in extra.items()}}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return {k: v / max(pairs, 1) for k, v in totals.items()}
+
+
 def precompute_reference_logps(reference_model, batches: Iterable[dict]) -> list[torch.Tensor]:
     """(2B,) reference log-probs of each batch, in order (on the CPU); `reference_model` is a model
     (run in eval mode) or a reference callable."""

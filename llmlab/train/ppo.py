@@ -14,12 +14,15 @@ loss + vf_coef × clipped value loss on a mini-batch. The math lives in `llmlab.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from llmlab.checkpoint import atomic_dir
 from llmlab.data.prompts import Prompt
-from llmlab.parallel import all_sum, current, mean_float
+from llmlab.parallel import all_sum, barrier, current, mean_float
 from llmlab.train.rl import (AdaptiveKL, gae, kl_penalty_rewards, masked_mean,
                              ppo_policy_loss, value_loss)
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
@@ -131,3 +134,20 @@ class PPOObjective:
                        "rl/ratio_mean": masked_mean(torch.exp(logps - batch["old_logps"]), mask) * n,
                        **stats_metrics(batch, n)}
         return (pg + self.vf_coef * vf) * n, metrics
+
+
+def policy_only_best(result: Any, ckpt: Path, wrapper: PolicyWithValue) -> Any:
+    """The loop's best state holds the policy and its value head: keep the policy's weights in
+    `best-policy/state.pt` (what the shared writer of model/adapters loads) and the head beside them
+    in `value_head.pt`; the result then points there."""
+    if result.best_path is None:
+        return result
+    if current().main:
+        state = torch.load(result.best_path / "state.pt", map_location="cpu", weights_only=True)
+        with atomic_dir(ckpt / "best-policy") as tmp:
+            torch.save({**state, "model": wrapper.policy_state_dict(state["model"])}, tmp / "state.pt")
+            torch.save({k[len("value_head."):]: v for k, v in state["model"].items() if k.startswith("value_head.")},
+                       tmp / "value_head.pt")
+    barrier()
+    return dataclasses.replace(result, best_path=ckpt / "best-policy")
+

@@ -236,7 +236,7 @@ def test_document_masks_give_each_packed_document_the_losses_it_has_alone():
 
 
 def test_pretrain_batches_carry_document_segments_when_asked():
-    from llmlab.runners.pretrain import LMBatches
+    from llmlab.data.pretrain import LMBatches
 
     class Fixed:
         batch_size = 1

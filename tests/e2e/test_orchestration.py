@@ -174,14 +174,14 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
 def _run_stage_in_process(spec, cwd, state, queue):
     os.chdir(cwd)
     os.environ["LLMLAB_STATE_DIR"] = state
-    from llmlab.stages import execute_stage
+    from llmlab.execute import execute_stage
 
     tok = json.loads((Path(cwd) / "runs" / "tokenizer" / "stage.json").read_text())["result"]
     queue.put(execute_stage(spec, "pretrain", {"tokenizer": tok}, None))
 
 
 def test_concurrent_runs_of_one_stage_never_collide(isolated):
-    from llmlab.stages import execute_stage
+    from llmlab.execute import execute_stage
 
     spec = shrunk_tiny(isolated, "concurrent-test")
     execute_stage(str(spec), "tokenizer", {}, None)

@@ -11,7 +11,7 @@ import yaml
 from helpers import TOY_REWARDS  # a reward with spread, so every update moves the loss
 
 from llmlab.model import LlmlabConfig, build_model
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -140,7 +140,7 @@ def test_ctrl_c_stops_every_rank_at_a_checkpoint_and_the_rerun_resumes(project, 
             "model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64, "n_layers": 2, "max_seq_len": 64},
             "stages": {"pretrain": stage}}
     (project / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    code = "from llmlab.stages import execute_stage; execute_stage('s.yaml', 'pretrain', {}, None)"
+    code = "from llmlab.execute import execute_stage; execute_stage('s.yaml', 'pretrain', {}, None)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=project, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = project / "runs" / "pretrain" / "checkpoints"

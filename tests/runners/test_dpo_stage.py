@@ -9,7 +9,7 @@ import yaml
 
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.models import load_causal_lm as load_model
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 

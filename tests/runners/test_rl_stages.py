@@ -13,7 +13,7 @@ from helpers import TOY_REWARDS
 
 from llmlab.model import LlmlabConfig, build_model
 from llmlab.rewards import load_reward
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 

@@ -5,7 +5,7 @@ import json
 import torch
 import yaml
 
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 

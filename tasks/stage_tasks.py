@@ -26,7 +26,7 @@ from llmlab.pipeline_runs import record_selection
 from llmlab.preflight import PreflightFailed, preflight
 from llmlab.reuse import cache_key, finished_result
 from llmlab.spec import load_spec
-from llmlab.stages import execute_stage
+from llmlab.execute import execute_stage
 
 
 def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -25,8 +25,8 @@ from llmlab.errors import expected_failure, format_traceback
 from llmlab.gates import GateFailed, check_gates
 from llmlab.launch import run_under_torchrun
 from llmlab.reuse import StageFolderTaken, cache_key, finished_result, folder_conflict, stage_lock
-from llmlab.runners.context import MAIN_OUTPUT, StageContext, StageResult, resolved_config, stage_block, stage_kind
-from llmlab.runners.registry import runner
+from llmlab.runners.context import StageContext, StageResult, stage_block
+from llmlab.runners.registry import kind_of, resolved_config, runner
 from llmlab.spec import Pipeline, config_hash, load_spec
 from llmlab.tracking import Tracker
 from llmlab.train.signals import TrainingInterrupted
@@ -95,7 +95,8 @@ def _record_failure(run: Any, log: Path, message: str) -> None:
 
 def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
              key: str) -> dict[str, Any]:
-    kind = stage_kind(spec, stage)
+    kind_record = kind_of(spec, stage)
+    kind = kind_record.name
     out_dir = spec.stage_dir(stage)
     config = resolved_config(spec, stage)
     chash = config_hash(config)
@@ -122,7 +123,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     metrics_file = out_dir / "metrics.jsonl"
     if metrics_file.exists() and not (out_dir / "checkpoints").exists():
         metrics_file.unlink()  # a fresh start: metrics of an older, discarded attempt go
-    ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run)
+    ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config)
     started = time.perf_counter()
     dist_spec = getattr(ctx.config, "distributed", None)
     try:
@@ -140,7 +141,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
         atomic_write_json(out_dir / "stage.json", {**record, "status": "failed", "error": sentence or f"{type(exc).__name__}: {exc}",
                                                    "expected": sentence is not None, "log": str(log)})
         _record_failure(run, log, sentence or f"{type(exc).__name__}: {exc}")
-        exc.stage_log = log  # where the traceback went, for the one-sentence report (tasks.stages)
+        exc.stage_log = log  # where the traceback went, for the one-sentence report (tasks.stage_tasks)
         raise
     gates = [] if stage == "tokenizer" else spec.stages[stage].gates
     if gates:
@@ -153,7 +154,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
             run.finish("FAILED")
             raise GateFailed(message)
         run.set_tags({"llmlab.gates": "passed"})
-    main = outputs[MAIN_OUTPUT[kind]]
+    main = outputs[kind_record.main_output]
     result = StageResult(stage, kind, str(out_dir), fingerprint(main), chash, run.run_id, "finished",
                          outputs, metrics, round(time.perf_counter() - started, 2))
     if metrics_file.exists():
