@@ -14,18 +14,18 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("LLMLAB_STATE_DIR", tempfile.mkdtemp(prefix="llmlab-bench-data-"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-
-from llmlab.data.pretrain import BlockSampler, prepare_pretrain_data  # noqa: E402
-from llmlab.data.sources import DataSource, iter_texts  # noqa: E402
-from llmlab.model import LlmlabConfig, build_model  # noqa: E402
-from llmlab.tokenizer import train_tokenizer  # noqa: E402
 
 
 def main() -> None:
+    os.environ.setdefault("LLMLAB_STATE_DIR", tempfile.mkdtemp(prefix="llmlab-bench-data-"))  # before llmlab reads it
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from llmlab.data.pretrain import BlockSampler, prepare_pretrain_data
+    from llmlab.data.sources import DataSource, iter_texts
+    from llmlab.model import LlmlabConfig, build_model
+    from llmlab.tokenizer import train_tokenizer
+
     tok_dir = os.path.join(os.environ["LLMLAB_STATE_DIR"], "tok")
     list(iter_texts("builtin:stdlib"))  # extract the builtin text once, outside the timings
     tok = train_tokenizer(iter_texts("builtin:stdlib"), 2048, tok_dir)

@@ -2,6 +2,7 @@
 
     python bench/gpu.py                  # on a CUDA machine: GPT-2-small shape, bf16
     python bench/gpu.py --small          # any machine (CPU too): tiny shapes, to check the script runs
+    PYTHONPATH=. python bench/gpu.py     # from a checkout where llmlab is not installed
 
 Training — llmlab's decoder at GPT-2-small shape (d_model 768, 12 layers, 12 heads MHA, d_ff 3072,
 vocab 50,304 tied; seq 1,024, batch 16, bf16 autocast on CUDA, AdamW) through llmlab's own
@@ -27,8 +28,6 @@ from types import SimpleNamespace
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 FULL = dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072, vocab=50_304, seq=1024, batch=16, prompts=64,
             prompt_len=32, new_tokens=128)

@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 SHAPES = dict(d_model=128, n_heads=4, n_kv_heads=2, d_ff=344, n_layers=4, vocab_size=2048, max_seq_len=128)
 BATCH = 16

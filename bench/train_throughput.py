@@ -19,11 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-# Runnable from a checkout without installing llmlab: the repository root goes on the path.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
 SHAPES = dict(d_model=256, n_heads=8, n_kv_heads=2, d_ff=688, n_layers=4, vocab_size=4096, seq_len=256, batch=8)
 
