@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
 
 from llmlab.data.reader import Kind, detect_format
 from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows

@@ -4,7 +4,7 @@ the stage with every blocking option named."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmlab.runners.kind import StageKind
 from llmlab.spec.stages import ExportStage

@@ -114,6 +114,27 @@ def test_ppo_stage_raises_the_reward_with_a_value_head(project, base):
     assert (project / "runs" / "ppo" / "model" / "model.safetensors").is_file()
 
 
+def test_plan_inspect_and_the_runner_agree_on_a_ppo_stages_rollouts(project, base):
+    """ppo_epochs 4: each rollout of 8 prompts gives 4 x 8 / 4 = 8 updates of 4 prompts, so 20 steps
+    take 3 rollouts; plan, inspect and the runner count them the same way (not 8 // 4 = 2 per rollout)."""
+    from llmlab.cli import app
+    from llmlab.plan import stage_work
+    from llmlab.spec import load_spec
+    from typer.testing import CliRunner
+
+    stage = rl_stage("ppo", base, train={"max_steps": 20, "lr": 1e-3, "scheduler": "none", "rollout_prompts": 8,
+                                         "batch_prompts": 4, "ppo_epochs": 4, "eval_every": 20, "save_every": 20,
+                                         "log_every": 5})
+    result, rows = run(project, base, {"ppo": stage}, "ppo")
+    spec = load_spec(project / "s.yaml")
+    train = spec.stages["ppo"].train
+    assert train.steps_per_rollout() == 8 and train.rollouts() == 3
+    assert result["metrics"]["rl/rollouts"] == 3  # what the runner sampled
+    assert stage_work(spec, "ppo").rollouts == 3  # what plan's time estimate counts
+    shown = CliRunner().invoke(app, ["inspect", str(project / "s.yaml")]).output
+    assert "20 updates of 4 prompts (4 completions), 3 rollouts of 8 prompts (8 completions), 8 updates each" in shown
+
+
 def test_lora_grpo_uses_the_adapter_free_model_as_reference(project, base):
     from mlflow.tracking import MlflowClient
 
