@@ -15,9 +15,8 @@ def pick_device() -> torch.device:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 autocast pays on GPUs that support it. On CPUs it does not: without AMX/AVX512-BF16 a
-    training step is 30-40x slower than fp32 (shared notes), and with AMX a 1M-parameter model
-    measured 20-22k tok/s in bf16 against 23-24k in fp32 (docs/benchmarks.md). So `auto` keeps CPUs
-    in fp32; `precision: bf16` still forces it."""
+    training step runs many times slower than in fp32, and even with AMX a small model trains no faster
+    in bf16. So `auto` keeps CPUs in fp32; `precision: bf16` still forces it."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 

@@ -25,7 +25,7 @@ def cache_dir(*parts: str) -> Path:
 
 
 QUIET_OFFLINE_DEFAULTS = {
-    # nothing leaves 127.0.0.1 (see shared notes: MLflow accepts only the string "true")
+    # nothing leaves 127.0.0.1 (MLflow accepts only the string "true" for DO_NOT_TRACK)
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",

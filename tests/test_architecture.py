@@ -1,4 +1,4 @@
-"""The layering rules of DESIGN.md, read from the source: imports point one way.
+"""The layering rules of docs/architecture.md, read from the source: imports point one way.
 
 Every `import` statement counts, including those inside functions (a deferred import still couples
 two modules, and a cycle through one is a design error all the same). Runner registrations are

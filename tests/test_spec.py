@@ -47,10 +47,10 @@ def test_every_shipped_pipeline_validates(path):
     assert spec.stages
 
 
-def test_base_is_valid_and_has_seed_defaults():
+def test_base_is_valid_and_has_the_training_defaults():
     spec = parse_spec(BASE)
     train = spec.stages["pretrain"].train
-    # the seed's TrainingConfig defaults
+    # the training defaults of a pretrain stage
     assert (train.lr, train.weight_decay, train.scheduler, train.grad_clip) == (3e-4, 0.1, "cosine", 1.0)
     assert (train.batch_sequences, train.gradient_accumulation_steps, train.eval_every, train.eval_steps) == (1, 64, 500, 100)
     assert train.optimizer.name == "adamw" and train.optimizer.beta2 == 0.999
@@ -281,7 +281,7 @@ def test_sft_and_merge_rules():
     assert issue.path == "stages.sft.lora.target_modules"
     raw["stages"]["sft"]["lora"] = {"preset": "minimal", "r": 4}
     spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))
-    train = spec.stages["sft"].train  # the seed's SFT defaults
+    train = spec.stages["sft"].train  # sft's own defaults (fine-tuning a pretrained model)
     assert (train.lr, train.weight_decay, train.batch_sequences, train.gradient_accumulation_steps, train.warmup_steps,
             train.max_steps, train.eval_steps) == (5e-6, 0.01, 4, 16, 100, 5000, 50)
     raw["stages"]["sft"]["model"] = "./somewhere"

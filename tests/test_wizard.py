@@ -58,7 +58,7 @@ def test_interactive_defaults_equal_defaults_mode():
     script = Script()
     assert script.run() == Script().run(defaults=True)
     assert script.asked[:3] == ["name", "size", "positional_encoding"]
-    # the seed's recommendations are the defaults, each with a one-line reason
+    # the recommended architecture is the default, each choice with a one-line reason
     for key, rec in [("positional_encoding", "rope"), ("attention_type", "gqa"), ("norm_type", "rmsnorm"), ("activation", "swiglu")]:
         assert script.defaults[key] == rec and "recommended" in script.questions[key]
 

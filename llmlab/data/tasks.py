@@ -33,14 +33,12 @@ again at weight 3 (~80% of its pairs), the family whose pairs its sft leaves mos
 
 Default mix (`DEFAULT_MIX`): successor, sort, plus and single-digit addition. `plus` is the
 mid-difficulty family with a large held-out space (~800 prompts per held-out split): after the demo's
-sft the ~1M-parameter model gets 0.1-0.4 of it right (over half its wrong answers miss only the last digit), while
-successor and sort reach 0.5-0.9 and successor's preference pairs are ranked right 0.97-1.00 of the
-time (sort's near misses 0.83-0.97), so without plus neither exact match nor preference accuracy left
-the alignment stages room
-(docs/benchmarks.md). sort's rejected answers are its near misses (sorted, one digit one off);
-plus's are the sum with the carry forgotten (347+5 -> 342) on half of the prompts that carry, else
-one off. reverse and copy stay beyond this model (0.00-0.01
-held out after sft); `max` saturates almost at once; both are left out.
+sft a ~1M-parameter model gets part of it right, while successor and sort are mostly learnt and their
+pairs mostly ranked right, so plus is where the alignment stages have room (per-family numbers:
+docs/benchmarks.md). sort's rejected answers are its near misses (sorted, one digit one off); plus's
+are the sum with the carry forgotten (347+5 -> 342) on half of the prompts that carry, else one off.
+reverse and copy stay beyond a model this small after sft, and `max` is learnt almost at once, so
+the mix leaves them out.
 """
 
 from __future__ import annotations
@@ -59,9 +57,7 @@ VALIDATION_SIZE = 500
 TEST_SIZE = 500
 SPLIT_SIZES = {"train": TRAIN_SIZE, "validation": VALIDATION_SIZE, "test": TEST_SIZE}
 DEFAULT_SEED = 0
-# reverse (and copy, max) stay available as builtin:tasks-<name>; reverse left the default mix: a 1M-parameter
-# model scored 0.00-0.01 on its 196 held-out prompts after LoRA or full SFT (docs/benchmarks.md). plus joined it
-# to leave dpo and grpo room (see the module docstring).
+# reverse, copy and max stay available as builtin:tasks-<name>, out of the default mix (see the module docstring)
 DEFAULT_MIX = {"successor": 0.3, "add": 0.1, "sort": 0.3, "plus": 0.3}
 
 LETTERS = string.ascii_lowercase
@@ -160,10 +156,8 @@ def _sort(rng):
 
 def _wrong_sort(answer, prompt, rng):
     """The sorted answer with one digit moved by one, still sorted (`sort 788` -> 789, `sort 019` -> 018),
-    the last digit on half of the rows: the miss the demo's models make (31 of the 46 wrong greedy answers
-    a dpo model gave to 100 held-out sort prompts; most of the rest were two digits off). The digits left
-    unsorted, the rejected answer before, was ranked below the right one by every model after sft, so
-    those pairs measured and taught nothing (docs/benchmarks.md)."""
+    the last digit on half of the rows: the miss the demo's models make most. (Unsorted digits are a miss
+    every model after sft already ranks below the right answer: such pairs would teach nothing.)"""
     digits = [int(d) for d in answer]
     i = len(digits) - 1 if rng.random() < 0.5 else rng.randrange(len(digits))
     digits[i] += 1 if digits[i] == 0 else -1 if digits[i] == 9 else rng.choice((-1, 1))

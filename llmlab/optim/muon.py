@@ -12,9 +12,8 @@ Groups with `use_muon` (the 2-D hidden weight matrices) take, per matrix W with 
 The other groups (embeddings, the output head, all 1-D parameters) take an AdamW step, identical to
 torch.optim.AdamW's; `build_optimizer` gives them `adamw_lr_ratio` (0.1) x the learning rate.
 
-Why our own class and not torch.optim.Muon: torch's runs Newton-Schulz in bf16, 35x slower than fp32
-on CPUs without bf16 hardware (shared notes: 6.3 s vs 0.18 s per step of a 7M model), and it takes 2-D
-parameters only. Here `ns_dtype="auto"` runs Newton-Schulz in bf16 on GPUs and in fp32 on CPUs.
+Why our own class and not torch.optim.Muon: torch's runs Newton-Schulz in bf16, which CPUs without
+bf16 hardware run tens of times slower than fp32, and it takes 2-D parameters only. Here `ns_dtype="auto"` runs Newton-Schulz in bf16 on GPUs and in fp32 on CPUs.
 """
 
 from __future__ import annotations

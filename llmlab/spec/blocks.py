@@ -142,7 +142,7 @@ class Muon(StrictModel):
     momentum: float = Field(0.95, ge=0.0, lt=1.0, description="momentum decay")
     nesterov: bool = Field(True, description="orthogonalise g + momentum * buf instead of buf")
     ns_steps: int = Field(5, ge=1, le=50, description="Newton-Schulz iterations")
-    ns_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs (bf16 is 35x slower there)")
+    ns_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs, fp32 on CPUs (where bf16 is many times slower)")
     adamw_lr_ratio: float = Field(0.1, gt=0, description="lr of the AdamW-handled parameters, relative to lr")
     adamw_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW part: first-moment decay")
     adamw_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW part: second-moment decay")

@@ -1,18 +1,13 @@
 """The shipped demo, as `make demo` runs it: instruction tuning must teach the tasks, preference
 optimisation must raise preference accuracy without lowering exact match, and grpo must raise exact
-match — the quality issue's targets, each stage against the model it started from.
+match — each stage against the model it started from.
 
-Margins come from `bench/quality.py` (docs/benchmarks.md), taken at or below each worst run so they hold
-on other CPUs. sft stops at a held-out loss (`stop_at`, eighth session), which lands every seed at about
-the same place: on the Intel Xeon's benches 0.480-0.560 exact match at the shipped 0.35 (seeds 1, 2, 3,
-1234 and seed 1 on one thread), where a fixed 300 steps gave 0.220-0.514 (AMD EPYC and Intel Xeon) — so
-the floor here is the quality issue's own 0.45; preference accuracy over pretrain +26 points at the least
-(here +15). dpo, with a light NLL term (`sft_weight: 0.05`, tenth session), and grpo, 16 prompts x 4
-answers a step: on the tenth session's bench dpo +6.2 to +12.0 points of preference accuracy and +5.2
-to +18.2 of exact match, grpo +7.8 to +15.6 of exact match; the test asks the issue's targets (dpo +5
-points of preference accuracy and exact match not lower, grpo +5 points of exact match), under every
-bench run. grpo also must hand on the checkpoint its own validation picks: it evaluates the dpo model
-first and keeps it unless a step beats the best so far by more than `min_improvement`.
+The targets: sft at least 0.45 exact match and +15 points of preference accuracy over pretrain; dpo +5
+points of preference accuracy with exact match not lower; grpo +5 points of exact match. Each lies
+under the worst run of `bench/quality.py` (docs/benchmarks.md, "Demo quality over seeds"), so they
+hold on other CPUs and thread counts. sft stops at a held-out loss (`stop_at`), which lands every seed
+at about the same place. grpo must also hand on the checkpoint its own validation picks: it evaluates
+the dpo model first and keeps it unless a step beats the best so far by more than `min_improvement`.
 """
 
 import json
@@ -27,11 +22,11 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-SFT_MIN_EM = 0.45  # sft exact match, absolute: the issue's floor (worst measured stop_at runs 0.480 and 0.488)
-SFT_MIN_PA_GAIN = 0.15  # over pretrain (worst measured run +26.4 points)
-DPO_MIN_PA_GAIN = 0.05  # dpo over sft, preference accuracy: the issue's target (worst bench run +6.2, seed 1234 +9.8)
-DPO_MIN_EM_GAIN = 0.0  # dpo over sft, exact match: the issue's "not lower" (worst bench run +5.2, seed 1234 +6.8)
-GRPO_MIN_EM_GAIN = 0.05  # grpo over dpo, exact match: the issue's target (worst bench run +7.8, seed 1234 +11.2)
+SFT_MIN_EM = 0.45  # sft exact match, absolute
+SFT_MIN_PA_GAIN = 0.15  # sft over pretrain, preference accuracy
+DPO_MIN_PA_GAIN = 0.05  # dpo over sft, preference accuracy
+DPO_MIN_EM_GAIN = 0.0  # dpo over sft, exact match: not lower
+GRPO_MIN_EM_GAIN = 0.05  # grpo over dpo, exact match
 
 
 def test_the_demo_improves_its_model_at_every_stage(tmp_path):
