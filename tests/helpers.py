@@ -5,6 +5,7 @@ puts this folder on sys.path); no test module imports another test module."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -111,12 +112,23 @@ def half_broken_text(path: Path, good: int, bad: int) -> Path:
     return path
 
 
-def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.yaml", **stage_updates) -> Path:
+def cli_env(state: Path, api: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of an `llmlab` subprocess: its own state dir, and the test server's API when
+    given (so it starts no temporary Prefect server of its own)."""
+    env = {**os.environ, "LLMLAB_STATE_DIR": str(state), "PYTHONUNBUFFERED": "1", **extra}
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.yaml", workdir: str | None = None,
+                **stage_updates) -> Path:
     """pipelines/tiny.yaml (or another shipped pipeline) with the same stages and data, a small
-    model and a few steps."""
+    model and a few steps, written to `tmp_path`. Its workdir is `tmp_path/runs`, or `workdir` as
+    given (a relative one is relative to the folder the pipeline runs from)."""
     raw = yaml.safe_load((ROOT / "pipelines" / pipeline).read_text())
     raw["name"] = name
-    raw["workdir"] = str(tmp_path / "runs")
+    raw["workdir"] = workdir or str(tmp_path / "runs")
     raw["tokenizer"]["train"].update(vocab_size=512, max_documents=1500)
     raw["model"].update(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, max_seq_len=32)
     raw["stages"]["pretrain"]["train"].update(max_steps=12, warmup_steps=2, batch_sequences=4, eval_every=6, eval_steps=4,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import TOY_REWARDS
+from helpers import TOY_REWARDS, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ def numbers(runs: Path) -> dict:
     return out
 
 
-def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_model_folder(tmp_path):
+def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_model_folder(tmp_path, api_url):
     llama = llama_folder(tmp_path / "llama")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}: the value {i} returns {i * 7 % 13} when sorted and reversed."
@@ -113,8 +113,7 @@ def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_m
         (work / "toy_rewards.py").write_text(TOY_REWARDS)
         path = work / "determinism.yaml"
         path.write_text(yaml.safe_dump(spec(work, llama, corpus), sort_keys=False))
-        env = {**os.environ, "LLMLAB_STATE_DIR": str(work / "state"), "PYTHONPATH": str(work) + os.pathsep
-               + os.environ.get("PYTHONPATH", "")}
+        env = cli_env(work / "state", api_url, PYTHONPATH=str(work) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         runs[attempt] = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", str(path)], cwd=work, env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     got = []

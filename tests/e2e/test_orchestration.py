@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import half_broken_text, shrunk_tiny
+from helpers import cli_env, half_broken_text, shrunk_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def mlflow_runs(state: Path, name: str):
     return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_failed_stage_reruns_alone_and_finished_stages_are_cached(harness, isolated):
+def test_failed_stage_reruns_alone_and_finished_stages_are_cached(tiny_copy):
     from mlflow.tracking import MlflowClient
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -38,26 +38,27 @@ def test_failed_stage_reruns_alone_and_finished_stages_are_cached(harness, isola
     from flows.pipeline import pipeline
 
     # rows past the 50 that validation samples are broken: the eval stage itself fails, after the others ran
-    evaldata = half_broken_text(isolated / "evaldata.jsonl", 60, 200)
-    spec = shrunk_tiny(isolated, "fail-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
+    evaldata = half_broken_text(tiny_copy.project / "evaldata.jsonl", 60, 200)
+    spec = shrunk_tiny(tiny_copy.project, "tiny-test", workdir="runs",
+                       eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
+    runs = tiny_copy.runs
+    before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "grpo")}
     failed = pipeline(spec=str(spec), return_state=True)
     # an expected failure ends the flow with one sentence: the stage, the file, the cause and the fix
     assert failed.is_failed() and failed.message.startswith("stage 'eval': ") and "evaldata.jsonl" in failed.message
     assert "malformed" in failed.message and "max_bad_share" in failed.message and "Traceback" not in failed.message
-    runs = isolated / "runs"
     record = json.loads((runs / "eval" / "stage.json").read_text())
     assert record["status"] == "failed" and record["expected"] and "evaldata.jsonl" in record["error"]
     log = (runs / "eval" / "stage.log").read_text()  # the traceback is kept for whoever wants it
-    assert "Traceback" in log and "DataSourceError" in log and str(runs / "eval" / "stage.log") in failed.message
-    client = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}")
+    assert "Traceback" in log and "DataSourceError" in log and str(Path("runs") / "eval" / "stage.log") in failed.message
+    client = MlflowClient(f"sqlite:///{tiny_copy.state / 'mlflow.db'}")
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FAILED" and "evaldata.jsonl" in run.data.tags["llmlab.error"]
     assert "stage.log" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    before = {s: started(runs, s) for s in ("tokenizer", "pretrain")}
     half_broken_text(evaldata, 300, 0)  # the data is fixed
     state = pipeline(spec=str(spec), return_state=True)
     results = state.result()
-    assert {s: started(runs, s) for s in ("tokenizer", "pretrain")} == before  # not executed again
+    assert {s: started(runs, s) for s in before} == before  # not executed again
     assert results["tokenizer"]["reused"] and results["pretrain"]["reused"] and not results["eval"]["reused"]
     assert json.loads((runs / "eval" / "stage.json").read_text())["status"] == "finished"
 
@@ -70,46 +71,42 @@ def test_failed_stage_reruns_alone_and_finished_stages_are_cached(harness, isola
 
     names = asyncio.run(task_states(state.state_details.flow_run_id))
     assert names["tokenizer"] == "Cached" and names["pretrain"] == "Cached" and names["eval"] == "Completed"
-    # MLflow: the new parent run names the reused child runs
-    client, all_runs = mlflow_runs(isolated / "state", "fail-test")
+    # MLflow: the new parent run names the reused child runs (the first parent is the finished run copied here)
+    client, all_runs = mlflow_runs(tiny_copy.state, "tiny-test")
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]
-    assert parents[1].data.tags["llmlab.reused.pretrain"] == results["pretrain"]["mlflow_run_id"]
-    assert "llmlab.reused.eval" not in parents[1].data.tags
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED", "FINISHED"]
+    assert parents[2].data.tags["llmlab.reused.pretrain"] == results["pretrain"]["mlflow_run_id"]
+    assert "llmlab.reused.eval" not in parents[2].data.tags
 
 
-def test_deleted_or_altered_output_is_recomputed_not_trusted(harness, isolated):
+def test_deleted_or_altered_output_is_recomputed_not_trusted(tiny_copy):
     from flows.pipeline import pipeline
 
-    spec = shrunk_tiny(isolated, "delete-test")
-    first = pipeline(spec=str(spec))
-    runs = isolated / "runs"
+    first, runs = tiny_copy.results, tiny_copy.runs
     # an altered tokenizer output no longer matches its recorded fingerprint
     (runs / "tokenizer" / "tokenizer" / "tokenizer_config.json").write_text("{}")
-    second = pipeline(spec=str(spec))
+    second = pipeline(spec=str(tiny_copy.spec))
     assert not second["tokenizer"]["reused"]
     assert second["tokenizer"]["fingerprint"] == first["tokenizer"]["fingerprint"]  # deterministic retrain
     assert second["pretrain"]["reused"]  # same tokenizer fingerprint: pretrain's key is unchanged
     import shutil
 
     shutil.rmtree(runs / "pretrain" / "model")
-    third = pipeline(spec=str(spec))
+    third = pipeline(spec=str(tiny_copy.spec))
     assert not third["pretrain"]["reused"] and (runs / "pretrain" / "model" / "model.safetensors").is_file()
     assert third["pretrain"]["fingerprint"] == first["pretrain"]["fingerprint"]
 
 
-def test_spec_edit_reruns_only_what_changed_and_flags(harness, isolated):
+def test_spec_edit_reruns_only_what_changed_and_flags(tiny_copy):
     from flows.pipeline import pipeline
 
-    spec = shrunk_tiny(isolated, "edit-test")
-    pipeline(spec=str(spec))
-    runs = isolated / "runs"
+    project, runs = tiny_copy.project, tiny_copy.runs
     before = {s: started(runs, s) for s in ("tokenizer", "pretrain", "eval")}
-    spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4})  # an eval-only change
+    spec = shrunk_tiny(project, "tiny-test", workdir="runs", eval={"max_new_tokens": 4})  # an eval-only change
     results = pipeline(spec=str(spec))
     assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "dpo", "grpo", "eval")] == [True] * 5 + [False]
     # a DPO field changes: everything before it is reused, dpo and what depends on it (grpo, eval) run
-    spec = shrunk_tiny(isolated, "edit-test", eval={"max_new_tokens": 4}, dpo={"beta": 0.3})
+    spec = shrunk_tiny(project, "tiny-test", workdir="runs", eval={"max_new_tokens": 4}, dpo={"beta": 0.3})
     results = pipeline(spec=str(spec))
     assert [results[s]["reused"] for s in ("tokenizer", "pretrain", "sft", "dpo", "grpo", "eval")] == [True] * 3 + [False] * 3
     assert started(runs, "pretrain") == before["pretrain"]
@@ -135,10 +132,9 @@ def losses(metrics_file: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
+def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path, api_url):
     """`llmlab run` killed with SIGKILL mid-pretrain; the rerun resumes and matches an uninterrupted run."""
     train = dict(max_steps=40, warmup_steps=2, batch_sequences=4, eval_every=20, eval_steps=2, save_every=5, log_every=1)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     for d in (killed, clean):
         d.mkdir()
@@ -149,7 +145,7 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
         raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}  # the later stages add time, not coverage
         raw["stages"]["pretrain"]["train"].update(train)
         specs[d].write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = cli(["run", str(specs[killed])], killed, {**env, "LLMLAB_STATE_DIR": str(killed / "state")})
+    proc = cli(["run", str(specs[killed])], killed, cli_env(killed / "state", api_url))
     metrics = killed / "runs" / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and max(losses(metrics), default=0) >= 13):
@@ -157,12 +153,12 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(metrics)) < 40, "the run finished before it could be killed"
-    done = cli(["run", str(specs[killed])], killed, {**env, "LLMLAB_STATE_DIR": str(killed / "state")})
+    done = cli(["run", str(specs[killed])], killed, cli_env(killed / "state", api_url))
     out_resumed = done.communicate(timeout=300)[0]
     assert done.returncode == 0, out_resumed[-3000:]
     resumed_at = int(out_resumed.split("resuming from step ")[1].split()[0])
     assert resumed_at >= 10 and resumed_at % 5 == 0
-    ref = cli(["run", str(specs[clean])], clean, {**env, "LLMLAB_STATE_DIR": str(clean / "state")})
+    ref = cli(["run", str(specs[clean])], clean, cli_env(clean / "state", api_url))
     out_ref = ref.communicate(timeout=300)[0]
     assert ref.returncode == 0, out_ref[-3000:]
     got, want = losses(metrics), losses(clean / "runs" / "pretrain" / "metrics.jsonl")
@@ -202,25 +198,27 @@ def test_concurrent_runs_of_one_stage_never_collide(isolated):
 
 
 
-def test_a_failed_gate_stops_the_pipeline_before_the_next_stage(harness, isolated):
+def test_a_failed_gate_stops_the_pipeline_before_the_next_stage(tiny_copy):
     from flows.pipeline import pipeline
 
-    spec = shrunk_tiny(isolated, "gate-test", pretrain={"gates": ["eval/ppl < 1.5"]})
+    runs = tiny_copy.runs
+    before = started(runs, "grpo")
+    spec = shrunk_tiny(tiny_copy.project, "tiny-test", workdir="runs", dpo={"gates": ["eval/accuracy > 1.5"]})
     state = pipeline(spec=str(spec), return_state=True)
-    assert state.is_failed() and re.search(r"gate 'eval/ppl < 1.5' failed: eval/ppl = [0-9.]+, bound < 1.5", state.message)
-    runs = isolated / "runs"
-    record = json.loads((runs / "pretrain" / "stage.json").read_text())
-    assert record["status"] == "failed" and "eval/ppl" in record["error"]
-    assert not (runs / "sft").exists()  # nothing after the gate ran
+    assert state.is_failed() and re.search(r"gate 'eval/accuracy > 1.5' failed: eval/accuracy = [0-9.]+, bound > 1.5",
+                                           state.message)
+    record = json.loads((runs / "dpo" / "stage.json").read_text())
+    assert record["status"] == "failed" and "eval/accuracy" in record["error"]
+    assert started(runs, "grpo") == before  # nothing after the gate ran
 
 
-def test_the_cli_shows_an_expected_failure_as_one_sentence_and_debug_shows_the_traceback(tmp_path):
+def test_the_cli_shows_an_expected_failure_as_one_sentence_and_debug_shows_the_traceback(tmp_path, api_url):
     data = half_broken_text(tmp_path / "corpus.jsonl", 60, 200)
     spec = shrunk_tiny(tmp_path, "cli-fail")
     raw = yaml.safe_load(spec.read_text())
     raw["stages"] = {"pretrain": {**raw["stages"]["pretrain"], "data": [{"path": str(data)}]}}
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}
+    env = cli_env(tmp_path / "state", api_url)
     plain = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec)], capture_output=True, text=True,
                            cwd=tmp_path, env=env, timeout=600)
     shown = plain.stdout + plain.stderr

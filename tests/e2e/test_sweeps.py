@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import shrunk_tiny
+from helpers import cli_env, shrunk_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +107,7 @@ def cli(args, cwd, env):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_rounds_chain_their_models_and_a_killed_round_resumes(tmp_path):
+def test_rounds_chain_their_models_and_a_killed_round_resumes(tmp_path, api_url):
     spec = shrunk_tiny(tmp_path, "rounds-test")
     raw = yaml.safe_load(spec.read_text())
     st = raw["stages"]
@@ -122,7 +122,7 @@ def test_rounds_chain_their_models_and_a_killed_round_resumes(tmp_path):
     }
     raw["repeat"] = {"stages": ["prefs", "dpo"], "times": 3}
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LLMLAB_STATE_DIR": str(tmp_path / "state")}
+    env = cli_env(tmp_path / "state", api_url)
     runs = tmp_path / "runs"
     proc = cli(["run", str(spec)], tmp_path, env)
     metrics = runs / "dpo" / "round-2" / "metrics.jsonl"

@@ -14,19 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def finished_run(harness, tmp_path_factory):
-    """Run the flow once; several tests inspect the outputs."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    state = tmp / "state"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LLMLAB_STATE_DIR", str(state))
-    from flows.pipeline import pipeline
-
-    spec = shrunk_tiny(tmp)
-    results = pipeline(spec=str(spec))
-    yield {"spec": spec, "results": results, "state": state}
-    mp.undo()
+@pytest.fixture
+def finished_run(finished_project):
+    """The session's finished run of the shrunk tiny pipeline (tests/e2e/conftest.py), read from its folder."""
+    return {"spec": finished_project.spec, "results": finished_project.results, "state": finished_project.state}
 
 
 def test_every_stage_finishes_with_outputs(finished_run):
@@ -199,12 +190,12 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
     assert version.run_id == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model
 
 
-def test_plan_says_what_would_run_and_why_without_running_anything(finished_run):
-    """Last in this module: it edits the spec file (and puts it back)."""
+def test_plan_says_what_would_run_and_why_without_running_anything(tiny_copy):
     import yaml
 
     from llmlab.plan import plan_run
 
+    finished_run = {"spec": tiny_copy.spec, "results": tiny_copy.results, "state": tiny_copy.state}
     spec = finished_run["spec"]
     rows = {r.stage: r for r in plan_run(spec)}
     assert {s: r.action for s, r in rows.items()} == {s: "reuse" for s in finished_run["results"]}
@@ -213,24 +204,21 @@ def test_plan_says_what_would_run_and_why_without_running_anything(finished_run)
     assert rows["eval"].action == "run" and rows["eval"].reasons == ["input 'grpo' runs again, so its output may change"]
     # a time estimate from the stage's own last run (same shape) and a memory estimate
     assert rows["grpo"].seconds == pytest.approx(finished_run["results"]["grpo"]["seconds"]) and rows["grpo"].memory > 0
-    original = spec.read_text()
-    try:
-        raw = yaml.safe_load(original)
-        changed = f"config changed: beta: {raw['stages']['dpo']['beta']} -> 0.3"  # the shipped beta, whatever it is
-        raw["stages"]["dpo"]["beta"] = 0.3
-        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-        rows = {r.stage: r for r in plan_run(spec)}
-        assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft"]
-        assert rows["dpo"].reasons == [changed]
-        shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
-                               text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
-        assert shown.returncode == 0, shown.stderr
-        assert {r["stage"]: r["action"] for r in json.loads(shown.stdout)}["dpo"] == "run"
-        record = Path(finished_run["results"]["dpo"]["output_dir"]) / "stage.json"
-        before = record.read_text()
-        dry = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec), "--dry-run"], capture_output=True,
-                             text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}, timeout=300)
-        assert dry.returncode == 0 and changed in dry.stdout, dry.stderr
-        assert record.read_text() == before  # nothing ran
-    finally:
-        spec.write_text(original)
+    raw = yaml.safe_load(spec.read_text())
+    changed = f"config changed: beta: {raw['stages']['dpo']['beta']} -> 0.3"  # the shipped beta, whatever it is
+    raw["stages"]["dpo"]["beta"] = 0.3
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    rows = {r.stage: r for r in plan_run(spec)}
+    assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft"]
+    assert rows["dpo"].reasons == [changed]
+    env = {**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}
+    shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert {r["stage"]: r["action"] for r in json.loads(shown.stdout)}["dpo"] == "run"
+    record = Path(finished_run["results"]["dpo"]["output_dir"]) / "stage.json"
+    before = record.read_text()
+    dry = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec), "--dry-run"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert dry.returncode == 0 and changed in dry.stdout, dry.stderr
+    assert record.read_text() == before  # nothing ran

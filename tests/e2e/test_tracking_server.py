@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import shrunk_tiny
+from helpers import cli_env, shrunk_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path):
+def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path, api_url):
     from mlflow.tracking import MlflowClient
 
     port = free_port()
@@ -61,7 +61,7 @@ def test_a_stage_outlives_an_mlflow_server_that_stops_and_starts_again(tmp_path)
     raw["tracking"] = {"uri": uri, "wait_seconds": 120}
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     server = start_mlflow(tmp_path, port)
-    env = {**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}
+    env = cli_env(tmp_path / "state", api_url)
     run = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", str(spec)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
