@@ -1,5 +1,6 @@
 """Each optimizer's update on hand-sized tensors equals the paper's formula, written out here in
-float64 numpy (never by calling the implementation); Muon's and Sophia's defining properties."""
+float64 numpy (never by calling the implementation); Muon's and Sophia's defining properties. Every
+optimizer is built the way a stage builds it: from its spec block, through `llmlab.optim.build_optimizer`."""
 
 import math
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab.optim import Lion, Muon, SophiaG
+from llmlab.optim import Muon, build_optimizer
+from llmlab.spec import TrainSpec
 
 W0 = np.array([[0.5, -1.0, 0.25], [1.5, 0.0, -0.75]])
 GRADS = [np.array([[0.1, -0.2, 0.3], [-0.4, 0.5, 0.05]]), np.array([[-0.3, 0.1, 0.2], [0.2, -0.1, 0.6]])]
@@ -25,9 +27,15 @@ def run_steps(opt_factory, w0=W0, grads=GRADS):
     return out
 
 
+def built(name: str, lr: float, weight_decay: float = 0.0, **fields):
+    """A factory of llmlab's optimizer `name` (its spec block with `fields`) over the given parameters."""
+    spec = TrainSpec(optimizer={"name": name, **fields}).optimizer
+    return lambda params: build_optimizer(torch.nn.ParameterList(params), spec, lr, weight_decay)
+
+
 def test_adamw_update_matches_formula():
     lr, b1, b2, eps, wd = 0.01, 0.9, 0.999, 1e-8, 0.1
-    got = run_steps(lambda ps: torch.optim.AdamW(ps, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd))
+    got = run_steps(built("adamw", lr, wd, beta1=b1, beta2=b2, eps=eps))
     w, m, v = W0.copy(), 0 * W0, 0 * W0
     for t, g in enumerate(GRADS, 1):  # Loshchilov & Hutter, Algorithm 2 (decoupled decay)
         w = w - lr * wd * w
@@ -39,13 +47,9 @@ def test_adamw_update_matches_formula():
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_update_matches_formula(nesterov):
-    """llmlab's sgd (built from the spec) is heavy-ball momentum: b = mu b + g; w -= lr (g + mu b if Nesterov else b)."""
-    from llmlab.optim import build_optimizer
-    from llmlab.spec import TrainSpec
-
+    """llmlab's sgd is heavy-ball momentum: b = mu b + g; w -= lr (g + mu b if Nesterov else b)."""
     lr, mu = 0.1, 0.9
-    spec = TrainSpec(optimizer={"name": "sgd", "momentum": mu, "nesterov": nesterov}).optimizer
-    got = run_steps(lambda ps: build_optimizer(torch.nn.ParameterList(ps), spec, lr, 0.0))
+    got = run_steps(built("sgd", lr, momentum=mu, nesterov=nesterov))
     w, b = W0.copy(), 0 * W0
     for t, g in enumerate(GRADS, 1):
         b = mu * b + g
@@ -55,7 +59,7 @@ def test_sgd_update_matches_formula(nesterov):
 
 def test_lion_update_matches_paper():
     lr, b1, b2, wd = 0.01, 0.9, 0.99, 0.5
-    got = run_steps(lambda ps: Lion(ps, lr=lr, betas=(b1, b2), weight_decay=wd))
+    got = run_steps(built("lion", lr, wd, beta1=b1, beta2=b2))
     w, m = W0.copy(), 0 * W0
     for t, g in enumerate(GRADS):  # Chen et al. 2023, Algorithm 2
         c = b1 * m + (1 - b1) * g
@@ -63,13 +67,13 @@ def test_lion_update_matches_paper():
         m = b2 * m + (1 - b2) * g
         np.testing.assert_allclose(got[t], w, atol=1e-7)
     # every coordinate moved by exactly lr in the first step (sign update, no decay term here)
-    first = run_steps(lambda ps: Lion(ps, lr=lr, betas=(b1, b2)), grads=GRADS[:1])[0]
+    first = run_steps(built("lion", lr, beta1=b1, beta2=b2), grads=GRADS[:1])[0]
     np.testing.assert_allclose(np.abs(first - W0), lr, atol=1e-7)
 
 
 def test_adafactor_update_matches_formula():
     lr, decay, eps1, eps2, d = 0.01, -0.8, 1e-30, 1e-3, 1.0
-    got = run_steps(lambda ps: torch.optim.Adafactor(ps, lr=lr, beta2_decay=decay, eps=(eps1, eps2), d=d))
+    got = run_steps(built("adafactor", lr, beta2_decay=decay, eps1=eps1, eps2=eps2, d=d))
     w = W0.copy()
     r, c = np.zeros((2, 1)), np.zeros((1, 3))
     for t, g in enumerate(GRADS, 1):  # Shazeer & Stern 2018, Algorithm 4, as torch documents it
@@ -89,7 +93,7 @@ def test_sophia_update_matches_paper():
     lr, b1, b2, rho, eps, wd, B = 0.1, 0.965, 0.99, 0.04, 1e-12, 0.1, 7
     hess_grads = [np.array([[0.3, 0.01, -0.2], [0.05, 2.0, 0.001]])]  # gradients of the GNB loss
     p = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float32))
-    opt = SophiaG([p], lr=lr, betas=(b1, b2), rho=rho, k=2, eps=eps, weight_decay=wd)
+    opt = built("sophia", lr, wd, beta1=b1, beta2=b2, rho=rho, k=2, eps=eps)([p])
     w, m, h = W0.copy(), 0 * W0, 0 * W0
     for t, g in enumerate(GRADS * 2, 1):  # Liu et al. 2023, Algorithms 2 and 3
         if t % 2 == 1:  # t mod k = 1: refresh the estimate with h_hat = B * grad^2
@@ -126,7 +130,7 @@ def test_muon_update_matches_formula():
     lr, mu, wd = 0.02, 0.95, 0.1
     w0 = W0.T.copy()  # 3 x 2: a tall matrix, so the sqrt(rows / cols) scale matters
     grads = [g.T.copy() for g in GRADS]
-    got = run_steps(lambda ps: Muon([{"params": ps, "use_muon": True}], lr=lr, momentum=mu, weight_decay=wd), w0, grads)
+    got = run_steps(built("muon", lr, wd, momentum=mu), w0, grads)
     w, buf = w0.copy(), 0 * w0
     for t, g in enumerate(grads):
         buf = mu * buf + (1 - mu) * g
