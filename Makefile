@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/llmlab run pipelines/tiny.yaml
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

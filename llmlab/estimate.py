@@ -343,12 +343,14 @@ def sequence_batch(st: Any, shape: ModelShape, sequences: int, *, padded: bool =
                           f"(the longest a batch can be)"])
 
 
-def lm_logits(shape: ModelShape, fwd: Forward, copies: float = 0) -> int:
-    """The logit-sized tensors of a language-modelling loss over every token of `fwd`'s pass
+def lm_forward(st: Any, shape: ModelShape, sequences: int, *, padded: bool = True, copies: float = 0) -> Forward:
+    """`sequence_batch` with the logit-sized tensors of a language-modelling loss over every token
     (`copies` of them; a causal-LM step's by default)."""
     from llmlab.model import memory as mm
 
-    return mm.logits_bytes(shape, fwd.sequences * fwd.seq_len, copies or mm.LM_LOSS_LOGIT_COPIES)
+    fwd = sequence_batch(st, shape, sequences, padded=padded)
+    fwd.logits = mm.logits_bytes(shape, fwd.sequences * fwd.seq_len, copies or mm.LM_LOSS_LOGIT_COPIES)
+    return fwd
 
 
 def reference_bytes(spec: Pipeline, st: Any, source: ModelSource, notes: list[str], other: ModelSource | None = None) -> int:

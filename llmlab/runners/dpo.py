@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmlab.data.formats import PREFERENCE
-from llmlab.estimate import lm_logits, named_model, reference_bytes, sequence_batch, stage_model, training_work
+from llmlab.estimate import lm_forward, named_model, reference_bytes, stage_model, training_work
 from llmlab.runners.kind import NamedModel, StageKind, describe_pairs
 from llmlab.spec.stages import DpoStage
 
@@ -106,15 +106,16 @@ def run_dpo(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
 
 def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
     """Both sequences of each pair; the reference (unless precomputed) and the logits it keeps alive."""
-    fwd = sequence_batch(block, source.shape, 2 * block.train.batch_pairs)
-    if block.precompute_reference:
-        fwd.notes.insert(0, "reference: scored once before training, then dropped")
-        fwd.logits = lm_logits(source.shape, fwd)
-    else:
+    live = not block.precompute_reference
+    fwd = lm_forward(block, source.shape, 2 * block.train.batch_pairs, copies=LIVE_REFERENCE_LOGIT_COPIES if live else 0)
+    if live:
         other = (stage_model(spec, block.reference_stage) if block.reference_stage else
                  named_model(block.reference_model) if block.reference_model else None)
-        fwd.parts["reference model"] = reference_bytes(spec, block, source, fwd.notes, other)
-        fwd.logits = lm_logits(source.shape, fwd, LIVE_REFERENCE_LOGIT_COPIES)
+        notes: list[str] = []
+        fwd.parts["reference model"] = reference_bytes(spec, block, source, notes, other)
+        fwd.notes[:0] = notes  # what the reference is, before the batch
+    else:
+        fwd.notes.insert(0, "reference: scored once before training, then dropped")
     return fwd
 
 

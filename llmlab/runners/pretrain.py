@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmlab.data.formats import TEXT
-from llmlab.estimate import lm_logits, sequence_batch, training_work
+from llmlab.estimate import lm_forward, training_work
 from llmlab.runners.kind import StageKind, block_config, describe_sequences
 from llmlab.spec.stages import PretrainStage
 
@@ -87,9 +87,7 @@ def _resolve(spec: Pipeline, stage: str) -> dict[str, Any]:
 
 def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
     """Packed blocks of the model's whole context, no padding; the causal-LM loss's logits."""
-    fwd = sequence_batch(block, source.shape, block.train.batch_sequences, padded=False)
-    fwd.logits = lm_logits(source.shape, fwd)
-    return fwd
+    return lm_forward(block, source.shape, block.train.batch_sequences, padded=False)
 
 
 KIND = StageKind(

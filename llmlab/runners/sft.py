@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from llmlab.data.formats import SFT
-from llmlab.estimate import lm_logits, sequence_batch, training_work
+from llmlab.estimate import lm_forward, training_work
 from llmlab.runners.kind import StageKind, describe_sequences
 from llmlab.spec.stages import SftStage
 
@@ -68,9 +68,7 @@ def run_sft(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
 
 def _forward(spec: Pipeline, block: Any, source: ModelSource) -> Forward:
     """Conversations padded to the batch's longest (at most max_seq_len); the causal-LM loss's logits."""
-    fwd = sequence_batch(block, source.shape, block.train.batch_sequences)
-    fwd.logits = lm_logits(source.shape, fwd)
-    return fwd
+    return lm_forward(block, source.shape, block.train.batch_sequences)
 
 
 KIND = StageKind(
