@@ -24,8 +24,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from llmlab.errors import UserError
 
 KEEP_CHECKPOINTS = 2  # resumable checkpoints kept per stage; older ones are deleted
@@ -121,6 +119,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any]) -> P
     Writes `<ckpt_dir>/step-NNNNNNNN/state.pt`, then points `<ckpt_dir>/latest` at it, then prunes
     all but the newest KEEP_CHECKPOINTS.
     """
+    import torch
+
     ckpt_dir = Path(ckpt_dir)
     blob = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()}
     target = ckpt_dir / _name(step)
@@ -155,4 +155,6 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The saved dict of state dicts and values (tensors on CPU)."""
+    import torch
+
     return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)

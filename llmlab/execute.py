@@ -26,7 +26,7 @@ from llmlab.gates import GateFailed, check_gates
 from llmlab.launch import run_under_torchrun
 from llmlab.reuse import StageFolderTaken, cache_key, finished_result, folder_conflict, stage_lock
 from llmlab.runners.context import StageContext, StageResult, stage_block
-from llmlab.runners.registry import kind_of, resolved_config, runner
+from llmlab.runners.registry import KINDS, kind_of, resolved_config, runner
 from llmlab.spec import Pipeline, config_hash, load_spec
 from llmlab.tracking import Tracker
 from llmlab.train.signals import TrainingInterrupted
@@ -123,7 +123,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     metrics_file = out_dir / "metrics.jsonl"
     if metrics_file.exists() and not (out_dir / "checkpoints").exists():
         metrics_file.unlink()  # a fresh start: metrics of an older, discarded attempt go
-    ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config)
+    ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config, kinds=KINDS)
     started = time.perf_counter()
     dist_spec = getattr(ctx.config, "distributed", None)
     try:

@@ -34,7 +34,7 @@ import torch
 from llmlab import parallel
 from llmlab.checkpoint import atomic_write_json
 from llmlab.runners.context import StageContext, StageResult, stage_block
-from llmlab.runners.registry import resolved_config, runner
+from llmlab.runners.registry import KINDS, resolved_config, runner
 from llmlab.serve import configure_environment
 from llmlab.spec import load_spec
 from llmlab.tracking import Tracker
@@ -130,7 +130,8 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
     else:
         run, out_dir = _NoRun(run_id), Path(tempfile.mkdtemp(prefix=f"llmlab-{stage}-rank{par.rank}-"))
         sys.stdout = open(os.devnull, "w")  # rank 0 reports progress; errors still reach stderr
-    ctx = StageContext(spec, stage, block, out_dir, inputs, run, stage_dir=stage_dir, resolved=resolved_config(spec, stage))
+    ctx = StageContext(spec, stage, block, out_dir, inputs, run, stage_dir=stage_dir, resolved=resolved_config(spec, stage),
+                       kinds=KINDS)
     status: dict[str, Any]
     try:
         outputs, metrics = runner(block.kind)(ctx)

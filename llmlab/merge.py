@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,11 +107,10 @@ def _tokenizer_source(adapter_dir: Path, base: str) -> str | None:
     return None
 
 
-def merge_adapters(adapter_dir: str | Path, base_model: str | Path | None, out_dir: str | Path) -> Path:
-    """Fold the adapters of `adapter_dir` into `base_model` (a folder or hub name; None: the one in
-    adapter_config.json) and save a plain model of the base's family (a stock Qwen2 stays a Qwen2)
-    to `out_dir` with the tokenizer. The base's embeddings first grow to the adapters' tokenizer
-    when training added tokens (their rows are in the adapters)."""
+def merged_model(adapter_dir: str | Path, base_model: str | Path | None = None) -> tuple[Any, Any]:
+    """(plain model, tokenizer or None): the adapters of `adapter_dir` folded into `base_model` (a folder
+    or hub name; None: the one in adapter_config.json), in memory. The base's embeddings first grow to
+    the adapters' tokenizer when training added tokens (their rows are in the adapters)."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     base = _resolve_base(config, adapter_dir, base_model)
@@ -126,6 +126,13 @@ def merge_adapters(adapter_dir: str | Path, base_model: str | Path | None, out_d
     leftover = [n for n, _ in merged.named_parameters() if is_lora_parameter(n)]
     if leftover:
         raise MergeError(f"merging {adapter_dir} left LoRA tensors in the model: {leftover[:3]}")
+    return merged, tokenizer
+
+
+def merge_adapters(adapter_dir: str | Path, base_model: str | Path | None, out_dir: str | Path) -> Path:
+    """`merged_model`, saved to `out_dir` with the tokenizer: a plain model of the base's family (a stock
+    Qwen2 stays a Qwen2)."""
+    merged, tokenizer = merged_model(adapter_dir, base_model)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(str(tmp))

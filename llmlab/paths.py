@@ -31,11 +31,14 @@ QUIET_OFFLINE_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    # every tqdm bar (lm-evaluation-harness draws several per benchmark); llmlab prints its own progress lines
+    "TQDM_DISABLE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
 
 def quiet_defaults() -> None:
-    """No telemetry, no progress bars from transformers/datasets; values already set win."""
+    """No telemetry, no progress bars from transformers, datasets or anything drawing with tqdm; values
+    already set win. Call before those libraries are imported (tqdm reads its setting at import)."""
     for key, value in QUIET_OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)

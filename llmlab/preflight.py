@@ -243,6 +243,22 @@ def folder_problems(spec: Pipeline, spec_file: str | Path) -> list[Problem]:
     return problems
 
 
+def benchmark_problems(spec: Pipeline) -> list[Problem]:
+    """Every lm-evaluation-harness task an eval stage names, resolved: a local task file that parses
+    with its data present, a known task name (else the nearest ones), and, offline, a built-in task's
+    dataset in the local cache (`llmlab.benchmarks.run.check_benchmarks`; lm-eval is imported only here)."""
+    staged = [(name, stage) for name, stage in spec.stages.items() if getattr(stage, "benchmarks", None)]
+    if not staged:
+        return []
+    from llmlab.benchmarks.run import check_benchmarks
+
+    problems = []
+    for name, stage in staged:
+        for i, field_name, message in check_benchmarks(stage.benchmarks, offline()):
+            problems.append(Problem(name, f"benchmarks[{i}].{field_name}", message))
+    return problems
+
+
 def preflight(spec: Pipeline, spec_file: str | Path | None = None) -> tuple[list[Problem], list[str]]:
     """Every problem found in the spec's workdir (and, given the spec's file, stage folders another
     spec owns), local files, folders and models (and hub ones when online), and notes on what was
@@ -250,7 +266,8 @@ def preflight(spec: Pipeline, spec_file: str | Path | None = None) -> tuple[list
     data, data_notes = data_problems(spec)
     models, model_notes = model_problems(spec)
     folders = folder_problems(spec, spec_file) if spec_file is not None else []
-    return workdir_problems(spec) + folders + merge_branches(spec, data + models), data_notes + model_notes
+    return (workdir_problems(spec) + folders + merge_branches(spec, data + models + benchmark_problems(spec)),
+            data_notes + model_notes)
 
 
 def merge_branches(spec: Pipeline, problems: list[Problem]) -> list[Problem]:

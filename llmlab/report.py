@@ -29,19 +29,30 @@ def _plt():
     return plt
 
 
+def benchmark_metrics(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The `bench/<task>/<metric>` scores the models have, in order (standard errors and contamination apart)."""
+    keys = {k for m in models.values() for k in m if k.startswith("bench/")}
+    return sorted(k for k in keys if not k.endswith(("_stderr", "/contamination")))
+
+
 def plot_metrics(results: dict[str, Any], out: Path) -> Path:
     """One bar chart per metric the eval measured, a bar per model (unigram baseline on perplexity;
-    95% intervals on the proportions)."""
+    95% intervals on the proportions, one standard error on benchmark scores)."""
     plt = _plt()
     names = list(results["model_order"])
-    shown = [(k, label) for k, label in BARS if all(k in results["models"][n] for n in names)]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 4), squeeze=False)
+    models = results["models"]
+    shown = [(k, label) for k, label in BARS if all(k in models[n] for n in names)]
+    shown += [(k, k[len("bench/"):]) for k in benchmark_metrics(models) if all(k in models[n] for n in names)]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.5 * max(1, len(shown)), 4), squeeze=False)
     for ax, (key, label) in zip(axes[0], shown):
-        values = [results["models"][n][key] for n in names]
-        intervals = [results["models"][n].get(f"{key}_ci") for n in names]
+        values = [models[n][key] for n in names]
+        intervals = [models[n].get(f"{key}_ci") for n in names]
+        stderr = [models[n].get(f"{key}_stderr") for n in names]
         if all(intervals):
             errors = [[v - ci[0] for v, ci in zip(values, intervals)], [ci[1] - v for v, ci in zip(values, intervals)]]
             ax.bar(names, values, yerr=errors, capsize=4)
+        elif all(e is not None for e in stderr):
+            ax.bar(names, values, yerr=stderr, capsize=4)
         else:
             ax.bar(names, values)
         if key == "eval/ppl":
@@ -92,13 +103,39 @@ def _with_ci(m: dict, key: str) -> str:
     return f"{m[key]:.3f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{m[key]:.3f}"
 
 
+def _benchmark_table(models: dict[str, dict[str, Any]], ngram: int) -> list[str]:
+    """lm-evaluation-harness scores: a row per model, a column per task and metric (± one standard
+    error), and each model's contamination per task where its training data is known."""
+    keys = benchmark_metrics(models)
+    if not keys:
+        return []
+    lines = ["", "## Benchmarks (lm-evaluation-harness)", "",
+             "| model | " + " | ".join(k[len("bench/"):] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, m in models.items():
+        cells = []
+        for k in keys:
+            err = m.get(f"{k}_stderr")
+            cells.append("–" if k not in m else f"{m[k]:.3f} ± {err:.3f}" if err is not None else f"{m[k]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tasks = sorted({k.split("/")[1] for k in keys})
+    if any(f"bench/{t}/contamination" in m for m in models.values() for t in tasks):
+        lines += ["", f"Contamination: the share of each task's documents whose word {ngram}-grams occur in the training "
+                  f"data upstream of the model (a shorter document: a training example that begins with it).", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for name, m in models.items():
+            cells = [f"{m[f'bench/{t}/contamination']:.1%}" if f"bench/{t}/contamination" in m else "–" for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_report(results: dict[str, Any]) -> str:
     """A Markdown report: one row per model (proportions with 95% Wilson intervals), exact match and
     preference accuracy per task family, then each model's sample generations."""
     models = {name: results["models"][name] for name in results["model_order"]}  # JSON files sort keys
-    lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", "",
-             f"Held-out text: {results['val_tokens']:,} tokens scored per model "
-             f"({results['batches']} batches x {results['batch_sequences']} x {results['seq_len']}).", ""]
+    lines = [f"# Evaluation: {results['pipeline']} / {results['stage']}", ""]
+    if "val_tokens" in results:
+        lines += [f"Held-out text: {results['val_tokens']:,} tokens scored per model "
+                  f"({results['batches']} batches x {results['batch_sequences']} x {results['seq_len']}).", ""]
     if "tasks" in results:
         lines.append(f"Exact match: {results['tasks']['prompts']} held-out task prompts, greedy; preference accuracy: "
                      f"{results.get('preferences', {}).get('pairs', 0)} held-out pairs. Intervals: 95% (Wilson).")
@@ -107,8 +144,9 @@ def render_report(results: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         reward = f"{m['reward_mean']:.3f}" if "reward_mean" in m else "–"
-        lines.append(f"| {name} | {m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f} | "
-                     f"{_with_ci(m, 'exact_match')} | {_with_ci(m, 'preference_accuracy')} | {reward} |")
+        text = (f"{m['eval/loss']:.4f} | {m['eval/ppl']:.2f} | {m['unigram_ppl']:.2f}" if "eval/loss" in m else "– | – | –")
+        lines.append(f"| {name} | {text} | {_with_ci(m, 'exact_match')} | {_with_ci(m, 'preference_accuracy')} | {reward} |")
+    lines += _benchmark_table(models, results.get("contamination_ngram", 13))
     for metric, title in (("exact_match", "Exact match"), ("preference_accuracy", "Preference accuracy")):
         families = sorted({f for m in models.values() for f in m.get(f"{metric}_by_family", {})})
         if families:

@@ -64,7 +64,7 @@ def test_a_save_that_fails_halfway_names_the_path_and_keeps_the_previous_checkpo
         f.truncate(f.tell() // 2)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.torch, "save", save_then_fail)
+    monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(CheckpointWriteFailed) as info:
         save_checkpoint(tmp_path, 4, {"w": torch.tensor([4.0])})
     message = expected_failure(info.value, "pretrain")
@@ -88,9 +88,9 @@ def test_a_training_run_whose_save_fails_resumes_from_the_previous_checkpoint(tm
             raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos; file write failed")
         real_save(obj, f)
 
-    monkeypatch.setattr(checkpoint.torch, "save", fail_second)
+    monkeypatch.setattr(torch, "save", fail_second)
     with pytest.raises(CheckpointWriteFailed, match="step-00000004 stays latest"):
         train(tiny_model(), LanguageModeling(), CountingBatches(4), train_spec(), tmp_path, seed=1)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     result = train(tiny_model(), LanguageModeling(), CountingBatches(4), train_spec(), tmp_path, seed=1)
     assert result.resumed_from == 4 and result.step == 12

@@ -67,10 +67,13 @@ def test_promotion_reads_the_promoted_stage_and_the_eval_branch_that_judged_it()
     results = {
         "release": {"metrics": {"export/bytes": 10.0}},
         "eval[beta=0.1]": {"metrics": {"dpo/exact_match": 0.3, "pretrain/exact_match": 0.0}},
-        "eval[beta=0.5]": {"metrics": {"dpo/exact_match": 0.7, "pretrain/exact_match": 0.0}},
+        "eval[beta=0.5]": {"metrics": {"dpo/exact_match": 0.7, "pretrain/exact_match": 0.0,
+                                       "dpo/bench/llmlab_tasks_mc/acc": 0.8, "dpo/bench/llmlab_tasks_mc/contamination": 0.0}},
     }
     metrics = promotion_metrics(spec, results, {"release": "eval[beta=0.5]"})
     assert metrics["exact_match"] == 0.7 and metrics["dpo/exact_match"] == 0.7 and metrics["export/bytes"] == 10.0
+    # benchmark scores and contamination are read like any other metric the eval reported for the model
+    assert metrics["bench/llmlab_tasks_mc/acc"] == 0.8 and metrics["bench/llmlab_tasks_mc/contamination"] == 0.0
     raw = copy.deepcopy(SPEC)
     raw["promote"].pop("metrics_from")
     spec = parse_spec(yaml.safe_dump(raw, sort_keys=False))

@@ -55,6 +55,7 @@ class StageContext:
     run: Any  # tracking.StageRun (or a stand-in that logs nothing, on ranks > 0)
     stage_dir: Path | None = None  # the stage's real folder (= out_dir except on ranks > 0 of a distributed stage)
     resolved: dict[str, Any] = field(default_factory=dict)  # the config it runs with (registry.resolved_config)
+    kinds: dict[str, Any] = field(default_factory=dict)  # every kind's record, for a runner that reads other stages' (eval)
 
     @property
     def checkpoint_dir(self) -> Path:

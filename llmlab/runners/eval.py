@@ -17,10 +17,27 @@ MAX_EVAL_CONTEXT = 2048  # held-out text is scored in blocks of at most this man
 
 
 def evaluated(ctx: StageContext) -> list[tuple[str, str]]:
-    """(display name, model folder or hub name) of every model the stage scores: `from` stages first."""
+    """(display name, model folder, adapter folder or hub name) of every model the stage scores: `from`
+    stages first (a stage that trained LoRA adapters is scored by its adapters on their base model)."""
     stage = ctx.config
-    return ([(name, ctx.inputs[name].outputs["model"]) for name in stage.model_stages]
+    outputs = {name: ctx.inputs[name].outputs for name in stage.model_stages}
+    return ([(name, out.get("model") or out["adapters"]) for name, out in outputs.items()]
             + [(m.name, m.path) for m in stage.models])
+
+
+def load_evaluated(path: str) -> tuple[Any, Any]:
+    """(model on the best device, tokenizer) of a model folder or hub name, or adapters folded into their base."""
+    from pathlib import Path
+
+    from llmlab.device import pick_device
+    from llmlab.merge import merged_model
+    from llmlab.models import load_causal_lm
+    from llmlab.tokenizer import load_tokenizer
+
+    if (Path(path) / "adapter_config.json").is_file():
+        model, tok = merged_model(path)
+        return model.to(pick_device()), tok or load_tokenizer(path)
+    return load_causal_lm(path).to(pick_device()), load_tokenizer(path)
 
 
 def tokenizer_folder(ctx: StageContext, name: str, model_dir: str, tok) -> str:
@@ -58,6 +75,76 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     return histories
 
 
+def score_benchmarks(ctx: StageContext, name: str, model: Any, tok: Any, scores: dict[str, Any]) -> dict[str, Any]:
+    """The stage's lm-evaluation-harness tasks on one model: each task's metrics and standard errors as
+    `bench/<task>/<metric>` (and `..._stderr`) in its scores, every scored document in
+    `benchmarks/<model>/<task>.jsonl`; returns the results (their documents feed the contamination check)."""
+    from llmlab.benchmarks.run import run_benchmarks
+    from llmlab.checkpoint import atomic_write_text
+
+    found = run_benchmarks(model, tok, ctx.config.benchmarks, ctx.spec.seed)
+    folder = ctx.out_dir / "benchmarks" / name
+    shown = []
+    for task, result in found.items():
+        for metric, value in result.metrics.items():
+            scores[f"bench/{task}/{metric}"] = value
+            if metric in result.stderr:
+                scores[f"bench/{task}/{metric}_stderr"] = result.stderr[metric]
+            shown.append(f"{task} {metric} {value:.3f}")
+        atomic_write_text(folder / f"{task}.jsonl", "".join(json.dumps(s, default=str) + "\n" for s in result.samples))
+    ctx.run.log_artifact(folder, f"benchmarks/{name}")
+    print(f"[{ctx.name}] {name}: " + ", ".join(shown))
+    return found
+
+
+def upstream_training(ctx: StageContext, stage: str) -> list[tuple[list[Any], Any, float]]:
+    """(sources, data kind, held-out share) of what every stage upstream of `stage`, and `stage` itself,
+    trained on (a tokenizer's text is not the model's training data)."""
+    spec, seen, todo, out = ctx.spec, set(), [stage], []
+    while todo:
+        name = todo.pop()
+        if name in seen or name == "tokenizer" or name not in spec.stages:
+            continue
+        seen.add(name)
+        todo += list(spec.dependencies(name).values())
+        block = spec.stages[name]
+        kind = ctx.kinds[block.kind]
+        for field_name, data_kind in kind.data:
+            sources = getattr(block, field_name, None) or []
+            if sources and kind.name != "eval":
+                out.append((list(sources), data_kind, float(getattr(block, "val_fraction", 0.0) or 0.0)))
+    return out
+
+
+def contamination(ctx: StageContext, benchmarked: dict[str, dict[str, Any]], results: dict[str, Any],
+                  metrics: dict[str, float]) -> None:
+    """For each model trained here and each benchmark task: the share of the task's documents whose
+    n-grams occur in the training data upstream of the model (`bench/<task>/contamination`; models
+    named by folder or hub name have no known training data and get none)."""
+    from llmlab.benchmarks.contamination import NgramIndex, training_texts
+
+    documents = [d for per_task in benchmarked.values() for r in per_task.values() for d in r.documents]
+    indexes: dict[tuple[str, ...], NgramIndex] = {}
+    for name, per_task in benchmarked.items():
+        if name not in ctx.config.model_stages:
+            continue
+        stage = ctx.inputs[name].stage  # the concrete stage (a branch or a round) whose model this is
+        upstream = upstream_training(ctx, stage)
+        key = tuple(sorted(json.dumps([[s.model_dump() for s in src], kind.name, vf]) for src, kind, vf in upstream))
+        if key not in indexes:
+            index = NgramIndex(ctx.config.contamination_ngram)
+            sizes = index.sizes_for(documents)
+            for sources, kind, val_fraction in upstream:
+                index.add_texts(training_texts(sources, kind, ctx.spec.seed, val_fraction), sizes)
+            indexes[key] = index
+        for task, result in per_task.items():
+            share = indexes[key].share(result.documents)
+            results["models"][name][f"bench/{task}/contamination"] = share
+            metrics[f"{name}/bench/{task}/contamination"] = share
+            if share > 0:
+                print(f"[{ctx.name}] {name}: {share:.1%} of {task}'s documents occur in its training data")
+
+
 def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     """Score every model on the same held-out batches, tasks and pairs; samples from fixed prompts; a report."""
     import numpy as np
@@ -77,10 +164,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         unigram_perplexity,
     )
     from llmlab.generate import generate
-    from llmlab.models import load_causal_lm, model_context
+    from llmlab.models import model_context
     from llmlab.report import write_report
     from llmlab.rewards import load_reward
-    from llmlab.tokenizer import load_tokenizer
 
     stage, spec = ctx.config, ctx.spec
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
@@ -97,16 +183,20 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             raise UserError(f"eval stage '{ctx.name}': `reward` scores the completions of `tasks` prompts; add a tasks source")
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                                 device=str(pick_device()))
+    benchmarked: dict[str, dict[str, Any]] = {}  # model -> task -> BenchmarkResult
     for name, model_dir in evaluated(ctx):
-        model = load_causal_lm(model_dir).to(pick_device())
-        tok = load_tokenizer(model_dir)
+        model, tok = load_evaluated(model_dir)
         seq_len = stage.seq_len or min(model_context(model), MAX_EVAL_CONTEXT)
-        data = prepare_pretrain_data(stage.data, tokenizer_folder(ctx, name, model_dir, tok), seq_len, spec.seed,
-                                     stage.val_fraction, None)
-        batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
-        scores: dict[str, Any] = perplexity(model, batches)
-        train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
-        scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
+        scores: dict[str, Any] = {}
+        if stage.data:
+            data = prepare_pretrain_data(stage.data, tokenizer_folder(ctx, name, model_dir, tok), seq_len, spec.seed,
+                                         stage.val_fraction, None)
+            batches = eval_batches(data.val_path, seq_len, stage.batch_sequences, stage.batches)
+            scores.update(perplexity(model, batches))
+            train_tokens = np.memmap(data.train_path, dtype=data.meta["dtype"], mode="r")
+            scores["unigram_ppl"] = unigram_perplexity(train_tokens, batches, len(tok))
+            results["seq_len"] = seq_len
+            results["val_tokens"] = int(sum(b.numel() for b in batches))
         samples = generate(model, tok, stage.prompts, stage.max_new_tokens, stage.temperature, seed=spec.seed,
                            prefix_ids=[tok.eos_token_id] if tok.eos_token_id is not None else None)
         if stage.preferences:  # the named split's rows, tokenized with this model's template
@@ -118,9 +208,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
             results.setdefault("task_samples", {})[name] = [
                 {"prompt": t.prompt, "answer": t.answer, "family": t.family, "completion": cut_at_end_of_turn(c)}
                 for t, c in list(zip(tasks, ended))[:10]]
+        if stage.benchmarks:
+            benchmarked[name] = score_benchmarks(ctx, name, model, tok, scores)
         results["models"][name] = {**scores, "samples": samples}
-        results["seq_len"] = seq_len
-        results["val_tokens"] = int(sum(b.numel() for b in batches))
         for key, value in scores.items():
             if isinstance(value, float):
                 metrics[f"{name}/{key}"] = value
@@ -130,8 +220,12 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         em = f", exact match {scores['exact_match']:.3f} on {len(tasks)} held-out tasks" if tasks else ""
         em += f", preference accuracy {scores['preference_accuracy']:.3f}" if "preference_accuracy" in scores else ""
         em += f", mean reward ({reward_name}) {scores['reward_mean']:.3f}" if "reward_mean" in scores else ""
-        print(f"[{ctx.name}] {name}: loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} "
-              f"(unigram {scores['unigram_ppl']:.2f}){em}")
+        text = (f"loss {scores['eval/loss']:.4f} ppl {scores['eval/ppl']:.2f} (unigram {scores['unigram_ppl']:.2f})"
+                if "eval/loss" in scores else "")
+        print(f"[{ctx.name}] {name}: {text}{em}".replace(": , ", ": "))
+    if benchmarked:
+        results["contamination_ngram"] = stage.contamination_ngram
+        contamination(ctx, benchmarked, results, metrics)
     ctx.log(metrics, 0)
     results_file = ctx.out_dir / "results.json"
     atomic_write_json(results_file, results)

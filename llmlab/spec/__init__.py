@@ -29,7 +29,7 @@ _EXPORTS = {
     "blocks": ["OPTIMIZER_CLASSES", "OPTIMIZER_NAMES", "Adafactor", "AdamW", "DistributedSpec", "Lion", "LoraSpec",
                "ModelSpec", "Muon", "OptimizerSpec", "SGD", "Sophia", "TokenizerSpec", "TokenizerTrain", "TrainBase",
                "TrainSpec"],
-    "stages": ["DEFAULT_PROMPTS", "REF_KEYS", "STAGE_CLASSES", "STAGE_KINDS", "DpoStage", "DpoTrain", "EvalModel",
+    "stages": ["DEFAULT_PROMPTS", "REF_KEYS", "STAGE_CLASSES", "STAGE_KINDS", "Benchmark", "DpoStage", "DpoTrain", "EvalModel",
                "EvalStage", "ExportStage", "GrpoStage", "MergeStage", "ModelStage", "PpoStage", "PreferencesStage",
                "PretrainStage", "RewardStage", "RewardTrain", "RlStageBase", "RlTrain", "SftStage", "SftTrain", "Stage",
                "StageBase"],
@@ -59,6 +59,6 @@ if TYPE_CHECKING:  # what editors and type checkers see
     from llmlab.spec.load import json_schema, load_spec, parse_spec  # noqa: F401
     from llmlab.spec.pipeline import Pipeline, PromoteSpec, RepeatSpec, TrackingSpec  # noqa: F401
     from llmlab.spec.stages import (  # noqa: F401
-        DEFAULT_PROMPTS, REF_KEYS, STAGE_CLASSES, STAGE_KINDS, DpoStage, DpoTrain, EvalModel, EvalStage, ExportStage,
+        DEFAULT_PROMPTS, REF_KEYS, STAGE_CLASSES, STAGE_KINDS, Benchmark, DpoStage, DpoTrain, EvalModel, EvalStage, ExportStage,
         GrpoStage, MergeStage, ModelStage, PpoStage, PreferencesStage, PretrainStage, RewardStage, RewardTrain,
         RlStageBase, RlTrain, SftStage, SftTrain, Stage, StageBase)

@@ -70,9 +70,10 @@ def reference_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
                 elif key != "reward_stage" and dep_kind == "reward":
                     yield (("stages", name, key), f"'{dep}' is a reward model (a scalar head), not a language model: "
                                                   f"use it as `reward_stage` of a ppo or grpo stage")
-                elif stages[dep].get("lora") and isinstance(body, dict) and body.get("kind") != "merge":
+                elif stages[dep].get("lora") and isinstance(body, dict) and body.get("kind") not in ("merge", "eval"):
                     yield (("stages", name, key), f"'{dep}' trains LoRA adapters, not a whole model: add a stage "
-                                                  f"`{dep}_merged: {{kind: merge, from: {dep}}}` after it and use that here")
+                                                  f"`{dep}_merged: {{kind: merge, from: {dep}}}` after it and use that here "
+                                                  f"(an eval stage scores adapters as they are)")
         if isinstance(body, dict) and body.get("kind") == "dpo" and not body.get("data"):
             up = stages.get(src) if isinstance(src, str) else None
             if not (isinstance(up, dict) and up.get("kind") == "preferences"):

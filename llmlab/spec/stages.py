@@ -460,6 +460,20 @@ class EvalModel(StrictModel):
     path: str = Field(description="a model folder (transformers format) or a hub name (needs network, or the local cache)")
 
 
+class Benchmark(StrictModel):
+    """An lm-evaluation-harness task (or group) an eval stage runs on every model it scores: llmlab's own
+    (`llmlab`, `llmlab_tasks_gen`, `llmlab_tasks_mc`, `llmlab_stdlib_mc`, offline), one of lm-eval's
+    built-in tasks (its dataset from the hub or the local cache), or one defined in a local task YAML."""
+
+    task: str = Field(description="the task or group name")
+    include: str | None = Field(None, description="a task YAML file, or a folder of them, that defines the task (lm-eval's "
+                                                   "include_path); its data may be local JSON/JSONL/CSV/parquet files")
+    num_fewshot: int | None = Field(None, ge=0, description="examples in each prompt; None = the task's own default")
+    limit: int | None = Field(None, ge=1, description="documents scored per model; None = every document of the task")
+    chat_template: bool | None = Field(None, description="render prompts with each model's chat template; None = the "
+                                                         "task's own choice (llmlab's chat tasks: yes; every other: no)")
+
+
 class EvalStage(StageBase, RewardSource):
     """Held-out loss/perplexity of each model — the `from` stages' and any `models:` folders or hub
     names, all on the same held-out documents, tasks and pairs — plus sample generations."""
@@ -468,7 +482,8 @@ class EvalStage(StageBase, RewardSource):
     reward_required: ClassVar[bool] = False
 
     kind: Literal["eval"] = Field(description="score models on held-out text, tasks and pairs")
-    data: list[DataSource] = Field(min_length=1, description="text; only its held-out documents are scored")
+    data: list[DataSource] = Field(default_factory=list, description="text whose held-out documents are scored for loss "
+                                                                     "and perplexity")
     val_fraction: float = Field(0.01, gt=0, lt=1, description="must match the pretrain stage's, so the documents stay held out")
     batch_sequences: int = Field(8, ge=1, description="sequences per evaluation batch")
     batches: int = Field(20, ge=1, description="evaluation batches per model")
@@ -486,6 +501,11 @@ class EvalStage(StageBase, RewardSource):
     temperature: float = Field(0.0, ge=0, description="sampling temperature of the answers; 0 = greedy, so they are "
                                                       "reproducible")
     models: list[EvalModel] = Field(default_factory=list, description="model folders / hub names scored beside the stages")
+    benchmarks: list[Benchmark] = Field(default_factory=list, description="lm-evaluation-harness tasks run on every model")
+    contamination_ngram: int = Field(13, ge=1, description="word n-gram size of the contamination check: a benchmark "
+                                                           "document counts as seen when one of its n-grams (the whole "
+                                                           "document, when shorter) occurs in an upstream stage's "
+                                                           "training data")
 
     @property
     def model_stages(self) -> list[str]:
@@ -495,6 +515,12 @@ class EvalStage(StageBase, RewardSource):
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if not self.model_stages and not self.models:
             yield ("from",), "eval needs `from` (the stages whose models to score) or `models` (folders or hub names)"
+        if not (self.data or self.tasks or self.preferences or self.benchmarks):
+            yield ("data",), "eval scores nothing: give `data` (held-out text), `tasks`, `preferences` or `benchmarks`"
+        tasks = [b.task for b in self.benchmarks]
+        for i, b in enumerate(self.benchmarks):
+            if tasks.count(b.task) > 1:
+                yield ("benchmarks", i, "task"), f"'{b.task}' is listed twice: give each task once"
         names = self.model_stages + [m.name for m in self.models]
         for i, m in enumerate(self.models):
             if names.count(m.name) > 1:
