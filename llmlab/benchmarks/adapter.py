@@ -4,8 +4,9 @@
     lm_eval.simple_evaluate(model=lm, tasks=[...], ...)      # what llmlab.benchmarks.run does
 
 - Log-likelihoods (multiple choice, `loglikelihood_rolling` perplexities) are scored in batches of
-  `batch_size` sequences, right-padded, one forward pass each; a continuation's log-probability is
-  the sum over its tokens, and `is_greedy` says whether greedy decoding would produce it.
+  `batch_size` sequences of similar length (longest first, so little is padding), right-padded, one
+  forward pass each; a continuation's log-probability is the sum over its tokens, and `is_greedy`
+  says whether greedy decoding would produce it. Results come back in the requests' order.
 - Generation (`generate_until`) goes through llmlab's batched, KV-cached sampler (`llmlab.generate`),
   the same path llmlab's own eval takes: prompts left-padded in batches, greedy unless the task asks
   for sampling, stopped at the model's stop tokens and cut at the task's `until` texts.
@@ -64,10 +65,12 @@ class LlmlabLM(TemplateLM):
         """Each (context ids, continuation ids) pair: the continuation's summed log-probability given the
         context and whether it is the greedy one. A pair longer than the model's context is cut from the
         left, and a continuation longer than the context is scored on its last tokens that fit."""
-        out: list[tuple[float, bool]] = []
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = [requests[i] for i in chunk]
             rows, spans = [], []
             for _, context, continuation in batch:
                 whole = (list(context) + list(continuation))[-(self.max_length + 1):]
@@ -87,7 +90,7 @@ class LlmlabLM(TemplateLM):
                 wanted = torch.tensor(target, device=scored.device)
                 total = float(scored.gather(-1, wanted[:, None]).sum())
                 greedy = bool((scored.argmax(-1) == wanted).all())
-                out.append((total, greedy))
+                out[chunk[i]] = (total, greedy)
                 self.cache_hook.add_partial("loglikelihood", batch[i][0], (total, greedy))
         return out
 

@@ -46,7 +46,7 @@ def metric_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
-def _quiet() -> None:
+def quiet_lm_eval() -> None:
     """lm-eval's and datasets' progress output off: the stage prints one line per model and task."""
     import logging
 
@@ -80,7 +80,7 @@ def run_benchmarks(model: Any, tokenizer: Any, benchmarks: list[Any], seed: int)
     from llmlab.benchmarks.adapter import LlmlabLM
     from llmlab.benchmarks.builtin import end_of_turn
 
-    _quiet()
+    quiet_lm_eval()
     chat = tokenizer.chat_template is not None
     tm = task_manager(benchmarks, end_of_turn(tokenizer) if chat else None)
     lm = LlmlabLM(model, tokenizer)
