@@ -152,6 +152,8 @@ def shrunk_tiny(tmp_path: Path, name: str = "tiny-test", pipeline: str = "tiny.y
                                               batch_prompts=8 // group, eval_every=2, save_every=2, log_every=1)
             raw["stages"][rl].update(max_new_tokens=6, eval_prompts=8, max_prompts=64)
     raw["stages"]["eval"].update(batch_sequences=4, batches=4, max_new_tokens=8, tasks_limit=8, preferences_limit=8)
+    for benchmark in raw["stages"]["eval"].get("benchmarks", []):
+        benchmark["limit"] = 8
     for stage, changes in stage_updates.items():
         raw["stages"][stage].update(changes)
     spec = tmp_path / f"{name}.yaml"

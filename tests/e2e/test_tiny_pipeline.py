@@ -105,6 +105,9 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     ev = {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     assert {"results.json", "report.md"} <= ev
     assert client.get_metric_history(children["eval"].info.run_id, "pretrain/eval/ppl")
+    for key in ("bench/llmlab_tasks_gen/exact_match", "bench/llmlab_stdlib_mc/acc_stderr", "bench/llmlab_tasks_mc/contamination"):
+        assert client.get_metric_history(children["eval"].info.run_id, f"grpo/{key}"), key  # the demo's benchmarks
+    assert "benchmarks" in {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
     sft = children["sft"]  # full fine-tuning: every parameter trains, and no lora params are recorded
     assert sft.data.tags["llmlab.trainable_params"] == sft.data.tags["llmlab.total_params"]
     assert not any(k.startswith("lora.") for k in sft.data.params)
