@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmlab import __version__
+from llmlab import __version__, fastpath
 from llmlab.checkpoint import atomic_write_json, fingerprint
 from llmlab.errors import expected_failure, format_traceback
 from llmlab.gates import GateFailed, check_gates
@@ -126,6 +126,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config, kinds=KINDS)
     started = time.perf_counter()
     dist_spec = getattr(ctx.config, "distributed", None)
+    fastpath.new_stage()
     try:
         if dist_spec is not None and dist_spec.world_size > 1:
             outputs, metrics = run_under_torchrun(spec_file, stage, dist_spec, inputs, run.run_id, out_dir)
@@ -154,6 +155,10 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
             run.finish("FAILED")
             raise GateFailed(message)
         run.set_tags({"llmlab.gates": "passed"})
+    paths = fastpath.taken()  # which fast paths ran, and any that fell back
+    if paths:
+        record["fast_paths"] = paths
+        run.set_tags({f"llmlab.fast_path.{name}": how for name, how in paths.items()})
     main = outputs[kind_record.main_output]
     result = StageResult(stage, kind, str(out_dir), fingerprint(main), chash, run.run_id, "finished",
                          outputs, metrics, round(time.perf_counter() - started, 2))

@@ -15,12 +15,15 @@ masked. Temperature 0 is greedy. Only the last position's logits are computed (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from llmlab import fastpath
 from llmlab.model.positions import positions_from_mask
 
 __all__ = ["Sampled", "decode_mode", "generate", "iter_sample", "positions_from_mask", "sample", "stop_token_ids"]
@@ -52,8 +55,6 @@ def decode_mode(model: torch.nn.Module, requested: str = "auto") -> str:
     """"static" (a static KV cache and, on CUDA, a CUDA-graph step: `llmlab.model.static_decode`) or
     "dynamic" (a growing `DynamicCache`). `LLMLAB_DECODE=static|dynamic` overrides `requested`;
     "auto" is static on CUDA for models that support it, dynamic otherwise (no gain on CPUs)."""
-    import os
-
     from llmlab.model.static_decode import StaticDecoder
 
     mode = os.environ.get("LLMLAB_DECODE", requested)
@@ -64,6 +65,42 @@ def decode_mode(model: torch.nn.Module, requested: str = "auto") -> str:
     if mode == "auto":
         return "static" if next(model.parameters()).device.type == "cuda" else "dynamic"
     return mode
+
+
+def _static(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+            running: Callable[[], torch.Tensor], dynamic: Callable, forced: bool
+            ) -> tuple[torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The static-cache decoder's first logits and step, each failure of which falls back to the
+    dynamic path (`llmlab.fastpath`): a failed prefill returns (None, None); a failed first step (where
+    a CUDA graph is captured) re-runs the prompts through `dynamic()` and goes on there, with the same
+    tokens, since both paths compute the same logits."""
+    from llmlab.model.static_decode import StaticDecoder
+
+    try:
+        decoder = StaticDecoder.for_model(model)
+        logits = decoder.prefill(input_ids, attention_mask, max_new_tokens).float()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001  a fast path that fails falls back
+        fastpath.failed("decode", "filling the static KV cache with the prompts", exc, forced)
+        return None, None
+    state: dict[str, Any] = {"step": None}
+
+    def advance(nxt: torch.Tensor) -> torch.Tensor:
+        if state["step"] is not None:
+            return state["step"](nxt)
+        try:
+            logits = decoder.step(nxt, running()).float()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001  the first step compiles and captures: it may fail where eager would not
+            fastpath.failed("decode", "capturing the static decode step", exc, forced)
+            _, state["step"] = dynamic()
+            return state["step"](nxt)
+        state["step"] = lambda token: decoder.step(token, running()).float()
+        return logits
+
+    return logits, advance
 
 
 def iter_sample(
@@ -93,30 +130,34 @@ def iter_sample(
     with torch.no_grad():
         if max_new_tokens <= 0:
             return
-        if decode_mode(model, decode) == "static":
-            from llmlab.model.static_decode import StaticDecoder
 
-            decoder = StaticDecoder.for_model(model)
-            logits = decoder.prefill(input_ids, attention_mask, max_new_tokens).float()
-
-            def advance(nxt: torch.Tensor) -> torch.Tensor:
-                return decoder.step(nxt, ~done).float()
-        else:
+        def dynamic() -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+            """The prompts through a growing `DynamicCache`: the last logits, and the step that appends a token."""
             cache = DynamicCache()
             state = {"mask": attention_mask.long().clone()}
             positions = positions_from_mask(state["mask"])
             out = model(input_ids=input_ids, attention_mask=state["mask"], position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
             cache = getattr(out, "cache", None) or cache
-            logits = out.logits[:, -1, :].float()
             state["positions"] = positions[:, -1:]
 
-            def advance(nxt: torch.Tensor) -> torch.Tensor:
+            def step(nxt: torch.Tensor) -> torch.Tensor:
                 state["mask"] = torch.cat([state["mask"], (~done).long()[:, None]], dim=1)  # finished rows: masked
                 state["positions"] = state["positions"] + 1
                 out = model(input_ids=nxt[:, None], attention_mask=state["mask"], position_ids=state["positions"],
                             cache=cache, use_cache=True, logits_to_keep=1)
                 return out.logits[:, -1, :].float()
+
+            return out.logits[:, -1, :].float(), step
+
+        logits, advance = None, None
+        mode = decode_mode(model, decode)
+        if mode == "static" and not fastpath.broken("decode"):
+            logits, advance = _static(model, input_ids, attention_mask, max_new_tokens, lambda: ~done, dynamic,
+                                      forced=os.environ.get("LLMLAB_DECODE", decode) == "static")
+        if logits is None:
+            logits, advance = dynamic()
+        fastpath.record("decode", "static" if mode == "static" and not fastpath.broken("decode") else "dynamic")
 
         for step in range(max_new_tokens):
             logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from llmlab import parallel
+from llmlab import fastpath, parallel
 from llmlab.checkpoint import atomic_write_json
 from llmlab.runners.context import StageContext, StageResult, stage_block
 from llmlab.runners.registry import KINDS, resolved_config, runner
@@ -85,6 +85,8 @@ def run_under_torchrun(spec_file: str, stage: str, dist_spec: Any, inputs: dict[
             errors = [f"rank {f.stem.split('rank')[-1]}: {f.read_text()}" for f in sorted(work.glob("error-rank*.txt"))]
             raise RuntimeError(f"stage '{stage}' failed under torchrun (exit {rc}): "
                                f"{result.get('error') or '; '.join(errors) or ''.join(tail[-15:])}")
+        for path, how in result.get("fast_paths", {}).items():  # what rank 0 ran, for the stage's record
+            fastpath.record(path, how)
         return result["outputs"], result["metrics"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -135,7 +137,7 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
     status: dict[str, Any]
     try:
         outputs, metrics = runner(block.kind)(ctx)
-        status = {"status": "finished", "outputs": outputs, "metrics": metrics}
+        status = {"status": "finished", "outputs": outputs, "metrics": metrics, "fast_paths": fastpath.taken()}
         code = 0
     except TrainingInterrupted as e:
         status, code = {"status": "interrupted", "step": e.step}, 3

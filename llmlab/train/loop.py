@@ -40,7 +40,8 @@ from llmlab.errors import UserError
 from llmlab.optim import Schedule, build_optimizer
 from llmlab.parallel import Engine, ShardedBatches, all_sum, any_rank, barrier, broadcast_object, current
 from llmlab.train.signals import StopFlag, TrainingInterrupted
-from llmlab.train.speed import compile_blocks, flops_per_token, peak_flops, should_compile
+from llmlab import fastpath
+from llmlab.train.speed import compile_blocks, flops_per_token, peak_flops, should_compile, uncompile_blocks
 
 __all__ = ["BatchSource", "Callbacks", "NonFiniteTraining", "Objective", "TrainResult", "Trainer", "TrainingInterrupted", "load_best",
            "train"]
@@ -236,7 +237,17 @@ class Trainer:
         if self.par.active and not getattr(batches, "per_rank", False):
             batches = ShardedBatches(batches, self.par.rank, self.par.world)
         self.batches = batches
-        self.compiled = should_compile(getattr(cfg, "compile", False), self.device) and compile_blocks(self.engine.owner) > 0
+        self.compile_forced = getattr(cfg, "compile", False) is True
+        self.compiled = False
+        if should_compile(getattr(cfg, "compile", False), self.device) and not fastpath.broken("compile"):
+            try:
+                self.compiled = compile_blocks(self.engine.owner) > 0
+            except Exception as exc:  # noqa: BLE001  a fast path that fails falls back (llmlab.fastpath)
+                fastpath.failed("compile", "compiling the model's blocks", exc, self.compile_forced)
+        if self.compiled:
+            fastpath.record("compile", "compiled")
+        elif not fastpath.taken().get("compile"):
+            fastpath.record("compile", "eager")
         self.compile_seconds: float | None = None  # the first step's wall time when compiled (it compiles)
         self.peak = peak_flops(self.device)  # None off CUDA or on an unknown card: no MFU
         self.token_flops: float | None = None
@@ -330,23 +341,26 @@ class Trainer:
         micro = [{k: v.to(self.device) for k, v in b.items()} for b in micro]
         if self.peak is not None and self.token_flops is None:
             self.token_flops = flops_per_token(self.engine.owner, micro[0]["input_ids"].shape[-1])
-        if hasattr(self.optimizer, "hessian_due") and self.optimizer.hessian_due():
-            self._hessian_update(micro[0])
         local_units = sum(torch.as_tensor(self.objective.count(b), device=self.device, dtype=torch.float32) for b in micro)
         # the step's normaliser counts every rank's units; DDP/FSDP average gradients over ranks, so
         # each rank's loss is scaled by the world size to make the sum exact
         units = all_sum(torch.as_tensor(local_units, device=self.device)).clamp(min=1)
-        scale = float(self.par.world)
-        step_loss = torch.zeros((), device=self.device)
-        step_extra: dict[str, torch.Tensor] = {}
-        for i, b in enumerate(micro):
-            with engine.no_sync(last=i == len(micro) - 1), self._autocast():
-                loss_sum, extra = self.objective(engine.train_model, b)
-                (loss_sum / units * scale).backward()
-            step_loss += loss_sum.detach()
-            for key, value in extra.items():
-                step_extra[key] = step_extra.get(key, 0.0) + torch.as_tensor(value, device=self.device).detach().float()
-            window.tokens += int(b["input_ids"].numel())
+        if first:  # compilation happens in this step: if it fails, the step runs again eagerly
+            rng = RandomState().state_dict()
+            try:
+                step_loss, step_extra = self._forward_backward(micro, units)
+            except (torch.OutOfMemoryError, UserError):
+                raise
+            except Exception as exc:  # noqa: BLE001  a fast path that fails falls back (llmlab.fastpath)
+                fastpath.failed("compile", "running the first compiled step", exc, self.compile_forced)
+                uncompile_blocks(engine.owner)
+                self.compiled, first = False, False
+                self.optimizer.zero_grad(set_to_none=True)
+                RandomState().load_state_dict(rng)  # the eager step draws what the compiled one would have
+                step_loss, step_extra = self._forward_backward(micro, units)
+        else:
+            step_loss, step_extra = self._forward_backward(micro, units)
+        window.tokens += sum(int(b["input_ids"].numel()) for b in micro)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in engine.owner.parameters() if p.grad is not None],
             self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf"))
@@ -368,6 +382,25 @@ class Trainer:
         window.units += local_units
         for key, value in step_extra.items():
             window.extra[key] = window.extra.get(key, 0.0) + value
+
+    def _forward_backward(self, micro: list[dict[str, torch.Tensor]], units: torch.Tensor
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A curvature estimate when the optimizer wants one, then forward and backward over the step's
+        micro-batches, each's summed loss over the whole step's `units`; returns the step's summed loss
+        and objective metrics (gradients are left accumulated)."""
+        if hasattr(self.optimizer, "hessian_due") and self.optimizer.hessian_due():
+            self._hessian_update(micro[0])
+        engine, scale = self.engine, float(self.par.world)
+        step_loss = torch.zeros((), device=self.device)
+        step_extra: dict[str, torch.Tensor] = {}
+        for i, b in enumerate(micro):
+            with engine.no_sync(last=i == len(micro) - 1), self._autocast():
+                loss_sum, extra = self.objective(engine.train_model, b)
+                (loss_sum / units * scale).backward()
+            step_loss += loss_sum.detach()
+            for key, value in extra.items():
+                step_extra[key] = step_extra.get(key, 0.0) + torch.as_tensor(value, device=self.device).detach().float()
+        return step_loss, step_extra
 
     def skip_step(self, loss: float, grad_norm: float) -> None:
         """The step just taken had a NaN/inf loss or gradient norm: its update is dropped (the data

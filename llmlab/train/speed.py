@@ -33,11 +33,18 @@ def should_compile(setting: Any, device: torch.device) -> bool:
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
-    """Compile each transformer block in place (`nn.Module.compile`); how many were."""
+    """Compile each transformer block in place (`nn.Module.compile`); how many were. Compilation itself
+    happens at a block's first call (the first training step)."""
     blocks = _blocks(model)
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Undo `compile_blocks`: every block runs eagerly again (its weights untouched)."""
+    for block in _blocks(model):
+        block._compiled_call_impl = None
 
 
 def peak_flops(device: torch.device) -> float | None:
