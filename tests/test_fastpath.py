@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import yaml
-
-import llmlab.train.loop as loop
 from helpers import CountingBatches, Recorder, eval_fn, tiny_model
 from helpers import train_spec as cfg
+
+import llmlab.train.loop as loop
 from llmlab import fastpath
 from llmlab.train.objectives import LanguageModeling
 

@@ -34,13 +34,13 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from llmlab import fastpath
 from llmlab.checkpoint import atomic_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from llmlab.device import autocast_dtype
 from llmlab.errors import UserError
 from llmlab.optim import Schedule, build_optimizer
 from llmlab.parallel import Engine, ShardedBatches, all_sum, any_rank, barrier, broadcast_object, current
 from llmlab.train.signals import StopFlag, TrainingInterrupted
-from llmlab import fastpath
 from llmlab.train.speed import compile_blocks, flops_per_token, peak_flops, should_compile, uncompile_blocks
 
 __all__ = ["BatchSource", "Callbacks", "NonFiniteTraining", "Objective", "TrainResult", "Trainer", "TrainingInterrupted", "load_best",
