@@ -126,7 +126,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config, kinds=KINDS)
     started = time.perf_counter()
     dist_spec = getattr(ctx.config, "distributed", None)
-    fastpath.new_stage()
+    fastpath.new_stage(decode=getattr(ctx.config, "decode", "auto"))
     try:
         if dist_spec is not None and dist_spec.world_size > 1:
             outputs, metrics = run_under_torchrun(spec_file, stage, dist_spec, inputs, run.run_id, out_dir)

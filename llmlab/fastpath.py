@@ -5,8 +5,8 @@ Two fast paths can fail on a user's card, driver or torch build where the plain 
 compilation happens) and `decode` (the static KV cache's prefill and the first graph-captured decode
 step). When one raises, the stage prints one warning naming the path and the cause, goes on along the
 plain path with the same results (eager blocks; a growing KV cache), and does not try that path
-again in this process. A path the user forced (`compile: true`; `LLMLAB_DECODE=static`) fails the
-stage instead, in one sentence. What each stage ran is `taken()`: the executor writes it to
+again in this process. A path the user forced (`compile: true`; `decode: static` or
+`LLMLAB_DECODE=static`) fails the stage instead, in one sentence. What each stage ran is `taken()`: the executor writes it to
 stage.json (`fast_paths`) and to the stage's MLflow run (`llmlab.fast_path.<path>` tags).
 """
 
@@ -18,12 +18,13 @@ from llmlab.errors import UserError
 
 FORCE_HINTS = {  # how to take the plain path when a forced fast path fails
     "compile": "set `compile: auto` (falls back by itself) or `compile: false` in the stage's train block",
-    "decode": "unset LLMLAB_DECODE, or set it to dynamic",
+    "decode": "set the stage's `decode: auto` (falls back by itself) or `decode: dynamic`, and unset LLMLAB_DECODE",
 }
 
 _lock = threading.Lock()
 _taken: dict[str, str] = {}  # path -> what ran: "compiled", "eager", "static", "dynamic", or a fallback with its cause
 _broken: dict[str, str] = {}  # path -> how it failed in this process (later stages skip it)
+_decode = "auto"  # the running stage's `decode` setting
 
 
 class FastPathFailed(UserError):
@@ -67,14 +68,24 @@ def taken() -> dict[str, str]:
         return dict(_taken)
 
 
-def new_stage() -> None:
-    """Start a stage's record (what failed earlier in the process stays failed)."""
+def new_stage(decode: str = "auto") -> None:
+    """Start a stage's record (what failed earlier in the process stays failed); `decode` is the
+    stage's setting, which `llmlab.generate` follows where its caller asks for "auto"."""
+    global _decode
     with _lock:
         _taken.clear()
+        _decode = decode
+
+
+def stage_decode() -> str:
+    """The running stage's `decode` setting ("auto" outside a stage)."""
+    return _decode
 
 
 def reset() -> None:
     """Forget what ran and what failed."""
+    global _decode
     with _lock:
+        _decode = "auto"
         _taken.clear()
         _broken.clear()

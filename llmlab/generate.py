@@ -53,11 +53,12 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 def decode_mode(model: torch.nn.Module, requested: str = "auto") -> str:
     """"static" (a static KV cache and, on CUDA, a CUDA-graph step: `llmlab.model.static_decode`) or
-    "dynamic" (a growing `DynamicCache`). `LLMLAB_DECODE=static|dynamic` overrides `requested`;
-    "auto" is static on CUDA for models that support it, dynamic otherwise (no gain on CPUs)."""
+    "dynamic" (a growing `DynamicCache`). `LLMLAB_DECODE=static|dynamic` overrides `requested`, and
+    `requested` "auto" follows the running stage's `decode` setting; "auto" there too is static on CUDA
+    for models that support it, dynamic otherwise (no gain on CPUs)."""
     from llmlab.model.static_decode import StaticDecoder
 
-    mode = os.environ.get("LLMLAB_DECODE", requested)
+    mode = _wanted(requested)
     if mode not in ("auto", "static", "dynamic"):
         raise ValueError(f"decode mode must be auto, static or dynamic, not {mode!r}")
     if not StaticDecoder.supports(model):
@@ -65,6 +66,12 @@ def decode_mode(model: torch.nn.Module, requested: str = "auto") -> str:
     if mode == "auto":
         return "static" if next(model.parameters()).device.type == "cuda" else "dynamic"
     return mode
+
+
+def _wanted(requested: str) -> str:
+    """The decoder asked for: LLMLAB_DECODE, else the caller's `requested`, else the running stage's
+    `decode` setting (`llmlab.fastpath.stage_decode`)."""
+    return os.environ.get("LLMLAB_DECODE") or (requested if requested != "auto" else fastpath.stage_decode())
 
 
 def _static(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -154,7 +161,7 @@ def iter_sample(
         mode = decode_mode(model, decode)
         if mode == "static" and not fastpath.broken("decode"):
             logits, advance = _static(model, input_ids, attention_mask, max_new_tokens, lambda: ~done, dynamic,
-                                      forced=os.environ.get("LLMLAB_DECODE", decode) == "static")
+                                      forced=_wanted(decode) == "static")
         if logits is None:
             logits, advance = dynamic()
         fastpath.record("decode", "static" if mode == "static" and not fastpath.broken("decode") else "dynamic")

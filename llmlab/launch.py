@@ -135,6 +135,7 @@ def worker(spec_file: str, stage: str, inputs_file: str, run_id: str, result_fil
     ctx = StageContext(spec, stage, block, out_dir, inputs, run, stage_dir=stage_dir, resolved=resolved_config(spec, stage),
                        kinds=KINDS)
     status: dict[str, Any]
+    fastpath.new_stage(decode=getattr(ctx.config, "decode", "auto"))
     try:
         outputs, metrics = runner(block.kind)(ctx)
         status = {"status": "finished", "outputs": outputs, "metrics": metrics, "fast_paths": fastpath.taken()}

@@ -136,13 +136,32 @@ def test_the_static_path_when_it_works_gives_the_dynamic_tokens_and_is_recorded(
     assert fastpath.taken() == {"decode": "static"}
 
 
-def test_a_forced_static_decode_that_fails_is_one_sentence(sampled, monkeypatch):
+@pytest.mark.parametrize("force", ["stage", "environment"])
+def test_a_forced_static_decode_that_fails_is_one_sentence(sampled, monkeypatch, force):
     from llmlab.model.static_decode import StaticDecoder
 
-    monkeypatch.setenv("LLMLAB_DECODE", "static")
+    if force == "stage":
+        fastpath.new_stage(decode="static")  # what the executor does for a stage with `decode: static`
+    else:
+        monkeypatch.setenv("LLMLAB_DECODE", "static")
     monkeypatch.setattr(StaticDecoder, "prefill", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("no buffers")))
-    with pytest.raises(fastpath.FastPathFailed, match="forced fast path 'decode' failed .* unset LLMLAB_DECODE"):
+    with pytest.raises(fastpath.FastPathFailed, match=r"forced fast path 'decode' failed while filling the static KV "
+                                                      r"cache with the prompts \(RuntimeError: no buffers\): set the "
+                                                      r"stage's `decode: auto`"):
         sampled()
+
+
+def test_the_stage_setting_picks_the_decoder_below_a_callers_choice_and_the_environment(sampled, monkeypatch):
+    fastpath.new_stage(decode="static")  # on a CPU, auto would be dynamic
+    sampled()
+    assert fastpath.taken() == {"decode": "static"}
+    fastpath.new_stage(decode="static")
+    sampled(decode="dynamic")
+    assert fastpath.taken() == {"decode": "dynamic"}
+    monkeypatch.setenv("LLMLAB_DECODE", "dynamic")
+    fastpath.new_stage(decode="static")
+    sampled()
+    assert fastpath.taken() == {"decode": "dynamic"}
 
 
 def test_a_stage_records_which_paths_ran_in_stage_json_and_mlflow(tmp_path, monkeypatch):

@@ -348,7 +348,17 @@ class RlTrain(TrainBase):
                                          f"{self.gradient_accumulation_steps}), so every rollout splits into whole steps")
 
 
-class Sampling(StrictModel):
+class Decoding(StrictModel):
+    """Which decoder generates a stage's tokens."""
+
+    decode: Literal["auto", "static", "dynamic"] = Field(
+        "auto", description="static: a preallocated KV cache and, on CUDA, a graph-captured decode step; dynamic: a "
+                            "growing KV cache; both give the same tokens. auto = static on CUDA for llmlab's own model, "
+                            "falling back to dynamic (with a warning) if it fails there; a forced static that fails ends "
+                            "the stage. LLMLAB_DECODE overrides")
+
+
+class Sampling(Decoding):
     """How a stage samples answers from its model."""
 
     temperature: float = Field(1.0, gt=0, description="sampling temperature (RL log-probabilities use the same one)")
@@ -474,7 +484,7 @@ class Benchmark(StrictModel):
                                                          "task's own choice (llmlab's chat tasks: yes; every other: no)")
 
 
-class EvalStage(StageBase, RewardSource):
+class EvalStage(StageBase, RewardSource, Decoding):
     """Held-out loss/perplexity of each model — the `from` stages' and any `models:` folders or hub
     names, all on the same held-out documents, tasks and pairs — plus sample generations."""
 

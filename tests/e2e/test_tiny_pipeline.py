@@ -44,6 +44,10 @@ def test_every_stage_finishes_with_outputs(finished_run):
     assert not (Path(results["sft"]["output_dir"]) / "adapters").exists()
     # no temporary names left behind
     assert not list(Path(results["pretrain"]["output_dir"]).rglob(".*.tmp"))
+    # each stage says which fast paths ran: on a CPU, eager blocks and the growing KV cache
+    paths = {name: json.loads((Path(r["output_dir"]) / "stage.json").read_text()).get("fast_paths") for name, r in results.items()}
+    assert paths["pretrain"] == {"compile": "eager"} and paths["grpo"] == {"compile": "eager", "decode": "dynamic"}
+    assert paths["eval"] == {"decode": "dynamic"} and paths["tokenizer"] is None
 
 
 def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
