@@ -4,6 +4,7 @@
     llmlab schema            JSON Schema of the spec, for editors
     llmlab inspect FILE      stage graph, parameter count and a training-memory estimate
     llmlab run FILE          run the pipeline as a local Prefect flow
+    llmlab env [--probe]     versions, devices, endpoints and fast paths here, for a bug report
 
 This is the only module of llmlab that may reach `flows/` (to start a run). `validate` and `schema`
 import neither torch nor prefect, so they answer in well under a second.
@@ -315,8 +316,8 @@ def export(
     format: str = typer.Option("hf", "--format", help="hf (transformers, our model code) or llama (stock LlamaForCausalLM)"),
 ) -> None:
     """Export a model: `hf` for transformers with llmlab's code, `llama` for stock transformers (no llmlab needed)."""
-    from llmlab.models import ModelNotFound, resolve_model_dir
     from llmlab.export import ExportError, export_model
+    from llmlab.models import ModelNotFound, resolve_model_dir
 
     try:
         written = export_model(resolve_model_dir(model), out, format)
@@ -398,6 +399,22 @@ def runs(
         for st in r["stages"]:
             mark = "cached" if st["reused"] else st["status"]
             typer.echo(f"    {st['stage']:<{width}} {mark:<9} {st['seconds']:>7.1f}s")
+
+
+@app.command()
+def env(
+    file: Path | None = typer.Argument(None, help="a pipeline spec, for its tracking.uri (optional)"),
+    probe: bool = typer.Option(False, "--probe", help="try torch.compile and the static decoder here (seconds on a "
+                                                      "GPU; longer on a CPU)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of Markdown"),
+) -> None:
+    """Versions, devices, what `auto` picks, where runs go and (with --probe) whether the fast paths
+    work here: paste it into a bug report. Secrets are masked."""
+    from llmlab.environment import collect, render
+
+    spec_uri = _load_or_exit(file).tracking.uri if file is not None else None
+    info = collect(probe=probe, spec_uri=spec_uri)
+    typer.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
 def main() -> None:

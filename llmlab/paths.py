@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 
 
-def state_dir() -> Path:
-    """The state directory; created on first use."""
+def state_dir(create: bool = True) -> Path:
+    """The state directory; created on first use (unless `create` is False)."""
     root = Path(os.environ.get("LLMLAB_STATE_DIR") or Path.cwd() / ".llmlab").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return root
 
 
