@@ -47,3 +47,10 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+    """The suite's state folder goes when the suite ends (servers the tests started are stopped by then)."""
+    import shutil
+
+    shutil.rmtree(_STATE, ignore_errors=True)
