@@ -248,6 +248,8 @@ class Trainer:
             fastpath.record("compile", "compiled")
         elif not fastpath.taken().get("compile"):
             fastpath.record("compile", "eager")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # train/peak_memory_gib counts from here (the weights are in)
         self.compile_seconds: float | None = None  # the first step's wall time when compiled (it compiles)
         self.peak = peak_flops(self.device)  # None off CUDA or on an unknown card: no MFU
         self.token_flops: float | None = None
@@ -429,6 +431,8 @@ class Trainer:
         metrics = {"train/lr": lr, "train/tokens_per_sec": tokens / max(now - window.started, 1e-9)}
         if self.peak is not None and self.token_flops:
             metrics["train/mfu"] = metrics["train/tokens_per_sec"] * self.token_flops / (self.peak * self.par.world)
+        if self.device.type == "cuda":  # this rank's high-water mark since the stage began: to hold against `llmlab inspect`
+            metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.compile_seconds is not None and not self.compile_logged:
             metrics["train/compile_seconds"] = self.compile_seconds  # the first step, compiling included
             self.compile_logged = True
