@@ -1,6 +1,7 @@
 """The spec: every shipped pipeline validates; each rule fails with its path, line and fix."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -438,6 +439,29 @@ def test_the_real_model_pipeline_validates_and_inspects_offline(tmp_path):
     assert "hub model Qwen/Qwen2.5-0.5B-Instruct (its published config): 494,032,768 parameters" in out.stdout
     assert out.stdout.count("memory ~") == 3  # sft, dpo, grpo
     assert not list((tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_the_gpu_pipeline_trains_the_shape_bench_gpu_measures_within_a_card():
+    """pipelines/gpu-152m.yaml's model is bench/gpu.py's training shape (so the two measure the same
+    model), and every training stage's estimate fits an 80 GB card in fp32 (bf16 on the card takes less)."""
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from llmlab.cli import app
+
+    spec = load_spec(ROOT / "pipelines/gpu-152m.yaml")
+    gpu = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench/gpu.py")
+    bench = importlib.util.module_from_spec(gpu)
+    gpu.loader.exec_module(bench)
+    m, full = spec.model, bench.FULL
+    assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.max_seq_len, spec.tokenizer.train.vocab_size) == \
+        (full["d_model"], full["n_layers"], full["n_heads"], full["n_heads"], full["d_ff"], full["seq"], full["vocab"])
+    assert spec.stages["pretrain"].train.batch_sequences == full["batch"]
+    out = CliRunner().invoke(app, ["inspect", str(ROOT / "pipelines/gpu-152m.yaml")])
+    assert out.exit_code == 0 and "parameters: 151,898,880" in out.output, out.output
+    estimates = [float(x) for x in re.findall(r"memory ~([0-9.]+) GiB", out.output)]
+    assert len(estimates) == 3 and max(estimates) < 70, out.output
 
 
 def test_dpo_takes_its_pairs_from_a_preferences_stage_and_grpo_dynamic_sampling_stays_on_one_process():
