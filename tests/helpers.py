@@ -215,11 +215,12 @@ class PeakMemory:
             return
         try:
             storage = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):
+            pointer = storage.data_ptr()
+        except (NotImplementedError, RuntimeError):  # no memory of its own (e.g. a FakeTensor torch.compile keeps)
             return
-        if storage.data_ptr() not in self.before:
-            self.before.add(storage.data_ptr())
-            weakref.finalize(storage, self.before.discard, storage.data_ptr()).atexit = False
+        if pointer not in self.before:
+            self.before.add(pointer)
+            weakref.finalize(storage, self.before.discard, pointer).atexit = False
 
     def _record(self, func, args, kwargs, out) -> None:
         from torch.utils._pytree import tree_flatten

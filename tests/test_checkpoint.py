@@ -5,7 +5,6 @@ import errno
 import pytest
 import torch
 
-import llmlab.checkpoint as checkpoint
 from llmlab.checkpoint import (CheckpointWriteFailed, atomic_dir, atomic_write_json, fingerprint, latest_checkpoint,
                                load_checkpoint, save_checkpoint)
 from llmlab.errors import expected_failure
