@@ -19,6 +19,12 @@ from llmlab.paths import state_dir
 from llmlab.spec import config_hash, load_spec
 
 
+def _handlers() -> None:
+    from llmlab.tracking import HANDLERS
+
+    HANDLERS.setdefault(REGISTER_OP, _replay_register)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -68,7 +74,9 @@ def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[s
     """Record each stage's run id, status and duration on the parent; `llmlab.reused.<stage>` names
     the run whose finished output was reused instead of running the stage again. Stages that fanned
     out get a table of their branches. A finished run registers its model and, with `promote`,
-    decides the alias (returned as a dict; None without `promote`)."""
+    decides the alias (returned as a dict; None without `promote`, or while the registry does not
+    answer: then registration and promotion wait in the outbox with the run's other records, and
+    happen when they are sent)."""
     from llmlab.selection import log_branch_tables
 
     spec, tracker = _tracker(spec_file)
@@ -88,25 +96,92 @@ def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[s
     log_branch_tables(run, spec, results)
     decision = None
     if status == "FINISHED":
-        from llmlab.promote import promote, promotion_metrics
+        from llmlab.promote import promotion_metrics
 
-        metrics = promotion_metrics(spec, results, chosen) if spec.promote else {}
-        version = register_final_model(tracker, spec_file, results, metrics)
-        if version is not None:
-            run.set_tags({"llmlab.registered_model": f"{version[0]}/{version[1]}"})
-        if version is not None and spec.promote is not None:
-            made = promote(tracker.client, spec, version[0], version[1], metrics)
-            decision = made.to_dict()
-            print(made.sentence())
-            run.set_tags({"llmlab.promote.decision": "promoted" if made.promoted else "refused",
-                          "llmlab.promote.alias": made.alias, "llmlab.promote.version": made.version,
-                          "llmlab.promote.champion_before": made.champion_version or "none",
-                          "llmlab.promote.reason": made.reason[:4000]})
-            resolved = state_dir() / "runs" / run_id / "promotion.json"
-            atomic_write_json(resolved, decision)
-            run.log_artifact(resolved)
+        op = {"op": REGISTER_OP, "spec_file": str(Path(spec_file).resolve()), "results": results,
+              "metrics": promotion_metrics(spec, results, chosen) if spec.promote else {}}
+        real = tracker.real_id(run_id) if tracker.sync(announce=False) else None
+        if real is not None:
+            decision = register_and_promote(tracker, real, op)
+        else:
+            print(f"registry: the model is registered{' and the alias decided' if spec.promote else ''} when MLflow at "
+                  f"{tracker.uri} answers and the run's records are sent", flush=True)
+            run.send(op)
     run.finish(status)
+    metrics, others = tracker.outbox.waiting()
+    if metrics or others:
+        print(f"warning: MLflow at {tracker.uri} has not taken {metrics} metrics and {others} other records yet; they "
+              f"wait in {tracker.outbox.dir} and are sent by the next llmlab command that reaches it (`llmlab sync` "
+              f"sends them now)", flush=True)
     return decision
+
+
+REGISTER_OP = "register"  # the outbox operation that registers a finished run's model and decides promotion
+
+
+def register_and_promote(tracker, parent_id: str, op: dict) -> dict | None:
+    """Register the run's final model and, with `promote`, decide the alias; the outcome goes onto the
+    pipeline's run `parent_id` (an MLflow id) and, with `promote`, into promotion.json beside the
+    run's resolved spec. `op` holds the spec file, the stage results and the candidate's metrics (run
+    ids translated to MLflow's). Sent directly at the end of a run, or from the outbox later."""
+    from llmlab.promote import promote
+
+    spec_file, results, metrics = op["spec_file"], op["results"], op["metrics"]
+    if not Path(spec_file).is_file():
+        print(f"warning: {spec_file} is gone: the model of MLflow run {parent_id} is not registered", flush=True)
+        return None
+    spec = load_spec(spec_file)
+    results = {name: {**r, "mlflow_run_id": tracker.real_id(r["mlflow_run_id"]) or r["mlflow_run_id"]}
+               for name, r in results.items()}
+    version = register_final_model(tracker, spec_file, results, metrics)
+    client = tracker.client
+    if version is None:
+        return None
+    client.set_tag(parent_id, "llmlab.registered_model", f"{version[0]}/{version[1]}")
+    if spec.promote is None:
+        return None
+    made = promote(client, spec, version[0], version[1], metrics)
+    print(made.sentence(), flush=True)
+    for key, value in {"llmlab.promote.decision": "promoted" if made.promoted else "refused",
+                       "llmlab.promote.alias": made.alias, "llmlab.promote.version": made.version,
+                       "llmlab.promote.champion_before": made.champion_version or "none",
+                       "llmlab.promote.reason": made.reason[:4000]}.items():
+        client.set_tag(parent_id, key, str(value))
+    decision = made.to_dict()
+    resolved = state_dir() / "runs" / parent_id / "promotion.json"
+    atomic_write_json(resolved, decision)
+    client.log_artifact(parent_id, str(resolved))
+    return decision
+
+
+def _replay_register(tracker, run_id: str, op: dict) -> None:
+    register_and_promote(tracker, run_id, op)
+
+
+def send_waiting(uri: str) -> None:
+    """Before reading from the store at `uri`: send what its outbox holds (quietly; nothing when empty)."""
+    from llmlab.tracking import Outbox, Tracker
+
+    if Outbox(uri).files():
+        Tracker(uri, announce=False)
+
+
+def sync_all() -> list[str]:
+    """Send what every outbox under the state directory holds; one line per tracking store."""
+    from llmlab.tracking import Tracker, outboxes
+
+    lines = []
+    for box in outboxes():
+        before = box.waiting()
+        tracker = Tracker(box.uri, announce=False)
+        after = tracker.outbox.waiting()
+        sent = (before[0] - after[0], before[1] - after[1])
+        if after == (0, 0):
+            lines.append(f"{box.uri}: sent {sent[0]} metrics and {sent[1]} other records")
+        else:
+            lines.append(f"{box.uri}: does not answer; {after[0]} metrics and {after[1]} other records still wait in "
+                         f"{box.dir}" + (f" ({sent[0]} metrics and {sent[1]} records sent)" if any(sent) else ""))
+    return lines
 
 
 def register_final_model(tracker, spec_file: str, results: dict[str, dict],
@@ -154,6 +229,7 @@ def list_runs(pipeline: str | None, limit: int = 20) -> list[dict]:
 
     from llmlab.tracking import default_tracking_uri, mlflow_key, stage_list
 
+    send_waiting(default_tracking_uri())
     client = MlflowClient(default_tracking_uri())
     experiments = [e for e in client.search_experiments() if pipeline in (None, e.name)]
     out = []
@@ -190,3 +266,6 @@ def champions(pipeline: str | None = None) -> list[dict]:
             out.append({"model": model.name, "alias": alias, "version": str(version), "stage": v.tags.get("llmlab.stage"),
                         "run_id": v.run_id})
     return out
+
+
+_handlers()

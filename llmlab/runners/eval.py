@@ -52,8 +52,9 @@ def tokenizer_folder(ctx: StageContext, name: str, model_dir: str, tok) -> str:
 def upstream_histories(ctx: StageContext) -> dict[str, dict]:
     """Training curves of every stage this eval's models came from that finished (sft included, which
     an eval rarely names: its merge stage is what it scores; one branch of a sweep, not its
-    siblings), from their MLflow runs."""
-    from llmlab.tracking import stage_histories
+    siblings), from their folders' metrics.jsonl (what their MLflow runs hold, and there even
+    while MLflow does not answer)."""
+    from llmlab.report import HISTORY_KEYS
 
     histories = {}
     ancestors, todo = set(), [ctx.inputs[n].stage for n in ctx.inputs]
@@ -63,15 +64,12 @@ def upstream_histories(ctx: StageContext) -> dict[str, dict]:
             ancestors.add(name)
             todo += list(ctx.spec.dependencies(name).values())
     for name in ctx.spec.stage_names()[: ctx.spec.stage_names().index(ctx.name)]:
-        if name not in ancestors:
+        log = ctx.spec.stage_dir(name) / "metrics.jsonl"
+        if name not in ancestors or not log.is_file():
             continue
-        record = ctx.spec.stage_dir(name) / "stage.json"
-        try:
-            run_id = json.loads(record.read_text()).get("mlflow_run_id")
-        except (OSError, ValueError):
-            continue
-        if run_id:
-            histories[name] = stage_histories(ctx.run.client, run_id)
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        histories[name] = {k: sorted((int(r["step"]), float(r[k])) for r in rows if k in r and "step" in r)
+                           for k in HISTORY_KEYS}
     return histories
 
 

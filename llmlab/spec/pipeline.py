@@ -28,7 +28,10 @@ class TrackingSpec(StrictModel):
                                               "the state directory")
     experiment: str | None = Field(None, description="the MLflow experiment; None = the pipeline's name")
     wait_seconds: float = Field(60.0, ge=0, description="at a stage's end, how long to wait for an MLflow that stopped "
-                                                        "answering")
+                                                        "answering during the stage (its records wait on disk after "
+                                                        "that, and are sent later)")
+    required: bool = Field(False, description="true: a run refuses to start while MLflow does not answer; false: it "
+                                              "runs, and its records wait on disk until MLflow answers")
 
 
 class RepeatSpec(StrictModel):
