@@ -5,6 +5,7 @@
     llmlab inspect FILE      stage graph, parameter count and a training-memory estimate
     llmlab run FILE          run the pipeline as a local Prefect flow
     llmlab env [--probe]     versions, devices, endpoints and fast paths here, for a bug report
+    llmlab sync              send MLflow records that wait on disk (made while the server was down)
 
 This is the only module of llmlab that may reach `flows/` (to start a run). `validate` and `schema`
 import neither torch nor prefect, so they answer in well under a second.
@@ -139,9 +140,13 @@ def run(
         _show_plan(file, force, only, from_stage, as_json=False, sweep=narrow)
         return
     _preflight_or_exit(file, spec)
-    from llmlab.serve import configure_environment
+    from llmlab.serve import configure_environment, prefect_api_problem
 
     configure_environment()
+    problem = prefect_api_problem()
+    if problem:
+        typer.echo(problem, err=True)
+        raise typer.Exit(2)
     from flows.pipeline import pipeline
 
     try:
@@ -374,14 +379,32 @@ def stop() -> None:
 
 
 @app.command()
+def sync() -> None:
+    """Send the MLflow records that wait on disk (runs made while a tracking server did not answer)."""
+    from llmlab.pipeline_runs import sync_all
+
+    lines = sync_all()
+    typer.echo("\n".join(lines) if lines else "nothing waits: MLflow has every record")
+    if any("does not answer" in line for line in lines):
+        raise typer.Exit(1)
+
+
+@app.command()
 def runs(
     pipeline: str | None = typer.Argument(None, help="pipeline name (default: all)"),
     limit: int = typer.Option(20, help="how many runs to show"),
 ) -> None:
     """Recent pipeline runs from MLflow: status, duration, each stage's status and cache hits, the
     model each run registered, and which version holds each alias (champion)."""
-    from llmlab.pipeline_runs import champions, list_runs
+    from llmlab.pipeline_runs import champions, list_runs, send_waiting
+    from llmlab.tracking import answers, default_tracking_uri
 
+    uri = default_tracking_uri()
+    if not answers(uri):
+        typer.echo(f"MLflow at {uri} does not answer: start it (make serve), or unset MLFLOW_TRACKING_URI to read the "
+                   f"local store", err=True)
+        raise typer.Exit(1)
+    send_waiting(uri)  # records of runs made while it was down go first
     for c in champions(pipeline):
         typer.echo(f"{c['alias']}: {c['model']} version {c['version']} (stage {c['stage']}, run {c['run_id']})")
     found = list_runs(pipeline, limit)

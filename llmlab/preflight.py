@@ -13,7 +13,10 @@
   sequence classifier); a model's tokenizer (or the stage's `tokenizer:`) has no more tokens than
   the model has embedding rows. Merge adapters and spec tokenizers exist.
 - Hub names are checked when the hub is reachable; offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)
-  they are skipped with a note, never downloaded.
+  they are skipped with a note, never downloaded. Online with a hub that does not answer, models in
+  the local cache are used from there (one note, and the run goes offline); anything else stops the
+  run before any stage, one line each.
+- With `tracking.required`, MLflow must answer.
 
 Nothing here imports torch unless a model folder's config lacks its `architectures` (then
 transformers' Auto mappings are read), so `llmlab validate` stays quick.
@@ -52,6 +55,89 @@ class Problem:
 
 def offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+HUB_ANSWER_SECONDS = 5.0
+_hub_answers: dict[str, bool] = {}
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_answers() -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers; asked once per process."""
+    endpoint = hub_endpoint()
+    if endpoint not in _hub_answers:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{endpoint}/api/models?limit=1", timeout=HUB_ANSWER_SECONDS):
+                _hub_answers[endpoint] = True
+        except Exception:  # noqa: BLE001  not answering, however it fails
+            _hub_answers[endpoint] = False
+    return _hub_answers[endpoint]
+
+
+def _hub_cache() -> str:
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+
+
+def cached_hub_file(name: str, filename: str) -> str | None:
+    """The local cache's copy of a hub repository's file, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, filename, cache_dir=_hub_cache())
+    return found if isinstance(found, str) else None
+
+
+def hub_down_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
+    """Online, with hub names in the spec and a hub that does not answer: models and tokenizers in the
+    local cache are used from there (one note; the run is switched to HF_HUB_OFFLINE so nothing waits
+    on the hub), anything else is a problem before any stage runs."""
+    if offline():
+        return [], []
+    models = [(name, named) for name, named in hub_model_names(spec)]
+    datasets = [(name, source.path) for name, sources in
+                ((n, kind_of(spec, n).sources(stage_block(spec, n))) for n in spec.stage_names())
+                for source, _ in sources if not source.is_local and not source.path.startswith(BUILTIN_PREFIX)]
+    if not (models or datasets) or hub_answers():
+        return [], []
+    endpoint, problems = hub_endpoint(), []
+    for stage, name in models:
+        if not (cached_hub_file(name, "config.json") or cached_hub_file(name, "tokenizer_config.json")):
+            problems.append(Problem(stage, name, f"the Hugging Face hub at {endpoint} does not answer and this model is "
+                                                 f"not in the local cache ({_hub_cache()}): check the network or "
+                                                 f"HF_ENDPOINT, or download it where the hub answers and run with "
+                                                 f"HF_HUB_OFFLINE=1"))
+    for stage, name in datasets:
+        problems.append(Problem(stage, name, f"the Hugging Face hub at {endpoint} does not answer, and an online run "
+                                             f"reads datasets from it: retry when it answers, or set "
+                                             f"HF_DATASETS_OFFLINE=1 to use a copy an earlier run cached"))
+    if problems:
+        return problems, []
+    os.environ["HF_HUB_OFFLINE"] = "1"  # every hub model is cached: the stages read it from there without waiting
+    return [], [f"the Hugging Face hub at {endpoint} does not answer: hub models are read from the local cache "
+                f"({_hub_cache()}) for this run"]
+
+
+def hub_model_names(spec: Pipeline) -> list[tuple[str, str]]:
+    """(stage, hub name) of every hub model and tokenizer the spec names."""
+    found = []
+    if spec.tokenizer.name and not _is_local(spec.tokenizer.name):
+        found.append(("tokenizer", spec.tokenizer.name))
+    for name, stage in spec.stages.items():
+        start = getattr(stage, "model", None)
+        if isinstance(start, str) and not _is_local(start):
+            found.append((name, start))
+        tok = getattr(stage, "tokenizer", None)
+        if isinstance(tok, str) and not _is_local(tok):
+            found.append((name, tok))
+        for named in KINDS[stage.kind].models(stage):
+            if named.need != "adapters" and not _is_local(named.path):
+                found.append((name, named.path))
+    return list(dict.fromkeys(found))
 
 
 def _is_local(name: str) -> bool:
@@ -263,11 +349,29 @@ def preflight(spec: Pipeline, spec_file: str | Path | None = None) -> tuple[list
     """Every problem found in the spec's workdir (and, given the spec's file, stage folders another
     spec owns), local files, folders and models (and hub ones when online), and notes on what was
     skipped."""
+    hub, hub_notes = hub_down_problems(spec)
+    if hub:  # the hub does not answer: what it would say about each model is unknown
+        return tracking_problems(spec) + merge_branches(spec, hub), hub_notes
     data, data_notes = data_problems(spec)
     models, model_notes = model_problems(spec)
     folders = folder_problems(spec, spec_file) if spec_file is not None else []
-    return (workdir_problems(spec) + folders + merge_branches(spec, data + models + benchmark_problems(spec)),
-            data_notes + model_notes)
+    return (tracking_problems(spec) + workdir_problems(spec) + folders
+            + merge_branches(spec, data + models + benchmark_problems(spec)), hub_notes + data_notes + model_notes)
+
+
+def tracking_problems(spec: Pipeline) -> list[Problem]:
+    """With `tracking.required`, MLflow must answer before anything runs (without it, a run goes on
+    and its records wait on disk)."""
+    if not spec.tracking.required:
+        return []
+    from llmlab.tracking import ANSWER_SECONDS, answers, default_tracking_uri
+
+    uri = spec.tracking.uri or default_tracking_uri()
+    if answers(uri):
+        return []
+    return [Problem("", "tracking.required", f"MLflow at {uri} does not answer (asked for {ANSWER_SECONDS:g} s): start "
+                                             f"the server, point tracking.uri at one that runs, or set `required: "
+                                             f"false` to run now and send the records when it answers")]
 
 
 def merge_branches(spec: Pipeline, problems: list[Problem]) -> list[Problem]:

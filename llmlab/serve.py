@@ -52,6 +52,21 @@ def configure_environment() -> None:
             os.environ["PREFECT_API_URL"] = served["prefect_api_url"]
 
 
+def prefect_api_problem(timeout: float = 3.0) -> str | None:
+    """The one sentence for a PREFECT_API_URL that does not answer (None when it does, or when none is
+    set: then each run starts a temporary local server). A run never falls back to a temporary server
+    by itself: its flow run would be missing from the server the user pointed at."""
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout):
+            return None
+    except Exception:  # noqa: BLE001  not answering, however it fails
+        return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it with `make serve`, or unset "
+                f"PREFECT_API_URL to run on a temporary local server")
+
+
 def serve_file() -> Path:
     return state_dir() / "serve.json"
 

@@ -71,3 +71,45 @@ def test_runs_names_the_version_holding_each_alias(state):
     assert "champion: tiny-sweep version 2 (stage release, run None)" in result.output
     assert "no pipeline runs recorded yet for 'tiny-sweep'" in result.output
     assert "champion" not in CliRunner().invoke(app, ["runs", "other"]).output
+
+
+def test_a_prefect_api_that_does_not_answer_is_one_sentence_before_anything_runs(state, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    monkeypatch.setenv("PREFECT_API_URL", url)
+    out = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "tiny.yaml")])
+    assert out.exit_code == 2, out.output
+    assert out.output.strip() == (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it with `make "
+                                  f"serve`, or unset PREFECT_API_URL to run on a temporary local server")
+    assert not (state / "runs").exists()
+
+
+def test_sync_says_what_it_sent_and_what_still_waits(state, monkeypatch):
+    import llmlab.tracking as tracking
+    from llmlab.tracking import Outbox, Tracker
+
+    monkeypatch.setattr(tracking, "_announced", set())
+    down = "http://127.0.0.1:1"
+    assert CliRunner().invoke(app, ["sync"]).output.strip() == "nothing waits: MLflow has every record"
+    run = Tracker(down).run("r1", "x")
+    run.set_tags({"a": "1"})  # the server at `down` does not answer: it waits on disk
+    out = CliRunner().invoke(app, ["sync"])
+    assert out.exit_code == 1
+    assert out.output.strip() == f"{down}: does not answer; 0 metrics and 1 other records still wait in {Outbox(down).dir}"
+    Outbox(down).dir.joinpath("uri.txt").unlink()  # forget that server
+
+    from mlflow.tracking import MlflowClient
+
+    from llmlab.tracking import default_tracking_uri
+
+    local = default_tracking_uri()  # the state dir's SQLite store: it answers
+    client = MlflowClient(local)
+    real = client.create_run(client.create_experiment("x")).info.run_id
+    Outbox(local).append(real, {"op": "tag", "key": "sent.later", "value": "yes"})
+    Outbox(local).append(real, {"op": "metrics", "items": [["loss", 1.5, 1000, 3]]})
+    out = CliRunner().invoke(app, ["sync"])
+    assert out.exit_code == 0 and out.output.strip() == f"{local}: sent 1 metrics and 1 other records", out.output
+    assert client.get_run(real).data.tags["sent.later"] == "yes" and client.get_run(real).data.metrics == {"loss": 1.5}

@@ -148,3 +148,80 @@ def test_a_problem_every_branch_of_a_sweep_shares_is_reported_once_for_the_stage
     found = [p for p in problems_of(path) if "empty.jsonl" in p]
     assert found == [f"stage 'sft': {empty}: it has no rows: add rows, or remove it from the stage's data "
                      f"(all 3 of its branches or rounds)"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hub_down(tmp_path, monkeypatch):
+    """Online, with a hub that does not answer (HF_ENDPOINT on a closed port) and an empty cache of our own."""
+    import llmlab.preflight as pre
+
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(key, "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(pre, "_hub_answers", {})
+    return tmp_path / "hub"
+
+
+def cache_model(hub: Path, name: str) -> None:
+    """A hub model as huggingface_hub's cache keeps it: a snapshot its `main` ref points at."""
+    repo = hub / f"models--{name.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                                                      "vocab_size": 300}))
+
+
+def test_a_hub_that_does_not_answer_stops_the_run_before_any_stage_for_what_is_not_cached(tmp_path, hub_down):
+    import os
+
+    path = spec(tmp_path, {"sft": {"kind": "sft", "model": "acme/tiny-llama", "data": [{"path": "acme/chats"}]}})
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout, out.stderr
+    endpoint = os.environ["HF_ENDPOINT"]
+    assert f"stage 'sft': acme/tiny-llama: the Hugging Face hub at {endpoint} does not answer and this model is not in " \
+           f"the local cache ({hub_down})" in out.stderr
+    assert f"stage 'sft': acme/chats: the Hugging Face hub at {endpoint} does not answer" in out.stderr
+    assert "HF_DATASETS_OFFLINE=1" in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_hub_that_does_not_answer_costs_one_note_when_its_models_are_cached(tmp_path, hub_down, monkeypatch):
+    import os
+
+    cache_model(hub_down, "acme/tiny-llama")
+    path = spec(tmp_path, {"sft": {"kind": "sft", "model": "acme/tiny-llama", "data": TEXT_SOURCE}})
+    found, notes = preflight(parse_spec(path.read_text(), str(path)))
+    assert found == [], found
+    assert notes[0] == (f"the Hugging Face hub at {os.environ['HF_ENDPOINT']} does not answer: hub models are read from "
+                        f"the local cache ({hub_down}) for this run")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # the stages go straight to the cache
+
+
+def test_a_spec_that_requires_tracking_refuses_to_start_while_mlflow_does_not_answer(tmp_path):
+    import os
+
+    path = spec(tmp_path, {})
+    raw = yaml.safe_load(path.read_text())
+    raw["tracking"] = {"uri": f"http://127.0.0.1:{closed_port()}", "required": True}
+    path.write_text(yaml.safe_dump(raw))
+    assert problems_of(path) == [f"tracking.required: MLflow at {raw['tracking']['uri']} does not answer (asked for 2 s): "
+                                 f"start the server, point tracking.uri at one that runs, or set `required: false` to "
+                                 f"run now and send the records when it answers"]
+    out = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(path)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}, timeout=120)
+    assert out.returncode == 2 and "tracking.required: MLflow at" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+    raw["tracking"]["required"] = False
+    path.write_text(yaml.safe_dump(raw))
+    assert problems_of(path) == []
