@@ -50,6 +50,16 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
     logging.getLogger(_name).addFilter(_NoEmptyTraceback())
 
 
+def drain_reporting(timeout: float = 30.0) -> None:
+    """Send the logs and events this process still holds for the Prefect API, before the server it
+    reports to may stop (Prefect would otherwise send them at exit, and retry a stopped server for a minute)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout)
+
+
 def _run_name() -> str:
     return Path(flow_run.parameters["spec"]).stem
 

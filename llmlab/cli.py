@@ -13,9 +13,11 @@ import neither torch nor prefect, so they answer in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import typer
 
@@ -147,18 +149,13 @@ def run(
     if problem:
         typer.echo(problem, err=True)
         raise typer.Exit(2)
-    from flows.pipeline import pipeline
-
-    try:
-        state = pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, sweep=narrow or None,
-                         return_state=True)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
-        raise typer.Exit(130)
+    with _prefect_server():
+        state = _run_flow(file, force, only, from_stage, narrow)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
         error = state.result(raise_on_failure=False)
-        if isinstance(error, KeyboardInterrupt):
-            typer.echo("interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint", err=True)
+        if isinstance(error, KeyboardInterrupt) or INTERRUPTED in (state.message or ""):
+            typer.echo(("\n" + state.message + "\n" if INTERRUPTED in (state.message or "") else "") + INTERRUPTED_LINE,
+                       err=True)
             raise typer.Exit(130)
         # an expected failure's message is its one sentence; a bug's traceback is in the flow's log above
         typer.echo(f"\npipeline failed: {state.message}", err=True)
@@ -171,6 +168,45 @@ def run(
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if "/" in k}
         status = "reused" if r["reused"] else r["status"]
         typer.echo(f"{name:<{width}} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
+
+
+INTERRUPTED = "interrupted at step"  # the sentence of a stage stopped by Ctrl+C or SIGTERM (llmlab.train.signals)
+INTERRUPTED_LINE = "interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint"
+
+
+def _run_flow(file: Path, force: list[str], only: list[str], from_stage: str | None, narrow: dict) -> Any:
+    from flows.pipeline import drain_reporting, pipeline
+
+    try:
+        return pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, sweep=narrow or None,
+                        return_state=True)
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED_LINE, err=True)
+        raise typer.Exit(130)
+    finally:
+        drain_reporting()
+
+
+@contextlib.contextmanager
+def _prefect_server() -> Iterator[None]:
+    """With no Prefect API set (PREFECT_API_URL, `llmlab serve`), the state directory's local server
+    (`llmlab.prefect_server`): started once, in a session of its own, and kept for the next runs."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from llmlab.prefect_server import idle_seconds, lease
+
+    with lease() as (url, started):
+        os.environ["PREFECT_API_URL"] = url
+        ui = url.removesuffix("/api")
+        idle = idle_seconds()
+        kept = "it stops when this run ends" if idle == 0 else \
+            f"kept for the next runs, it stops {idle / 60:g} min after the last one (`llmlab stop` now)"
+        typer.echo(f"Prefect: {'started ' if started else ''}a local server at {ui}; {kept}")
+        try:
+            yield
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 def _check_stage_flags(file: Path, spec: Pipeline, force: list[str], only: list[str], from_stage: str | None) -> None:
@@ -371,10 +407,11 @@ def serve(
 
 @app.command()
 def stop() -> None:
-    """Stop exactly what `llmlab serve` started."""
+    """Stop exactly what `llmlab serve` started, and the local Prefect server `llmlab run` keeps."""
+    from llmlab.prefect_server import stop as stop_local
     from llmlab.serve import stop as halt
 
-    stopped = halt()
+    stopped = halt() + (["the local Prefect server of llmlab run"] if stop_local() else [])
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 

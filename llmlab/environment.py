@@ -121,13 +121,16 @@ def _endpoints(spec_uri: str | None) -> dict[str, Any]:
     else:
         mlflow_uri, mlflow_from = f"sqlite:///{state / 'mlflow.db'}", "the default: SQLite under the state directory"
     served = running() if (state / "serve.json").is_file() else None
+    local = _local_prefect(state)
     if os.environ.get("PREFECT_API_URL"):
         prefect, prefect_from = os.environ["PREFECT_API_URL"], "$PREFECT_API_URL"
     elif served is not None:
         prefect, prefect_from = served["prefect_api_url"], "`llmlab serve` (its serve.json)"
+    elif local is not None:
+        prefect, prefect_from = local, "llmlab's local server, running (`llmlab stop` stops it)"
     else:
         prefect = None
-        prefect_from = ("neither $PREFECT_API_URL nor `llmlab serve`: each run starts a temporary server on the "
+        prefect_from = ("neither $PREFECT_API_URL nor `llmlab serve`: the next run starts llmlab's local server on the "
                         f"database under {os.environ.get('PREFECT_HOME') or state / 'prefect'}")
     out: dict[str, Any] = {
         "state_dir": {"value": str(state), "from": "$LLMLAB_STATE_DIR" if os.environ.get("LLMLAB_STATE_DIR")
@@ -140,6 +143,19 @@ def _endpoints(spec_uri: str | None) -> dict[str, Any]:
     if prefect:
         out["prefect"]["answers"] = _answers(prefect.rstrip("/") + "/health")
     return out
+
+
+def _local_prefect(state: Path) -> str | None:
+    """The URL of the local Prefect server `llmlab run` keeps, when it runs (read without creating anything)."""
+    import json
+
+    from llmlab.prefect_server import _alive
+
+    try:
+        info = json.loads((state / "prefect-server" / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info["url"] if _alive(info["pid"]) else None
 
 
 def _environment_variables() -> dict[str, str]:
@@ -288,7 +304,7 @@ def render(info: dict[str, Any]) -> str:
     for key, label in names.items():
         e = info["endpoints"][key]
         answer = "" if "answers" not in e else (", answers" if e["answers"] else ", DOES NOT ANSWER")
-        lines.append(f"- {label}: {e['value'] or 'a temporary server per run'} (from {e['from']}{answer})")
+        lines.append(f"- {label}: {e['value'] or 'none running'} (from {e['from']}{answer})")
     lines += ["", "### Environment variables"]
     lines += [f"- {k}={v}" for k, v in info["environment"].items()] or ["- none that llmlab, torch or the Hugging Face "
                                                                       "libraries read"]

@@ -49,6 +49,8 @@ def expected_failure(exc: BaseException, stage: str | None = None) -> str | None
         return text if not stage or text.startswith(f"stage '{stage}'") else where + text
     if type(exc).__name__ == "GateFailed":  # llmlab.gates (imports nothing heavy, but keep this module leaf)
         return str(exc)
+    if type(exc).__name__ == "TrainingInterrupted":  # llmlab.train.signals: Ctrl+C or SIGTERM, checkpoint saved
+        return where + str(exc)
     if _is_out_of_memory(exc):
         return (f"{where}ran out of memory ({str(exc).splitlines()[0][:160]}); lower the stage's batch size "
                 f"(batch_sequences, batch_pairs or batch_prompts) and raise gradient_accumulation_steps, or turn on "

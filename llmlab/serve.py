@@ -54,8 +54,8 @@ def configure_environment() -> None:
 
 def prefect_api_problem(timeout: float = 3.0) -> str | None:
     """The one sentence for a PREFECT_API_URL that does not answer (None when it does, or when none is
-    set: then each run starts a temporary local server). A run never falls back to a temporary server
-    by itself: its flow run would be missing from the server the user pointed at."""
+    set: then a run uses llmlab's local server, `llmlab.prefect_server`). A run never falls back to
+    another server by itself: its flow run would be missing from the server the user pointed at."""
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         return None
@@ -64,7 +64,7 @@ def prefect_api_problem(timeout: float = 3.0) -> str | None:
             return None
     except Exception:  # noqa: BLE001  not answering, however it fails
         return (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it with `make serve`, or unset "
-                f"PREFECT_API_URL to run on a temporary local server")
+                f"PREFECT_API_URL to run on llmlab's local server")
 
 
 def serve_file() -> Path:
@@ -135,6 +135,9 @@ def serve(prefect_port: int | None = None, mlflow_port: int | None = None, timeo
     """Start server, worker and MLflow UI; create the pool; deploy everything in prefect.yaml."""
     if running():
         raise RuntimeError(f"already serving (see {serve_file()}); run `make stop` first")
+    from llmlab.prefect_server import stop as stop_local
+
+    stop_local()  # the server `llmlab run` keeps shares the database: one server at a time
     prefect_port = prefect_port or int(os.environ.get("LLMLAB_PREFECT_PORT", "4200"))
     mlflow_port = mlflow_port or int(os.environ.get("LLMLAB_MLFLOW_PORT", "5000"))
     prefect_home()

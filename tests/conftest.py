@@ -21,6 +21,7 @@ for key, value in {
     "TOKENIZERS_PARALLELISM": "false",
     "LLMLAB_STATE_DIR": str(_STATE),
     "PREFECT_HOME": str(_STATE / "prefect"),
+    "LLMLAB_PREFECT_IDLE_SECONDS": "0",  # a run's local Prefect server stops when the run ends
 }.items():
     os.environ[key] = value
 (_STATE / "prefect").mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def test_a_prefect_api_that_does_not_answer_is_one_sentence_before_anything_runs
     out = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "tiny.yaml")])
     assert out.exit_code == 2, out.output
     assert out.output.strip() == (f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it with `make "
-                                  f"serve`, or unset PREFECT_API_URL to run on a temporary local server")
+                                  f"serve`, or unset PREFECT_API_URL to run on llmlab's local server")
     assert not (state / "runs").exists()
 
 

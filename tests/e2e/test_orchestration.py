@@ -167,6 +167,50 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path, 
         assert got[step] == pytest.approx(want[step], abs=1e-5), step
 
 
+def test_ctrl_c_leaves_the_local_prefect_server_up_and_the_next_run_resumes_on_it(tmp_path):
+    """Without a Prefect API set, `llmlab run` starts the state directory's local server in a session
+    of its own: Ctrl+C (SIGINT to the run's process group, as a terminal sends it) stops the stage at
+    a checkpoint — exit 130, one sentence, no traceback — while the server stays up for the next
+    run, which reuses it, resumes, and shows in it; `llmlab stop` stops it."""
+    import urllib.request
+
+    from llmlab.prefect_server import _alive
+
+    spec = shrunk_tiny(tmp_path, "local-server")
+    raw = yaml.safe_load(spec.read_text())
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}
+    raw["stages"]["pretrain"]["train"].update(max_steps=400, save_every=5, log_every=1)
+    spec.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {k: v for k, v in cli_env(tmp_path / "state", LLMLAB_PREFECT_IDLE_SECONDS="120").items() if k != "PREFECT_API_URL"}
+    first = cli(["run", str(spec)], tmp_path, env)
+    metrics = tmp_path / "runs" / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and max(losses(metrics), default=0) >= 10):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)
+    out = first.communicate(timeout=120)[0]
+    server = json.loads((tmp_path / "state" / "prefect-server" / "server.json").read_text())
+    try:
+        assert first.returncode == 130 and "Traceback" not in out, out[-3000:]
+        assert "Prefect: started a local server at" in out
+        assert out.rstrip().endswith("interrupted: finished stages are kept and an interrupted stage resumes from its "
+                                     "last checkpoint") and "stage 'pretrain': training interrupted at step" in out
+        assert _alive(server["pid"])  # Ctrl+C did not reach it
+        again = cli(["run", str(spec)], tmp_path, env)
+        out2 = again.communicate(timeout=300)[0]
+        assert again.returncode == 0 and "resuming from step" in out2, out2[-3000:]
+        assert f"Prefect: a local server at {server['url'].removesuffix('/api')}" in out2
+        request = urllib.request.Request(server["url"] + "/flow_runs/filter", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert len(json.loads(r.read())) == 2
+    finally:
+        stopped = subprocess.run([sys.executable, "-m", "llmlab.cli", "stop"], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=60)
+    assert "the local Prefect server" in stopped.stdout and not _alive(server["pid"])
+
+
 def _run_stage_in_process(spec, cwd, state, queue):
     os.chdir(cwd)
     os.environ["LLMLAB_STATE_DIR"] = state
