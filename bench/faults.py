@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -121,12 +122,16 @@ class Case:
         raise TimeoutError(f"{stage} wrote no checkpoint in {timeout} s")
 
 
+PREFECT_LOG = re.compile(r"^\d\d:\d\d:\d\d\.\d+ \| \w+ +\| (?:Task run|Flow run) '[^']+' - ")
+
+
 def said(out: str) -> str:
-    """The line that says what happened: the first naming a fault or its outcome."""
-    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    """The line that says what happened: the first naming a fault or its outcome (without Prefect's
+    log prefix; a heading that ends in a colon gives way to the line under it)."""
+    lines = [PREFECT_LOG.sub("", line.strip()) for line in out.splitlines() if line.strip()]
     for line in lines:
         low = line.lower()
-        if any(word in low for word in SAYS) and "prefect" not in low.split(" | ")[0].lower():
+        if any(word in low for word in SAYS) and not line.endswith(":") and not low.startswith("prefect:"):
             return line[:300]
     return lines[-1][:300] if lines else ""
 

@@ -192,6 +192,9 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     registered is not registered again. Returns (name, version) or None."""
     from llmlab.promote import METRIC_TAG, promoted_stage
 
+    import logging
+
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to 300 s"
     spec = load_spec(spec_file)
     with_model = [name for name, r in results.items() if "model" in r["outputs"] and r["kind"] != "reward"]
     target = promoted_stage(spec)

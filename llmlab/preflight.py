@@ -311,6 +311,9 @@ def workdir_problems(spec: Pipeline) -> list[Problem]:
     what = f"workdir {root}"
     if not existing.is_dir():
         return [Problem("", what, f"{existing} is a file, not a folder: point `workdir` at a folder")]
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return [Problem("", what, f"{existing} is on a read-only filesystem: remount it writable or point `workdir` "
+                                  f"somewhere writable")]
     if not os.access(existing, os.W_OK | os.X_OK):
         return [Problem("", what, f"{existing} is not writable by this user: make it writable or point `workdir` "
                                   f"somewhere writable")]

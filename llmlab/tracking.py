@@ -108,7 +108,12 @@ def _fail_fast() -> Iterator[None]:
 
 
 def _cause(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    """The gist of a failure, short: a connection error's reason rather than MLflow's wrapping of it."""
+    text = str(exc).strip()
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", text)
+    if found and isinstance(exc, Exception) and type(exc).__name__ in ("MlflowException", "ConnectionError"):
+        return found.group(0).strip()
+    first = text.splitlines()[0][:160] if text else ""
     return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
