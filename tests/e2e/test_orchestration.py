@@ -181,7 +181,8 @@ def test_ctrl_c_leaves_the_local_prefect_server_up_and_the_next_run_resumes_on_i
     raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}
     raw["stages"]["pretrain"]["train"].update(max_steps=400, save_every=5, log_every=1)
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {k: v for k, v in cli_env(tmp_path / "state", LLMLAB_PREFECT_IDLE_SECONDS="120").items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in cli_env(tmp_path / "state", LLMLAB_PREFECT_IDLE_SECONDS="120").items()
+           if k not in ("PREFECT_API_URL", "PREFECT_HOME")}  # the server's database: its own, under the state dir
     first = cli(["run", str(spec)], tmp_path, env)
     metrics = tmp_path / "runs" / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 240
@@ -201,10 +202,33 @@ def test_ctrl_c_leaves_the_local_prefect_server_up_and_the_next_run_resumes_on_i
         out2 = again.communicate(timeout=300)[0]
         assert again.returncode == 0 and "resuming from step" in out2, out2[-3000:]
         assert f"Prefect: a local server at {server['url'].removesuffix('/api')}" in out2
-        request = urllib.request.Request(server["url"] + "/flow_runs/filter", data=b"{}", method="POST",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as r:
-            assert len(json.loads(r.read())) == 2
+        # every stage finished: a third run decides that before Prefect starts, answers at once, and
+        # records the run (each stage Cached, a parent MLflow run naming the reused runs) in the background
+        third = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmlab.cli", "run", str(spec)], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert third.returncode == 0 and "every stage is reused" in third.stdout, third.stdout + third.stderr[-3000:]
+        loaded = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in third.stderr.splitlines()
+                  if line.startswith("import time:")}
+        assert not loaded & {"torch", "transformers", "prefect", "mlflow"}, sorted(loaded)
+        assert "Prefect:" not in third.stdout and "pretrain   reused" in third.stdout
+        recorder = int(re.search(r"in the background \(process (\d+)", third.stdout).group(1))
+        deadline = time.time() + 120
+        while time.time() < deadline and _alive(recorder):
+            time.sleep(0.2)
+
+        def api(path: str) -> list:
+            request = urllib.request.Request(server["url"] + path, data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return json.loads(r.read())
+
+        flow_runs = sorted(api("/flow_runs/filter"), key=lambda r: r["created"])
+        assert len(flow_runs) == 3 and flow_runs[-1]["state"]["type"] == "COMPLETED"
+        tasks = {t["name"]: t["state"]["name"] for t in api("/task_runs/filter") if t["flow_run_id"] == flow_runs[-1]["id"]}
+        assert tasks["tokenizer"] == tasks["pretrain"] == "Cached", tasks
+        client, parents = mlflow_runs(tmp_path / "state", "local-server")
+        last = [r for r in parents if "llmlab.pipeline" in r.data.tags][-1]
+        assert last.info.status == "FINISHED" and "llmlab.reused.pretrain" in last.data.tags
     finally:
         stopped = subprocess.run([sys.executable, "-m", "llmlab.cli", "stop"], cwd=tmp_path, env=env, capture_output=True,
                                  text=True, timeout=60)
