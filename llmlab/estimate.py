@@ -120,13 +120,13 @@ def spec_vocab(spec: Pipeline) -> tuple[int, bool]:
 
 
 def spec_model(spec: Pipeline) -> ModelSource:
-    """The spec's `model:` block as llmlab builds it (LlmlabConfig validates it as the pipeline would)."""
-    from llmlab.model.config import LlmlabConfig
+    """The spec's `model:` block as llmlab builds it (held to LlmlabConfig's rules, without transformers)."""
+    from llmlab.model.architecture import SpecArchitecture
     from llmlab.model.memory import model_shape
 
     vocab, _ = spec_vocab(spec)
     try:
-        return ModelSource(model_shape(LlmlabConfig(**spec.model.model_dump(), vocab_size=vocab)), SPEC_MODEL)
+        return ModelSource(model_shape(SpecArchitecture(**spec.model.model_dump(), vocab_size=vocab)), SPEC_MODEL)
     except ValueError as exc:  # a combination the spec's rules let through but the model refuses
         return ModelSource(None, SPEC_MODEL, f"the spec's model cannot be built: {exc}")
 
@@ -143,7 +143,7 @@ def named_model(name: str) -> ModelSource:
     try:
         from transformers import AutoConfig
 
-        import llmlab.model  # noqa: F401  (registers the llmlab architecture with AutoConfig)
+        import llmlab.model.config  # noqa: F401  (registers the llmlab config with AutoConfig)
 
         config: Any = AutoConfig.from_pretrained(str(path) if local else name, local_files_only=True)
     except Exception as exc:  # an architecture transformers does not know, or a hub name not cached

@@ -5,7 +5,7 @@
     llama_blockers(config)  # [] when the architecture maps onto Llama exactly, else the reasons
 
 `hf` writes the model in transformers' format (config.json + model.safetensors, fp32); it loads
-with `AutoModelForCausalLM.from_pretrained` once `import llmlab.model` has registered the "llmlab"
+with `AutoModelForCausalLM.from_pretrained` once `import llmlab.model.model` has registered the "llmlab"
 architecture. `llama` writes a stock `LlamaForCausalLM` checkpoint that transformers loads with no
 code of ours; it is offered only when the architecture is Llama's: rotary positions (RoPE, or YaRN,
 which maps exactly onto transformers' "yarn" rope_parameters), RMSNorm, SwiGLU, no sliding window;
@@ -109,7 +109,7 @@ def llama_config(config: LlmlabConfig) -> LlamaConfig:
 def _load_config(model_dir: Path):
     from transformers import AutoConfig
 
-    import llmlab.model  # noqa: F401  registers the llmlab architecture with the Auto classes
+    import llmlab.model.config  # noqa: F401  registers the llmlab config with AutoConfig
 
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise ExportError(f"Model folder not found: {model_dir} — pass a folder saved by llmlab "

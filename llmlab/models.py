@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-import llmlab.model  # noqa: F401  (registers the llmlab architecture with transformers' Auto classes)
+import llmlab.model.model  # noqa: F401  (registers the llmlab architecture with transformers' Auto classes)
 from llmlab.device import bf16_is_fast
 from llmlab.errors import UserError
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from llmlab.checkpoint import fingerprint, latest_checkpoint
 from llmlab.estimate import Work, fmt_bytes
-from llmlab.reuse import changed_fields, cache_key, folder_conflict
+from llmlab.reuse import cache_key, changed_fields, folder_conflict
 from llmlab.runners.registry import estimate_stage, kind_of, resolved_config
-from llmlab.spec import Pipeline, config_hash, load_spec
 from llmlab.selection import SelectionFailed, choose_branch
+from llmlab.spec import Pipeline, config_hash, load_spec
 
 # config fields that change how long a stage takes (a changed lr does not; more steps do)
 SHAPE_FIELDS = ("max_steps", "batch_sequences", "batch_pairs", "batch_prompts", "rollout_prompts",
@@ -155,17 +155,17 @@ DECODE_EFFICIENCY = 0.03
 
 
 def machine_rate() -> float:
-    """This machine's fp32 matmul rate in FLOP/s with torch's current threads, measured once (~0.3 s)
-    and kept in the state dir."""
+    """This machine's fp32 matmul rate in FLOP/s with torch's threads, measured once (~0.3 s, which
+    imports torch) and kept in the state dir under a key read without torch."""
     import os
     import time
-
-    import torch
 
     from llmlab.checkpoint import atomic_write_json
     from llmlab.paths import state_dir
 
-    key = f"{os.uname().machine}-{os.cpu_count()}-{torch.get_num_threads()}-{torch.cuda.is_available()}"
+    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("LLMLAB_THREADS") or os.cpu_count()
+    gpu = Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+    key = f"{os.uname().machine}-{os.cpu_count()}-{threads}-{gpu}"
     cache = state_dir() / "machine_rate.json"
     try:
         known = json.loads(cache.read_text())
@@ -173,6 +173,8 @@ def machine_rate() -> float:
         known = {}
     if key in known:
         return float(known[key])
+    import torch
+
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -233,3 +235,22 @@ def render(rows: list[PlanRow]) -> str:
 
 def as_json(rows: list[PlanRow]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+def all_reused(spec_file: str | Path, sweep: dict[str, dict[str, list]] | None = None) -> dict[str, dict] | None:
+    """Every stage's recorded result (marked reused) when a run would reuse them all — same keys as
+    the flow's cache, outputs intact — else None. Decided from the stage folders alone (no Prefect,
+    no MLflow, no torch), so such a run can answer at once."""
+    spec = load_spec(spec_file)
+    rows = plan_run(spec_file, sweep=sweep)
+    if any(row.action != "reuse" and not (row.action == "skip" and row.stage not in spec.graph.narrowed(sweep or {})[0])
+           for row in rows):
+        return None
+    results = {}
+    for row in rows:
+        if row.action == "reuse":
+            record = _record(spec, row.stage) or {}
+            if not record.get("result"):
+                return None
+            results[row.stage] = {**record["result"], "reused": True}
+    return results or None

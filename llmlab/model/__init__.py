@@ -1,38 +1,31 @@
 """The llmlab model: config, architecture, parameter and memory estimates.
 
-Importing this package registers the "llmlab" architecture with transformers' Auto classes, so
-`AutoConfig.from_pretrained` / `AutoModelForCausalLM.from_pretrained` load saved llmlab models.
+Importing `llmlab.model.model` (which any of the model classes or `build_model` does) registers the
+"llmlab" architecture with transformers' Auto classes, so `AutoConfig.from_pretrained` /
+`AutoModelForCausalLM.from_pretrained` load saved llmlab models. The names below are loaded on first
+use, so `llmlab.model.memory` and `llmlab.model.config` (what plans and estimates read) come without
+torch.
 """
 
 from __future__ import annotations
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from importlib import import_module
+from typing import Any
 
-from llmlab.model.config import LlmlabConfig
-from llmlab.model.memory import count_parameters, estimate_training_memory
-from llmlab.model.model import LlmlabForCausalLM, LlmlabForSequenceClassification
-
-AutoConfig.register("llmlab", LlmlabConfig, exist_ok=True)
-AutoModelForCausalLM.register(LlmlabConfig, LlmlabForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(LlmlabConfig, LlmlabForSequenceClassification, exist_ok=True)
-
-
-def build_model(config: LlmlabConfig, seed: int | None = None) -> LlmlabForCausalLM:
-    """A freshly initialised fp32 model; with `seed`, the same weights every time (the global
-    RNG state is left untouched)."""
-    if seed is None:
-        return LlmlabForCausalLM(config).float()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlmlabForCausalLM(config).float()
+_HOMES = {
+    "LlmlabConfig": "llmlab.model.config",
+    "LlmlabForCausalLM": "llmlab.model.model",
+    "LlmlabForSequenceClassification": "llmlab.model.model",
+    "build_model": "llmlab.model.model",
+    "count_parameters": "llmlab.model.memory",
+    "estimate_training_memory": "llmlab.model.memory",
+}
 
 
-__all__ = [
-    "LlmlabConfig",
-    "LlmlabForCausalLM",
-    "LlmlabForSequenceClassification",
-    "build_model",
-    "count_parameters",
-    "estimate_training_memory",
-]
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'llmlab.model' has no attribute {name!r}")
+
+
+__all__ = sorted(_HOMES)

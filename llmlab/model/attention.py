@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers import Cache
 
 from llmlab.model.config import LlmlabConfig

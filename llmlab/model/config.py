@@ -11,10 +11,14 @@ from typing import ClassVar
 
 from transformers import PretrainedConfig
 
-POSITIONAL_ENCODINGS = ("sinusoidal", "rope", "alibi", "yarn")
-ATTENTION_TYPES = ("mha", "mqa", "gqa")
-NORM_TYPES = ("layernorm", "rmsnorm")
-ACTIVATION_NAMES = ("relu", "gelu", "silu", "leaky_relu", "swiglu")
+from llmlab.model.architecture import (  # noqa: F401  (the choices, re-exported)
+    ACTIVATION_NAMES,
+    ATTENTION_TYPES,
+    NORM_TYPES,
+    POSITIONAL_ENCODINGS,
+    kv_heads,
+    validate,
+)
 
 
 class LlmlabConfig(PretrainedConfig):
@@ -65,32 +69,12 @@ class LlmlabConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
 
     def _validate(self) -> None:
-        choices = {
-            "positional_encoding": POSITIONAL_ENCODINGS,
-            "attention_type": ATTENTION_TYPES,
-            "norm_type": NORM_TYPES,
-            "activation": ACTIVATION_NAMES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {allowed}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.num_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by {self.num_kv_heads} KV heads")
-        if self.positional_encoding in ("rope", "yarn") and self.head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
-        if self.positional_encoding == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"sinusoidal embeddings need an even d_model, got {self.d_model}")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
-        if self.yarn_scale < 1.0:
-            raise ValueError(f"yarn_scale must be >= 1, got {self.yarn_scale}")
+        validate(self)  # llmlab.model.architecture: the rules a spec's model block is held to as well
 
     @property
     def num_kv_heads(self) -> int:
         """Effective number of key/value heads: n_heads (MHA), 1 (MQA) or n_kv_heads (GQA)."""
-        return {"mha": self.n_heads, "mqa": 1, "gqa": self.n_kv_heads}[self.attention_type]
+        return kv_heads(self)
 
     @property
     def head_dim(self) -> int:
@@ -102,3 +86,13 @@ class LlmlabConfig(PretrainedConfig):
         if self.yarn_original_max_seq_len is not None:
             return self.yarn_original_max_seq_len
         return max(1, int(self.max_seq_len // self.yarn_scale))
+
+
+def _register() -> None:
+    """Saved llmlab configs load through `AutoConfig` (the model classes register in `llmlab.model.model`)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register("llmlab", LlmlabConfig, exist_ok=True)
+
+
+_register()

@@ -18,8 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 FP32_BYTES = 4  # llmlab trains in fp32 on CPU (bf16 autocast only on hardware fast at it)
 
 # Activations a training forward pass keeps for the backward pass, in fp32 values per token, counted
@@ -160,7 +158,7 @@ def weights(shape: ModelShape) -> list[Weight]:
 def count_parameters(model_or_config: Any) -> int:
     """Unique parameters (tied embeddings counted once): from a model (its `parameters()`), or
     analytically from a ModelShape, an LlmlabConfig or any transformers config."""
-    if isinstance(model_or_config, nn.Module):
+    if callable(getattr(model_or_config, "parameters", None)):  # a model (torch is not imported for configs)
         return sum(p.numel() for p in model_or_config.parameters())  # parameters() de-duplicates
     shape = model_or_config if isinstance(model_or_config, ModelShape) else model_shape(model_or_config)
     return sum(w.numel for w in weights(shape))

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
-
-from transformers import Cache, DynamicCache
 
 from llmlab.model.attention import Attention, build_attention_mask
 from llmlab.model.config import LlmlabConfig
@@ -303,3 +301,24 @@ class LlmlabForSequenceClassification(PreTrainedModel):
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
         pooled = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, d_model)
         return SequenceClassifierOutput(logits=self.score(pooled))
+
+
+def build_model(config: LlmlabConfig, seed: int | None = None) -> LlmlabForCausalLM:
+    """A freshly initialised fp32 model; with `seed`, the same weights every time (the global
+    RNG state is left untouched)."""
+    if seed is None:
+        return LlmlabForCausalLM(config).float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlmlabForCausalLM(config).float()
+
+
+def _register() -> None:
+    """Saved llmlab models load through transformers' Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    AutoModelForCausalLM.register(LlmlabConfig, LlmlabForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(LlmlabConfig, LlmlabForSequenceClassification, exist_ok=True)
+
+
+_register()
