@@ -1,20 +1,30 @@
-"""Orchestration and tracking overhead: the tiny pipeline (shortened) four ways, in one run.
+"""What llmlab costs around the work: command latency, reruns, one stage alone, peak memory.
 
-    .venv/bin/python bench/overhead.py [--steps 60] [--repeats 2]
+    .venv/bin/python bench/overhead.py [--repeats 3] [--steps 60]
 
-1. bare      — the stage runners called directly, MLflow replaced by a no-op (the work itself)
-2. tracked   — `llmlab.execute.execute_stage` per stage (MLflow runs, params, metrics, artifacts)
-3. flow      — `llmlab run` (a Prefect flow in ephemeral mode, one task per stage), a fresh process
-4. cached    — `llmlab run` again: every stage reused
+In one run, on the demo pipeline (pipelines/tiny.yaml, pretrain shortened to --steps), in a fresh
+state directory and with nothing else running:
 
-Each configuration gets its own state and output folders; wall times are medians over repeats,
-interleaved. Results go in docs/benchmarks.md.
+- commands: `llmlab --help`, `validate`, `inspect`, `plan` and `runs` on the demo spec, wall time
+  (median of --repeats).
+- first run: `llmlab run` in a fresh state (it starts the local Prefect server), wall time.
+- reused rerun: `llmlab run` again with every stage finished: the wall time until it answers, and
+  until its background recording (the Prefect flow run and MLflow parent run) has finished.
+- one stage: `llmlab run --only sft --force sft` (the local server warm, as after a failure), its
+  wall time, the stage's own training time (`train/seconds`), and the rest; against, in the same
+  run, a bare script that imports torch, transformers and peft and loads the same model, and a bare
+  training script that also trains the same steps on the same batch shape with AdamW; peak RSS of
+  the llmlab process and of the bare training script.
+
+Markdown for docs/benchmarks.md on stdout; --json keeps the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +35,66 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true",
+         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+BARE_LOAD = """
+import sys, time
+t0 = time.perf_counter()
+import torch, transformers, peft
+from transformers import AutoModelForCausalLM
+import llmlab.model.model  # the llmlab architecture, as any script loading this model needs
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(f"SECONDS {time.perf_counter() - t0:.3f}")
+"""
+
+BARE_TRAIN = """
+import sys, time
+t0 = time.perf_counter()
+import torch, transformers, peft
+from transformers import AutoModelForCausalLM
+import llmlab.model.model
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+steps, batch, seq = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+g = torch.Generator().manual_seed(0)
+started = time.perf_counter()
+for _ in range(steps):
+    x = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+print(f"SECONDS {time.perf_counter() - t0:.3f}")
+print(f"TRAIN {time.perf_counter() - started:.3f}")
+"""
+
+
+def run(cmd: list[str], env: dict, cwd: Path) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes of the process itself, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-3000:]}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def reported(out: str, key: str = "SECONDS") -> float:
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith(key + " ")))
+
+
+def wait_for(pid: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"process {pid} still runs")
 
 
 def write_spec(folder: Path, steps: int) -> Path:
@@ -32,95 +102,83 @@ def write_spec(folder: Path, steps: int) -> Path:
     raw["workdir"] = str(folder / "runs")
     raw["stages"]["pretrain"]["train"].update(max_steps=steps, warmup_steps=min(10, steps), eval_every=steps,
                                               save_every=steps)
+    raw["stages"]["sft"]["train"].update(max_steps=40, eval_every=20, save_every=40)
+    raw["stages"]["dpo"]["train"].update(max_steps=10, eval_every=10, save_every=10)
+    raw["stages"]["grpo"]["train"].update(max_steps=4, eval_every=4, save_every=4)
+    raw["stages"]["eval"]["benchmarks"] = [{**b, "limit": 20} for b in raw["stages"]["eval"].get("benchmarks", [])]
     spec = folder / "tiny.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     return spec
 
 
-BARE = """
-import sys, time
-from pathlib import Path
-from llmlab.spec import load_spec
-from llmlab.runners.context import StageContext, StageResult, stage_block, stage_kind
-from llmlab.runners.registry import runner
-
-class NullRun:
-    run_id = None
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-spec_file = sys.argv[1]
-spec = load_spec(spec_file)
-results = {}
-t0 = time.perf_counter()
-for name in spec.stage_names():
-    block = stage_block(spec, name)
-    deps = [] if name == "tokenizer" else (["tokenizer"] if "tokenizer" in results else []) + block.inputs
-    ins = {d: StageResult.from_dict(results[d]) for d in deps}
-    out = Path(spec.output_root) / name
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(spec, name, block, out, ins, NullRun())
-    outputs, metrics = runner(stage_kind(spec, name))(ctx)
-    results[name] = StageResult(name, "", str(out), "", "", None, "finished", outputs, metrics).to_dict()
-print(f"SECONDS {time.perf_counter() - t0:.2f}")
-"""
-
-TRACKED = """
-import sys, time
-from llmlab.spec import load_spec
-from llmlab.execute import execute_stage
-spec_file = sys.argv[1]
-spec = load_spec(spec_file)
-results = {}
-t0 = time.perf_counter()
-for name in spec.stage_names():
-    deps = [] if name == "tokenizer" else (["tokenizer"] if "tokenizer" in results else []) + spec.stages[name].inputs
-    results[name] = execute_stage(spec_file, name, {d: results[d] for d in deps}, None)
-print(f"SECONDS {time.perf_counter() - t0:.2f}")
-"""
-
-
-def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float | None]:
-    """(process wall seconds, seconds the script reported for its stages)."""
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
-    inner = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("SECONDS ")]
-    return wall, (inner[0] if inner else None)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    base_env.pop("PREFECT_API_URL", None)
-    times: dict[str, list[tuple[float, float | None]]] = {k: [] for k in ("bare", "tracked", "flow", "cached")}
-    llmlab = [sys.executable, "-m", "llmlab.cli", "run"]
-    for _ in range(args.repeats):
-        for mode in ("bare", "tracked", "flow"):
-            folder = Path(tempfile.mkdtemp(prefix=f"llmlab-overhead-{mode}-"))
-            env = {**base_env, "LLMLAB_STATE_DIR": str(folder / "state")}
-            spec = write_spec(folder, args.steps)
-            if mode == "bare":
-                times[mode].append(timed([sys.executable, "-c", BARE, str(spec)], env, folder))
-            elif mode == "tracked":
-                times[mode].append(timed([sys.executable, "-c", TRACKED, str(spec)], env, folder))
-            else:
-                times["flow"].append(timed([*llmlab, str(spec)], env, folder))
-                times["cached"].append(timed([*llmlab, str(spec)], env, folder))
-    print(f"tiny pipeline, pretrain shortened to {args.steps} steps; medians of {args.repeats}; "
-          f"fresh state each (first runs include the builtin-text cache and MLflow database creation)\n")
-    print("| mode | process wall s | stages s |")
-    print("|---|---|---|")
-    for mode, rows in times.items():
-        wall = statistics.median(r[0] for r in rows)
-        inner = [r[1] for r in rows if r[1] is not None]
-        print(f"| {mode} | {wall:.1f} | {statistics.median(inner):.1f} |" if inner else f"| {mode} | {wall:.1f} | – |")
+    folder = Path(tempfile.mkdtemp(prefix="llmlab-overhead-"))
+    env = {**os.environ, **QUIET, "LLMLAB_STATE_DIR": str(folder / "state"), "LLMLAB_PREFECT_IDLE_SECONDS": "600"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    spec = write_spec(folder, args.steps)
+    llmlab = [sys.executable, "-m", "llmlab.cli"]
+    rows: dict[str, float] = {}
+    try:
+        rows["first run (fresh state; starts the local Prefect server)"], _, _ = run([*llmlab, "run", str(spec)], env, folder)
+        for name, cmd in {"llmlab --help": ["--help"], "llmlab validate": ["validate", str(spec)],
+                          "llmlab inspect": ["inspect", str(spec)], "llmlab plan": ["plan", str(spec)],
+                          "llmlab runs": ["runs"]}.items():
+            rows[name] = statistics.median(run([*llmlab, *cmd], env, folder)[0] for _ in range(args.repeats))
+        answers, recorded = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            wall, _, out = run([*llmlab, "run", str(spec)], env, folder)
+            wait_for(int(re.search(r"in the background \(process (\d+)", out).group(1)))
+            answers.append(wall)
+            recorded.append(time.perf_counter() - t0)
+        rows["reused rerun: answered"] = statistics.median(answers)
+        rows["reused rerun: recorded in Prefect and MLflow (background)"] = statistics.median(recorded)
+        model = folder / "runs" / "pretrain" / "model"
+        sft = yaml.safe_load(spec.read_text())["stages"]["sft"]["train"]
+        seq = yaml.safe_load(spec.read_text())["model"]["max_seq_len"]
+        only, bare, train, only_rss, train_rss, train_inner = [], [], [], [], [], []
+        for _ in range(args.repeats):
+            wall, rss, _ = run([*llmlab, "run", str(spec), "--only", "sft", "--force", "sft"], env, folder)
+            record = json.loads((folder / "runs" / "sft" / "stage.json").read_text())
+            only.append((wall, record["metrics"]["train/seconds"], int(record["metrics"]["train/steps"])))
+            only_rss.append(rss)
+            bare.append(reported(run([sys.executable, "-c", BARE_LOAD, str(model)], env, folder)[2]))
+            steps = only[-1][2]
+            wall_t, rss_t, out_t = run([sys.executable, "-c", BARE_TRAIN, str(model), str(steps),
+                                        str(sft["batch_sequences"]), str(seq)], env, folder)
+            train.append(wall_t)
+            train_rss.append(rss_t)
+            train_inner.append(reported(out_t, "TRAIN"))
+        rows["--only sft --force sft: wall"] = statistics.median(w for w, _, _ in only)
+        rows["--only sft: the stage's training (train/seconds)"] = statistics.median(t for _, t, _ in only)
+        rows["--only sft: everything else"] = statistics.median(w - t for w, t, _ in only)
+        rows["bare script: import torch, transformers, peft; load the model"] = statistics.median(bare)
+        rows["bare training script: the same, then the same steps (wall)"] = statistics.median(train)
+        rows["bare training script: everything but its training loop"] = statistics.median(
+            w - t for w, t in zip(train, train_inner))
+        peak = {"llmlab run --only sft (peak RSS, MiB)": statistics.median(only_rss) / 2**20,
+                "bare training script (peak RSS, MiB)": statistics.median(train_rss) / 2**20}
+    finally:
+        subprocess.run([*llmlab, "stop"], env=env, cwd=folder, capture_output=True)
+    print(f"demo pipeline, pretrain {args.steps} steps, sft 40; medians of {args.repeats}; one state directory\n")
+    print("| what | seconds |\n|---|---:|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.2f} |")
+    print("\n| process | peak RSS (MiB) |\n|---|---:|")
+    for name, value in peak.items():
+        print(f"| {name} | {value:.0f} |")
+    overhead = rows["--only sft: everything else"] / rows["bare script: import torch, transformers, peft; load the model"]
+    print(f"\n--only sft outside its training: {overhead:.2f}x the bare script; peak RSS "
+          f"{peak['llmlab run --only sft (peak RSS, MiB)'] / peak['bare training script (peak RSS, MiB)']:.2f}x the "
+          f"bare training script")
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": rows, "rss_mib": peak}, indent=1))
 
 
 if __name__ == "__main__":

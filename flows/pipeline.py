@@ -89,12 +89,14 @@ def _batches(plan, names: list[str], parallel: int) -> list[list[str]]:
 
 @flow(name="llmlab", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None = None,
-             from_stage: str | None = None, sweep: dict | None = None) -> dict[str, dict] | State:
+             from_stage: str | None = None, sweep: dict | None = None, only_reused: bool = False) -> dict[str, dict] | State:
     """Run the stages of the spec file `spec`; returns {stage: StageResult dict}.
 
     Stage names may be written ones (`dpo`: all its branches and rounds) or concrete ones
     (`dpo[beta=0.1]`, `dpo#2`). `sweep` narrows sweeps to some of their values,
-    e.g. {"dpo": {"beta": [0.1]}}: the other branches, and what fans out from them, do not run."""
+    e.g. {"dpo": {"beta": [0.1]}}: the other branches, and what fans out from them, do not run.
+    `only_reused` records a run whose every stage is reused and runs none: a stage that would run
+    fails the flow instead (what `llmlab run` starts in the background when it found nothing to run)."""
     plan = load_spec(spec)
     order = plan.stage_names()
     named = [*(force or []), *(only or []), *([from_stage] if from_stage else [])]
@@ -134,6 +136,10 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
                 skip = bool(only_set) and name not in only_set
                 # with --only, any finished, intact output of another stage will do (even from older code)
                 recorded = intact_result(spec, name, inputs, strict=not skip)
+                if only_reused and not skip and (recorded is None or name in forced):
+                    close_run(spec, parent, "FAILED", results, reused, chosen)
+                    return Failed(message=f"stage '{name}' is no longer reusable (its spec, inputs or output changed "
+                                          f"after `llmlab run` found every stage reusable); nothing ran")
                 if skip:
                     if recorded is None:
                         close_run(spec, parent, "FAILED", results, reused, chosen)

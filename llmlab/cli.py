@@ -131,6 +131,9 @@ def run(
     debug: bool = typer.Option(False, "--debug", help="show tracebacks for expected failures too (or LLMLAB_DEBUG=1)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run or be reused, and why; run nothing"),
     sweep: list[str] = typer.Option([], "--sweep", help="run only these values of a sweep: STAGE.FIELD=VALUE (repeatable)"),
+    record_reused: bool = typer.Option(False, "--record-reused", hidden=True,
+                                       help="record a run whose every stage is reused; run none (what a fully reused "
+                                            "run starts in the background)"),
 ) -> None:
     """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
     if debug:
@@ -149,8 +152,16 @@ def run(
     if problem:
         typer.echo(problem, err=True)
         raise typer.Exit(2)
+    if not (force or only or from_stage or record_reused):
+        from llmlab.plan import all_reused
+
+        reused = all_reused(file, narrow)
+        if reused is not None:  # decided before Prefect starts: nothing to wait for
+            _record_reused_in_background(file, sweep)
+            _print_results(reused)
+            return
     with _prefect_server():
-        state = _run_flow(file, force, only, from_stage, narrow)
+        state = _run_flow(file, force, only, from_stage, narrow, only_reused=record_reused)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
         error = state.result(raise_on_failure=False)
         if isinstance(error, KeyboardInterrupt) or INTERRUPTED in (state.message or ""):
@@ -161,7 +172,10 @@ def run(
         typer.echo(f"\npipeline failed: {state.message}", err=True)
         typer.echo("finished stages are kept; fix the cause and run again to continue", err=True)
         raise typer.Exit(1)
-    results = state.result()
+    _print_results(state.result())
+
+
+def _print_results(results: dict[str, dict]) -> None:
     typer.echo("")
     width = max([10] + [len(n) for n in results])
     for name, r in results.items():
@@ -170,16 +184,36 @@ def run(
         typer.echo(f"{name:<{width}} {status:<9} {r['seconds']:>7.1f}s  {r['output_dir']}  {shown}")
 
 
+def _record_reused_in_background(file: Path, sweep: list[str]) -> None:
+    """A run whose every stage is reused answers at once; its Prefect flow run (each stage Cached) and
+    MLflow parent run are recorded by the same flow in a process of its own, which runs no stage."""
+    import subprocess
+    import sys
+
+    from llmlab.paths import state_dir
+
+    logs = state_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "llmlab.cli", "run", str(file), "--record-reused"]
+    for value in sweep:
+        args += ["--sweep", value]
+    with open(logs / "reused-runs.log", "ab") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    typer.echo(f"every stage is reused (same config, inputs and code; outputs intact): nothing runs. The run is recorded "
+               f"in Prefect and MLflow in the background (process {proc.pid}, log {logs / 'reused-runs.log'})")
+
+
 INTERRUPTED = "interrupted at step"  # the sentence of a stage stopped by Ctrl+C or SIGTERM (llmlab.train.signals)
 INTERRUPTED_LINE = "interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint"
 
 
-def _run_flow(file: Path, force: list[str], only: list[str], from_stage: str | None, narrow: dict) -> Any:
+def _run_flow(file: Path, force: list[str], only: list[str], from_stage: str | None, narrow: dict,
+              only_reused: bool = False) -> Any:
     from flows.pipeline import drain_reporting, pipeline
 
     try:
         return pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, sweep=narrow or None,
-                        return_state=True)
+                        only_reused=only_reused, return_state=True)
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED_LINE, err=True)
         raise typer.Exit(130)

@@ -162,7 +162,7 @@ def stage_metrics(ctx: StageContext, result: Any, final: dict[str, float]) -> di
     plot = plot_loss_curve(ctx.out_dir / "metrics.jsonl", ctx.out_dir / "loss_curve.png", ctx.name)
     if plot:
         ctx.run.log_artifact(plot, "plots")
-    metrics = {**final, "train/steps": float(result.step)}
+    metrics = {**final, "train/steps": float(result.step), "train/seconds": float(result.seconds)}
     if result.best_step is not None:
         metrics["best_step"] = float(result.best_step)
     return metrics

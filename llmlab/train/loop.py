@@ -88,6 +88,7 @@ class TrainResult:
     best_step: int | None
     best_path: Path | None  # model weights of the best evaluation (None: no evaluation ran)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of this attempt's loop: steps, evaluations, checkpoints
 
 
 # ------------------------------------------------------------------------- what a checkpoint holds
@@ -556,7 +557,7 @@ class Trainer:
                      + ": the stage's model is the one it started from", flush=True)
         self.engine.finish()
         return TrainResult(self.step, self.resumed_from, self.progress.best_value, self.progress.best_step,
-                           self.best_path, self.last)
+                           self.best_path, self.last, round(time.perf_counter() - self.run_started, 3))
 
 
 def train(model: torch.nn.Module, objective: Objective, batches: BatchSource, cfg: Any, ckpt_dir: str | Path,
