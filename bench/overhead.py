@@ -11,10 +11,12 @@ state directory and with nothing else running:
 - reused rerun: `llmlab run` again with every stage finished: the wall time until it answers, and
   until its background recording (the Prefect flow run and MLflow parent run) has finished.
 - one stage: `llmlab run --only sft --force sft` (the local server warm, as after a failure), its
-  wall time, the stage's own training time (`train/seconds`), and the rest; against, in the same
+  wall time, the stage's own time (`stage.json` seconds: its data, model, training and outputs), its
+  training loop (`train/seconds`), and the rest; against, in the same
   run, a bare script that imports torch, transformers and peft and loads the same model, and a bare
-  training script that also trains the same steps on the same batch shape with AdamW; peak RSS of
-  the llmlab process and of the bare training script.
+  training script that also trains the same steps with AdamW on batches of the same size and mean
+  padded length (from the stage's logged tokens/s); peak RSS of the llmlab process and of the bare
+  training script.
 
 Markdown for docs/benchmarks.md on stdout; --json keeps the numbers.
 """
@@ -104,7 +106,7 @@ def write_spec(folder: Path, steps: int) -> Path:
                                               save_every=steps)
     raw["stages"]["sft"]["train"].update(max_steps=40, eval_every=20, save_every=40)
     raw["stages"]["dpo"]["train"].update(max_steps=10, eval_every=10, save_every=10)
-    raw["stages"]["grpo"]["train"].update(max_steps=4, eval_every=4, save_every=4)
+    raw["stages"]["grpo"]["train"].update(max_steps=6, warmup_steps=1, eval_every=6, save_every=6)
     raw["stages"]["eval"]["benchmarks"] = [{**b, "limit": 20} for b in raw["stages"]["eval"].get("benchmarks", [])]
     spec = folder / "tiny.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -146,18 +148,25 @@ def main() -> None:
         for _ in range(args.repeats):
             wall, rss, _ = run([*llmlab, "run", str(spec), "--only", "sft", "--force", "sft"], env, folder)
             record = json.loads((folder / "runs" / "sft" / "stage.json").read_text())
-            only.append((wall, record["metrics"]["train/seconds"], int(record["metrics"]["train/steps"])))
+            only.append((wall, record["metrics"]["train/seconds"], int(record["metrics"]["train/steps"]),
+                         record["seconds"]))
             only_rss.append(rss)
             bare.append(reported(run([sys.executable, "-c", BARE_LOAD, str(model)], env, folder)[2]))
             steps = only[-1][2]
+            # the stage's batches are padded to their longest example: the bare script trains on that mean length
+            logged = [json.loads(line) for line in (folder / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+            tokens = statistics.median(r["train/tokens_per_sec"] for r in logged if "train/tokens_per_sec" in r)
+            length = max(8, min(seq, round(tokens * only[-1][1] / steps / sft["batch_sequences"])))
             wall_t, rss_t, out_t = run([sys.executable, "-c", BARE_TRAIN, str(model), str(steps),
-                                        str(sft["batch_sequences"]), str(seq)], env, folder)
+                                        str(sft["batch_sequences"]), str(length)], env, folder)
             train.append(wall_t)
             train_rss.append(rss_t)
             train_inner.append(reported(out_t, "TRAIN"))
-        rows["--only sft --force sft: wall"] = statistics.median(w for w, _, _ in only)
-        rows["--only sft: the stage's training (train/seconds)"] = statistics.median(t for _, t, _ in only)
-        rows["--only sft: everything else"] = statistics.median(w - t for w, t, _ in only)
+        rows["--only sft --force sft: wall"] = statistics.median(o[0] for o in only)
+        rows["--only sft: the stage (data, model, training, outputs: stage.json seconds)"] = statistics.median(
+            o[3] for o in only)
+        rows["--only sft: its training loop (train/seconds)"] = statistics.median(o[1] for o in only)
+        rows["--only sft: everything else"] = statistics.median(o[0] - o[3] for o in only)
         rows["bare script: import torch, transformers, peft; load the model"] = statistics.median(bare)
         rows["bare training script: the same, then the same steps (wall)"] = statistics.median(train)
         rows["bare training script: everything but its training loop"] = statistics.median(
@@ -174,7 +183,7 @@ def main() -> None:
     for name, value in peak.items():
         print(f"| {name} | {value:.0f} |")
     overhead = rows["--only sft: everything else"] / rows["bare script: import torch, transformers, peft; load the model"]
-    print(f"\n--only sft outside its training: {overhead:.2f}x the bare script; peak RSS "
+    print(f"\n--only sft outside the stage: {overhead:.2f}x the bare script; peak RSS "
           f"{peak['llmlab run --only sft (peak RSS, MiB)'] / peak['bare training script (peak RSS, MiB)']:.2f}x the "
           f"bare training script")
     if args.json:
