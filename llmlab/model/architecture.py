@@ -41,7 +41,23 @@ def validate(arch: Any) -> None:
         raise ValueError(f"yarn_scale must be >= 1, got {arch.yarn_scale}")
 
 
-class SpecArchitecture:
+class DerivedSizes:
+    """The sizes an architecture's fields imply, for `LlmlabConfig` and `SpecArchitecture` alike."""
+
+    d_model: int
+    n_heads: int
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Effective number of key/value heads: n_heads (MHA), 1 (MQA) or n_kv_heads (GQA)."""
+        return kv_heads(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class SpecArchitecture(DerivedSizes):
     """A spec's `model:` block with its vocabulary, read the way `LlmlabConfig` reads it (same
     names, same rules, same derived sizes), for estimates that need no model."""
 
@@ -50,11 +66,3 @@ class SpecArchitecture:
     def __init__(self, **fields: Any):
         self.__dict__.update(fields)
         validate(self)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return kv_heads(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads

@@ -16,12 +16,12 @@ from llmlab.model.architecture import (  # noqa: F401  (the choices, re-exported
     ATTENTION_TYPES,
     NORM_TYPES,
     POSITIONAL_ENCODINGS,
-    kv_heads,
+    DerivedSizes,
     validate,
 )
 
 
-class LlmlabConfig(PretrainedConfig):
+class LlmlabConfig(DerivedSizes, PretrainedConfig):
     """Architecture hyper-parameters; see the module docstring. Validated in `__post_init__`."""
 
     model_type: ClassVar[str] = "llmlab"
@@ -70,15 +70,6 @@ class LlmlabConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         validate(self)  # llmlab.model.architecture: the rules a spec's model block is held to as well
-
-    @property
-    def num_kv_heads(self) -> int:
-        """Effective number of key/value heads: n_heads (MHA), 1 (MQA) or n_kv_heads (GQA)."""
-        return kv_heads(self)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def yarn_original_context(self) -> int:
