@@ -33,7 +33,7 @@ from prefect.states import Failed, State  # noqa: E402
 
 from llmlab.spec import load_spec  # noqa: E402
 from tasks.stage_tasks import check_spec, intact_result, max_parallel, run_stage, select_branch  # noqa: E402
-from tasks.tracking_tasks import close_run, open_run  # noqa: E402
+from tasks.tracking_tasks import adopt_run, close_run, open_run  # noqa: E402
 
 
 class _NoEmptyTraceback(logging.Filter):
@@ -61,7 +61,11 @@ def drain_reporting(timeout: float = 30.0) -> None:
 
 
 def _run_name() -> str:
-    return Path(flow_run.parameters["spec"]).stem
+    """The spec's `name:` (the MLflow experiment's name too); the file's name if it does not load."""
+    try:
+        return load_spec(flow_run.parameters["spec"]).name
+    except Exception:  # noqa: BLE001 — the flow itself reports a bad spec
+        return Path(flow_run.parameters["spec"]).stem
 
 
 def _raise_unexpected(state: State) -> None:
@@ -89,14 +93,18 @@ def _batches(plan, names: list[str], parallel: int) -> list[list[str]]:
 
 @flow(name="llmlab", flow_run_name=_run_name, log_prints=True, validate_parameters=True)
 def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None = None,
-             from_stage: str | None = None, sweep: dict | None = None, only_reused: bool = False) -> dict[str, dict] | State:
+             from_stage: str | None = None, sweep: dict | None = None, only_reused: bool = False,
+             follow: str | None = None) -> dict[str, dict] | State:
     """Run the stages of the spec file `spec`; returns {stage: StageResult dict}.
 
     Stage names may be written ones (`dpo`: all its branches and rounds) or concrete ones
     (`dpo[beta=0.1]`, `dpo#2`). `sweep` narrows sweeps to some of their values,
     e.g. {"dpo": {"beta": [0.1]}}: the other branches, and what fans out from them, do not run.
     `only_reused` records a run whose every stage is reused and runs none: a stage that would run
-    fails the flow instead (what `llmlab run` starts in the background when it found nothing to run)."""
+    fails the flow instead (what `llmlab run` starts in the background when it found nothing to run).
+    `follow` (a hand-over folder, `llmlab.foreground`) records stages that the `llmlab` process which
+    started this flow runs itself: their tasks wait for its results, and the pipeline's MLflow run is
+    the one it opened."""
     plan = load_spec(spec)
     order = plan.stage_names()
     named = [*(force or []), *(only or []), *([from_stage] if from_stage else [])]
@@ -114,7 +122,12 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
         _raise_unexpected(checked)
         return Failed(message=checked.message)
     storage = state_dir() / "prefect-results"
-    parent = open_run(spec, flow_run.id)
+    if follow:
+        from llmlab.foreground import handoff_of
+
+        parent = adopt_run(spec, handoff_of(follow)["parent_run_id"], flow_run.id)
+    else:
+        parent = open_run(spec, flow_run.id)
     results: dict[str, dict] = {}
     reused: dict[str, str] = {}
     chosen: dict[str, str] = {}  # selecting stage -> the judge's branch it took
@@ -152,10 +165,10 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
             if len(pending) == 1:  # in this process, as always
                 name, inputs, recorded = pending[0]
                 states = [task.with_options(refresh_cache=name in forced or recorded is None)(
-                    spec, name, inputs, parent, force=name in forced, return_state=True)]
+                    spec, name, inputs, parent, force=name in forced, follow=follow, return_state=True)]
             else:  # side by side, each branch in its own process on its own slot (GPU or share of the cores)
                 futures = [task.with_options(refresh_cache=name in forced or recorded is None).submit(
-                    spec, name, inputs, parent, force=name in forced, slot=i, slots=len(pending))
+                    spec, name, inputs, parent, force=name in forced, slot=i, slots=len(pending), follow=follow)
                     for i, (name, inputs, recorded) in enumerate(pending)]
                 states = [f.wait() or f.state for f in futures]
             for (name, _, _), state in zip(pending, states):

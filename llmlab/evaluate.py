@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from llmlab.data.formats import PROMPTS
-from llmlab.data.tasks import exact_match
 from llmlab.data.reader import read
 from llmlab.data.sources import DataSource, DataSourceError
+from llmlab.data.tasks import exact_match
 from llmlab.train.objectives import target_count, token_nll_sum
 
 

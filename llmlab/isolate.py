@@ -80,8 +80,8 @@ def execute_stage_isolated(spec_file: str, stage: str, inputs: dict[str, dict], 
 def _child(request_file: str, answer_file: str) -> int:
     from llmlab.checkpoint import atomic_write_json
     from llmlab.errors import expected_failure, format_traceback
-    from llmlab.serve import configure_environment
     from llmlab.execute import execute_stage
+    from llmlab.serve import configure_environment
 
     configure_environment()
     if os.environ.get(THREADS_ENV):

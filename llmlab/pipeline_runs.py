@@ -56,6 +56,14 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
     return run_id
 
 
+def adopt_pipeline_run(spec_file: str, run_id: str, flow_run_id: str | None) -> str:
+    """A pipeline run opened by the process that runs the stages (`llmlab.foreground`), taken over by
+    the flow that records it: the flow run's id joins its tags."""
+    _, tracker = _tracker(spec_file)
+    tracker.run(run_id).set_tags({"prefect.flow_run_id": flow_run_id or "none"})
+    return run_id
+
+
 def record_selection(spec_file: str, run_id: str, stage: str, judged: dict[str, dict]) -> str:
     """Choose the branch a selecting stage takes (`llmlab.selection.choose_branch`), log the choice and
     its table on the pipeline's run, and return the judge's winning branch."""
@@ -190,9 +198,9 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     `promote.model` stage's, else the last model; its lineage (every stage's run id and fingerprint)
     and `metrics` (what promotion gates read) as tags. A model whose fingerprint is already
     registered is not registered again. Returns (name, version) or None."""
-    from llmlab.promote import METRIC_TAG, promoted_stage
-
     import logging
+
+    from llmlab.promote import METRIC_TAG, promoted_stage
 
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to 300 s"
     spec = load_spec(spec_file)
@@ -225,41 +233,104 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     return name, version.version
 
 
+def _local_store(uri: str):
+    """A read-only connection to MLflow's SQLite store at `uri` (None for any other store, or one
+    whose tables are not those read here): `runs` reads the local store without loading MLflow."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        db.execute("SELECT r.run_uuid, r.status, r.start_time, r.end_time, r.lifecycle_stage, e.name, t.key, t.value "
+                   "FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
+                   "JOIN tags t ON t.run_uuid = r.run_uuid LIMIT 1").fetchall()
+        db.execute("SELECT a.name, a.alias, a.version, v.run_id, vt.key, vt.value FROM registered_model_aliases a "
+                   "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
+                   "LEFT JOIN model_version_tags vt ON vt.name = a.name AND vt.version = a.version LIMIT 1").fetchall()
+        return db
+    except sqlite3.Error:
+        return None
+
+
+def _no_store(uri: str) -> bool:
+    """A local SQLite store that does not exist yet: nothing was recorded."""
+    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+
+
+def _parent_runs(uri: str, pipeline: str | None, limit: int) -> list[tuple[str, str, str, int, int | None, dict]]:
+    """(experiment, run id, status, start ms, end ms, tags) of recent pipeline runs, newest first."""
+    if _no_store(uri):
+        return []
+    db = _local_store(uri)
+    if db is not None:
+        with db:
+            found = db.execute(
+                "SELECT e.name, r.run_uuid, r.status, r.start_time, r.end_time FROM runs r "
+                "JOIN experiments e ON e.experiment_id = r.experiment_id "
+                "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'llmlab.pipeline' AND t.value != '' "
+                "WHERE r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active' AND (? IS NULL OR e.name = ?) "
+                "ORDER BY r.start_time DESC LIMIT ?", (pipeline, pipeline, limit)).fetchall()
+            out = []
+            for name, run_id, status, start, end in found:
+                tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall())
+                out.append((name, run_id, status, start, end, tags))
+        db.close()
+        return out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    out = []
+    for exp in [e for e in client.search_experiments() if pipeline in (None, e.name)]:
+        for r in client.search_runs([exp.experiment_id], filter_string="tags.`llmlab.pipeline` != ''",
+                                    order_by=["attributes.start_time DESC"], max_results=limit):
+            out.append((exp.name, r.info.run_id, r.info.status, r.info.start_time, r.info.end_time, dict(r.data.tags)))
+    return sorted(out, key=lambda r: r[3], reverse=True)[:limit]
+
+
 def list_runs(pipeline: str | None, limit: int = 20) -> list[dict]:
     """Recent pipeline runs (newest first): status, start, duration, and per stage its status,
     seconds and whether a finished output was reused."""
-    from mlflow.tracking import MlflowClient
-
     from llmlab.tracking import default_tracking_uri, mlflow_key, stage_list
 
-    send_waiting(default_tracking_uri())
-    client = MlflowClient(default_tracking_uri())
-    experiments = [e for e in client.search_experiments() if pipeline in (None, e.name)]
+    uri = default_tracking_uri()
+    send_waiting(uri)
     out = []
-    for exp in experiments:
-        parents = client.search_runs([exp.experiment_id], filter_string="tags.`llmlab.pipeline` != ''",
-                                     order_by=["attributes.start_time DESC"], max_results=limit)
-        for r in parents:
-            tags = {k: v for k, v in r.data.tags.items()}
-            stages = stage_list(tags.get("llmlab.stages", ""))
-            out.append({
-                "pipeline": exp.name, "run_id": r.info.run_id, "status": r.info.status,
-                "registered": tags.get("llmlab.registered_model"), "promotion": tags.get("llmlab.promote.decision"),
-                "start": r.info.start_time, "seconds": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000,
-                "stages": [{"stage": s, "status": tags.get(f"llmlab.stage.{mlflow_key(s)}.status", "?"),
-                            "seconds": float(tags.get(f"llmlab.stage.{mlflow_key(s)}.seconds", 0)),
-                            "reused": f"llmlab.reused.{mlflow_key(s)}" in tags} for s in stages],
-            })
-    return sorted(out, key=lambda r: r["start"], reverse=True)[:limit]
+    for name, run_id, status, start, end, tags in _parent_runs(uri, pipeline, limit):
+        out.append({
+            "pipeline": name, "run_id": run_id, "status": status,
+            "registered": tags.get("llmlab.registered_model"), "promotion": tags.get("llmlab.promote.decision"),
+            "start": start, "seconds": ((end or start) - start) / 1000,
+            "stages": [{"stage": s, "status": tags.get(f"llmlab.stage.{mlflow_key(s)}.status", "?"),
+                        "seconds": float(tags.get(f"llmlab.stage.{mlflow_key(s)}.seconds", 0)),
+                        "reused": f"llmlab.reused.{mlflow_key(s)}" in tags} for s in stage_list(tags.get("llmlab.stages", ""))],
+        })
+    return out
 
 
 def champions(pipeline: str | None = None) -> list[dict]:
     """Every alias of llmlab's registered models: model name, alias, version, its stage and run."""
-    from mlflow.tracking import MlflowClient
-
     from llmlab.tracking import default_tracking_uri
 
-    client = MlflowClient(default_tracking_uri())
+    uri = default_tracking_uri()
+    if _no_store(uri):
+        return []
+    db = _local_store(uri)
+    if db is not None:
+        with db:
+            rows = db.execute(
+                "SELECT a.name, a.alias, a.version, v.run_id, (SELECT value FROM model_version_tags vt WHERE vt.name = "
+                "a.name AND vt.version = a.version AND vt.key = 'llmlab.stage') FROM registered_model_aliases a "
+                "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
+                "WHERE (? IS NULL OR a.name = ?) ORDER BY a.name, a.alias", (pipeline, pipeline)).fetchall()
+        db.close()
+        return [{"model": m, "alias": a, "version": str(v), "stage": st, "run_id": r} for m, a, v, r, st in rows]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
     out = []
     for model in client.search_registered_models():
         if pipeline not in (None, model.name):

@@ -338,6 +338,8 @@ class StageRun:
     def _retry(self) -> bool:
         """Send what waits (this run's and every other's in the outbox); True once this run's is all sent."""
         self._next_try = time.monotonic() + RETRY_SECONDS
+        if self.tracker.deferred:  # another process sends
+            return False
         self.tracker.sync(announce=False)
         if self.tracker.outbox.waiting(self.run_id) == (0, 0) and self.tracker.outbox.real_id(self.run_id):
             if self._spooling and self._warned:
@@ -406,6 +408,15 @@ class StageRun:
 
 
 _announced: set[str] = set()  # tracking URIs this process already said are down
+_deferred = False  # see defer()
+
+
+def defer() -> None:
+    """From now on, this process records to outboxes only and never imports mlflow: what a stage run
+    in the command's own process does (`llmlab.foreground`) while a flow in the background sends the
+    records."""
+    global _deferred
+    _deferred = True
 
 
 class Tracker:
@@ -413,14 +424,18 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, experiment: str = "llmlab", wait_seconds: float = 60.0,
                  announce: bool = True, client: Any = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri or default_tracking_uri()
         self.experiment = experiment
         self.wait_seconds = wait_seconds
-        self.client = client or MlflowClient(tracking_uri=self.uri)
+        self.deferred = _deferred
         self.outbox = Outbox(self.uri)
         self._experiments: dict[str, str] = {}
+        if self.deferred:
+            self.client = None
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = client or MlflowClient(tracking_uri=self.uri)
         self.sync(announce=announce)  # what an earlier run left waiting goes first
 
     def _experiment(self, name: str) -> str:
@@ -497,6 +512,8 @@ class Tracker:
         store does not answer (True: nothing left); a record the store refuses three times while it
         answers is dropped with a warning."""
         box = self.outbox
+        if self.deferred:
+            return False
         if not box.files():
             return True
         with box.lock():
@@ -559,7 +576,7 @@ class Tracker:
         op = {"op": "create", "experiment": self.experiment, "run_name": run_name, "start_time": int(time.time() * 1000),
               "tags": {mlflow_key(k): str(v) for k, v in tags.items()}}
         state = self.outbox.state() if "local-" in json.dumps(op) else {"ids": {}}
-        if not _unresolved(op, state["ids"]):
+        if not self.deferred and not _unresolved(op, state["ids"]):
             try:
                 return self._create(_translate(op, state["ids"])), False
             except Exception as exc:  # noqa: BLE001

@@ -21,12 +21,13 @@ from prefect.context import TaskRunContext
 from prefect.states import Failed, State
 
 from llmlab.errors import debug_enabled, expected_failure
+from llmlab.execute import execute_stage
+from llmlab.foreground import followed_result
 from llmlab.isolate import default_parallel, execute_stage_isolated
 from llmlab.pipeline_runs import record_selection
 from llmlab.preflight import PreflightFailed, preflight
 from llmlab.reuse import cache_key, finished_result
 from llmlab.spec import load_spec
-from llmlab.execute import execute_stage
 
 
 def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -36,10 +37,14 @@ def _key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(name="stage", task_run_name="{stage}", cache_key_fn=_key, persist_result=True,
       result_serializer="json", log_prints=True)
 def run_stage(spec: str, stage: str, inputs: dict[str, dict], parent_run_id: str | None,
-              force: bool = False, slot: int | None = None, slots: int = 1) -> dict | State:
+              force: bool = False, slot: int | None = None, slots: int = 1, follow: str | None = None) -> dict | State:
     """Run stage `stage` of spec file `spec` on its upstream results; returns its StageResult dict.
-    With a `slot` (branches running side by side), in a process of its own on that slot."""
+    With a `slot` (branches running side by side), in a process of its own on that slot; with
+    `follow` (a hand-over folder), the stage runs in the `llmlab` process that started this flow
+    and this task waits for its result (`llmlab.foreground`)."""
     try:
+        if follow is not None:
+            return followed_result(spec, stage, follow)
         if slot is not None:
             return execute_stage_isolated(spec, stage, inputs, parent_run_id, force=force, slot=slot, slots=slots)
         return execute_stage(spec, stage, inputs, parent_run_id, force=force)
@@ -81,7 +86,7 @@ def check_spec(spec: str) -> None | State:
     """Open every local file, folder and model the spec names; fail before any stage runs."""
     problems, notes = preflight(load_spec(spec), spec)
     for note in notes:
-        print(f"note: {note}")
+        print(note if note.startswith("warning:") else f"note: {note}")
     if problems:
         return _failed(PreflightFailed(spec, problems))
     return None

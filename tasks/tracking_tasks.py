@@ -5,12 +5,17 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from llmlab.pipeline_runs import close_pipeline_run, open_pipeline_run
+from llmlab.pipeline_runs import adopt_pipeline_run, close_pipeline_run, open_pipeline_run
 
 
 @task(name="open-mlflow-run", cache_policy=NO_CACHE)
 def open_run(spec: str, flow_run_id: str | None) -> str:
     return open_pipeline_run(spec, flow_run_id)
+
+
+@task(name="adopt-mlflow-run", cache_policy=NO_CACHE)
+def adopt_run(spec: str, run_id: str, flow_run_id: str | None) -> str:
+    return adopt_pipeline_run(spec, run_id, flow_run_id)
 
 
 @task(name="close-mlflow-run", cache_policy=NO_CACHE)

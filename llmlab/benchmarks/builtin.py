@@ -118,9 +118,9 @@ def _config(task: str, data: Path, eot: str) -> dict[str, Any]:
 def builtin_tasks(eot: str) -> Path:
     """The folder of llmlab's benchmark tasks (YAML and JSONL) for answers ending with `eot`; written
     once, atomically, under the cache."""
-    from llmlab.paths import cache_dir
-
     import yaml
+
+    from llmlab.paths import cache_dir
 
     key = hashlib.sha256(json.dumps({"version": VERSION, "eot": eot}).encode()).hexdigest()[:12]
     folder = cache_dir("benchmarks") / key

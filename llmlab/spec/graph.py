@@ -29,7 +29,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-
 from llmlab.spec.base import Loc
 from llmlab.spec.stages import REF_KEYS, STAGE_CLASSES
 

@@ -23,8 +23,7 @@ import torch
 from llmlab.checkpoint import atomic_dir
 from llmlab.data.prompts import Prompt
 from llmlab.parallel import all_sum, barrier, current, mean_float
-from llmlab.train.rl import (AdaptiveKL, gae, kl_penalty_rewards, masked_mean,
-                             ppo_policy_loss, value_loss)
+from llmlab.train.rl import AdaptiveKL, gae, kl_penalty_rewards, masked_mean, ppo_policy_loss, value_loss
 from llmlab.train.rollout import Sampling, policy_logps, rollout_logps, sample_rollout, score_completions, stats_metrics
 
 
