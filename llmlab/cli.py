@@ -26,7 +26,22 @@ from llmlab.spec import Pipeline, SpecError, json_schema, load_spec
 
 quiet_defaults()  # before transformers is imported by any command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="llmlab: a language model's whole life from one YAML spec.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="llmlab: a language model's whole life from one YAML spec.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from llmlab import __version__
+
+        typer.echo(f"llmlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print llmlab's version and exit")) -> None:
+    """llmlab: a language model's whole life from one YAML spec."""
 
 
 def _load_or_exit(file: Path) -> Pipeline:
@@ -40,7 +55,7 @@ def _load_or_exit(file: Path) -> Pipeline:
 
 
 @app.command()
-def validate(file: Path = typer.Argument(..., help="pipeline spec (YAML)")) -> None:
+def validate(file: Path = typer.Argument(..., metavar="FILE", help="pipeline spec (YAML)")) -> None:
     """Check a spec: every error at once, each with its YAML path and how to fix it."""
     spec = _load_or_exit(file)
     _preflight_or_exit(file, spec)
@@ -53,7 +68,7 @@ def _preflight_or_exit(file: Path, spec: Pipeline) -> None:
 
     problems, notes = preflight(spec, file)
     for note in notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(note if note.startswith("warning:") else f"note: {note}", err=True)
     if problems:
         typer.echo(f"{len(problems)} problem{'s' if len(problems) != 1 else ''} with what {file} names:", err=True)
         for problem in problems:
@@ -76,7 +91,7 @@ def schema(
 
 @app.command()
 def inspect(
-    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
+    file: Path = typer.Argument(..., metavar="FILE", help="pipeline spec (YAML)"),
     detail: bool = typer.Option(False, "--detail", help="each stage's memory by component, and what it assumes"),
 ) -> None:
     """Stage graph, parameter count and a training-memory estimate per training stage."""
@@ -87,6 +102,8 @@ def inspect(
     from llmlab.runners.registry import estimate_stage, kind_of
 
     typer.echo(f"pipeline {spec.name} (seed {spec.seed}, outputs in {spec.output_root}/)")
+    if spec.tokenizer is None:
+        typer.echo("tokenizer: none in the spec; each stage uses its model's own (or the stage's `tokenizer:`)")
     if any(stage_model(spec, name).label == SPEC_MODEL for name in spec.stages):
         vocab, known = spec_vocab(spec)
         m, own = spec.model, spec_model(spec)
@@ -105,7 +122,7 @@ def inspect(
         bound = {k: v for k, v in spec.dependencies(name).items() if k != "tokenizer"}
         sel = spec.selection(name)
         src = (f"{', '.join(bound)} (the branch whose {sel.stage} has the {sel.mode} {sel.metric})" if sel else
-               ", ".join(bound.values())) or ("tokenizer" if spec.tokenizer.train and name != "tokenizer" else "-")
+               ", ".join(bound.values())) or ("tokenizer" if spec.trains_tokenizer and name != "tokenizer" else "-")
         line = f"  {name:<{width}} kind {kind.name:<11} from {src}; {kind.summary}"
         if kind.describe is not None:
             line += f": {kind.describe(spec, block, est)}"
@@ -124,16 +141,19 @@ def inspect(
 
 @app.command()
 def run(
-    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
-    force: list[str] = typer.Option([], "--force", help="rerun this stage even if it finished (repeatable)"),
-    only: list[str] = typer.Option([], "--only", help="run only this stage, on the others' finished outputs (repeatable)"),
-    from_stage: str | None = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    file: Path = typer.Argument(..., metavar="FILE", help="pipeline spec (YAML)"),
+    force: list[str] = typer.Option([], "--force", metavar="STAGE", help="rerun this stage even if it finished (repeatable)"),
+    only: list[str] = typer.Option([], "--only", metavar="STAGE", help="run only this stage, on the others' finished outputs (repeatable)"),
+    from_stage: str | None = typer.Option(None, "--from", metavar="STAGE", help="rerun this stage and every stage after it"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks for expected failures too (or LLMLAB_DEBUG=1)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="say what would run or be reused, and why; run nothing"),
-    sweep: list[str] = typer.Option([], "--sweep", help="run only these values of a sweep: STAGE.FIELD=VALUE (repeatable)"),
+    sweep: list[str] = typer.Option([], "--sweep", metavar="STAGE.FIELD=VALUE", help="run only these values of a sweep: STAGE.FIELD=VALUE (repeatable)"),
     record_reused: bool = typer.Option(False, "--record-reused", hidden=True,
                                        help="record a run whose every stage is reused; run none (what a fully reused "
                                             "run starts in the background)"),
+    follow: str | None = typer.Option(None, "--follow", metavar="DIR", hidden=True,
+                                      help="record the stages another llmlab process runs (a hand-over folder; "
+                                           "what `run --only` starts in the background)"),
 ) -> None:
     """Run a pipeline as a local Prefect flow; finished, unchanged stages are reused."""
     if debug:
@@ -152,7 +172,15 @@ def run(
     if problem:
         typer.echo(problem, err=True)
         raise typer.Exit(2)
-    if not (force or only or from_stage or record_reused):
+    if only and not (record_reused or follow):
+        from llmlab.foreground import eligible
+
+        if eligible(spec, only, narrow):
+            _run_here(file, only, force, sweep, narrow)
+            return
+    if follow:
+        os.nice(10)  # the stages run in the foreground process: it comes first
+    if not (force or only or from_stage or record_reused or follow):
         from llmlab.plan import all_reused
 
         reused = all_reused(file, narrow)
@@ -161,7 +189,7 @@ def run(
             _print_results(reused)
             return
     with _prefect_server():
-        state = _run_flow(file, force, only, from_stage, narrow, only_reused=record_reused)
+        state = _run_flow(file, force, only, from_stage, narrow, only_reused=record_reused, follow=follow)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
         error = state.result(raise_on_failure=False)
         if isinstance(error, KeyboardInterrupt) or INTERRUPTED in (state.message or ""):
@@ -207,13 +235,38 @@ INTERRUPTED = "interrupted at step"  # the sentence of a stage stopped by Ctrl+C
 INTERRUPTED_LINE = "interrupted: finished stages are kept and an interrupted stage resumes from its last checkpoint"
 
 
+def _run_here(file: Path, only: list[str], force: list[str], sweep: list[str], narrow: dict) -> None:
+    """`--only`: the stages run in this process (no Prefect or MLflow loaded here); a background
+    flow records them (`llmlab.foreground`)."""
+    from llmlab.errors import debug_enabled, expected_failure
+    from llmlab.foreground import run_here
+
+    try:
+        results = run_here(str(file), only, force, sweep, narrow, say=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED_LINE, err=True)
+        raise typer.Exit(130)
+    except Exception as exc:
+        sentence = expected_failure(exc)
+        if sentence is None or debug_enabled():
+            raise
+        if INTERRUPTED in sentence:
+            typer.echo(f"\n{sentence}\n{INTERRUPTED_LINE}", err=True)
+            raise typer.Exit(130)
+        log = getattr(exc, "stage_log", None)
+        typer.echo(f"\npipeline failed: {sentence}" + (f" (traceback in {log})" if log else ""), err=True)
+        typer.echo("finished stages are kept; fix the cause and run again to continue", err=True)
+        raise typer.Exit(1)
+    _print_results(results)
+
+
 def _run_flow(file: Path, force: list[str], only: list[str], from_stage: str | None, narrow: dict,
-              only_reused: bool = False) -> Any:
+              only_reused: bool = False, follow: str | None = None) -> Any:
     from flows.pipeline import drain_reporting, pipeline
 
     try:
         return pipeline(spec=str(file), force=force, only=only, from_stage=from_stage, sweep=narrow or None,
-                        only_reused=only_reused, return_state=True)
+                        only_reused=only_reused, follow=follow, return_state=True)
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED_LINE, err=True)
         raise typer.Exit(130)
@@ -286,12 +339,12 @@ def _show_plan(file: Path, force: list[str], only: list[str], from_stage: str | 
 
 @app.command()
 def plan(
-    file: Path = typer.Argument(..., help="pipeline spec (YAML)"),
-    force: list[str] = typer.Option([], "--force", help="as llmlab run --force"),
-    only: list[str] = typer.Option([], "--only", help="as llmlab run --only"),
-    from_stage: str | None = typer.Option(None, "--from", help="as llmlab run --from"),
+    file: Path = typer.Argument(..., metavar="FILE", help="pipeline spec (YAML)"),
+    force: list[str] = typer.Option([], "--force", metavar="STAGE", help="as llmlab run --force"),
+    only: list[str] = typer.Option([], "--only", metavar="STAGE", help="as llmlab run --only"),
+    from_stage: str | None = typer.Option(None, "--from", metavar="STAGE", help="as llmlab run --from"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable rows"),
-    sweep: list[str] = typer.Option([], "--sweep", help="as llmlab run --sweep"),
+    sweep: list[str] = typer.Option([], "--sweep", metavar="STAGE.FIELD=VALUE", help="as llmlab run --sweep"),
 ) -> None:
     """What `llmlab run` would do: each stage and branch reused or run, why, and its estimated time and memory."""
     spec = _load_or_exit(file)
@@ -301,10 +354,10 @@ def plan(
 
 @app.command()
 def chat(
-    model: str = typer.Argument(..., help="a model dir, a stage output dir (runs/tiny/dpo), or SPEC.yaml:STAGE"),
-    temperature: float = typer.Option(0.7, help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(0.9, help="nucleus sampling mass"),
-    max_new_tokens: int = typer.Option(256, help="longest reply in tokens"),
+    model: str = typer.Argument(..., metavar="MODEL", help="a model dir, a stage output dir (runs/tiny/dpo), or SPEC.yaml:STAGE"),
+    temperature: float = typer.Option(0.7, metavar="T", help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(0.9, metavar="P", help="nucleus sampling mass"),
+    max_new_tokens: int = typer.Option(256, metavar="N", help="longest reply in tokens"),
 ) -> None:
     """Chat with a model: its chat template when it has one, plain continuation otherwise."""
     from llmlab.chat import chat_loop
@@ -320,12 +373,12 @@ def chat(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
-    prompts: Path = typer.Option(..., help="a .txt file (one prompt per line) or .jsonl (a 'prompt' field per line)"),
-    out: Path | None = typer.Option(None, help="where to write the JSONL (default: standard output)"),
-    temperature: float = typer.Option(0.0, help="sampling temperature (0 = greedy)"),
-    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
-    max_new_tokens: int = typer.Option(256, help="longest completion in tokens"),
+    model: str = typer.Argument(..., metavar="MODEL", help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
+    prompts: Path = typer.Option(..., metavar="FILE", help="a .txt file (one prompt per line) or .jsonl (a 'prompt' field per line)"),
+    out: Path | None = typer.Option(None, metavar="PATH", help="where to write the JSONL (default: standard output)"),
+    temperature: float = typer.Option(0.0, metavar="T", help="sampling temperature (0 = greedy)"),
+    top_p: float = typer.Option(1.0, metavar="P", help="nucleus sampling mass"),
+    max_new_tokens: int = typer.Option(256, metavar="N", help="longest completion in tokens"),
 ) -> None:
     """Complete every prompt of a file; one JSON line per prompt: {"prompt", "completion"}."""
     from llmlab.completions import generate_file, read_prompts
@@ -349,8 +402,8 @@ def generate(
 
 @app.command()
 def report(
-    run: str = typer.Argument(..., help="a pipeline run id (MLflow parent run) or a pipeline name (its newest run)"),
-    out: Path | None = typer.Option(None, help="output folder (default: reports/<run>)"),
+    run: str = typer.Argument(..., metavar="RUN", help="a pipeline run id (MLflow parent run) or a pipeline name (its newest run)"),
+    out: Path | None = typer.Option(None, metavar="PATH", help="output folder (default: reports/<run>)"),
 ) -> None:
     """Rebuild a past run's evaluation report (table, plots, training curves) from MLflow."""
     from llmlab.tracking import rebuild_report
@@ -366,9 +419,9 @@ def report(
 
 @app.command()
 def merge(
-    source: Path = typer.Argument(..., help="an adapter folder, or a stage output folder that holds adapters/"),
-    out: Path = typer.Argument(..., help="where to write the merged model"),
-    base_model: str | None = typer.Option(None, help="base model dir or hub name (default: the one the adapters record)"),
+    source: Path = typer.Argument(..., metavar="PATH", help="an adapter folder, or a stage output folder that holds adapters/"),
+    out: Path = typer.Argument(..., metavar="PATH", help="where to write the merged model"),
+    base_model: str | None = typer.Option(None, metavar="MODEL", help="base model dir or hub name (default: the one the adapters record)"),
 ) -> None:
     """Fold LoRA adapters into their base model: a plain transformers model folder."""
     from llmlab.merge import MergeError, merge_adapters, merge_stage_output
@@ -386,9 +439,9 @@ def merge(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
-    out: Path = typer.Argument(..., help="where to write the exported model"),
-    format: str = typer.Option("hf", "--format", help="hf (transformers, our model code) or llama (stock LlamaForCausalLM)"),
+    model: str = typer.Argument(..., metavar="MODEL", help="a model dir, a stage output dir, or SPEC.yaml:STAGE"),
+    out: Path = typer.Argument(..., metavar="PATH", help="where to write the exported model"),
+    format: str = typer.Option("hf", "--format", metavar="FORMAT", help="hf (transformers, our model code) or llama (stock LlamaForCausalLM)"),
 ) -> None:
     """Export a model: `hf` for transformers with llmlab's code, `llama` for stock transformers (no llmlab needed)."""
     from llmlab.export import ExportError, export_model
@@ -404,7 +457,7 @@ def export(
 
 @app.command()
 def init(
-    path: Path | None = typer.Argument(None, help="where to write the spec (default: pipelines/<name>.yaml)"),
+    path: Path | None = typer.Argument(None, metavar="PATH", help="where to write the spec (default: pipelines/<name>.yaml)"),
     defaults: bool = typer.Option(False, "--defaults", help="no questions: the offline tiny recipe"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
 ) -> None:
@@ -423,8 +476,8 @@ def init(
 
 @app.command()
 def serve(
-    prefect_port: int = typer.Option(None, help="Prefect server port (default $LLMLAB_PREFECT_PORT or 4200)"),
-    mlflow_port: int = typer.Option(None, help="MLflow UI port (default $LLMLAB_MLFLOW_PORT or 5000)"),
+    prefect_port: int = typer.Option(None, metavar="PORT", help="Prefect server port (default $LLMLAB_PREFECT_PORT or 4200)"),
+    mlflow_port: int = typer.Option(None, metavar="PORT", help="MLflow UI port (default $LLMLAB_MLFLOW_PORT or 5000)"),
 ) -> None:
     """Start a Prefect server, a process worker and the MLflow UI on 127.0.0.1; register the deployments."""
     from llmlab.serve import serve as start
@@ -462,8 +515,8 @@ def sync() -> None:
 
 @app.command()
 def runs(
-    pipeline: str | None = typer.Argument(None, help="pipeline name (default: all)"),
-    limit: int = typer.Option(20, help="how many runs to show"),
+    pipeline: str | None = typer.Argument(None, metavar="NAME", help="pipeline name (default: all)"),
+    limit: int = typer.Option(20, metavar="N", help="how many runs to show"),
 ) -> None:
     """Recent pipeline runs from MLflow: status, duration, each stage's status and cache hits, the
     model each run registered, and which version holds each alias (champion)."""
@@ -484,20 +537,22 @@ def runs(
         return
     import datetime
 
+    name_width = max([8] + [len(r["pipeline"]) for r in found])
+    stage_width = max([12] + [len(st["stage"]) for r in found for st in r["stages"]])
+    typer.echo(f"{'started':<19}  {'pipeline':<{name_width}}  {'status':<9} {'seconds':>8}  MLflow run, registered model")
     for r in found:
         when = datetime.datetime.fromtimestamp(r["start"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
         model = f"  registered {r['registered']}" if r.get("registered") else ""
         promotion = f" ({r['promotion']})" if r.get("promotion") else ""
-        typer.echo(f"{when}  {r['pipeline']:<16} {r['status']:<9} {r['seconds']:>7.1f}s  run {r['run_id']}{model}{promotion}")
-        width = max([12] + [len(st["stage"]) for st in r["stages"]])
+        typer.echo(f"{when}  {r['pipeline']:<{name_width}}  {r['status']:<9} {r['seconds']:>7.1f}s  {r['run_id']}{model}{promotion}")
         for st in r["stages"]:
             mark = "cached" if st["reused"] else st["status"]
-            typer.echo(f"    {st['stage']:<{width}} {mark:<9} {st['seconds']:>7.1f}s")
+            typer.echo(f"    {st['stage']:<{stage_width}} {mark:<9} {st['seconds']:>7.1f}s")
 
 
 @app.command()
 def env(
-    file: Path | None = typer.Argument(None, help="a pipeline spec, for its tracking.uri (optional)"),
+    file: Path | None = typer.Argument(None, metavar="FILE", help="a pipeline spec, for its tracking.uri (optional)"),
     probe: bool = typer.Option(False, "--probe", help="try torch.compile and the static decoder here (seconds on a "
                                                       "GPU; longer on a CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of Markdown"),

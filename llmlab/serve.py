@@ -131,6 +131,11 @@ def _prefect(args: list[str], env: dict[str, str]) -> None:
         raise RuntimeError(f"prefect {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
+def _server_env(api: str) -> dict[str, str]:
+    """The Prefect server's environment: its UI calls the API on the port it serves (not the default 4200)."""
+    return {**_env(api), "PREFECT_SERVER_UI_API_URL": api, "PREFECT_UI_API_URL": api}
+
+
 def serve(prefect_port: int | None = None, mlflow_port: int | None = None, timeout: float = 120) -> dict:
     """Start server, worker and MLflow UI; create the pool; deploy everything in prefect.yaml."""
     if running():
@@ -147,7 +152,7 @@ def serve(prefect_port: int | None = None, mlflow_port: int | None = None, timeo
     procs = info["processes"]
     try:
         procs["prefect-server"] = _start("prefect-server", [_bin("prefect"), "server", "start", "--host", HOST, "--port",
-                                                            str(prefect_port), "--analytics-off"], _env())
+                                                            str(prefect_port), "--analytics-off"], _server_env(api))
         serve_file().write_text(json.dumps(info, indent=2))
         procs["mlflow-ui"] = _start("mlflow-ui", [_bin("mlflow"), "server", "--backend-store-uri",
                                                   f"sqlite:///{state_dir() / 'mlflow.db'}", "--host", HOST,

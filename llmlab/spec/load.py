@@ -152,6 +152,11 @@ def parse_spec(text: str, file: str = "<spec>") -> Pipeline:
 def load_spec(path: str | Path) -> Pipeline:
     """Read and validate a spec file; raise SpecError (every issue) or FileNotFoundError."""
     path = Path(path)
+    if path.is_dir():
+        specs = sorted(p.name for p in path.glob("*.y*ml"))[:6]
+        hint = f" (it holds {', '.join(specs)})" if specs else ""
+        raise SpecError(str(path), [SpecIssue(path="", line=None, message=f"a folder, not a spec file: name one YAML spec "
+                                              f"file in it{hint}, e.g. {path / (specs[0] if specs else 'pipeline.yaml')}")])
     if not path.is_file():
         raise SpecError(str(path), [SpecIssue(path="", line=None, message="file not found: check the path")])
     return parse_spec(path.read_text(), str(path))

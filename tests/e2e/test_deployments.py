@@ -54,6 +54,8 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert set(info["processes"]) == {"prefect-server", "prefect-worker", "mlflow-ui"}
+        with urllib.request.urlopen(f"{info['prefect_ui']}/ui-settings", timeout=10) as r:  # the UI calls this server
+            assert json.loads(r.read())["api_url"] == info["prefect_api_url"] == f"http://127.0.0.1:{pport}/api"
         # rows past the 50 that validation samples are broken: the eval stage fails on the worker
         evaldata = half_broken_text(tmp_path / "evaldata.jsonl", 60, 200)
         spec = shrunk_tiny(tmp_path, "deploy-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})

@@ -128,9 +128,37 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
     out = subprocess.run([sys.executable, "-m", "llmlab.cli", "runs", "tiny-test"], capture_output=True, text=True,
                          env=env, check=True).stdout
     lines = out.splitlines()
-    assert "tiny-test" in lines[0] and "FINISHED" in lines[0]
-    assert [line.split()[0] for line in lines[1:7]] == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
-    assert all("finished" in line for line in lines[1:8])
+    assert lines[0].split()[:4] == ["started", "pipeline", "status", "seconds"]
+    assert "tiny-test" in lines[1] and "FINISHED" in lines[1]
+    assert lines[1].index("FINISHED") == lines[0].index("status")  # columns line up under the header
+    assert [line.split()[0] for line in lines[2:8]] == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
+    assert all("finished" in line for line in lines[2:8])
+
+
+def test_runs_reads_the_local_store_without_mlflow_and_agrees_with_mlflow(finished_run, tmp_path, monkeypatch):
+    """`llmlab runs` reads the default SQLite store directly (no MLflow import); MLflow's own client,
+    reading the same store, gives the same runs and aliases."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from llmlab import pipeline_runs
+
+    state = tmp_path / "state"
+    shutil.copytree(finished_run["state"], state)
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(state))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    MlflowClient(f"sqlite:///{state / 'mlflow.db'}").set_registered_model_alias("tiny-test", "champion", "1")
+    direct = (pipeline_runs.list_runs("tiny-test"), pipeline_runs.champions())
+    assert pipeline_runs._local_store(f"sqlite:///{state / 'mlflow.db'}") is not None
+    assert direct[0] and direct[1] == [{"model": "tiny-test", "alias": "champion", "version": "1", "stage": "grpo",
+                                        "run_id": direct[1][0]["run_id"]}]
+    monkeypatch.setattr(pipeline_runs, "_local_store", lambda uri: None)  # through MLflow's client
+    assert (pipeline_runs.list_runs("tiny-test"), pipeline_runs.champions()) == direct
+    shown = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmlab.cli", "runs"], capture_output=True,
+                           text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(state)}, check=True)
+    assert "champion: tiny-test version 1 (stage grpo" in shown.stdout
+    assert "import time:" in shown.stderr and "mlflow" not in shown.stderr
 
 
 def test_cli_run_of_an_invalid_spec_exits_2_without_traceback(tmp_path):
