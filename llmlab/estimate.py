@@ -113,9 +113,9 @@ def fmt_bytes(n: float) -> str:
 
 def spec_vocab(spec: Pipeline) -> tuple[int, bool]:
     """(vocabulary size of the spec's tokenizer, whether it is known rather than assumed)."""
-    if spec.tokenizer.train is not None:
+    if spec.trains_tokenizer:
         return spec.tokenizer.train.vocab_size, True
-    found = tokenizer_file_vocab(Path(spec.tokenizer.path).expanduser()) if spec.tokenizer.path else None
+    found = tokenizer_file_vocab(Path(spec.tokenizer.path).expanduser()) if spec.tokenizer and spec.tokenizer.path else None
     return (found, True) if found else (ASSUMED_VOCAB, False)
 
 

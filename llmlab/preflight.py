@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from llmlab.data.reader import Kind, detect_format
 from llmlab.data.sources import BUILTIN_PREFIX, BadRow, DataSource, DataSourceError, open_rows
@@ -38,6 +39,7 @@ from llmlab.runners.registry import KINDS, kind_of
 from llmlab.spec import Pipeline
 
 PROBE_ROWS = 50  # rows of a local source read at validate time
+SCAN_BYTES = 64 * 2**20  # a local file up to this size is read whole at validate time, for rows the run would skip
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -125,7 +127,7 @@ def hub_down_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
 def hub_model_names(spec: Pipeline) -> list[tuple[str, str]]:
     """(stage, hub name) of every hub model and tokenizer the spec names."""
     found = []
-    if spec.tokenizer.name and not _is_local(spec.tokenizer.name):
+    if spec.tokenizer and spec.tokenizer.name and not _is_local(spec.tokenizer.name):
         found.append(("tokenizer", spec.tokenizer.name))
     for name, stage in spec.stages.items():
         start = getattr(stage, "model", None)
@@ -147,32 +149,61 @@ def _is_local(name: str) -> bool:
 # ----------------------------------------------------------------------------------------- data
 
 
-def check_source(source: DataSource, kind: Kind) -> str | None:
-    """What is wrong with a local source, read from a sample of its rows; None when it looks fine."""
+def check_source(source: DataSource, kind: Kind) -> tuple[str | None, str | None]:
+    """(what is wrong with a local source, a warning about it): a problem from a sample of its rows;
+    then, for a file up to SCAN_BYTES, every row is read, and malformed ones past the sample — which
+    the run skips, or stops at when they are more than max_bad_share — are a warning."""
     try:
         rows = list(islice(open_rows(source), PROBE_ROWS))  # a file that is not UTF-8 fails while reading
     except (DataSourceError, OSError) as e:
-        return str(e)
+        return str(e), None
     if not rows:
-        return "it has no rows: add rows, or remove it from the stage's data"
+        return "it has no rows: add rows, or remove it from the stage's data", None
     good = [r for _, r in rows if not isinstance(r, BadRow)]
     bad = [(w, r.error) for w, r in rows if isinstance(r, BadRow)]
     if not good:
-        return f"none of its first {len(rows)} rows can be read ({bad[0][0]}: {bad[0][1]})"
+        return f"none of its first {len(rows)} rows can be read ({bad[0][0]}: {bad[0][1]})", None
     try:
         fmt = detect_format(good, source, kind)
     except DataSourceError as e:
-        return str(e)
+        return str(e), None
     convert = kind.formats[fmt].convert
-    for where, row in ((w, r) for w, r in rows if not isinstance(r, BadRow)):
+
+    def malformed(where: str, row: Any) -> tuple[str, str] | None:
+        if isinstance(row, BadRow):
+            return where, row.error
         try:
             convert(row, source)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            bad.append((where, f"{type(e).__name__}: {e}"))
+            return where, f"{type(e).__name__}: {e}"
+        return None
+
+    bad = [b for b in (malformed(w, r) for w, r in rows) if b]
     if len(bad) > source.max_bad_share * len(rows):
         return (f"{len(bad)} of its first {len(rows)} rows are malformed as {kind.name} data in format {fmt!r} "
-                f"(first: {bad[0][0]}: {bad[0][1]}); fix them, set `format:`, or raise max_bad_share")
-    return None
+                f"(first: {bad[0][0]}: {bad[0][1]}); fix them, set `format:`, or raise max_bad_share"), None
+    path = Path(source.path).expanduser()
+    if not path.is_file() or path.stat().st_size > SCAN_BYTES or len(rows) < PROBE_ROWS:
+        total = len(rows)
+    else:  # the whole file: the rows the run would skip
+        total = 0
+        bad = []
+        try:
+            for where, row in open_rows(source):
+                total += 1
+                found = malformed(where, row)
+                if found:
+                    bad.append(found)
+        except (DataSourceError, OSError) as e:
+            return str(e), None
+        if len(bad) > source.max_bad_share * total:  # past the sample: the stage stops when it reaches them
+            return None, (f"{len(bad)} of its {total} rows are malformed as {kind.name} data in format {fmt!r}, more "
+                          f"than max_bad_share {source.max_bad_share:g}, so the stage will stop when it reads them "
+                          f"(first: {bad[0][0]}: {bad[0][1]}); fix them, set `format:`, or raise max_bad_share")
+    if bad:
+        return None, (f"{len(bad)} of its {total} rows are malformed and will be skipped (first: {bad[0][0]}: "
+                      f"{bad[0][1]}); fix them to use them")
+    return None, None
 
 
 def data_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
@@ -183,9 +214,11 @@ def data_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
             if source.path.startswith(BUILTIN_PREFIX):
                 continue
             if source.is_local:
-                problem = check_source(source, kind)
+                problem, warning = check_source(source, kind)
                 if problem:
                     problems.append(Problem(name, source.path, problem))
+                if warning:
+                    notes.append(f"warning: stage '{name}': {source.path}: {warning}")
             elif offline():
                 notes.append(f"stage '{name}': hub dataset {source.path} not checked (offline)")
     return problems, notes
@@ -268,7 +301,7 @@ def model_problems(spec: Pipeline) -> tuple[list[Problem], list[str]]:
                                                  f"one output) or train one with a reward stage"))
         return config
 
-    if spec.tokenizer.path and not Path(spec.tokenizer.path).expanduser().is_dir():
+    if spec.tokenizer and spec.tokenizer.path and not Path(spec.tokenizer.path).expanduser().is_dir():
         problems.append(Problem("tokenizer", spec.tokenizer.path, "no such tokenizer folder"))
     for name, stage in spec.stages.items():
         kind = KINDS[stage.kind]

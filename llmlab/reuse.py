@@ -98,15 +98,19 @@ def folder_conflict(spec_file: str | Path, spec: Pipeline, stage: str) -> str | 
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> str:
-    """The first few fields that differ between two resolved configs, as `a.b: old -> new`."""
+    """The first few fields that differ between two resolved configs, each whole, as `a.b[0].c: old -> new`
+    (lists of the same length are compared item by item, so a changed data path is named alone)."""
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, path: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
         elif a != b:
-            diffs.append(f"{path}: {json.dumps(a)[:40]} -> {json.dumps(b)[:40]}")
+            diffs.append(f"{path}: {json.dumps(a)} -> {json.dumps(b)}")
 
     walk(old, new, prefix)
     return "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs else "a different config"

@@ -225,3 +225,21 @@ def test_a_spec_that_requires_tracking_refuses_to_start_while_mlflow_does_not_an
     raw["tracking"]["required"] = False
     path.write_text(yaml.safe_dump(raw))
     assert problems_of(path) == []
+
+
+def test_malformed_rows_past_the_sample_are_a_warning_with_their_count_and_first_line(tmp_path):
+    from helpers import half_broken_text
+
+    rows = [json.dumps({"text": f"line {i} of a corpus"}) for i in range(120)]
+    rows[90] = "{not json"
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    spec = parse_spec(yaml.safe_dump({"name": "w", "tokenizer": {"name": "gpt2"}, "workdir": str(tmp_path / "runs"),
+                                      "stages": {"pretrain": {"kind": "pretrain", "data": [{"path": str(data)}]}}}))
+    problems, notes = preflight(spec, tmp_path / "w.yaml")
+    (warning,) = [n for n in notes if n.startswith("warning:")]
+    assert not problems and "1 of its 120 rows are malformed and will be skipped" in warning and "line 91" in warning
+    half_broken_text(data, 60, 200)  # most rows broken past the sample: the stage would stop there
+    problems, notes = preflight(spec, tmp_path / "w.yaml")
+    (warning,) = [n for n in notes if n.startswith("warning:")]
+    assert "200 of its 260 rows" in warning and "the stage will stop when it reads them" in warning

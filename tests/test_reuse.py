@@ -240,3 +240,14 @@ def test_a_second_spec_pointing_a_stage_folder_at_another_config_is_refused_nami
     assert str(first.resolve()) in problem.render() and "train.lr: 0.001 -> 0.003" in problem.render()
     for ok in (first, same):
         assert not [p for p in preflight(load_spec(ok), ok)[0] if p.stage == "pretrain"]
+
+
+def test_a_conflict_names_each_differing_field_whole():
+    from llmlab.reuse import changed_fields
+
+    long_path = "/data/" + "x" * 80 + "/missingcol_all.jsonl"
+    old = {"data": [{"path": long_path, "weight": 1}], "train": {"lr": 0.001}}
+    new = {"data": [{"path": long_path.replace("missingcol", "fixed"), "weight": 1}], "train": {"lr": 0.002}}
+    shown = changed_fields(old, new)
+    assert f'data[0].path: "{long_path}" -> "{long_path.replace("missingcol", "fixed")}"' in shown
+    assert "train.lr: 0.001 -> 0.002" in shown and "weight" not in shown

@@ -74,6 +74,19 @@ def test_unknown_optimizer_field_and_typo_word_match():
     assert "did you mean 'beta1'" in msgs["stages.pretrain.train.optimizer.betta1"]
 
 
+def test_names_from_other_tools_point_to_llmlabs_keys():
+    issues = issues_of(with_changes(stages__pretrain__train={"learning_rate": 1e-3, "lerning_rate": 1e-3, "epochs": 3,
+                                                             "max_grad_norm": 1.0, "warmup_ratio": 0.1},
+                                    model__max_seq_length=64))
+    msgs = {i.path: i.message for i in issues}
+    assert "did you mean 'lr'?" in msgs["stages.pretrain.train.learning_rate"]
+    assert "did you mean 'lr'?" in msgs["stages.pretrain.train.lerning_rate"]  # a typo of another tool's name
+    assert "did you mean 'grad_clip'?" in msgs["stages.pretrain.train.max_grad_norm"]
+    assert "set train.max_steps" in msgs["stages.pretrain.train.epochs"]
+    assert "set warmup_steps" in msgs["stages.pretrain.train.warmup_ratio"]
+    assert "did you mean 'max_seq_len'?" in msgs["model.max_seq_length"]
+
+
 @pytest.mark.parametrize(
     "model, path, fragment",
     [
@@ -199,7 +212,7 @@ def test_cli_validate_exit_codes_and_report(tmp_path):
 
 def test_schema_is_json_schema_of_the_spec():
     schema = json_schema()
-    assert set(schema["required"]) >= {"name", "tokenizer", "stages"}
+    assert set(schema["required"]) >= {"name", "stages"} and "tokenizer" in schema["properties"]
     out = subprocess.run([sys.executable, "-m", "llmlab.cli", "schema"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["title"] == "Pipeline"
 
@@ -484,3 +497,23 @@ def test_a_stage_cannot_start_from_lora_adapters_without_a_merge():
     (issue,) = err.value.issues
     assert issue.path == "stages.reward.from" and "'sft' trains LoRA adapters" in issue.message
     assert "kind: merge, from: sft" in issue.message
+
+
+def test_a_spec_that_starts_from_a_model_needs_no_tokenizer_block_and_one_from_scratch_says_so():
+    from llmlab.spec import parse_spec
+
+    spec = parse_spec("name: byo\nstages:\n  sft: {kind: sft, model: some/model, data: [{path: builtin:tasks}]}\n")
+    assert spec.tokenizer is None and not spec.trains_tokenizer and spec.stage_names() == ["sft"]
+    (issue,) = issues_of("name: scratch\nstages:\n  pretrain: {kind: pretrain, data: [{path: builtin:stdlib}]}\n")
+    assert issue.path == "tokenizer" and "stage 'pretrain' trains a model from scratch" in issue.message
+    assert "tokenizer: {train:" in issue.message
+
+
+def test_defaults_fit_a_short_run_and_only_written_values_are_errors():
+    from llmlab.spec import SftTrain
+
+    short = SftTrain(max_steps=5, stop_at=0.5)  # warmup (default 100s) and eval_every (500) were not written
+    assert short.warmup_steps == 0 and short.eval_every == 5 and not list(short.rules())
+    assert SftTrain(max_steps=50).warmup_steps == 5
+    (issue,) = issues_of(with_changes(stages__pretrain__train={"max_steps": 5, "warmup_steps": 7}))
+    assert issue.path == "stages.pretrain.train.warmup_steps" and "warmup_steps (7) exceeds max_steps (5)" in issue.message

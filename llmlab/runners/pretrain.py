@@ -81,7 +81,8 @@ def _resolve(spec: Pipeline, stage: str) -> dict[str, Any]:
     cfg = block_config(spec, stage)
     if not spec.stages[stage].inputs:
         cfg["model"] = spec.model.model_dump(mode="json")
-    cfg["tokenizer"] = spec.tokenizer.model_dump(mode="json", by_alias=True) if spec.tokenizer.train is None else "stage"
+    cfg["tokenizer"] = ("stage" if spec.trains_tokenizer else
+                        spec.tokenizer.model_dump(mode="json", by_alias=True) if spec.tokenizer else None)
     return cfg
 
 

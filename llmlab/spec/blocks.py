@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Iterator, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from llmlab.data.sources import DataSource
 from llmlab.spec.base import Loc, StrictModel
-
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -214,9 +213,20 @@ class TrainBase(StrictModel):
     load_optimizer: bool = Field(True, description="on resume, restore optimizer state (false to switch optimizers)")
     optimizer: OptimizerSpec = Field(default_factory=AdamW, description="the optimizer by `name` (adamw when not given), with only its own fields")
 
+    @model_validator(mode="after")
+    def _fit_defaults(self) -> "TrainBase":
+        """Defaults the user did not write fit a short run: warmup to a tenth of max_steps, and
+        (with stop_at, which is checked at evaluations) eval_every to max_steps."""
+        given = self.model_fields_set
+        if "warmup_steps" not in given and self.warmup_steps > self.max_steps:
+            self.warmup_steps = self.max_steps // 10
+        if "eval_every" not in given and self.stop_at is not None and self.eval_every > self.max_steps:
+            self.eval_every = self.max_steps
+        return self
+
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.warmup_steps > self.max_steps:
-            yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})"
+            yield ("warmup_steps",), f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): lower it"
         if self.stop_at is not None and self.eval_every > self.max_steps:
             yield ("stop_at",), (f"stop_at is checked at evaluations, and eval_every ({self.eval_every}) exceeds max_steps "
                                  f"({self.max_steps}): none would run; lower eval_every")

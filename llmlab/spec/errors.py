@@ -102,12 +102,71 @@ def _clean_loc(loc: Loc) -> Loc:
     return tuple(out)
 
 
+# names other tools (transformers' TrainingArguments and configs, TRL, Axolotl, LitGPT, torchtune) give
+# to what llmlab calls otherwise: the llmlab keys they may mean, in order, or (for what llmlab does
+# not have) the sentence that says what to write instead
+COMMON_NAMES: dict[str, tuple[str, ...] | str] = {
+    **dict.fromkeys(("learning_rate", "lr_rate", "base_lr"), ("lr",)),
+    **dict.fromkeys(("batch_size", "per_device_train_batch_size", "train_batch_size", "micro_batch_size",
+                     "global_batch_size"), ("batch_sequences", "batch_pairs", "batch_prompts")),
+    **dict.fromkeys(("epochs", "num_epochs", "num_train_epochs", "max_epochs"),
+                    "llmlab trains for a number of optimizer steps: set train.max_steps"),
+    **dict.fromkeys(("model_name_or_path", "model_name", "base_model", "pretrained_model_name_or_path",
+                     "model_path", "checkpoint"), ("model",)),
+    **dict.fromkeys(("max_length", "max_seq_length", "seq_len", "sequence_len", "block_size", "cutoff_len", "max_len",
+                     "context_length"), ("max_seq_len",)),
+    **dict.fromkeys(("gradient_accumulation", "grad_accum", "accumulate_grad_batches", "gradient_accumulation_step"),
+                    ("gradient_accumulation_steps",)),
+    **dict.fromkeys(("max_grad_norm", "clip_grad_norm", "gradient_clipping"), ("grad_clip",)),
+    **dict.fromkeys(("num_warmup_steps", "warmup"), ("warmup_steps",)),
+    "warmup_ratio": "llmlab counts warmup in optimizer steps: set warmup_steps",
+    **dict.fromkeys(("lr_scheduler_type", "lr_scheduler"), ("scheduler",)),
+    **dict.fromkeys(("optim",), ("optimizer",)),
+    **dict.fromkeys(("save_steps",), ("save_every",)),
+    **dict.fromkeys(("logging_steps",), ("log_every",)),
+    **dict.fromkeys(("eval_interval", "evaluation_steps", "eval_strategy"), ("eval_every",)),
+    **dict.fromkeys(("bf16", "fp16", "mixed_precision", "dtype", "torch_dtype"), ("precision", "model_dtype")),
+    **dict.fromkeys(("dataset", "datasets", "train_file", "dataset_name", "data_path"), ("data",)),
+    "lora_r": ("r",), "lora_alpha": ("alpha",), "lora_dropout": ("dropout",), "lora_target_modules": ("target_modules",),
+    **dict.fromkeys(("num_layers", "n_layer", "num_hidden_layers"), ("n_layers",)),
+    **dict.fromkeys(("hidden_size", "n_embd", "dim"), ("d_model",)),
+    **dict.fromkeys(("num_attention_heads", "n_head"), ("n_heads",)),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_head"), ("n_kv_heads",)),
+    **dict.fromkeys(("intermediate_size", "ffn_dim"), ("d_ff",)),
+    **dict.fromkeys(("kl_coef", "init_kl_coef"), ("kl_coef", "beta")),
+}
+
+
+def _common(key: str, valid: list[str]) -> str | None:
+    """The hint for a name another tool uses (or a near typo of one), when llmlab's key is here."""
+    known = COMMON_NAMES.get(key)
+    if known is None:
+        near = difflib.get_close_matches(key, list(COMMON_NAMES), n=1, cutoff=0.85)
+        known = COMMON_NAMES[near[0]] if near else None
+    if isinstance(known, str):
+        return known
+    for candidate in known or ():
+        if candidate in valid and candidate != key:
+            return f"did you mean '{candidate}'?"
+    return None
+
+
 def _nearest(key: str, valid: list[str]) -> list[str]:
     """The valid key a typo most likely meant: a whole word of it (lr_rate -> lr), else difflib."""
     words = [v for v in valid if v in key.split("_")]
     if words:
         return [max(words, key=len)]
     return difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+
+
+def unknown_key_hint(key: str, valid: list[str]) -> str:
+    """What an unknown key most likely meant: another tool's name for an llmlab key, a typo of a
+    valid key, or (neither) the valid keys."""
+    common = _common(key, valid)
+    if common:
+        return common
+    near = _nearest(key, valid)
+    return f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
 
 
 def structural_issues(err: ValidationError) -> list[tuple[Loc, str]]:
@@ -120,8 +179,7 @@ def structural_issues(err: ValidationError) -> list[tuple[Loc, str]]:
                 out.append((loc, f"'{loc[-1]}' is not a key here any more: {owner.renamed[loc[-1]]}"))
                 continue
             valid = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
-            near = _nearest(str(loc[-1]), valid)
-            hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+            hint = unknown_key_hint(str(loc[-1]), valid)
             owners = [n for n, c in OPTIMIZER_CLASSES.items() if c is not owner and loc[-1] in c.model_fields]
             if owner in OPTIMIZER_CLASSES.values() and owners:  # a field of another optimizer
                 out.append((loc, f"unknown key '{loc[-1]}' for optimizer '{_kind(owner, 'name')}' — "

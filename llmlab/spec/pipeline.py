@@ -72,7 +72,9 @@ class Pipeline(StrictModel):
                                                                           "experiment and Prefect flow runs")
     seed: int = Field(1234, description="seeds every stage: data order, initial weights, sampling")
     workdir: str | None = Field(None, description="stage outputs go to <workdir>/<stage>/; None = runs/<name>")
-    tokenizer: TokenizerSpec = Field(description="train a tokenizer, or load one by hub name or path")
+    tokenizer: TokenizerSpec | None = Field(None, description="train a tokenizer, or load one by hub name or path; "
+                                                             "needed by a pretrain stage that starts from scratch (a "
+                                                             "stage that starts from a model uses that model's own)")
     model: ModelSpec = Field(default_factory=ModelSpec, description="the architecture of a model trained from scratch")
     stages: dict[str, Stage] = Field(min_length=1, description="name -> stage, in execution order; `from` makes the graph")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="where MLflow records the runs")
@@ -81,6 +83,11 @@ class Pipeline(StrictModel):
     max_parallel: int | None = Field(None, ge=1, description="sweep branches run at once; None = one per visible GPU, "
                                                              "1 on CPU")
     _graph: Graph | None = PrivateAttr(None)
+
+    @property
+    def trains_tokenizer(self) -> bool:
+        """Whether the pipeline's first stage trains its tokenizer (`tokenizer: {train: ...}`)."""
+        return self.tokenizer is not None and self.tokenizer.train is not None
 
     @property
     def output_root(self) -> str:
@@ -99,7 +106,7 @@ class Pipeline(StrictModel):
 
     def stage_names(self) -> list[str]:
         """All concrete stages in execution order, the implicit `tokenizer` stage first when it trains."""
-        first = ["tokenizer"] if self.tokenizer.train is not None else []
+        first = ["tokenizer"] if self.trains_tokenizer else []
         return first + list(self.graph.order)
 
     def stage_dir(self, stage: str) -> Path:
@@ -110,7 +117,7 @@ class Pipeline(StrictModel):
     def dependencies(self, stage: str, chosen: str | None = None) -> dict[str, str]:
         """{name the stage reads: concrete stage} including the trained tokenizer; for a stage that
         selects a branch, `chosen` names the winning branch of its judge (else the first one's refs)."""
-        deps = {"tokenizer": "tokenizer"} if self.tokenizer.train is not None and stage != "tokenizer" else {}
+        deps = {"tokenizer": "tokenizer"} if self.trains_tokenizer and stage != "tokenizer" else {}
         if stage == "tokenizer":
             return deps
         selection = self.graph.selections.get(stage)

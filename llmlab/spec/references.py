@@ -24,6 +24,11 @@ def reference_issues(raw: dict) -> Iterator[tuple[Loc, str]]:
         return
     seen = ["tokenizer"] if isinstance(raw.get("tokenizer"), dict) and "train" in raw["tokenizer"] else []
     names = list(stages)
+    scratch = [n for n, b in stages.items() if isinstance(b, dict) and b.get("kind") == "pretrain" and not b.get("from")]
+    if raw.get("tokenizer") is None and scratch:
+        yield ("tokenizer",), (f"stage '{scratch[0]}' trains a model from scratch, which needs a tokenizer: add "
+                               f"`tokenizer: {{train: {{vocab_size: 8192, data: [...]}}}}` to train one, or `name:` (hub) "
+                               f"/ `path:` (folder) of an existing one (stages that start from a model use its own)")
     if "tokenizer" in names:
         yield ("stages", "tokenizer"), "the name 'tokenizer' is reserved for the tokenizer stage: rename this stage"
     for name in names:

@@ -53,7 +53,7 @@ def stock_folder(family: str, tokenizer_dir: Path, root: Path) -> Path:
 def spec_for(folder: Path, root: Path, name: str) -> Path:
     steps = {"eval_every": 2, "save_every": 2, "log_every": 1, "warmup_steps": 0, "max_steps": 2}
     spec = {
-        "name": name, "workdir": str(root / "runs"), "tokenizer": {"path": str(folder)},
+        "name": name, "workdir": str(root / "runs"),  # no tokenizer block: every stage uses the model's own
         "stages": {
             "sft": {"kind": "sft", "model": str(folder), "data": [{"path": "builtin:tasks"}], "max_examples": 64,
                     "lora": {"r": 4},  # the default options: preset minimal, train_special_tokens true
