@@ -101,6 +101,9 @@ def close_pipeline_run(spec_file: str, run_id: str, status: str, results: dict[s
         tags[f"llmlab.stage.{name}.status"] = r["status"]
         tags[f"llmlab.stage.{name}.seconds"] = r["seconds"]
     run.set_tags(tags)
+    headline, params = summary(spec, results)
+    run.log_params(params)
+    run.log_metrics(headline, step=0)
     log_branch_tables(run, spec, results)
     decision = None
     if status == "FINISHED":
@@ -141,7 +144,7 @@ def register_and_promote(tracker, parent_id: str, op: dict) -> dict | None:
     spec = load_spec(spec_file)
     results = {name: {**r, "mlflow_run_id": tracker.real_id(r["mlflow_run_id"]) or r["mlflow_run_id"]}
                for name, r in results.items()}
-    version = register_final_model(tracker, spec_file, results, metrics)
+    version = register_final_model(tracker, spec_file, results, metrics, parent_id)
     client = tracker.client
     if version is None:
         return None
@@ -192,25 +195,55 @@ def sync_all() -> list[str]:
     return lines
 
 
+def final_stage(spec, results: dict[str, dict]) -> str | None:
+    """The stage whose model is the pipeline's: `promote.model`'s, else the last model made."""
+    from llmlab.promote import promoted_stage
+
+    target = promoted_stage(spec)
+    if target is not None and target in results:
+        return target
+    with_model = [name for name, r in results.items() if "model" in r["outputs"] and r["kind"] != "reward"]
+    return with_model[-1] if with_model else None
+
+
+def summary(spec, results: dict[str, dict]) -> tuple[dict[str, float], dict[str, str]]:
+    """The pipeline's headline numbers and key params, for its MLflow run: each stage's closing
+    metrics as `<stage>/<metric>` (`sft/exact_match`; an eval stage's per model, `eval/grpo/ppl`),
+    and the final model's scores from the last eval stage that scored it as `final/<metric>`."""
+    from llmlab.tracking import mlflow_key
+
+    metrics: dict[str, float] = {}
+    final = final_stage(spec, results)
+    for name, r in results.items():
+        for key, value in r["metrics"].items():
+            if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+                continue
+            model, _, rest = key.partition("/") if r["kind"] == "eval" else ("", "", key)
+            short = rest.removeprefix("eval/")
+            metrics[mlflow_key(f"{name}/{model}/{short}" if model else f"{name}/{short}")] = float(value)
+            if final and model == final:
+                metrics[mlflow_key(f"final/{short}")] = float(value)
+    params = {"pipeline": spec.name, "seed": str(spec.seed), "spec_hash": config_hash(spec),
+              "stages": " -> ".join(results), "final_stage": final or "none"}
+    return metrics, params
+
+
 def register_final_model(tracker, spec_file: str, results: dict[str, dict],
-                         metrics: dict[str, float] | None = None) -> tuple[str, str] | None:
+                         metrics: dict[str, float] | None = None, parent_id: str | None = None) -> tuple[str, str] | None:
     """Register the pipeline's model in the MLflow model registry under the pipeline name: the
     `promote.model` stage's, else the last model; its lineage (every stage's run id and fingerprint)
     and `metrics` (what promotion gates read) as tags. A model whose fingerprint is already
     registered is not registered again. Returns (name, version) or None."""
     import logging
 
-    from llmlab.promote import METRIC_TAG, promoted_stage
+    from llmlab.promote import METRIC_TAG
 
     logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)  # "Waiting up to 300 s"
     spec = load_spec(spec_file)
-    with_model = [name for name, r in results.items() if "model" in r["outputs"] and r["kind"] != "reward"]
-    target = promoted_stage(spec)
-    if target is not None and target in results:
-        with_model = [target]
-    if not with_model:
+    final_name = final_stage(spec, results)
+    if final_name is None:
         return None
-    final = results[with_model[-1]]
+    final = results[final_name]
     client = tracker.client
     name = spec.name
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
@@ -226,9 +259,10 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     lineage = {mlflow_key(f"llmlab.lineage.{s}"): f"{r['mlflow_run_id']}@{r['fingerprint']}" for s, r in results.items()}
     chain = " -> ".join(f"{s} ({r['kind']}, run {r['mlflow_run_id']}, fingerprint {r['fingerprint']})" for s, r in results.items())
     scores = {f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in sorted((metrics or {}).items())[:200]}
-    version = client.create_model_version(
-        name, source, run_id=final["mlflow_run_id"],
-        tags={"llmlab.stage": final["stage"], "llmlab.fingerprint": final["fingerprint"], **lineage, **scores},
+    version = client.create_model_version(  # linked to the pipeline's run, where users look first
+        name, source, run_id=parent_id or final["mlflow_run_id"],
+        tags={"llmlab.stage": final["stage"], "llmlab.stage_run_id": final["mlflow_run_id"],
+              "llmlab.fingerprint": final["fingerprint"], **lineage, **scores},
         description=f"Model of stage '{final['stage']}' from {spec_file}. Lineage: {chain}")
     return name, version.version
 

@@ -44,6 +44,7 @@ ANSWER_SECONDS = 2.0  # how long a tracking server's /health gets to answer
 OUTBOX = "mlflow-outbox"  # under the state directory: what MLflow has not taken yet
 ARTIFACT_COPY_LIMIT = 20 * 2**20  # artifacts up to this size are copied into the outbox (they may be temporary)
 LOCAL_ID = re.compile(r"local-[0-9a-f]{32}")  # a run created while MLflow did not answer
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the tag that picks the view MLflow's UI opens an experiment in
 
 
 def default_tracking_uri() -> str:
@@ -454,6 +455,8 @@ class Tracker:
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise RuntimeError(f"MLflow at {self.uri} did not create experiment '{name}'")
+        if EXPERIMENT_KIND not in (found.tags or {}):  # MLflow's UI opens it in its model-training view
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         self._experiments[name] = found.experiment_id
         return found.experiment_id
 

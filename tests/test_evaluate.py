@@ -43,6 +43,33 @@ def test_report_lists_every_model_and_sample():
     text = render_report(results)
     assert "| a | 1.0000 | 2.70 | 9.00 |" in text and "| b | 2.0000 | 7.40 | 9.00 |" in text
     assert "- a: `x⏎y`" in text and "- b: `z`" in text
+    assert "Warning" not in text  # both beat the unigram baseline
+
+
+def test_report_says_what_each_metric_was_measured_on_and_flags_a_model_worse_than_unigram():
+    results = {"pipeline": "p", "stage": "eval", "val_tokens": 100, "batches": 1, "batch_sequences": 1, "seq_len": 8,
+               "temperature": 0.0, "prompts": [], "model_order": ["pre", "sft"], "text_sources": ["builtin:stdlib"],
+               "preference_sources": ["pairs.jsonl"], "tasks": {"prompts": 8, "sources": [{"path": "builtin:tasks"}]},
+               "preferences": {"pairs": 4},
+               "models": {"pre": {"eval/loss": 4.8, "eval/ppl": 120.0, "unigram_ppl": 591.0, "samples": []},
+                          "sft": {"eval/loss": 13.3, "eval/ppl": 616001.0, "unigram_ppl": 591.0, "samples": []}}}
+    text = render_report(results)
+    assert "held-out share of `builtin:stdlib`" in text and "8 held-out task prompts from `builtin:tasks`" in text
+    assert "4 held-out pairs from `pairs.jsonl`" in text
+    warning = next(line for line in text.splitlines() if line.startswith("**Warning:**"))
+    assert warning.startswith("**Warning:** sft has a text perplexity above the unigram baseline")  # sft alone
+    assert "| sft | 13.3000 | 616,001.00 | 591.00 |" in text
+
+
+def test_the_html_report_renders_tables_and_carries_its_plots():
+    from llmlab.report import markdown_to_html
+
+    page = markdown_to_html("# T\n\nsome `code` and **bold**\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n- item\n\n"
+                            "![plot](p.png)\n", {"p.png": b"\x89PNG"})
+    assert "<h1>T</h1>" in page and "<code>code</code>" in page and "<strong>bold</strong>" in page
+    assert "<thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>&lt;2&gt;</td></tr></tbody>" in page
+    assert "|---|" not in page and "<li>item</li>" in page
+    assert '<img alt="plot" src="data:image/png;base64,iVBORw==">' in page and "![plot]" not in page
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +179,11 @@ def test_preference_accuracy_per_family_counts_each_pair_in_its_family():
     unnamed: dict = {}
     score_preferences(wins, [{} for _ in wins], unnamed)
     assert "preference_accuracy_by_family" not in unnamed and unnamed["preference_accuracy"] == pytest.approx(3 / 5)
+
+
+def test_a_series_equal_to_another_is_drawn_once_under_both_names():
+    from llmlab.report import _distinct
+
+    series = {"eval/reward_mean": [(1, 0.5), (2, 0.7)], "eval/exact_match": [(1, 0.5), (2, 0.7)], "rl/reward_mean": [(1, 0.2)]}
+    drawn = _distinct([(k, k) for k in ("rl/reward_mean", "eval/reward_mean", "eval/exact_match")], series.get)
+    assert drawn == [("rl/reward_mean", "rl/reward_mean"), ("eval/reward_mean", "eval/reward_mean = eval/exact_match")]

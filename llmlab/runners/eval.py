@@ -170,6 +170,8 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
     results: dict[str, Any] = {"pipeline": spec.name, "stage": ctx.name, "prompts": stage.prompts,
                                "temperature": stage.temperature, "batches": stage.batches,
                                "batch_sequences": stage.batch_sequences, "models": {},
+                               "text_sources": [s.path for s in stage.data],
+                               "preference_sources": [s.path for s in stage.preferences],
                                "model_order": [name for name, _ in evaluated(ctx)]}
     metrics: dict[str, float] = {}
     tasks = checkable_prompts(stage.tasks, stage.tasks_limit)

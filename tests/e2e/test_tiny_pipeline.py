@@ -58,7 +58,7 @@ def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
     assert scores["eval/loss"] == pytest.approx(results["pretrain"]["metrics"]["eval/loss"], rel=1e-5)
     assert len(scores["samples"]) == len(report["prompts"])
     text = (Path(results["eval"]["output_dir"]) / "report.md").read_text()
-    table = next(block for block in text.split("\n\n") if block.startswith("| model | eval loss"))
+    table = next(block for block in text.split("\n\n") if block.startswith("| model | text loss"))
     assert all(table.count(f"| {m} |") == 1 for m in ("pretrain", "sft", "dpo", "grpo"))
     assert report["tasks"]["prompts"] == 8 and report["preferences"]["pairs"] == 8
     for model in ("pretrain", "sft", "dpo", "grpo"):
@@ -87,6 +87,14 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     (parent,) = parents
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"] != "none"
     assert {"llmlab.spec_hash", "llmlab.git_commit"} <= set(parent.data.tags)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+    # the pipeline's summary on its own run: key params, each stage's closing metrics, the final model's scores
+    assert parent.data.params["pipeline"] == "tiny-test" and parent.data.params["final_stage"] == "grpo"
+    assert parent.data.params["spec_hash"] == parent.data.tags["llmlab.spec_hash"]
+    scores = results["eval"]["metrics"]
+    assert parent.data.metrics["final/exact_match"] == pytest.approx(scores["grpo/exact_match"])
+    assert parent.data.metrics["eval/sft/exact_match"] == pytest.approx(scores["sft/exact_match"])
+    assert parent.data.metrics["dpo/accuracy"] == pytest.approx(results["dpo"]["metrics"]["eval/accuracy"])
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"}
     assert client.get_metric_history(children["dpo"].info.run_id, "dpo/accuracy")
@@ -117,7 +125,7 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert not any(k.startswith("lora.") for k in sft.data.params)
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
-    assert version.run_id == children["grpo"].info.run_id
+    assert version.run_id == parent.info.run_id and version.tags["llmlab.stage_run_id"] == children["grpo"].info.run_id
     assert version.tags["llmlab.fingerprint"] == results["grpo"]["fingerprint"]
     assert version.tags["llmlab.lineage.tokenizer"] == f"{children['tokenizer'].info.run_id}@{results['tokenizer']['fingerprint']}"
     assert parent.data.tags["llmlab.registered_model"] == "tiny-test/1"
