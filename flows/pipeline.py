@@ -123,9 +123,7 @@ def pipeline(spec: str, force: list[str] | None = None, only: list[str] | None =
         return Failed(message=checked.message)
     storage = state_dir() / "prefect-results"
     if follow:
-        from llmlab.foreground import handoff_of
-
-        parent = adopt_run(spec, handoff_of(follow)["parent_run_id"], flow_run.id)
+        parent = adopt_run(spec, follow, flow_run.id)
     else:
         parent = open_run(spec, flow_run.id)
     results: dict[str, dict] = {}

@@ -458,7 +458,7 @@ def export(
 @app.command()
 def init(
     path: Path | None = typer.Argument(None, metavar="PATH", help="where to write the spec (default: pipelines/<name>.yaml)"),
-    defaults: bool = typer.Option(False, "--defaults", help="no questions: the offline tiny recipe"),
+    defaults: bool = typer.Option(False, "--defaults", help="no questions: the demo's recipe (pipelines/tiny.yaml) as my-model"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing file"),
 ) -> None:
     """A wizard that asks for the architecture, size, stages and each stage's optimizer, then writes a spec."""

@@ -169,4 +169,7 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
                                                "outputs": outputs, "metrics": metrics, "finished": time.time(),
                                                "seconds": result.seconds, "result": result.to_dict()})
     run.finish("FINISHED")
+    from llmlab.plan import record_stage_time
+
+    record_stage_time(spec, stage, result.seconds)  # calibrates `llmlab plan`'s estimates on this machine
     return result.to_dict()

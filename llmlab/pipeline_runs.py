@@ -56,9 +56,12 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
     return run_id
 
 
-def adopt_pipeline_run(spec_file: str, run_id: str, flow_run_id: str | None) -> str:
-    """A pipeline run opened by the process that runs the stages (`llmlab.foreground`), taken over by
-    the flow that records it: the flow run's id joins its tags."""
+def adopt_pipeline_run(spec_file: str, handoff: str, flow_run_id: str | None) -> str:
+    """The pipeline run opened by the process that runs the stages (`llmlab.foreground`; `handoff` is
+    its hand-over folder), taken over by the flow that records it: the flow run's id joins its tags."""
+    from llmlab.foreground import handoff_of
+
+    run_id = handoff_of(handoff)["parent_run_id"]
     _, tracker = _tracker(spec_file)
     tracker.run(run_id).set_tags({"prefect.flow_run_id": flow_run_id or "none"})
     return run_id

@@ -37,6 +37,7 @@ class PlanRow:
     action: str  # reuse | run | resume | skip | blocked
     reasons: list[str] = field(default_factory=list)
     seconds: float | None = None  # estimated wall time when it runs (None: unknown)
+    seconds_range: tuple[float, float] | None = None  # the range the estimate is expected in
     estimate_source: str | None = None  # where `seconds` comes from
     memory: int | None = None  # estimated peak training bytes
 
@@ -152,38 +153,59 @@ def plan_run(spec_file: str | Path, force: list[str] | None = None, only: list[s
 # demo's stages on 2 CPU cores: ~0.2-0.35; decoding in RL stages far less, counted separately)
 TRAIN_EFFICIENCY = 0.25
 DECODE_EFFICIENCY = 0.03
+RATE_SAMPLES, RATE_SAMPLE_SECONDS = 5, 0.06  # the matmul rate: the best of a few short samples (a busy moment reads low)
+RATE_MAX_AGE = 7 * 24 * 3600  # re-measured after a week, and whenever the kept value is implausible
+CALIBRATION = "calibration.json"  # state dir: per machine and kind, the work and seconds of finished stages
+KEEP_RECORDS = 30  # per machine and kind
+# A machine with no finished stage of a kind yet: actual / FLOP-model seconds on the reference machine
+# (bench/plan_accuracy.py; docs/benchmarks.md), and for kinds without a FLOP model the reference
+# machine's seconds for the demo's stage of that kind, scaled by the two machines' matmul rates.
+REFERENCE_RATE = 60e9
+REFERENCE_FACTORS = {"pretrain": 1.0, "sft": 1.0, "dpo": 1.0, "grpo": 1.0, "ppo": 1.0, "reward": 1.0}
+REFERENCE_SECONDS = {"tokenizer": 5.0, "eval": 30.0, "merge": 3.0, "export": 3.0, "preferences": 20.0}
+REFERENCE_SPREAD = 2.0  # the range around an estimate from the reference machine: / and x this
+
+
+def _machine_key() -> str:
+    import os
+
+    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("LLMLAB_THREADS") or os.cpu_count()
+    gpu = Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+    return f"{os.uname().machine}-{os.cpu_count()}-{threads}-{gpu}"
 
 
 def machine_rate() -> float:
-    """This machine's fp32 matmul rate in FLOP/s with torch's threads, measured once (~0.3 s, which
-    imports torch) and kept in the state dir under a key read without torch."""
-    import os
+    """This machine's fp32 matmul rate in FLOP/s with torch's threads: the best of a few short samples
+    (~0.3 s, which imports torch), kept in the state dir under a key read without torch, and measured
+    again when a week old or implausible."""
     import time
 
     from llmlab.checkpoint import atomic_write_json
     from llmlab.paths import state_dir
 
-    threads = os.environ.get("OMP_NUM_THREADS") or os.environ.get("LLMLAB_THREADS") or os.cpu_count()
-    gpu = Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
-    key = f"{os.uname().machine}-{os.cpu_count()}-{threads}-{gpu}"
+    key = _machine_key()
     cache = state_dir() / "machine_rate.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
-        return float(known[key])
+    kept = known.get(key)
+    if isinstance(kept, dict) and 1e8 < kept.get("rate", 0) < 1e17 and time.time() - kept.get("measured", 0) < RATE_MAX_AGE:
+        return float(kept["rate"])
     import torch
 
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < 0.3:
-        a @ b
-        runs += 1
-    rate = 2 * n**3 * runs / (time.perf_counter() - started)
-    atomic_write_json(cache, {**known, key: rate})
+    rates = []
+    for _ in range(RATE_SAMPLES):
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < RATE_SAMPLE_SECONDS:
+            a @ b
+            runs += 1
+        rates.append(2 * n**3 * runs / (time.perf_counter() - started))
+    rate = max(rates)
+    atomic_write_json(cache, {**known, key: {"rate": rate, "measured": time.time(), "samples": rates}})
     return rate
 
 
@@ -199,19 +221,98 @@ def stage_work(spec: Pipeline, name: str) -> Work | None:
     return kind.work(spec.stages[name], est)
 
 
+def _model_seconds(train_flops: float, decode_flops: float, rate: float) -> float:
+    return train_flops / (rate * TRAIN_EFFICIENCY) + decode_flops / (rate * DECODE_EFFICIENCY)
+
+
+def _calibration() -> dict[str, Any]:
+    from llmlab.paths import state_dir
+
+    try:
+        return json.loads((state_dir(create=False) / CALIBRATION).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_stage_time(spec: Pipeline, name: str, seconds: float) -> None:
+    """Keep a finished stage's work and wall time, which later estimates of its kind on this
+    machine are calibrated with. Never fails a stage."""
+    import time
+
+    from llmlab.checkpoint import atomic_write_json
+    from llmlab.paths import state_dir
+
+    try:
+        work = stage_work(spec, name)
+        kind = kind_of(spec, name).name
+        known = _calibration()
+        records = known.setdefault(_machine_key(), {}).setdefault(kind, [])
+        records.append({"seconds": float(seconds), "at": time.time(),
+                        **({"train_flops": work.train_flops, "decode_flops": work.decode_flops} if work else {})})
+        del records[:-KEEP_RECORDS]
+        atomic_write_json(state_dir() / CALIBRATION, known)
+    except Exception as exc:  # noqa: BLE001 — an estimate's bookkeeping
+        print(f"warning: [{name}] its time was not kept for plan's estimates ({type(exc).__name__}: {exc})")
+
+
+@dataclass
+class TimeEstimate:
+    seconds: float
+    low: float
+    high: float
+    source: str
+
+
+def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
+    """How long a stage will take here: its kind's FLOP model at this machine's matmul rate, times
+    the factor this machine's finished stages of that kind showed (else the reference machine's),
+    with the range those factors span; a kind without a FLOP model from its past wall times here
+    (else the reference machine's, scaled by matmul rate). None when nothing is known."""
+    from statistics import median
+
+    kind = kind_of(spec, name).name
+    records = _calibration().get(_machine_key(), {}).get(kind, [])
+    work = stage_work(spec, name)
+    if work is not None:
+        rate = machine_rate()
+        base = _model_seconds(work.train_flops, work.decode_flops, rate)
+        factors = [r["seconds"] / m for r in records if "train_flops" in r
+                   for m in [_model_seconds(r["train_flops"], r["decode_flops"], rate)] if m > 0]
+        if factors:
+            f = median(factors)
+            return TimeEstimate(base * f, base * min(factors) / 1.25, base * max(factors) * 1.25,
+                                f"{work.train_flops + work.decode_flops:.2g} FLOPs, calibrated by {len(factors)} "
+                                f"finished {kind} stage{'s' if len(factors) != 1 else ''} here")
+        f = REFERENCE_FACTORS.get(kind, 1.0)
+        return TimeEstimate(base * f, base * f / REFERENCE_SPREAD, base * f * REFERENCE_SPREAD,
+                            f"{work.train_flops + work.decode_flops:.2g} FLOPs at this machine's {rate / 1e9:.0f} GFLOP/s "
+                            f"(no finished {kind} stage here yet)")
+    seconds = [r["seconds"] for r in records]
+    if seconds:
+        return TimeEstimate(median(seconds), min(seconds) / 1.25, max(seconds) * 1.25,
+                            f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
+    if kind in REFERENCE_SECONDS:
+        s = REFERENCE_SECONDS[kind] * REFERENCE_RATE / machine_rate()
+        return TimeEstimate(s, s / REFERENCE_SPREAD, s * REFERENCE_SPREAD,
+                            f"the demo's {kind} stage on the reference machine, scaled by matmul rate")
+    return None
+
+
 def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: PlanRow) -> None:
     est = estimate_stage(spec, name)
     row.memory = est.total if est is not None else None
     last = (record or {}).get("result") or {}
     if record and last.get("seconds") and _shape(record.get("config") or {}) == _shape(resolved_config(spec, name)):
-        row.seconds, row.estimate_source = float(last["seconds"]), "its last run here, same shape"
+        s = float(last["seconds"])
+        row.seconds, row.seconds_range, row.estimate_source = s, (s / 1.25, s * 1.25), "its last run here, same shape"
         return
-    work = stage_work(spec, name)
-    if work is not None:
-        rate = machine_rate()
-        row.seconds = work.train_flops / (rate * TRAIN_EFFICIENCY) + work.decode_flops / (rate * DECODE_EFFICIENCY)
-        row.estimate_source = (f"estimate: {work.train_flops + work.decode_flops:.2g} FLOPs at {TRAIN_EFFICIENCY:.0%} of "
-                               f"this machine's measured {rate / 1e9:.0f} GFLOP/s")
+    found = estimate_time(spec, name)
+    if found is not None:
+        row.seconds, row.seconds_range, row.estimate_source = found.seconds, (found.low, found.high), found.source
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def render(rows: list[PlanRow]) -> str:
@@ -220,15 +321,20 @@ def render(rows: list[PlanRow]) -> str:
     for r in rows:
         cost = ""
         if r.action in ("run", "resume"):
-            when = ("time unknown (never ran with this shape here)" if r.seconds is None else
-                    f"~{r.seconds:.0f} s (estimate from FLOPs)" if (r.estimate_source or "").startswith("estimate")
-                    else f"~{r.seconds:.0f} s")
-            cost = f"  [{when}" + (f", peak ~{fmt_bytes(r.memory)}" if r.memory else "") + "]"
+            when = ("time unknown" if r.seconds is None else
+                    f"~{_span(r.seconds)}" + (f" ({_span(r.seconds_range[0])}-{_span(r.seconds_range[1])})"
+                                              if r.seconds_range else "") + f": {r.estimate_source}")
+            cost = f"  [{when}" + (f"; peak ~{fmt_bytes(r.memory)}" if r.memory else "") + "]"
         lines.append(f"  {r.stage:<{width}}  {r.action:<7} {r.kind:<10} {'; '.join(r.reasons)}{cost}")
     runs = [r for r in rows if r.action in ("run", "resume")]
-    known = sum(r.seconds for r in runs if r.seconds is not None)
-    unknown = sum(1 for r in runs if r.seconds is None)
-    total = f"{len(runs)} of {len(rows)} stages run, ~{known:.0f} s known" + (f" + {unknown} unknown" if unknown else "")
+    timed = [r for r in runs if r.seconds is not None]
+    unknown = len(runs) - len(timed)
+    total = f"{len(runs)} of {len(rows)} stages run"
+    if timed:
+        low = sum(r.seconds_range[0] if r.seconds_range else r.seconds for r in timed)
+        high = sum(r.seconds_range[1] if r.seconds_range else r.seconds for r in timed)
+        total += f", ~{_span(sum(r.seconds for r in timed))} ({_span(low)}-{_span(high)})"
+    total += f" + {unknown} of unknown time" if unknown else ""
     blocked = [r.stage for r in rows if r.action == "blocked"]
     return "\n".join(lines + [total + (f"; blocked: {', '.join(blocked)}" if blocked else "")])
 

@@ -9,15 +9,16 @@ prints. Every answer is validated as soon as it is given and the question is ask
 error, until it is valid. The questions: pipeline name; a size preset (tiny ~1M / small ~10M /
 base ~100M parameters); each architecture choice with ModelSpec's default as the recommendation and a
 one-line reason; the sizes (preset values as defaults); which stages; and per training stage the
-optimizer, only that optimizer's fields, then lr, max_steps and the batch (batch_sequences, or
-batch_pairs for dpo). Before returning it
-shows the parameter count and a training-memory estimate per training stage. With `defaults=True`
-nothing is asked: the result is an offline pipeline shaped like pipelines/tiny.yaml.
+optimizer, only that optimizer's fields, then lr, max_steps and the batch (batch_sequences;
+batch_pairs for dpo and reward; batch_prompts for grpo and ppo). Before returning it shows the
+parameter count and a training-memory estimate per training stage. With `defaults=True` nothing is
+asked: the result is the demo's recipe (pipelines/tiny.yaml's stages and settings) under the name my-model.
 
 Keys passed to `ask` (for scripting): name, size, positional_encoding, attention_type, norm_type,
 activation, d_model, n_layers, n_heads, n_kv_heads (gqa only), d_ff, max_seq_len, vocab_size,
 stages, then `<stage>.optimizer`, `<stage>.optimizer.<field>`, `<stage>.lr`, `<stage>.max_steps`,
-`<stage>.batch_sequences` (pretrain, sft) or `dpo.batch_pairs`, for each stage that was chosen.
+`<stage>.batch_sequences` (pretrain, sft), `<stage>.batch_pairs` (dpo, reward) or `<stage>.batch_prompts`
+(grpo, ppo), for each training stage that was chosen.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from llmlab.spec import (
     DpoTrain,
     ModelSpec,
     Pipeline,
+    RewardTrain,
+    RlTrain,
     SftTrain,
     TrainSpec,
     parse_spec,
@@ -48,9 +51,14 @@ from llmlab.spec import (
 Ask = Callable[[str, str, str], str]
 Say = Callable[[str], None]
 
-STAGE_ORDER = ("pretrain", "sft", "merge", "dpo", "eval")
-TRAINING_STAGES = {"pretrain": TrainSpec, "sft": SftTrain, "dpo": DpoTrain}
-DEFAULT_STAGES = "pretrain,sft,merge,dpo,eval"
+STAGE_ORDER = ("pretrain", "sft", "merge", "preferences", "dpo", "reward", "grpo", "ppo", "eval")
+TRAINING_STAGES = {"pretrain": TrainSpec, "sft": SftTrain, "dpo": DpoTrain, "reward": RewardTrain, "grpo": RlTrain,
+                   "ppo": RlTrain}
+DEFAULT_STAGES = "pretrain,sft,dpo,grpo,eval"  # the demo's (pipelines/tiny.yaml)
+BATCH_FIELDS = {"dpo": ("batch_pairs", "preference pairs per forward pass"),
+                "reward": ("batch_pairs", "preference pairs per forward pass"),
+                "grpo": ("batch_prompts", "prompts per forward pass (x group_size completions)"),
+                "ppo": ("batch_prompts", "prompts per forward pass")}
 
 # name -> (description, d_model, n_layers, n_heads, n_kv_heads, max_seq_len, vocab_size); d_ff follows
 # the activation (swiglu: ~8/3 d_model, else 4 d_model). `tiny` is pipelines/tiny.yaml's model.
@@ -68,18 +76,28 @@ ARCHITECTURE = {
     "activation": ("swiglu", "gated feed-forward as in Llama; d_ff ~8/3 d_model keeps a 4x-FFN's parameter count"),
 }
 
-# Per training stage: the runnable offline recipe of pipelines/tiny.yaml (SftTrain's /
-# DpoTrain defaults are for fine-tuning pretrained hub models and barely move a model trained here).
+# Per training stage, its schedule in the offline recipes: pipelines/tiny.yaml's (pretrain, sft, dpo,
+# grpo: tests/test_wizard.py holds the defaults to that file) and pipelines/tiny-ppo.yaml's (the LoRA
+# sft, reward, ppo). SftTrain's and DpoTrain's own defaults are for fine-tuning pretrained hub models.
 TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
     "pretrain": {"max_steps": 300, "lr": 2.0e-3, "weight_decay": 0.1, "scheduler": "cosine", "warmup_steps": 30,
-                     "min_lr_ratio": 0.1, "batch_sequences": 16, "gradient_accumulation_steps": 1, "grad_clip": 1.0,
-                     "eval_every": 100, "eval_steps": 20, "save_every": 100, "log_every": 10},
-    "sft": {"max_steps": 1000, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1, "batch_sequences": 32,
-                "gradient_accumulation_steps": 1, "eval_every": 250, "eval_steps": 5, "save_every": 250, "log_every": 25},
-    "dpo": {"max_steps": 100, "lr": 1.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
-                "eval_every": 50, "eval_steps": 4, "save_every": 50, "log_every": 10},
+                 "min_lr_ratio": 0.1, "batch_sequences": 16, "gradient_accumulation_steps": 1, "grad_clip": 1.0,
+                 "eval_every": 100, "eval_steps": 20, "save_every": 100, "log_every": 10},
+    "sft": {"max_steps": 500, "stop_at": 0.35, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 30, "min_lr_ratio": 0.1,
+            "batch_sequences": 64, "gradient_accumulation_steps": 1, "eval_every": 20, "eval_steps": 5, "save_every": 100,
+            "log_every": 25},
+    "dpo": {"max_steps": 150, "lr": 2.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
+            "eval_every": 50, "eval_steps": 4, "save_every": 50, "log_every": 10},
+    "grpo": {"max_steps": 300, "lr": 1.0e-4, "warmup_steps": 5, "rollout_prompts": 32, "batch_prompts": 16, "ppo_epochs": 1,
+             "eval_every": 25, "min_improvement": 0.02, "save_every": 50, "log_every": 10},
+    "reward": {"max_steps": 300, "lr": 1.0e-3, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
+               "eval_every": 50, "eval_steps": 8, "save_every": 50, "log_every": 10},
+    "ppo": {"max_steps": 200, "lr": 3.0e-5, "warmup_steps": 5, "rollout_prompts": 64, "batch_prompts": 32, "ppo_epochs": 2,
+            "eval_every": 50, "save_every": 50, "log_every": 10},
 }
-FULL_SFT_LR = 1.0e-3  # sft without LoRA updates every weight: a smaller step than the adapters' 3e-3
+LORA_SFT_TRAIN = {"max_steps": 1000, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 20, "min_lr_ratio": 0.1,
+                  "batch_sequences": 32, "gradient_accumulation_steps": 1, "eval_every": 250, "eval_steps": 5,
+                  "save_every": 250, "log_every": 25}
 LR_FACTOR = {"lion": 1 / 3}  # Lion's paper: a 3-10x smaller lr than AdamW
 
 OPTIMIZER_BLURBS = {
@@ -245,17 +263,17 @@ def _ask_stages(q: _Asker) -> list[str]:
         if "pretrain" not in chosen:
             raise Invalid("the wizard trains a model from scratch: include pretrain "
                           "(to fine-tune an existing model, write `model:` on an sft/dpo stage by hand)")
-        return [s for s in STAGE_ORDER if s in chosen or (s == "sft" and "merge" in chosen)]
+        implied = {"sft": "merge" in chosen, "reward": "ppo" in chosen, "dpo": "preferences" in chosen}
+        return [s for s in STAGE_ORDER if s in chosen or implied.get(s, False)]
 
     return q("stages", f"Stages, comma-separated from {', '.join(STAGE_ORDER)} — merge implies sft with LoRA; "
+                       f"preferences (pairs sampled from the model) implies dpo; ppo implies reward (its scorer); "
                        f"eval scores every model", DEFAULT_STAGES, check)
 
 
 def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
     cls = TRAINING_STAGES[stage]
-    train = copy.deepcopy(TRAIN_TEMPLATES[stage])
-    if stage == "sft" and not lora:
-        train["lr"] = FULL_SFT_LR
+    train = copy.deepcopy(LORA_SFT_TRAIN if stage == "sft" and lora else TRAIN_TEMPLATES[stage])
     docs = "; ".join(f"{n}: {OPTIMIZER_BLURBS.get(n, '')}" for n in OPTIMIZER_CLASSES)
     name = q.choice(f"{stage}.optimizer", f"{stage}: optimizer ({docs})", "adamw", tuple(OPTIMIZER_CLASSES))
     opt_cls = OPTIMIZER_CLASSES[name]
@@ -285,8 +303,7 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
     train["lr"] = float(q(f"{stage}.lr", f"{stage}: peak learning rate lr{lr_note}", lr_default, number("lr", False)))
     template_steps = train["max_steps"]
     train["max_steps"] = q(f"{stage}.max_steps", f"{stage}: max_steps — optimizer updates", template_steps, number("max_steps", True))
-    batch_field, batch_help = ("batch_pairs", "preference pairs per forward pass") if stage == "dpo" else (
-        "batch_sequences", "sequences per forward pass")
+    batch_field, batch_help = BATCH_FIELDS.get(stage, ("batch_sequences", "sequences per forward pass"))
     train[batch_field] = q(f"{stage}.{batch_field}", f"{stage}: {batch_field} — {batch_help}", train[batch_field],
                            number(batch_field, True))
     # keep the schedule consistent with the chosen length
@@ -295,17 +312,21 @@ def _ask_train(q: _Asker, stage: str, lora: bool) -> dict[str, Any]:
         train["warmup_steps"] = min(train["warmup_steps"], steps // 10)
         for key in ("eval_every", "save_every"):
             train[key] = max(1, min(train[key], steps))
+        if "rollout_prompts" in train:
+            train["rollout_prompts"] = max(train["rollout_prompts"], train["batch_prompts"])
         train["log_every"] = max(1, min(train["log_every"], steps))
     train["optimizer"] = optimizer
     return train
 
 
 def _build_stages(chosen: list[str], trains: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The chosen stages wired in order, with the offline recipes' data and settings."""
     stages: dict[str, Any] = {}
     text = [{"path": "builtin:stdlib"}]
     lora = "merge" in chosen
     if "pretrain" in chosen:
-        stages["pretrain"] = {"kind": "pretrain", "data": copy.deepcopy(text), "val_fraction": 0.02, "train": trains["pretrain"]}
+        stages["pretrain"] = {"kind": "pretrain", "data": copy.deepcopy(text), "val_fraction": 0.02,
+                              "document_masks": False, "train": trains["pretrain"]}
     if "sft" in chosen:
         stages["sft"] = {"kind": "sft", "from": "pretrain", "data": [{"path": "builtin:tasks"}]}
         if lora:
@@ -313,21 +334,43 @@ def _build_stages(chosen: list[str], trains: dict[str, dict[str, Any]]) -> dict[
         stages["sft"]["train"] = trains["sft"]
     if "merge" in chosen:
         stages["merge"] = {"kind": "merge", "from": "sft"}
-    tuned = "merge" if "merge" in chosen else "sft" if "sft" in chosen else None
+    tuned = "merge" if "merge" in chosen else "sft" if "sft" in chosen else "pretrain"
+    if "preferences" in chosen:
+        stages["preferences"] = {"kind": "preferences", "from": tuned, "data": [{"path": "builtin:tasks-prompts"}],
+                                 "reward": "exact_match", "samples_per_prompt": 4, "max_new_tokens": 12,
+                                 "max_prompts": 500, "answer_as_chosen": True}
     if "dpo" in chosen:
-        stages["dpo"] = {"kind": "dpo", "from": tuned or "pretrain", "data": [{"path": "builtin:tasks-preference"}],
-                         "beta": 0.2, "sft_weight": 1.0, "precompute_reference": True, "max_examples": 5000,
+        stages["dpo"] = {"kind": "dpo", "from": "preferences" if "preferences" in chosen else tuned,
+                         "data": [{"path": "builtin:tasks-preference"}, {"path": "builtin:tasks-preference-plus", "weight": 3}],
+                         "beta": 0.05, "sft_weight": 0.05, "precompute_reference": True, "max_examples": 5000,
                          "train": trains["dpo"]}
+    if "reward" in chosen:
+        stages["reward"] = {"kind": "reward", "from": tuned, "data": [{"path": "builtin:tasks-preference"}],
+                            "max_examples": 8000, "train": trains["reward"]}
+    policy = "dpo" if "dpo" in chosen else tuned
+    if "grpo" in chosen:
+        stages["grpo"] = {"kind": "grpo", "from": policy, "data": [{"path": "builtin:tasks-prompts"}],
+                          "reward": "exact_match", "group_size": 4, "temperature": 1.0, "dynamic_sampling": True,
+                          "kl_coef": 0.04, "max_new_tokens": 12, "eval_prompts": 400, "train": trains["grpo"]}
+    if "ppo" in chosen:
+        stages["ppo"] = {"kind": "ppo", "from": policy, "data": [{"path": "builtin:tasks-prompts"}], "reward_stage": "reward",
+                         "temperature": 0.7, "kl_coef": 0.05, "max_new_tokens": 12, "eval_prompts": 200,
+                         "train": trains["ppo"]}
     if "eval" in chosen:
-        models = [s for s in ("pretrain", tuned, "dpo") if s and s in stages]
+        models = [s for s in ("pretrain", tuned, "dpo", "grpo", "ppo") if s in stages]
+        models = list(dict.fromkeys(models))
         ev: dict[str, Any] = {"kind": "eval", "from": models if len(models) > 1 else models[0], "data": copy.deepcopy(text),
                               "val_fraction": 0.02, "batches": 20, "batch_sequences": 16}
         if "sft" in chosen:
             ev["tasks"] = [{"path": "builtin:tasks-prompts", "split": "test"}]
-            ev["tasks_limit"] = 200
+            ev["tasks_limit"] = 500
         if "dpo" in chosen:
             ev["preferences"] = [{"path": "builtin:tasks-preference", "split": "test"}]
-            ev["preferences_limit"] = 200
+            ev["preferences_limit"] = 500
+        if "sft" in chosen:
+            ev["reward"] = "exact_match"
+            ev["benchmarks"] = [{"task": "llmlab_tasks_gen", "limit": 200}, {"task": "llmlab_tasks_mc", "limit": 200},
+                                {"task": "llmlab_stdlib_mc"}]
         stages["eval"] = ev
     return stages
 

@@ -14,8 +14,8 @@ def open_run(spec: str, flow_run_id: str | None) -> str:
 
 
 @task(name="adopt-mlflow-run", cache_policy=NO_CACHE)
-def adopt_run(spec: str, run_id: str, flow_run_id: str | None) -> str:
-    return adopt_pipeline_run(spec, run_id, flow_run_id)
+def adopt_run(spec: str, handoff: str, flow_run_id: str | None) -> str:
+    return adopt_pipeline_run(spec, handoff, flow_run_id)
 
 
 @task(name="close-mlflow-run", cache_policy=NO_CACHE)

@@ -144,7 +144,7 @@ def test_inspect_and_the_wizard_give_the_same_number(tmp_path):
     write_spec(spec, tmp_path / "p.yaml")
     params, memory = estimates(spec)
     out = _inspect(tmp_path / "p.yaml", "--detail")
-    assert f"parameters: {params:,}" in out and set(memory) == {"pretrain", "sft", "dpo"}
+    assert f"parameters: {params:,}" in out and set(memory) == {"pretrain", "sft", "dpo", "grpo"}
     for stage, total in memory.items():
         line = next(line for line in out.splitlines() if line.startswith(f"  {stage} "))
         assert line.endswith(f"memory ~{fmt_bytes(total)}"), line

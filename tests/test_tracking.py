@@ -17,6 +17,7 @@ class FlakyClient:
     def __init__(self, up=True):
         self.up, self.runs, self.created = up, {}, []
         self.experiments = {}
+        self.experiment_tags = {}
 
     def _check(self):
         if not self.up:
@@ -28,7 +29,12 @@ class FlakyClient:
 
     def get_experiment_by_name(self, name):
         self._check()
-        return SimpleNamespace(experiment_id=self.experiments[name]) if name in self.experiments else None
+        return SimpleNamespace(experiment_id=self.experiments[name], tags=self.experiment_tags.get(self.experiments[name], {})) \
+            if name in self.experiments else None
+
+    def set_experiment_tag(self, experiment_id, key, value):
+        self._check()
+        self.experiment_tags.setdefault(experiment_id, {})[key] = value
 
     def create_experiment(self, name, artifact_location=None):
         self._check()

@@ -1,6 +1,7 @@
 """`llmlab init`'s wizard, driven by scripted answers: what it asks, what it re-asks, what it writes."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -47,11 +48,34 @@ def test_defaults_write_a_valid_tiny_like_pipeline(tmp_path):
     text = path.read_text()
     assert text.startswith("#") and f"llmlab run {path}" in text.splitlines()[3]
     pipeline = load_spec(path)
-    assert list(pipeline.stages) == ["pretrain", "sft", "merge", "dpo", "eval"]
-    assert pipeline.tokenizer.train is not None and pipeline.stages["sft"].lora is not None
-    assert pipeline.stages["eval"].inputs == ["pretrain", "merge", "dpo"]
+    assert list(pipeline.stages) == ["pretrain", "sft", "dpo", "grpo", "eval"]
+    assert pipeline.tokenizer.train is not None
+    assert pipeline.stages["eval"].inputs == ["pretrain", "sft", "dpo", "grpo"]
     assert pipeline.model.d_model == 128 and pipeline.model.n_layers == 4  # the tiny preset
     assert all(s.path.startswith("builtin:") for st in pipeline.stages.values() for s in getattr(st, "data", []))
+
+
+def test_defaults_are_the_demos_recipe():
+    """--defaults writes pipelines/tiny.yaml's stages: every field it sets, with its value."""
+    demo = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines" / "tiny.yaml").read_text())["stages"]
+    written = Script().run(defaults=True)["stages"]
+    assert list(written) == list(demo)
+    for name, block in demo.items():
+        for key, value in block.items():
+            if key == "train":
+                assert {k: written[name]["train"][k] for k in value} == value, name
+            else:
+                assert written[name][key] == value, (name, key)
+
+
+def test_every_stage_kind_the_wizard_offers_validates_wired_in_order(tmp_path):
+    answers = {"stages": "pretrain, merge, preferences, ppo, grpo, eval"}
+    spec = Script(answers).run()
+    pipeline = write_spec(spec, tmp_path / "all.yaml")
+    assert list(pipeline.stages) == ["pretrain", "sft", "merge", "preferences", "dpo", "reward", "grpo", "ppo", "eval"]
+    assert pipeline.stages["sft"].lora is not None and pipeline.stages["dpo"].inputs == ["preferences"]
+    assert pipeline.stages["ppo"].reward_stage == "reward" and pipeline.stages["grpo"].inputs == ["dpo"]
+    assert pipeline.stages["eval"].inputs == ["pretrain", "merge", "dpo", "grpo", "ppo"]
 
 
 def test_interactive_defaults_equal_defaults_mode():
@@ -92,7 +116,7 @@ def test_invalid_answers_are_reasked(tmp_path):
         "attention_type": "mha",
         "d_model": ["abc", "-4", "96"],
         "n_heads": ["5", "3"],  # 96 % 5 != 0
-        "stages": ["pretrain,ppo", "sft", "pretrain,merge,eval"],  # unknown; no pretrain; merge implies sft
+        "stages": ["pretrain,rlhf", "sft", "pretrain,merge,eval"],  # unknown; no pretrain; merge implies sft
         "pretrain.optimizer": ["rmsprop", "muon"],
         "pretrain.optimizer.ns_steps": ["2.5", "0", "3"],
         "pretrain.optimizer.ns_dtype": ["fp16", "fp32"],
@@ -109,7 +133,7 @@ def test_invalid_answers_are_reasked(tmp_path):
     errors = "\n".join(script.said)
     assert "unknown choice 'huge'" in errors and "did you mean rope" in errors
     assert "'abc' is not a number" in errors and "divisible by n_heads (5)" in errors
-    assert "unknown stage(s) ppo" in errors and "include pretrain" in errors
+    assert "unknown stage(s) rlhf" in errors and "include pretrain" in errors
     assert "n_kv_heads" not in script.asked  # only gqa asks it
     path = tmp_path / "p.yaml"
     write_spec(spec, path)

@@ -230,7 +230,7 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
         assert report["models"][model]["reward_mean"] not in (0.0, 1.0)
         assert report["models"][model]["reward_mean"] != report["models"][model]["exact_match"]
     (version,) = client.search_model_versions("name = 'tiny-ppo-test'")
-    assert version.run_id == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model
+    assert version.tags["llmlab.stage_run_id"] == results["ppo"]["mlflow_run_id"]  # the policy is registered, not the reward model
 
 
 def test_plan_says_what_would_run_and_why_without_running_anything(tiny_copy):

@@ -1,0 +1,55 @@
+"""`llmlab plan`'s time estimates: a robust matmul rate, calibration by this machine's finished
+stages of each kind, and a range (llmlab.plan)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from llmlab import plan
+from llmlab.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)  # the demo's workdir (runs/tiny) is empty here
+    return tmp_path / "state"
+
+
+def test_the_rate_is_the_best_of_several_samples_and_is_measured_again_when_old_or_implausible(state):
+    rate = plan.machine_rate()
+    kept = json.loads((state / "machine_rate.json").read_text())[plan._machine_key()]
+    assert rate == kept["rate"] == max(kept["samples"]) and len(kept["samples"]) == plan.RATE_SAMPLES
+    for stale in ({"rate": 7.0, "measured": time.time()}, {"rate": 1e11, "measured": time.time() - plan.RATE_MAX_AGE - 1}):
+        (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): stale}))
+        assert plan.machine_rate() not in (7.0, 1e11)  # implausibly slow, or a week old: measured again
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 3e10, "measured": time.time()}}))
+    assert plan.machine_rate() == 3e10  # recent and plausible: kept
+
+
+def test_finished_stages_calibrate_their_kind_and_set_the_range(state):
+    spec = load_spec(ROOT / "pipelines" / "tiny.yaml")
+    (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 5e10, "measured": time.time()}}))
+    fresh = plan.estimate_time(spec, "pretrain")
+    assert "no finished pretrain stage here yet" in fresh.source
+    assert fresh.low == pytest.approx(fresh.seconds / plan.REFERENCE_SPREAD)
+    assert fresh.high == pytest.approx(fresh.seconds * plan.REFERENCE_SPREAD)
+    plan.record_stage_time(spec, "pretrain", 40.0)
+    plan.record_stage_time(spec, "pretrain", 60.0)
+    calibrated = plan.estimate_time(spec, "pretrain")  # the same work ran twice here: 40 s and 60 s
+    assert calibrated.seconds == pytest.approx(50.0) and "calibrated by 2 finished pretrain stages" in calibrated.source
+    assert calibrated.low == pytest.approx(40.0 / 1.25) and calibrated.high == pytest.approx(60.0 * 1.25)
+    # the rate cancels out: a machine that reads slower now gives the same calibrated estimate
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 1e10, "measured": time.time()}}))
+    assert plan.estimate_time(spec, "pretrain").seconds == pytest.approx(50.0)
+    # a kind without a FLOP model: its past wall times here
+    plan.record_stage_time(spec, "eval", 30.0)
+    assert plan.estimate_time(spec, "eval").seconds == pytest.approx(30.0)
+    rows = plan.plan_run(ROOT / "pipelines" / "tiny.yaml")
+    shown = plan.render(rows)
+    assert "~50 s (32 s-75 s): " in shown and "stages run, ~" in shown
