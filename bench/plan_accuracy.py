@@ -111,7 +111,8 @@ def main() -> None:
         inside = "yes" if est and r["low"] <= r["actual"] <= r["high"] else "no" if est else "–"
         print(f"| {r['pipeline']} | {r['stage']} | {shown} | {r['actual']:.0f} | {ratio} | {inside} | {r['source']} |")
     rates = json.loads((folder / "state" / "machine_rate.json").read_text())
-    print(f"\nmatmul rate measured by plan: {', '.join(f'{v['rate'] / 1e9:.0f} GFLOP/s' for v in rates.values())}")
+    shown_rates = ", ".join(f"{v['rate'] / 1e9:.0f} GFLOP/s" for v in rates.values())
+    print(f"\nmatmul rate measured by plan: {shown_rates}")
     print("\nseconds of the kinds without a FLOP model (what REFERENCE_SECONDS holds for the reference machine): "
           + ", ".join(f"{r['pipeline']} {r['kind']} {r['actual']:.1f}" for r in table
                       if r["kind"] in ("tokenizer", "eval", "merge", "export", "preferences")))
