@@ -160,10 +160,13 @@ KEEP_RECORDS = 30  # per machine and kind
 # A machine with no finished stage of a kind yet: actual / FLOP-model seconds on the reference machine
 # (bench/plan_accuracy.py; docs/benchmarks.md), and for kinds without a FLOP model the reference
 # machine's seconds for the demo's stage of that kind, scaled by the two machines' matmul rates.
-REFERENCE_RATE = 60e9
-REFERENCE_FACTORS = {"pretrain": 1.0, "sft": 1.0, "dpo": 1.0, "grpo": 1.0, "ppo": 1.0, "reward": 1.0}
-REFERENCE_SECONDS = {"tokenizer": 5.0, "eval": 30.0, "merge": 3.0, "export": 3.0, "preferences": 20.0}
+REFERENCE_RATE = 228e9
+# (sft without either mark and preferences were not measured: they take LoRA sft's and grpo's)
+REFERENCE_FACTORS = {"pretrain": 0.55, "sft+stop_at": 0.055, "sft+lora": 0.113, "sft": 0.113, "dpo": 0.118,
+                     "grpo": 0.11, "reward": 0.072, "ppo": 0.119, "eval": 0.28, "preferences": 0.11}
+REFERENCE_SECONDS = {"tokenizer": 2.0, "merge": 1.0, "export": 1.0}
 REFERENCE_SPREAD = 2.0  # the range around an estimate from the reference machine: / and x this
+CALIBRATED_SPREAD = 1.5  # around the fastest and slowest factor this machine's records show
 
 
 def _machine_key() -> str:
@@ -215,10 +218,32 @@ def stage_work(spec: Pipeline, name: str) -> Work | None:
     if name == "tokenizer":
         return None
     kind = kind_of(spec, name)
+    if kind.work is None:
+        return None
     est = kind.estimate(spec, name)
-    if est is None or est.params is None or kind.work is None:
+    if est is None:  # a kind that trains nothing but computes (eval): the size of the model it scores
+        from types import SimpleNamespace
+
+        from llmlab.estimate import stage_model
+        from llmlab.model.memory import count_parameters
+
+        source = stage_model(spec, name)
+        if source.shape is None:
+            return None
+        est = SimpleNamespace(params=count_parameters(source.shape), seq_len=source.shape.max_context)
+    if est.params is None:
         return None
     return kind.work(spec.stages[name], est)
+
+
+def signature(spec: Pipeline, name: str) -> str:
+    """What calibrates a stage's estimate: its kind, and whether it trains LoRA adapters (a cheaper
+    backward) or may stop early at `stop_at` (fewer steps than its FLOPs count)."""
+    kind = kind_of(spec, name).name
+    block = spec.stages.get(name)
+    lora = getattr(block, "lora", None) is not None
+    stop = getattr(getattr(block, "train", None), "stop_at", None) is not None
+    return kind + ("+lora" if lora else "") + ("+stop_at" if stop else "")
 
 
 def _model_seconds(train_flops: float, decode_flops: float, rate: float) -> float:
@@ -247,7 +272,7 @@ def record_stage_time(spec: Pipeline, name: str, seconds: float) -> None:
         kind = kind_of(spec, name).name
         known = _calibration()
         records = known.setdefault(_machine_key(), {}).setdefault(kind, [])
-        records.append({"seconds": float(seconds), "at": time.time(),
+        records.append({"seconds": float(seconds), "at": time.time(), "signature": signature(spec, name),
                         **({"train_flops": work.train_flops, "decode_flops": work.decode_flops} if work else {})})
         del records[:-KEEP_RECORDS]
         atomic_write_json(state_dir() / CALIBRATION, known)
@@ -265,31 +290,34 @@ class TimeEstimate:
 
 def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
     """How long a stage will take here: its kind's FLOP model at this machine's matmul rate, times
-    the factor this machine's finished stages of that kind showed (else the reference machine's),
-    with the range those factors span; a kind without a FLOP model from its past wall times here
-    (else the reference machine's, scaled by matmul rate). None when nothing is known."""
+    the factor this machine's finished stages of that kind showed — those of the same signature
+    (LoRA, stop_at) first — else the reference machine's, with the range those factors span; a kind
+    without a FLOP model from its past wall times here (else the reference machine's, scaled by
+    matmul rate). None when nothing is known."""
     from statistics import median
 
     kind = kind_of(spec, name).name
+    sig = signature(spec, name)
     records = _calibration().get(_machine_key(), {}).get(kind, [])
+    records = [r for r in records if r.get("signature") == sig] or records
     work = stage_work(spec, name)
     if work is not None:
         rate = machine_rate()
         base = _model_seconds(work.train_flops, work.decode_flops, rate)
+        flops = f"{work.train_flops + work.decode_flops:.2g} FLOPs"
         factors = [r["seconds"] / m for r in records if "train_flops" in r
                    for m in [_model_seconds(r["train_flops"], r["decode_flops"], rate)] if m > 0]
         if factors:
-            f = median(factors)
-            return TimeEstimate(base * f, base * min(factors) / 1.25, base * max(factors) * 1.25,
-                                f"{work.train_flops + work.decode_flops:.2g} FLOPs, calibrated by {len(factors)} "
-                                f"finished {kind} stage{'s' if len(factors) != 1 else ''} here")
-        f = REFERENCE_FACTORS.get(kind, 1.0)
+            return TimeEstimate(base * median(factors), base * min(factors) / CALIBRATED_SPREAD,
+                                base * max(factors) * CALIBRATED_SPREAD,
+                                f"{flops}, calibrated by {len(factors)} finished {kind} stage{'s' if len(factors) != 1 else ''} here")
+        f = REFERENCE_FACTORS.get(sig, REFERENCE_FACTORS.get(kind, 1.0))
         return TimeEstimate(base * f, base * f / REFERENCE_SPREAD, base * f * REFERENCE_SPREAD,
-                            f"{work.train_flops + work.decode_flops:.2g} FLOPs at this machine's {rate / 1e9:.0f} GFLOP/s "
+                            f"{flops} at this machine's {rate / 1e9:.0f} GFLOP/s, the reference machine's factor "
                             f"(no finished {kind} stage here yet)")
     seconds = [r["seconds"] for r in records]
     if seconds:
-        return TimeEstimate(median(seconds), min(seconds) / 1.25, max(seconds) * 1.25,
+        return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,
                             f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
     if kind in REFERENCE_SECONDS:
         s = REFERENCE_SECONDS[kind] * REFERENCE_RATE / machine_rate()

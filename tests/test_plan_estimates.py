@@ -43,13 +43,27 @@ def test_finished_stages_calibrate_their_kind_and_set_the_range(state):
     plan.record_stage_time(spec, "pretrain", 60.0)
     calibrated = plan.estimate_time(spec, "pretrain")  # the same work ran twice here: 40 s and 60 s
     assert calibrated.seconds == pytest.approx(50.0) and "calibrated by 2 finished pretrain stages" in calibrated.source
-    assert calibrated.low == pytest.approx(40.0 / 1.25) and calibrated.high == pytest.approx(60.0 * 1.25)
+    assert calibrated.low == pytest.approx(40.0 / 1.5) and calibrated.high == pytest.approx(60.0 * 1.5)
     # the rate cancels out: a machine that reads slower now gives the same calibrated estimate
     (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 1e10, "measured": time.time()}}))
     assert plan.estimate_time(spec, "pretrain").seconds == pytest.approx(50.0)
-    # a kind without a FLOP model: its past wall times here
-    plan.record_stage_time(spec, "eval", 30.0)
-    assert plan.estimate_time(spec, "eval").seconds == pytest.approx(30.0)
+    # a kind without a FLOP model (the tokenizer): its past wall times here
+    assert plan.stage_work(spec, "tokenizer") is None and plan.stage_work(spec, "eval").decode_flops > 0
+    plan.record_stage_time(spec, "tokenizer", 3.0)
+    assert plan.estimate_time(spec, "tokenizer").seconds == pytest.approx(3.0)
     rows = plan.plan_run(ROOT / "pipelines" / "tiny.yaml")
     shown = plan.render(rows)
-    assert "~50 s (32 s-75 s): " in shown and "stages run, ~" in shown
+    assert "~50 s (27 s-90 s): " in shown and "stages run, ~" in shown
+
+
+def test_a_stage_is_calibrated_by_finished_stages_of_its_own_signature_first(state):
+    spec = load_spec(ROOT / "pipelines" / "tiny-ppo.yaml")  # sft with LoRA
+    demo = load_spec(ROOT / "pipelines" / "tiny.yaml")  # sft without, stopped early at stop_at
+    assert (plan.signature(spec, "sft"), plan.signature(demo, "sft")) == ("sft+lora", "sft+stop_at")
+    (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 5e10, "measured": time.time()}}))
+    plan.record_stage_time(demo, "sft", 5.0)
+    only_other = plan.estimate_time(spec, "sft")  # no LoRA sft here yet: the stop_at one stands in
+    plan.record_stage_time(spec, "sft", 48.0)
+    assert plan.estimate_time(spec, "sft").seconds == pytest.approx(48.0) != only_other.seconds
+    assert plan.estimate_time(demo, "sft").seconds == pytest.approx(5.0)

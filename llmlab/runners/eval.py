@@ -249,8 +249,30 @@ def _describe(spec: Any, block: Any, est: Any) -> str:
     return f"{scored} model{'s' if scored != 1 else ''} on " + ", ".join(parts)
 
 
+BENCHMARK_DOCS = 500  # documents a benchmark without `limit` is counted as, for time estimates
+SCORED_TOKENS = 64  # tokens a preference pair's answer or a benchmark document is counted as
+
+
+def _work(block: EvalStage, est: Any) -> Any:
+    """Per model scored: the held-out text's tokens and each pair and benchmark document forward
+    (2 x parameters per token); the task answers, the shown continuations and generated benchmark
+    answers decoded."""
+    from llmlab.estimate import Work
+
+    models = len(block.inputs) + len(block.models)
+    forward = block.batches * block.batch_sequences * (block.seq_len or est.seq_len) if block.data else 0
+    forward += block.preferences_limit * 2 * SCORED_TOKENS if block.preferences else 0
+    forward += sum((b.limit or BENCHMARK_DOCS) * SCORED_TOKENS for b in block.benchmarks)
+    decode = block.tasks_limit * block.task_max_new_tokens if block.tasks else 0
+    decode += len(block.prompts) * block.max_new_tokens
+    decode += sum((b.limit or BENCHMARK_DOCS) * block.task_max_new_tokens for b in block.benchmarks if "gen" in b.task)
+    flops_per_token = 2 * (est.params or 0)
+    return Work(models * forward * flops_per_token, models * decode * flops_per_token)
+
+
 KIND = StageKind(
     name="eval", config=EvalStage, run=run_eval, main_output="results",
     summary="score models on held-out text, tasks and pairs",
-    data=(("data", TEXT), ("tasks", PROMPTS), ("preferences", PREFERENCE)), models=_models, describe=_describe)
+    data=(("data", TEXT), ("tasks", PROMPTS), ("preferences", PREFERENCE)), models=_models, describe=_describe,
+    work=_work)
 

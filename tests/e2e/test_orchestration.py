@@ -153,12 +153,13 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path, 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(metrics)) < 40, "the run finished before it could be killed"
+    # the rerun and an uninterrupted reference run side by side (each in its own folder and state)
     done = cli(["run", str(specs[killed])], killed, cli_env(killed / "state", api_url))
+    ref = cli(["run", str(specs[clean])], clean, cli_env(clean / "state", api_url))
     out_resumed = done.communicate(timeout=300)[0]
     assert done.returncode == 0, out_resumed[-3000:]
     resumed_at = int(out_resumed.split("resuming from step ")[1].split()[0])
     assert resumed_at >= 10 and resumed_at % 5 == 0
-    ref = cli(["run", str(specs[clean])], clean, cli_env(clean / "state", api_url))
     out_ref = ref.communicate(timeout=300)[0]
     assert ref.returncode == 0, out_ref[-3000:]
     got, want = losses(metrics), losses(clean / "runs" / "pretrain" / "metrics.jsonl")
@@ -179,7 +180,7 @@ def test_ctrl_c_leaves_the_local_prefect_server_up_and_the_next_run_resumes_on_i
     spec = shrunk_tiny(tmp_path, "local-server")
     raw = yaml.safe_load(spec.read_text())
     raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}
-    raw["stages"]["pretrain"]["train"].update(max_steps=400, save_every=5, log_every=1)
+    raw["stages"]["pretrain"]["train"].update(max_steps=80, save_every=5, log_every=1)
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {k: v for k, v in cli_env(tmp_path / "state", LLMLAB_PREFECT_IDLE_SECONDS="120").items()
            if k not in ("PREFECT_API_URL", "PREFECT_HOME")}  # the server's database: its own, under the state dir
