@@ -178,9 +178,9 @@ def _machine_key() -> str:
 
 
 def machine_rate() -> float:
-    """This machine's fp32 matmul rate in FLOP/s with torch's threads: the best of a few short samples
-    (~0.3 s, which imports torch), kept in the state dir under a key read without torch, and measured
-    again when a week old or implausible."""
+    """This machine's fp32 matmul rate in FLOP/s for torch's threads (one thread's, times their
+    number): the best of a few short samples (~0.3 s, which imports torch), kept in the state dir
+    under a key read without torch, and measured again when a week old or implausible."""
     import time
 
     from llmlab.checkpoint import atomic_write_json
@@ -197,16 +197,23 @@ def machine_rate() -> float:
         return float(kept["rate"])
     import torch
 
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    rates = []
-    for _ in range(RATE_SAMPLES):
-        runs, started = 0, time.perf_counter()
-        while time.perf_counter() - started < RATE_SAMPLE_SECONDS:
-            a @ b
-            runs += 1
-        rates.append(2 * n**3 * runs / (time.perf_counter() - started))
+    # one thread, times the threads a stage uses: several threads on a busy machine wait on each
+    # other and read up to ten times slow, one thread only as slow as its share of a core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = 512
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        rates = []
+        for _ in range(RATE_SAMPLES):
+            runs, started = 0, time.perf_counter()
+            while time.perf_counter() - started < RATE_SAMPLE_SECONDS:
+                a @ b
+                runs += 1
+            rates.append(2 * n**3 * runs / (time.perf_counter() - started) * threads)
+    finally:
+        torch.set_num_threads(threads)
     rate = max(rates)
     atomic_write_json(cache, {**known, key: {"rate": rate, "measured": time.time(), "samples": rates}})
     return rate
