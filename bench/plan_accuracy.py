@@ -64,7 +64,8 @@ for name in spec.stage_names():
     work = stage_work(spec, name)
     if work is not None:
         record = json.loads((spec.stage_dir(name) / "stage.json").read_text())
-        out[spec.stages[name].kind] = record["seconds"] / _model_seconds(work.train_flops, work.decode_flops, rate)
+        out[spec.stages[name].kind] = ((record["seconds"] - work.fixed_seconds)
+                                       / _model_seconds(work.train_flops, work.decode_flops, rate))
 print(json.dumps(out))
 """
     out = subprocess.run([sys.executable, "-c", code, str(spec)], env=env, capture_output=True, text=True, check=True).stdout

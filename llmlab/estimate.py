@@ -403,6 +403,7 @@ class Work:
     train_flops: float
     decode_flops: float = 0.0
     rollouts: int = 0  # rollouts an RL stage samples
+    fixed_seconds: float = 0.0  # time that is not FLOPs (an eval stage's per-document harness work)
 
 
 def training_work(st: Any, est: StageEstimate, flops_per_token: float = 0.0) -> Work:

@@ -163,8 +163,8 @@ KEEP_RECORDS = 30  # per machine and kind
 REFERENCE_RATE = 228e9
 # (sft without either mark and preferences were not measured: they take LoRA sft's and grpo's)
 REFERENCE_FACTORS = {"pretrain": 0.55, "sft+stop_at": 0.055, "sft+lora": 0.113, "sft": 0.113, "dpo": 0.118,
-                     "grpo": 0.11, "reward": 0.072, "ppo": 0.119, "eval": 0.28, "preferences": 0.11}
-REFERENCE_SECONDS = {"tokenizer": 2.0, "merge": 1.0, "export": 1.0}
+                     "grpo": 0.11, "reward": 0.072, "ppo": 0.119, "eval": 0.174, "preferences": 0.11}
+REFERENCE_SECONDS = {"tokenizer": 3.0, "merge": 1.0, "export": 1.0}
 REFERENCE_SPREAD = 2.0  # the range around an estimate from the reference machine: / and x this
 CALIBRATED_SPREAD = 1.5  # around the fastest and slowest factor this machine's records show
 
@@ -280,7 +280,8 @@ def record_stage_time(spec: Pipeline, name: str, seconds: float) -> None:
         known = _calibration()
         records = known.setdefault(_machine_key(), {}).setdefault(kind, [])
         records.append({"seconds": float(seconds), "at": time.time(), "signature": signature(spec, name),
-                        **({"train_flops": work.train_flops, "decode_flops": work.decode_flops} if work else {})})
+                        **({"train_flops": work.train_flops, "decode_flops": work.decode_flops,
+                            "fixed_seconds": work.fixed_seconds} if work else {})})
         del records[:-KEEP_RECORDS]
         atomic_write_json(state_dir() / CALIBRATION, known)
     except Exception as exc:  # noqa: BLE001 — an estimate's bookkeeping
@@ -295,6 +296,10 @@ class TimeEstimate:
     source: str
 
 
+def _reference(sig: str) -> float:
+    return REFERENCE_FACTORS.get(sig, REFERENCE_FACTORS.get(sig.split("+")[0], 1.0))
+
+
 def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
     """How long a stage will take here: its kind's FLOP model at this machine's matmul rate, times
     the factor this machine's finished stages of that kind showed — those of the same signature
@@ -306,22 +311,30 @@ def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
     kind = kind_of(spec, name).name
     sig = signature(spec, name)
     records = _calibration().get(_machine_key(), {}).get(kind, [])
-    records = [r for r in records if r.get("signature") == sig] or records
+    own = [r for r in records if r.get("signature") == sig]
     work = stage_work(spec, name)
     if work is not None:
         rate = machine_rate()
         base = _model_seconds(work.train_flops, work.decode_flops, rate)
         flops = f"{work.train_flops + work.decode_flops:.2g} FLOPs"
-        factors = [r["seconds"] / m for r in records if "train_flops" in r
+        # another signature's records stand in, scaled by the two signatures' reference factors
+        factors = [(r["seconds"] - r.get("fixed_seconds", 0.0)) / m * _reference(sig) / _reference(r.get("signature", kind))
+                   for r in own or records if "train_flops" in r
                    for m in [_model_seconds(r["train_flops"], r["decode_flops"], rate)] if m > 0]
+        factors = [f for f in factors if f > 0]
         if factors:
-            return TimeEstimate(base * median(factors), base * min(factors) / CALIBRATED_SPREAD,
-                                base * max(factors) * CALIBRATED_SPREAD,
-                                f"{flops}, calibrated by {len(factors)} finished {kind} stage{'s' if len(factors) != 1 else ''} here")
-        f = REFERENCE_FACTORS.get(sig, REFERENCE_FACTORS.get(kind, 1.0))
-        return TimeEstimate(base * f, base * f / REFERENCE_SPREAD, base * f * REFERENCE_SPREAD,
+            n = len(factors)
+            return TimeEstimate(base * median(factors) + work.fixed_seconds,
+                                base * min(factors) / CALIBRATED_SPREAD + work.fixed_seconds,
+                                base * max(factors) * CALIBRATED_SPREAD + work.fixed_seconds,
+                                f"{flops}, calibrated by {n} finished {kind} stage{'s' if n != 1 else ''} here"
+                                + ("" if own else " (of another kind of run: LoRA or stop_at)"))
+        f = _reference(sig)
+        return TimeEstimate(base * f + work.fixed_seconds, base * f / REFERENCE_SPREAD + work.fixed_seconds,
+                            base * f * REFERENCE_SPREAD + work.fixed_seconds,
                             f"{flops} at this machine's {rate / 1e9:.0f} GFLOP/s, the reference machine's factor "
                             f"(no finished {kind} stage here yet)")
+    records = own or records
     seconds = [r["seconds"] for r in records]
     if seconds:
         return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,

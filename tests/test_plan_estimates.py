@@ -63,7 +63,22 @@ def test_a_stage_is_calibrated_by_finished_stages_of_its_own_signature_first(sta
     (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
     (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 5e10, "measured": time.time()}}))
     plan.record_stage_time(demo, "sft", 5.0)
-    only_other = plan.estimate_time(spec, "sft")  # no LoRA sft here yet: the stop_at one stands in
+    only_other = plan.estimate_time(spec, "sft")  # no LoRA sft here yet: the stop_at one stands in, scaled
+    seconds = {s: plan._model_seconds(w.train_flops, w.decode_flops, 5e10)
+               for s, w in (("lora", plan.stage_work(spec, "sft")), ("stop", plan.stage_work(demo, "sft")))}
+    ratio = plan.REFERENCE_FACTORS["sft+lora"] / plan.REFERENCE_FACTORS["sft+stop_at"]
+    assert only_other.seconds == pytest.approx(5.0 / seconds["stop"] * ratio * seconds["lora"])
+    assert "of another kind of run" in only_other.source
     plan.record_stage_time(spec, "sft", 48.0)
     assert plan.estimate_time(spec, "sft").seconds == pytest.approx(48.0) != only_other.seconds
     assert plan.estimate_time(demo, "sft").seconds == pytest.approx(5.0)
+
+
+def test_an_eval_stage_counts_the_harness_time_of_its_benchmark_documents(state):
+    from llmlab.runners.eval import BENCHMARK_DOC_SECONDS
+
+    spec = load_spec(ROOT / "pipelines" / "tiny.yaml")
+    block = spec.stages["eval"]
+    documents = sum(b.limit or 500 for b in block.benchmarks)
+    assert documents and plan.stage_work(spec, "eval").fixed_seconds == pytest.approx(
+        len(block.inputs) * documents * BENCHMARK_DOC_SECONDS)

@@ -251,12 +251,13 @@ def _describe(spec: Any, block: Any, est: Any) -> str:
 
 BENCHMARK_DOCS = 500  # documents a benchmark without `limit` is counted as, for time estimates
 SCORED_TOKENS = 64  # tokens a preference pair's answer or a benchmark document is counted as
+BENCHMARK_DOC_SECONDS = 0.0033  # lm-evaluation-harness's own work per document and model (bench/plan_accuracy.py)
 
 
 def _work(block: EvalStage, est: Any) -> Any:
     """Per model scored: the held-out text's tokens and each pair and benchmark document forward
     (2 x parameters per token); the task answers, the shown continuations and generated benchmark
-    answers decoded."""
+    answers decoded; and the harness's own time per benchmark document."""
     from llmlab.estimate import Work
 
     models = len(block.inputs) + len(block.models)
@@ -267,7 +268,9 @@ def _work(block: EvalStage, est: Any) -> Any:
     decode += len(block.prompts) * block.max_new_tokens
     decode += sum((b.limit or BENCHMARK_DOCS) * block.task_max_new_tokens for b in block.benchmarks if "gen" in b.task)
     flops_per_token = 2 * (est.params or 0)
-    return Work(models * forward * flops_per_token, models * decode * flops_per_token)
+    documents = sum(b.limit or BENCHMARK_DOCS for b in block.benchmarks)
+    return Work(models * forward * flops_per_token, models * decode * flops_per_token,
+                fixed_seconds=models * documents * BENCHMARK_DOC_SECONDS)
 
 
 KIND = StageKind(
