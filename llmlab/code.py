@@ -73,16 +73,43 @@ def _defines_kind(tree: ast.Module) -> bool:
                for node in tree.body)
 
 
+PARSED_CACHE = "code-parsed.json"  # under the state dir's cache: what each source file parsed to, by its mtime and size
+
+
 @functools.lru_cache(maxsize=None)
 def _parsed(root: Path) -> dict[str, tuple[str, set[str], bool]]:
     """Module -> (hash of its code without docstrings, the project modules it imports, whether it is
-    a kind's runner module)."""
+    a kind's runner module). A file parses again only when its modification time or size changed,
+    or the set of modules did (parsing every file takes a noticeable part of a second)."""
+    import json
+
+    from llmlab.checkpoint import atomic_write_json
+    from llmlab.paths import state_dir
+
     known = _modules(root)
-    out = {}
+    modules_key = hashlib.sha256("\n".join(known).encode()).hexdigest()[:16]
+    cache = state_dir(create=False) / "cache" / PARSED_CACHE
+    try:
+        kept = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    out, fresh = {}, {}
     for module, path in known.items():
-        tree = _without_docstrings(ast.parse(path.read_text(), str(path)))
-        digest = hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()
-        out[module] = (digest, _imports(tree, module, path.name == "__init__.py", known), _defines_kind(tree))
+        stat = path.stat()
+        key = f"{stat.st_mtime_ns}-{stat.st_size}-{modules_key}"
+        entry = kept.get(str(path))
+        if entry is None or entry["key"] != key:
+            tree = _without_docstrings(ast.parse(path.read_text(), str(path)))
+            entry = {"key": key, "digest": hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest(),
+                     "imports": sorted(_imports(tree, module, path.name == "__init__.py", known)),
+                     "kind": _defines_kind(tree)}
+        fresh[str(path)] = entry
+        out[module] = (entry["digest"], set(entry["imports"]), entry["kind"])
+    if fresh != {k: v for k, v in kept.items() if k in fresh} or len(fresh) != len(kept):
+        try:
+            atomic_write_json(cache, fresh)
+        except OSError:  # a read-only state dir: parse again next time
+            pass
     return out
 
 

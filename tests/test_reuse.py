@@ -251,3 +251,18 @@ def test_a_conflict_names_each_differing_field_whole():
     shown = changed_fields(old, new)
     assert f'data[0].path: "{long_path}" -> "{long_path.replace("missingcol", "fixed")}"' in shown
     assert "train.lr: 0.001 -> 0.002" in shown and "weight" not in shown
+
+
+def test_sources_parse_again_only_when_a_file_changes(source_copy, monkeypatch, tmp_path):
+    import ast
+
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    before = versions(source_copy)  # parses every file and keeps what each parsed to
+    parsed = []
+    real_parse = ast.parse
+    monkeypatch.setattr(ast, "parse", lambda text, name="<unknown>", *a, **k: parsed.append(name) or real_parse(text, name, *a, **k))
+    assert versions(source_copy) == before and parsed == []  # a new process: nothing parsed again
+    target = source_copy / "llmlab" / "runners" / "dpo.py"
+    edit(target, "def ", "def _added_helper():\n    return 1\n\n\ndef ")
+    after = versions(source_copy)
+    assert parsed == [str(target)] and after["dpo"] != before["dpo"] and after["sft"] == before["sft"]
