@@ -164,7 +164,7 @@ REFERENCE_RATE = 228e9
 # (sft without either mark and preferences were not measured: they take LoRA sft's and grpo's)
 REFERENCE_FACTORS = {"pretrain": 0.55, "sft+stop_at": 0.055, "sft+lora": 0.113, "sft": 0.113, "dpo": 0.118,
                      "grpo": 0.11, "reward": 0.072, "ppo": 0.119, "eval": 0.174, "preferences": 0.11}
-REFERENCE_SECONDS = {"tokenizer": 3.0, "merge": 1.0, "export": 1.0}
+REFERENCE_SECONDS = {"tokenizer+extracts": 4.2, "tokenizer": 0.8, "merge": 0.1, "export": 1.0}  # export: not measured
 REFERENCE_SPREAD = 2.0  # the range around an estimate from the reference machine: / and x this
 CALIBRATED_SPREAD = 1.5  # around the fastest and slowest factor this machine's records show
 
@@ -243,10 +243,19 @@ def stage_work(spec: Pipeline, name: str) -> Work | None:
     return kind.work(spec.stages[name], est)
 
 
+BUILTIN_CORPORA = ("builtin:stdlib", "builtin:pydocs")  # extracted from this Python's sources on first use
+
+
 def signature(spec: Pipeline, name: str) -> str:
     """What calibrates a stage's estimate: its kind, and whether it trains LoRA adapters (a cheaper
-    backward) or may stop early at `stop_at` (fewer steps than its FLOPs count)."""
+    backward) or may stop early at `stop_at` (fewer steps than its FLOPs count); a tokenizer stage,
+    whether it first extracts a built-in corpus."""
     kind = kind_of(spec, name).name
+    if name == "tokenizer":  # extracting a built-in corpus the first time takes longer than training on it
+        from llmlab.data.builtin import extracted
+
+        corpora = [s.path.removeprefix("builtin:") for s in spec.tokenizer.train.data if s.path in BUILTIN_CORPORA]
+        return kind + ("+extracts" if not all(extracted(c) for c in corpora) else "")
     block = spec.stages.get(name)
     lora = getattr(block, "lora", None) is not None
     stop = getattr(getattr(block, "train", None), "stop_at", None) is not None
@@ -334,15 +343,19 @@ def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
                             base * f * REFERENCE_SPREAD + work.fixed_seconds,
                             f"{flops} at this machine's {rate / 1e9:.0f} GFLOP/s, the reference machine's factor "
                             f"(no finished {kind} stage here yet)")
-    records = own or records
+    seconds = [r["seconds"] for r in own]
+    if seconds:
+        return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,
+                            f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
+    reference = REFERENCE_SECONDS.get(sig, REFERENCE_SECONDS.get(kind))
+    if reference is not None:
+        s = reference * REFERENCE_RATE / machine_rate()
+        return TimeEstimate(s, s / REFERENCE_SPREAD, s * REFERENCE_SPREAD,
+                            f"the reference machine's {kind} stage, scaled by matmul rate")
     seconds = [r["seconds"] for r in records]
     if seconds:
         return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,
                             f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
-    if kind in REFERENCE_SECONDS:
-        s = REFERENCE_SECONDS[kind] * REFERENCE_RATE / machine_rate()
-        return TimeEstimate(s, s / REFERENCE_SPREAD, s * REFERENCE_SPREAD,
-                            f"the demo's {kind} stage on the reference machine, scaled by matmul rate")
     return None
 
 

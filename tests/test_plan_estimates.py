@@ -2,6 +2,7 @@
 stages of each kind, and a range (llmlab.plan)."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,3 +83,18 @@ def test_an_eval_stage_counts_the_harness_time_of_its_benchmark_documents(state)
     documents = sum(b.limit or 500 for b in block.benchmarks)
     assert documents and plan.stage_work(spec, "eval").fixed_seconds == pytest.approx(
         len(block.inputs) * documents * BENCHMARK_DOC_SECONDS)
+
+
+def test_a_tokenizer_that_extracts_its_corpus_first_is_estimated_as_such(state):
+    from llmlab.paths import cache_dir
+
+    spec = load_spec(ROOT / "pipelines" / "tiny.yaml")  # trains on builtin:stdlib
+    (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": plan.REFERENCE_RATE,
+                                                                               "measured": time.time()}}))
+    assert plan.signature(spec, "tokenizer") == "tokenizer+extracts"
+    assert plan.estimate_time(spec, "tokenizer").seconds == pytest.approx(plan.REFERENCE_SECONDS["tokenizer+extracts"])
+    plan.record_stage_time(spec, "tokenizer", 5.0)
+    (cache_dir("builtin") / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-x.jsonl").write_text("")
+    assert plan.signature(spec, "tokenizer") == "tokenizer"  # the corpus is in the cache now
+    assert plan.estimate_time(spec, "tokenizer").seconds == pytest.approx(plan.REFERENCE_SECONDS["tokenizer"])

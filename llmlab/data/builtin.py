@@ -150,6 +150,13 @@ def _write_jsonl_atomically(path: Path, texts: Iterator[str]) -> None:
         raise
 
 
+def extracted(name: str) -> bool:
+    """Whether a docstring corpus (`stdlib`, `pydocs`) was extracted into the cache already, for
+    this Python (any environment: a quick look, for time estimates)."""
+    version = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return any(cache_dir("builtin").glob(f"{name}-{version}-*.jsonl"))
+
+
 def cached_rows(name: str, extract: Callable[[], Iterator[str]]) -> Iterator[dict]:
     """Rows of a docstring corpus: extracted once into a JSONL cache, then streamed from it."""
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
