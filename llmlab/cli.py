@@ -189,7 +189,13 @@ def run(
             _print_results(reused)
             return
     with _prefect_server():
-        state = _run_flow(file, force, only, from_stage, narrow, only_reused=record_reused, follow=follow)
+        try:
+            state = _run_flow(file, force, only, from_stage, narrow, only_reused=record_reused, follow=follow)
+        finally:
+            if follow:  # the hand-over folder has served
+                import shutil
+
+                shutil.rmtree(follow, ignore_errors=True)
     if state.is_failed() or state.is_crashed() or state.is_cancelled():
         error = state.result(raise_on_failure=False)
         if isinstance(error, KeyboardInterrupt) or INTERRUPTED in (state.message or ""):

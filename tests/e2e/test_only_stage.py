@@ -89,6 +89,7 @@ def test_only_runs_the_stage_here_and_a_background_flow_records_it(tiny_copy, ap
     assert flow_run["state"]["type"] == "COMPLETED" and flow_run["parameters"]["follow"]
     assert flow_run["name"] == "tiny-test"  # the spec's name, not its file's
     assert tasks["sft"]["state"]["type"] == "COMPLETED" and "pretrain" not in tasks  # the others: reused, not run
+    assert not any((state / "foreground").iterdir())  # each hand-over folder went with its flow
 
     # the stage's MLflow run: under the pipeline's, named in stage.json (once sent), every metric of metrics.jsonl
     from llmlab.tracking import Outbox
