@@ -172,3 +172,10 @@ def followed_result(spec_file: str, stage: str, folder: str | Path) -> dict[str,
         return await_stage(folder, stage, tick=lambda: send_waiting(uri))
     finally:
         send_waiting(uri)
+
+
+def adopt_run(spec_file: str, folder: str | Path, flow_run_id: str | None) -> str:
+    """The follower's side: the pipeline's MLflow run the foreground opened, now its flow run's."""
+    from llmlab.pipeline_runs import adopt_pipeline_run
+
+    return adopt_pipeline_run(spec_file, handoff_of(folder)["parent_run_id"], flow_run_id)

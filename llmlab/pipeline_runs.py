@@ -56,12 +56,9 @@ def open_pipeline_run(spec_file: str, flow_run_id: str | None) -> str:
     return run_id
 
 
-def adopt_pipeline_run(spec_file: str, handoff: str, flow_run_id: str | None) -> str:
-    """The pipeline run opened by the process that runs the stages (`llmlab.foreground`; `handoff` is
-    its hand-over folder), taken over by the flow that records it: the flow run's id joins its tags."""
-    from llmlab.foreground import handoff_of
-
-    run_id = handoff_of(handoff)["parent_run_id"]
+def adopt_pipeline_run(spec_file: str, run_id: str, flow_run_id: str | None) -> str:
+    """A pipeline run opened by the process that runs the stages (`llmlab.foreground`), taken over by
+    the flow that records it: the flow run's id joins its tags."""
     _, tracker = _tracker(spec_file)
     tracker.run(run_id).set_tags({"prefect.flow_run_id": flow_run_id or "none"})
     return run_id
@@ -262,11 +259,18 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     lineage = {mlflow_key(f"llmlab.lineage.{s}"): f"{r['mlflow_run_id']}@{r['fingerprint']}" for s, r in results.items()}
     chain = " -> ".join(f"{s} ({r['kind']}, run {r['mlflow_run_id']}, fingerprint {r['fingerprint']})" for s, r in results.items())
     scores = {f"{METRIC_TAG}{k}": f"{v:.6g}" for k, v in sorted((metrics or {}).items())[:200]}
-    version = client.create_model_version(  # linked to the pipeline's run, where users look first
-        name, source, run_id=parent_id or final["mlflow_run_id"],
-        tags={"llmlab.stage": final["stage"], "llmlab.stage_run_id": final["mlflow_run_id"],
-              "llmlab.fingerprint": final["fingerprint"], **lineage, **scores},
-        description=f"Model of stage '{final['stage']}' from {spec_file}. Lineage: {chain}")
+    tags = {"llmlab.stage": final["stage"], "llmlab.stage_run_id": final["mlflow_run_id"],
+            "llmlab.fingerprint": final["fingerprint"], **lineage, **scores}
+    description = f"Model of stage '{final['stage']}' from {spec_file}. Lineage: {chain}"
+    try:  # linked to the pipeline's run, where users look first
+        version = client.create_model_version(name, source, run_id=parent_id or final["mlflow_run_id"], tags=tags,
+                                              description=description)
+    except Exception as exc:  # noqa: BLE001
+        # a tracking server that proxies artifacts takes a version only from the run holding its source
+        if parent_id is None or "run_id" not in str(exc):
+            raise
+        version = client.create_model_version(name, source, run_id=final["mlflow_run_id"], tags=tags,
+                                              description=description)
     return name, version.version
 
 

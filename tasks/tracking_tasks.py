@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from llmlab.pipeline_runs import adopt_pipeline_run, close_pipeline_run, open_pipeline_run
+from llmlab.foreground import adopt_run as adopt_foreground_run
+from llmlab.pipeline_runs import close_pipeline_run, open_pipeline_run
 
 
 @task(name="open-mlflow-run", cache_policy=NO_CACHE)
@@ -15,7 +16,7 @@ def open_run(spec: str, flow_run_id: str | None) -> str:
 
 @task(name="adopt-mlflow-run", cache_policy=NO_CACHE)
 def adopt_run(spec: str, handoff: str, flow_run_id: str | None) -> str:
-    return adopt_pipeline_run(spec, handoff, flow_run_id)
+    return adopt_foreground_run(spec, handoff, flow_run_id)
 
 
 @task(name="close-mlflow-run", cache_policy=NO_CACHE)
