@@ -113,7 +113,9 @@ def test_every_stage_kind_gives_the_same_numbers_twice_from_a_stage_and_from_a_m
         (work / "toy_rewards.py").write_text(TOY_REWARDS)
         path = work / "determinism.yaml"
         path.write_text(yaml.safe_dump(spec(work, llama, corpus), sort_keys=False))
-        env = cli_env(work / "state", api_url, PYTHONPATH=str(work) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # one thread each: two runs side by side on two cores, neither waiting on the other's threads
+        env = cli_env(work / "state", api_url, PYTHONPATH=str(work) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                      OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         runs[attempt] = subprocess.Popen([sys.executable, "-m", "llmlab.cli", "run", str(path)], cwd=work, env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     got = []

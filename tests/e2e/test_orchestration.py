@@ -145,7 +145,10 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path, 
         raw["stages"] = {"pretrain": raw["stages"]["pretrain"]}  # the later stages add time, not coverage
         raw["stages"]["pretrain"]["train"].update(train)
         specs[d].write_text(yaml.safe_dump(raw, sort_keys=False))
-    proc = cli(["run", str(specs[killed])], killed, cli_env(killed / "state", api_url))
+    # one thread each: the rerun and the reference run side by side on two cores (the killed run too,
+    # so all three compute alike)
+    env = {d: cli_env(d / "state", api_url, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") for d in (killed, clean)}
+    proc = cli(["run", str(specs[killed])], killed, env[killed])
     metrics = killed / "runs" / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and max(losses(metrics), default=0) >= 13):
@@ -154,8 +157,8 @@ def test_sigkilled_stage_resumes_from_checkpoint_with_the_same_losses(tmp_path, 
     proc.wait()
     assert max(losses(metrics)) < 40, "the run finished before it could be killed"
     # the rerun and an uninterrupted reference run side by side (each in its own folder and state)
-    done = cli(["run", str(specs[killed])], killed, cli_env(killed / "state", api_url))
-    ref = cli(["run", str(specs[clean])], clean, cli_env(clean / "state", api_url))
+    done = cli(["run", str(specs[killed])], killed, env[killed])
+    ref = cli(["run", str(specs[clean])], clean, env[clean])
     out_resumed = done.communicate(timeout=300)[0]
     assert done.returncode == 0, out_resumed[-3000:]
     resumed_at = int(out_resumed.split("resuming from step ")[1].split()[0])
