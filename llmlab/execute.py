@@ -124,6 +124,9 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     if metrics_file.exists() and not (out_dir / "checkpoints").exists():
         metrics_file.unlink()  # a fresh start: metrics of an older, discarded attempt go
     ctx = StageContext(spec, stage, stage_block(spec, stage), out_dir, in_results, run, resolved=config, kinds=KINDS)
+    from llmlab.plan import signature
+
+    started_as = signature(spec, stage)  # what `llmlab plan` calibrates this stage's kind by
     started = time.perf_counter()
     dist_spec = getattr(ctx.config, "distributed", None)
     fastpath.new_stage(decode=getattr(ctx.config, "decode", "auto"))
@@ -171,5 +174,5 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     run.finish("FINISHED")
     from llmlab.plan import record_stage_time
 
-    record_stage_time(spec, stage, result.seconds)  # calibrates `llmlab plan`'s estimates on this machine
+    record_stage_time(spec, stage, result.seconds, started_as)  # calibrates `llmlab plan`'s estimates here
     return result.to_dict()

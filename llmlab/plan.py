@@ -275,9 +275,10 @@ def _calibration() -> dict[str, Any]:
         return {}
 
 
-def record_stage_time(spec: Pipeline, name: str, seconds: float) -> None:
+def record_stage_time(spec: Pipeline, name: str, seconds: float, started_as: str | None = None) -> None:
     """Keep a finished stage's work and wall time, which later estimates of its kind on this
-    machine are calibrated with. Never fails a stage."""
+    machine are calibrated with; `started_as` is its signature when it started (a tokenizer's
+    changes once it has extracted its corpus). Never fails a stage."""
     import time
 
     from llmlab.checkpoint import atomic_write_json
@@ -288,7 +289,7 @@ def record_stage_time(spec: Pipeline, name: str, seconds: float) -> None:
         kind = kind_of(spec, name).name
         known = _calibration()
         records = known.setdefault(_machine_key(), {}).setdefault(kind, [])
-        records.append({"seconds": float(seconds), "at": time.time(), "signature": signature(spec, name),
+        records.append({"seconds": float(seconds), "at": time.time(), "signature": started_as or signature(spec, name),
                         **({"train_flops": work.train_flops, "decode_flops": work.decode_flops,
                             "fixed_seconds": work.fixed_seconds} if work else {})})
         del records[:-KEEP_RECORDS]

@@ -98,3 +98,10 @@ def test_a_tokenizer_that_extracts_its_corpus_first_is_estimated_as_such(state):
     (cache_dir("builtin") / f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-x.jsonl").write_text("")
     assert plan.signature(spec, "tokenizer") == "tokenizer"  # the corpus is in the cache now
     assert plan.estimate_time(spec, "tokenizer").seconds == pytest.approx(plan.REFERENCE_SECONDS["tokenizer"])
+
+
+def test_a_stage_is_recorded_under_the_signature_it_started_with(state):
+    spec = load_spec(ROOT / "pipelines" / "tiny.yaml")
+    plan.record_stage_time(spec, "tokenizer", 4.0, started_as="tokenizer+extracts")
+    kept = json.loads((state / plan.CALIBRATION).read_text())[plan._machine_key()]["tokenizer"]
+    assert [r["signature"] for r in kept] == ["tokenizer+extracts"]
