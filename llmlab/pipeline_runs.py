@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 from llmlab import __version__
 from llmlab.checkpoint import atomic_write_json
@@ -274,53 +275,44 @@ def register_final_model(tracker, spec_file: str, results: dict[str, dict],
     return name, version.version
 
 
-def _local_store(uri: str):
-    """A read-only connection to MLflow's SQLite store at `uri` (None for any other store, or one
-    whose tables are not those read here): `runs` reads the local store without loading MLflow."""
+def _read_local(uri: str, read: Callable[[Any], Any]) -> Any:
+    """`read(connection)` on MLflow's SQLite store at `uri`, opened read-only, so `runs` answers without
+    loading MLflow: [] when the store does not exist yet, None when `uri` is not a SQLite store or its
+    tables are not those read here (then MLflow's client reads it)."""
     import sqlite3
 
     if not uri.startswith("sqlite:///"):
         return None
     path = Path(uri.removeprefix("sqlite:///"))
     if not path.is_file():
-        return None
+        return []
     try:
         db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
-        db.execute("SELECT r.run_uuid, r.status, r.start_time, r.end_time, r.lifecycle_stage, e.name, t.key, t.value "
-                   "FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
-                   "JOIN tags t ON t.run_uuid = r.run_uuid LIMIT 1").fetchall()
-        db.execute("SELECT a.name, a.alias, a.version, v.run_id, vt.key, vt.value FROM registered_model_aliases a "
-                   "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
-                   "LEFT JOIN model_version_tags vt ON vt.name = a.name AND vt.version = a.version LIMIT 1").fetchall()
-        return db
+        try:
+            return read(db)
+        finally:
+            db.close()
     except sqlite3.Error:
         return None
 
 
-def _no_store(uri: str) -> bool:
-    """A local SQLite store that does not exist yet: nothing was recorded."""
-    return uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
-
-
 def _parent_runs(uri: str, pipeline: str | None, limit: int) -> list[tuple[str, str, str, int, int | None, dict]]:
     """(experiment, run id, status, start ms, end ms, tags) of recent pipeline runs, newest first."""
-    if _no_store(uri):
-        return []
-    db = _local_store(uri)
-    if db is not None:
-        with db:
-            found = db.execute(
-                "SELECT e.name, r.run_uuid, r.status, r.start_time, r.end_time FROM runs r "
-                "JOIN experiments e ON e.experiment_id = r.experiment_id "
-                "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'llmlab.pipeline' AND t.value != '' "
-                "WHERE r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active' AND (? IS NULL OR e.name = ?) "
-                "ORDER BY r.start_time DESC LIMIT ?", (pipeline, pipeline, limit)).fetchall()
-            out = []
-            for name, run_id, status, start, end in found:
-                tags = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall())
-                out.append((name, run_id, status, start, end, tags))
-        db.close()
-        return out
+
+    def read(db) -> list:
+        found = db.execute(
+            "SELECT e.name, r.run_uuid, r.status, r.start_time, r.end_time FROM runs r "
+            "JOIN experiments e ON e.experiment_id = r.experiment_id "
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'llmlab.pipeline' AND t.value != '' "
+            "WHERE r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active' AND (? IS NULL OR e.name = ?) "
+            "ORDER BY r.start_time DESC LIMIT ?", (pipeline, pipeline, limit)).fetchall()
+        return [(name, run_id, status, start, end,
+                 dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall()))
+                for name, run_id, status, start, end in found]
+
+    local = _read_local(uri, read)
+    if local is not None:
+        return local
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -357,18 +349,13 @@ def champions(pipeline: str | None = None) -> list[dict]:
     from llmlab.tracking import default_tracking_uri
 
     uri = default_tracking_uri()
-    if _no_store(uri):
-        return []
-    db = _local_store(uri)
-    if db is not None:
-        with db:
-            rows = db.execute(
-                "SELECT a.name, a.alias, a.version, v.run_id, (SELECT value FROM model_version_tags vt WHERE vt.name = "
-                "a.name AND vt.version = a.version AND vt.key = 'llmlab.stage') FROM registered_model_aliases a "
-                "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
-                "WHERE (? IS NULL OR a.name = ?) ORDER BY a.name, a.alias", (pipeline, pipeline)).fetchall()
-        db.close()
-        return [{"model": m, "alias": a, "version": str(v), "stage": st, "run_id": r} for m, a, v, r, st in rows]
+    local = _read_local(uri, lambda db: db.execute(
+        "SELECT a.name, a.alias, a.version, v.run_id, (SELECT value FROM model_version_tags vt WHERE vt.name = "
+        "a.name AND vt.version = a.version AND vt.key = 'llmlab.stage') FROM registered_model_aliases a "
+        "JOIN model_versions v ON v.name = a.name AND v.version = a.version "
+        "WHERE (? IS NULL OR a.name = ?) ORDER BY a.name, a.alias", (pipeline, pipeline)).fetchall())
+    if local is not None:
+        return [{"model": m, "alias": a, "version": str(v), "stage": st, "run_id": r} for m, a, v, r, st in local]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)

@@ -344,20 +344,19 @@ def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
                             base * f * REFERENCE_SPREAD + work.fixed_seconds,
                             f"{flops} at this machine's {rate / 1e9:.0f} GFLOP/s, the reference machine's factor "
                             f"(no finished {kind} stage here yet)")
-    seconds = [r["seconds"] for r in own]
-    if seconds:
+    def past(found: list[dict]) -> TimeEstimate:
+        seconds = [r["seconds"] for r in found]
         return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,
                             f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
+
+    if own:
+        return past(own)
     reference = REFERENCE_SECONDS.get(sig, REFERENCE_SECONDS.get(kind))
     if reference is not None:
         s = reference * REFERENCE_RATE / machine_rate()
         return TimeEstimate(s, s / REFERENCE_SPREAD, s * REFERENCE_SPREAD,
                             f"the reference machine's {kind} stage, scaled by matmul rate")
-    seconds = [r["seconds"] for r in records]
-    if seconds:
-        return TimeEstimate(median(seconds), min(seconds) / CALIBRATED_SPREAD, max(seconds) * CALIBRATED_SPREAD,
-                            f"{len(seconds)} finished {kind} stage{'s' if len(seconds) != 1 else ''} here")
-    return None
+    return past(records) if records else None
 
 
 def _estimate(spec: Pipeline, name: str, record: dict[str, Any] | None, row: PlanRow) -> None:

@@ -158,10 +158,15 @@ def test_runs_reads_the_local_store_without_mlflow_and_agrees_with_mlflow(finish
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     MlflowClient(f"sqlite:///{state / 'mlflow.db'}").set_registered_model_alias("tiny-test", "champion", "1")
     direct = (pipeline_runs.list_runs("tiny-test"), pipeline_runs.champions())
-    assert pipeline_runs._local_store(f"sqlite:///{state / 'mlflow.db'}") is not None
+    import sqlite3
+
+    other = tmp_path / "other.db"  # a SQLite file without MLflow's tables: MLflow's client reads it instead
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    assert pipeline_runs._read_local(f"sqlite:///{other}", lambda db: db.execute("SELECT * FROM runs").fetchall()) is None
+    assert pipeline_runs._read_local(f"sqlite:///{tmp_path / 'none.db'}", lambda db: 1) == []  # nothing recorded yet
     assert direct[0] and direct[1] == [{"model": "tiny-test", "alias": "champion", "version": "1", "stage": "grpo",
                                         "run_id": direct[1][0]["run_id"]}]
-    monkeypatch.setattr(pipeline_runs, "_local_store", lambda uri: None)  # through MLflow's client
+    monkeypatch.setattr(pipeline_runs, "_read_local", lambda uri, read: None)  # through MLflow's client
     assert (pipeline_runs.list_runs("tiny-test"), pipeline_runs.champions()) == direct
     shown = subprocess.run([sys.executable, "-X", "importtime", "-m", "llmlab.cli", "runs"], capture_output=True,
                            text=True, env={**os.environ, "LLMLAB_STATE_DIR": str(state)}, check=True)
