@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmlab.checkpoint import atomic_write_json
 from llmlab.errors import StageFailed
 from llmlab.foreground import await_stage, eligible
-from llmlab.spec import load_spec
+from llmlab.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +47,6 @@ def test_only_runs_here_unless_a_stage_selects_a_branch_or_runs_under_torchrun()
     selecting = [n for n in sweep.stage_names() if n != "tokenizer" and sweep.selection(n) is not None]
     assert selecting and not eligible(sweep, [selecting[0]], {})
     assert eligible(sweep, ["sft"], {})
+    raw = yaml.safe_load((ROOT / "pipelines" / "tiny.yaml").read_text())
+    raw["stages"]["sft"]["distributed"] = {"nproc_per_node": 2}
+    assert not eligible(parse_spec(yaml.safe_dump(raw, sort_keys=False)), ["sft"], {})  # under torchrun: through the flow

@@ -9,7 +9,6 @@ import time
 import urllib.request
 
 import pytest
-import yaml
 from helpers import cli_env, shrunk_tiny
 
 pytestmark = pytest.mark.slow
@@ -102,14 +101,3 @@ def test_only_runs_the_stage_here_and_a_background_flow_records_it(tiny_copy, ap
     logged = {(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")}
     assert logged == {(r["step"], r["train/loss"]) for r in rows if "train/loss" in r} and logged
 
-
-def test_only_falls_back_to_the_flow_when_a_stage_cannot_run_here(tiny_copy):
-    from llmlab.foreground import eligible
-    from llmlab.spec import load_spec
-
-    plain = load_spec(tiny_copy.spec)
-    assert eligible(plain, ["sft"], {})
-    raw = yaml.safe_load(tiny_copy.spec.read_text())
-    raw["stages"]["sft"]["distributed"] = {"nproc_per_node": 2}
-    tiny_copy.spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert not eligible(load_spec(tiny_copy.spec), ["sft"], {})  # torchrun: through the flow
