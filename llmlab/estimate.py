@@ -234,8 +234,9 @@ def _lora_weights(shape: ModelShape, all_weights: list[Weight], lora: Any, notes
             rows, cols = by_name[t].shape
             out += [Weight(f"lora_A.{t}", (lora.r, cols), by_name[t].copies, "hidden"),
                     Weight(f"lora_B.{t}", (rows, lora.r), by_name[t].copies, "hidden")]
-    if lora.train_special_tokens:  # peft trainable tokens: a delta per special-token row (llmlab's tokens)
-        out.append(Weight("trainable_tokens", (len(SPECIAL_TOKENS), shape.d_model), 1 if shape.tie_embeddings else 2, "hidden"))
+    rows = shape.vocab_size if lora.train_embeddings else len(SPECIAL_TOKENS) if lora.train_special_tokens else 0
+    if rows:  # peft trainable tokens: a delta per trained row (special tokens: llmlab's)
+        out.append(Weight("trainable_tokens", (rows, shape.d_model), 1 if shape.tie_embeddings else 2, "hidden"))
     return out
 
 

@@ -45,6 +45,9 @@ STAGES = {
     "sft": {"kind": "sft", "data": [{"path": "sft.jsonl"}], "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1}},
     "sft_lora": {"kind": "sft", "data": [{"path": "sft.jsonl"}], "lora": {"preset": "all", "r": 8},  # dropout 0.05: its copies count
                  "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1}},
+    "sft_lora_embeddings": {"kind": "sft", "data": [{"path": "sft.jsonl"}],
+                            "lora": {"preset": "all", "r": 8, "dropout": 0.0, "train_embeddings": True},
+                            "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1}},
     "sft_checkpointed": {"kind": "sft", "data": [{"path": "sft.jsonl"}],
                          "train": {**SHORT, "batch_sequences": 8, "gradient_accumulation_steps": 1,
                                    "gradient_checkpointing": True}},

@@ -3,7 +3,7 @@ tokenizer — `llmlab validate` reads a sample of a local file through these to 
 anything runs; the kind modules (`sft`, `preference`, `prompts`, `pretrain`) encode the items.
 
     SFT         conversations (list of {role, content} messages), from: messages, sharegpt, alpaca,
-                instruction, prompt_completion, question_answer
+                instruction, prompt_completion, question_answer; or a document's text, from: text
     PREFERENCE  (prompt messages, chosen text, rejected text, the row's `task` or None), from: plain,
                 hh_rlhf, ultrafeedback
     PROMPTS     (prompt messages, plain prompt text or None, the row's other columns), from: prompt,
@@ -61,6 +61,15 @@ def _alpaca(row: dict) -> list[dict]:
     return _turn(prompt, row["output"])
 
 
+def _text(row: dict, source: DataSource) -> str | None:
+    """A row's text column as a string; None (dropped as empty) for a null or empty value."""
+    value = row[source.column]
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text or None
+
+
 def _conversation(convert):
     """A converter that also insists on an assistant turn (nothing to learn without one)."""
 
@@ -81,6 +90,8 @@ SFT_FORMATS: dict[str, Format] = {
     "instruction": Format(("instruction", "response"), _conversation(lambda r: _turn(r["instruction"], r["response"]))),
     "prompt_completion": Format(("prompt", "completion"), _conversation(lambda r: _turn(r["prompt"], r["completion"]))),
     "question_answer": Format(("question", "answer"), _conversation(lambda r: _turn(r["question"], r["answer"]))),
+    # a plain document (the data entry's `column:`), learnt whole: pretraining text mixed into SFT
+    "text": Format(("text",), _text),
 }
 SFT = Kind("SFT", SFT_FORMATS, first_matching(SFT_FORMATS))
 
@@ -345,15 +356,6 @@ def extract_prompt(row: dict, fmt: str) -> tuple[list[dict], str | None, dict]:
 
 
 # ---------------------------------------------------------------------------------------- text
-
-
-def _text(row: dict, source: DataSource) -> str | None:
-    """A row's text column as a string; None (dropped as empty) for a null or empty value."""
-    value = row[source.column]
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else str(value)
-    return text or None
 
 
 def _has_column(sample: list[dict], source: DataSource) -> str | None:

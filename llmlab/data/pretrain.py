@@ -76,7 +76,7 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 2**16 else np.dtype(np.uint32)
 
 
-def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of raw documents. Special-token strings inside a document (docstrings do quote
     "<|im_start|>") are encoded as plain text, so the only special token in pretraining data is
     the EOS we add between documents."""
@@ -178,7 +178,7 @@ def prepare_pretrain_data(sources: list[DataSource], tokenizer_dir: str, seq_len
                     break
             if not batch:
                 break
-            ids = _encode_batch(tokenizer, [text for _, _, text in batch])
+            ids = encode_documents(tokenizer, [text for _, _, text in batch])
             train_docs, val_docs = [], []
             for (index, is_val, _), doc_ids in zip(batch, ids):
                 (val_docs if is_val else train_docs).append((index, doc_ids))

@@ -9,6 +9,7 @@ of {"role", "content"} messages:
     instruction        instruction, response
     prompt_completion  prompt, completion
     question_answer    question, answer
+    text               text (or the data entry's `column:`): a plain document, not a conversation
 
 Conversations are rendered with the tokenizer's chat template. Labels are the token ids of the
 assistant turns (content and end-of-turn token) and IGNORE_INDEX everywhere else. The mask comes
@@ -17,7 +18,11 @@ from the template: its `{% generation %}` markers when it has them
 that rendering messages[:i+1] adds to rendering messages[:i] with the generation prompt, mapped to
 tokens with the offsets mapping (trailing whitespace after the end-of-turn token excluded).
 
-Longer conversations are cut to `max_seq_len` tokens (counted in `SFTData.stats`); one left with no
+A plain document (`text`) is learnt whole, the way pretraining learns it: its tokens and EOS, no
+chat template, a label on every token — pretraining text mixed into SFT keeps the model's language
+modelling while it learns the conversations.
+
+Longer conversations and documents are cut to `max_seq_len` tokens (counted in `SFTData.stats`); one left with no
 assistant token is dropped (counted too).
 
 Validation: a source's own "validation" split when it has one (built-in task sources, hub datasets
@@ -98,6 +103,16 @@ def assistant_mask(tokenizer, messages: list[dict]) -> tuple[list[int], list[int
     return list(enc["input_ids"]), mask
 
 
+def tokenize_document(tokenizer, text: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) of a plain document: its tokens and EOS, each its own label (the
+    first excepted: nothing predicts it); cut to `max_seq_len` tokens."""
+    from llmlab.data.pretrain import encode_documents
+
+    ids = encode_documents(tokenizer, [text])[0] + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] + ids[1:]
+    return ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len
+
+
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated): labels are the ids on assistant tokens, IGNORE_INDEX
     elsewhere (the first position always: nothing predicts it); cut to `max_seq_len` tokens."""
@@ -113,11 +128,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_len: int) -> 
 
 
 def encoder(tokenizer, max_seq_len: int):
-    """conversation -> (input_ids, labels), cut to `max_seq_len` (noted); dropped when no assistant
-    token is left to learn."""
+    """conversation (or plain document) -> (input_ids, labels), cut to `max_seq_len` (noted); dropped
+    when no assistant token is left to learn."""
 
-    def encode(messages: list[dict], report: SourceReport) -> Example | None:
-        ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_len)
+    def encode(item: list[dict] | str, report: SourceReport) -> Example | None:
+        tokenize = tokenize_document if isinstance(item, str) else tokenize_conversation
+        ids, labels, truncated = tokenize(tokenizer, item, max_seq_len)
         if truncated:
             report.note("truncated")
         if all(label == IGNORE_INDEX for label in labels):

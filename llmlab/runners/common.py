@@ -198,9 +198,12 @@ def save_trained(ctx: StageContext, model: Any, tokenizer: Any, base: str, resul
 def attach_lora(ctx: StageContext, model: Any, tokenizer: Any, lora: Any, new_ids: list[int] = ()) -> Any:
     """Wrap `model` with the stage's LoRA adapters on the modules playing the preset's roles
     (`llmlab.lora.resolve_targets`); the embedding rows of the tokenizer's special tokens train too
-    (`train_special_tokens`), and always those of tokens just added (`new_ids`). Report what trains."""
+    (`train_special_tokens`), every row with `train_embeddings`, and always those of tokens just added
+    (`new_ids`). Report what trains."""
     targets = resolve_targets(model, lora.preset, lora.target_modules)
     rows = sorted(set(tokenizer.all_special_ids if lora.train_special_tokens else []) | set(new_ids))
+    if lora.train_embeddings:
+        rows = list(range(model.get_input_embeddings().weight.shape[0]))
     model = apply_lora(model, lora.r, lora.alpha, lora.dropout, targets, rows or None)
     trainable, total = trainable_share(model)
     print(f"[{ctx.name}] LoRA {lora.preset} on {', '.join(targets)}: {trainable:,} of {total:,} parameters "

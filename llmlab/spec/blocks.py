@@ -256,6 +256,9 @@ class LoraSpec(StrictModel):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | None = Field(None, description="module names, only with preset: custom")
     train_special_tokens: bool = Field(True, description="also train special-token embeddings (chat markers a base model never saw)")
+    train_embeddings: bool = Field(False, description="also train every row of the token embedding (and a tied output "
+                                                       "head): what a small model needs to learn tokens its pretraining "
+                                                       "rarely saw; folded in by merge like the adapters")
 
     def rules(self) -> Iterator[tuple[Loc, str]]:
         if self.preset == "custom" and not self.target_modules:

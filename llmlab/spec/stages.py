@@ -213,7 +213,7 @@ class SftStage(ModelStage, Examples, Distributed):
     makes_model: ClassVar[bool] = True
 
     kind: Literal["sft"] = Field(description="supervised fine-tuning on conversations")
-    data: list[DataSource] = Field(min_length=1, description="conversations, prompt/response pairs or instructions")
+    data: list[DataSource] = Field(min_length=1, description="conversations, prompt/response pairs, instructions, or plain text (learnt whole)")
     train: SftTrain = Field(default_factory=SftTrain, description="the training schedule")
     lora: LoraSpec | None = Field(None, description="train LoRA adapters instead of every weight")
     packing: bool = Field(False, description="several short examples per row, no attention across them")

@@ -126,7 +126,7 @@ def test_second_call_reads_the_cache(tok_dir, docs_file, monkeypatch):
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again despite the cache")
 
-    monkeypatch.setattr(pretrain, "_encode_batch", no_tokenizing)
+    monkeypatch.setattr(pretrain, "encode_documents", no_tokenizing)
     # seq_len is not part of the key: the same files serve any context length.
     second = prepare_pretrain_data([source(path)], **{**args, "seq_len": 64})
     assert second.from_cache

@@ -70,10 +70,38 @@ ROWS = {
 
 
 def test_every_format_detected_and_parsed_to_the_same_conversation():
-    assert set(ROWS) == set(FORMATS)
+    assert set(ROWS) == set(FORMATS) - {"text"}  # plain text: the next test
     for name, row in ROWS.items():
         assert detect_format([row], "x.jsonl") == name
         assert to_messages(row, name) == CONVERSATION
+
+
+def test_plain_text_is_learnt_whole_beside_conversations(tok, tmp_path):
+    """A `text` row is a document, not a conversation: its tokens and EOS, no chat template, a label on
+    every token but the first; held out by the same hash of its text as pretraining's validation."""
+    from llmlab.data.order import held_out
+    from llmlab.data.pretrain import encode_documents
+
+    assert detect_format([{"text": "a doc", "id": 3}], "docs.jsonl") == "text"
+    assert detect_format([{"prompt": "p", "completion": "c", "text": "t"}], "x") == "prompt_completion"
+    ids, labels, truncated = sft.tokenize_document(tok, "the answer is 42", max_seq_len=64)
+    assert ids == encode_documents(tok, ["the answer is 42"])[0] + [tok.eos_token_id] and not truncated
+    assert labels == [IGNORE] + ids[1:]
+    cut, cut_labels, truncated = sft.tokenize_document(tok, "hello world " * 40, max_seq_len=16)
+    assert truncated and len(cut) == len(cut_labels) == 16
+    docs = tmp_path / "docs.jsonl"
+    texts = [f"hello world {i} the answer is {i * 7}" for i in range(300)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(300)))
+    data = prepare_sft_data([DataSource(path=str(chats)), DataSource(path=str(docs))], tok, max_seq_len=64, seed=0,
+                            val_fraction=0.1)
+    as_documents = {tuple(encode_documents(tok, [t])[0] + [tok.eos_token_id]): t for t in texts}
+    learnt_whole = [ids for ids, labels in data.train if tuple(ids) in as_documents]
+    assert 100 < len(learnt_whole) < 300 and all(labels == [IGNORE] + ids[1:] for ids, labels in data.train
+                                                  if tuple(ids) in as_documents)
+    held = {as_documents[tuple(ids)] for ids, _ in data.val if tuple(ids) in as_documents}
+    assert held == {t for t in texts if held_out(t, 0.1)}  # the documents pretraining holds out at 0.1
 
 
 def test_alpaca_input_sharegpt_system_and_multiturn():
@@ -200,10 +228,6 @@ def test_weights_interleave_and_format_override(tok, tmp_path):
     assert len(first_user) == 40 and 22 <= from_a <= 38
     with pytest.raises(ValueError, match="b.jsonl"):
         prepare_sft_data([DataSource(path=str(b), format="messages")], tok, 64, 0, 0.0)
-    c = tmp_path / "c.jsonl"
-    c.write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(ValueError, match=r"c\.jsonl.*text"):
-        prepare_sft_data([DataSource(path=str(c))], tok, 64, 0, 0.0)
 
 
 def examples(n, seed=0, lo=3, hi=12):

@@ -80,3 +80,39 @@ def test_with_val_fraction_0_a_stage_logs_no_eval_numbers_and_keeps_its_last_mod
                       weights_only=False)["model"]
     exported = load_file(tmp_path / "runs" / "cpt" / "model" / "model.safetensors")
     assert exported.keys() <= last.keys() and all(torch.equal(exported[k], last[k].to(exported[k].dtype)) for k in exported)
+
+
+def test_lora_with_train_embeddings_learns_every_token_row_and_merge_folds_them_in(tmp_path, monkeypatch):
+    """`train_embeddings`: the embedding rows of ordinary tokens train beside the adapters (not only the
+    special tokens' rows), and the merged model carries them."""
+    from safetensors.torch import load_file
+
+    from llmlab.model import LlmlabConfig, build_model
+
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    base = tmp_path / "base"
+    tok = train_tokenizer([f"{i}+1={i + 1} rev a b c sort 321" for i in range(300)], 320, base)
+    build_model(LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed=0).save_pretrained(base)
+    train = {"max_steps": 3, "warmup_steps": 1, "batch_sequences": 8, "eval_every": 3, "eval_steps": 1, "save_every": 3,
+             "log_every": 1, "lr": 1e-2}
+    lora = {"preset": "all", "r": 4, "dropout": 0.0, "train_embeddings": True}
+    spec = {"name": "emb", "workdir": str(tmp_path / "runs"), "tokenizer": {"path": str(base)},
+            "stages": {"sft": {"kind": "sft", "model": str(base), "data": [{"path": "builtin:tasks"}], "max_examples": 64,
+                               "lora": lora, "train": train},
+                       "merge": {"kind": "merge", "from": "sft"}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sft = execute_stage(str(tmp_path / "s.yaml"), "sft", {}, None)
+    saved = load_file(tmp_path / "runs" / "sft" / "adapters" / "best" / "adapter_model.safetensors")
+    (rows,) = [v for k, v in saved.items() if "trainable_tokens" in k]
+    assert rows.shape == (len(tok), 32)
+    merge = execute_stage(str(tmp_path / "s.yaml"), "merge", {"sft": sft}, None)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+    after = AutoModelForCausalLM.from_pretrained(merge["outputs"]["model"]).get_input_embeddings().weight
+    changed = set(torch.nonzero((after - before).abs().sum(-1) > 0).flatten().tolist())
+    digits = set(tok("0123456789+=", add_special_tokens=False)["input_ids"])
+    assert digits <= changed and len(changed - set(tok.all_special_ids)) > 10
