@@ -57,14 +57,15 @@ def model_ratios(spec: Path, env: dict) -> dict[str, float]:
     """actual seconds / FLOP-model seconds of each FLOP-modelled stage (read in a child with this state dir)."""
     code = """
 import json, sys
-from llmlab.plan import _model_seconds, machine_rate, stage_work
+from llmlab.plan import MEASURED_FIXED, _model_seconds, machine_rate, stage_work
 from llmlab.spec import load_spec
 spec = load_spec(sys.argv[1]); rate = machine_rate(); out = {}
 for name in spec.stage_names():
     work = stage_work(spec, name)
     if work is not None:
         record = json.loads((spec.stage_dir(name) / "stage.json").read_text())
-        out[spec.stages[name].kind] = ((record["seconds"] - work.fixed_seconds)
+        fixed = record.get("metrics", {}).get(MEASURED_FIXED, work.fixed_seconds)  # the harness time it measured
+        out[spec.stages[name].kind] = ((record["seconds"] - fixed)
                                        / _model_seconds(work.train_flops, work.decode_flops, rate))
 print(json.dumps(out))
 """

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py [--spec pipelines/tiny.yaml] [--seeds 1 2 3] [--one-thread-seed 1]
                                       [--workdir bench-runs/quality] [--fresh] [--json out.json]
+                                      [--set stages.sft.lora.train_embeddings=false ...]
 
 Runs the whole pipeline once per seed (the spec's `seed` replaced), plus once more for
 `--one-thread-seed` with one CPU thread instead of all of them: the same seed with another reduction
@@ -14,6 +15,9 @@ match overall and per task family, and preference accuracy, as mean / min / max 
 each run's 95% Wilson interval; then each stage's change over the model it started from (sft ->
 merge counts as the merge row against pretrain) with its worst run, which is what tests and the
 README may claim. Markdown for docs/benchmarks.md on stdout; `--json` keeps everything.
+
+`--set PATH=VALUE` changes one field of the spec (a dotted path, a YAML value; `--set
+stages.sft.data='[{path: builtin:tasks}]'`): the recipe's ablations, each measured the same way.
 """
 
 from __future__ import annotations
@@ -88,6 +92,16 @@ def run_one(spec: dict, label: str, seed: int, threads: int, root: Path) -> tupl
     return results, seconds
 
 
+def override(spec: dict, assignment: str) -> None:
+    """Set the field at a dotted path (`stages.sft.train.max_steps=300`) to a YAML value."""
+    path, _, value = assignment.partition("=")
+    *parents, leaf = path.split(".")
+    node = spec
+    for key in parents:
+        node = node[key]
+    node[leaf] = yaml.safe_load(value)
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
@@ -111,11 +125,21 @@ def summarize(runs: dict[str, dict], spec: dict) -> dict:
                           for f in families}
             entry[f"{key}_n"] = {f: next(m[by][f]["n"] for m in per_run.values() if f in m.get(by, {}))
                                  for f in families}
+        if all("eval/ppl" in m for m in per_run.values()):
+            entry["text_ppl"] = {**spread([m["eval/ppl"] for m in per_run.values()]),
+                                 "runs": {label: m["eval/ppl"] for label, m in per_run.items()}}
         models[model] = entry
+    base = next((m for m in order if spec["stages"].get(m, {}).get("kind") == "pretrain" and "text_ppl" in models[m]), None)
+    for model in order:
+        if base and "text_ppl" in models[model]:  # held-out text perplexity against the pretrained model's, run by run
+            ratios = [models[model]["text_ppl"]["runs"][label] / models[base]["text_ppl"]["runs"][label] for label in runs]
+            models[model]["text_ppl"]["over"] = {"model": base, **spread(ratios)}
     for model in order:
         start = start_of(spec, model)
         if spec["stages"][model].get("kind") == "merge" and start:
             start = start_of(spec, start)  # merge stands for the sft stage it merges
+        if start not in order and start in spec["stages"] and spec["stages"][start].get("kind") == "merge":
+            start = start_of(spec, start)  # a merge not evaluated: the adapters it folds in are the same model
         if start not in order:
             continue
         changes[model] = {"over": start}
@@ -130,7 +154,7 @@ def markdown(summary: dict, runs: dict, seconds: dict, args, spec: dict) -> str:
     labels = list(runs)
     first = next(iter(runs.values()))
     lines = [f"Machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, torch threads per run as labelled. "
-             f"Spec `{args.spec}`, runs: {', '.join(labels)}. Held-out: {first.get('tasks', {}).get('prompts', '?')} task "
+             f"Spec `{args.spec}`" + "".join(f", `{a}`" for a in args.set) + f", runs: {', '.join(labels)}. Held-out: {first.get('tasks', {}).get('prompts', '?')} task "
              f"prompts (each once), {first.get('preferences', {}).get('pairs', '?')} preference pairs. "
              f"Wall time per run: {', '.join(f'{s / 60:.1f} min' for s in seconds.values())}.", "",
              "| model | exact match: mean (min–max) | preference accuracy: mean (min–max) | " + " | ".join(labels) + " |",
@@ -143,6 +167,19 @@ def markdown(summary: dict, runs: dict, seconds: dict, args, spec: dict) -> str:
             cells.append(f"{r['value']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]" if r and r["ci"] else "–")
         lines.append(f"| {model} | " + (f"{em['mean']:.3f} ({em['min']:.3f}–{em['max']:.3f})" if em else "–") + " | "
                      + (f"{pa['mean']:.3f} ({pa['min']:.3f}–{pa['max']:.3f})" if pa else "–") + " | " + " | ".join(cells) + " |")
+    if any("text_ppl" in e for e in summary["models"].values()):
+        lines += ["", "Held-out text perplexity (the eval stage's text, which no stage trains on), and each run's ratio "
+                  "to the pretrained model's:", "",
+                  "| model | perplexity: mean (min–max) | × pretrained: mean (worst run) | " + " | ".join(labels) + " |",
+                  "|---|---|---|" + "---|" * len(labels)]
+        for model, entry in summary["models"].items():
+            ppl = entry.get("text_ppl")
+            if not ppl:
+                continue
+            over = ppl.get("over")
+            lines.append(f"| {model} | {ppl['mean']:.1f} ({ppl['min']:.1f}–{ppl['max']:.1f}) | "
+                         + (f"{over['mean']:.2f} ({over['max']:.2f})" if over else "–") + " | "
+                         + " | ".join(f"{ppl['runs'][label]:.1f}" for label in labels) + " |")
     for key, title in (("families", "Exact match"), ("preference_families", "Preference accuracy")):
         families = sorted({f for e in summary["models"].values() for f in e[key]})
         if not families:
@@ -179,8 +216,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="bench-runs/quality")
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs under --workdir first")
     parser.add_argument("--json", default=None, help="write runs and summary here")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                        help="change one spec field (dotted path, YAML value); repeatable")
     args = parser.parse_args()
     spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
+    for assignment in args.set:
+        override(spec, assignment)
     root = Path(args.workdir).resolve()
     if args.fresh and root.exists():
         shutil.rmtree(root)

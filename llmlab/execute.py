@@ -174,5 +174,5 @@ def _execute(spec: Pipeline, spec_file: str, stage: str, inputs: dict[str, dict]
     run.finish("FINISHED")
     from llmlab.plan import record_stage_time
 
-    record_stage_time(spec, stage, result.seconds, started_as)  # calibrates `llmlab plan`'s estimates here
+    record_stage_time(spec, stage, result.seconds, started_as, metrics)  # calibrates `llmlab plan`'s estimates here
     return result.to_dict()

@@ -275,10 +275,16 @@ def _calibration() -> dict[str, Any]:
         return {}
 
 
-def record_stage_time(spec: Pipeline, name: str, seconds: float, started_as: str | None = None) -> None:
+MEASURED_FIXED = "benchmarks/seconds"  # a stage's metric: the fixed seconds it measured (eval: the harness's)
+
+
+def record_stage_time(spec: Pipeline, name: str, seconds: float, started_as: str | None = None,
+                      metrics: dict[str, float] | None = None) -> None:
     """Keep a finished stage's work and wall time, which later estimates of its kind on this
     machine are calibrated with; `started_as` is its signature when it started (a tokenizer's
-    changes once it has extracted its corpus). Never fails a stage."""
+    changes once it has extracted its corpus). The work's fixed seconds (an eval stage's harness
+    time) are kept as the stage measured them (`metrics[MEASURED_FIXED]`) beside the modelled ones:
+    the FLOP factor is calibrated without them, and the fixed part by their ratio. Never fails a stage."""
     import time
 
     from llmlab.checkpoint import atomic_write_json
@@ -289,9 +295,11 @@ def record_stage_time(spec: Pipeline, name: str, seconds: float, started_as: str
         kind = kind_of(spec, name).name
         known = _calibration()
         records = known.setdefault(_machine_key(), {}).setdefault(kind, [])
+        measured = (metrics or {}).get(MEASURED_FIXED) if work and work.fixed_seconds else None
         records.append({"seconds": float(seconds), "at": time.time(), "signature": started_as or signature(spec, name),
                         **({"train_flops": work.train_flops, "decode_flops": work.decode_flops,
-                            "fixed_seconds": work.fixed_seconds} if work else {})})
+                            "fixed_seconds": float(measured) if measured is not None else work.fixed_seconds,
+                            "fixed_model": work.fixed_seconds} if work else {})})
         del records[:-KEEP_RECORDS]
         atomic_write_json(state_dir() / CALIBRATION, known)
     except Exception as exc:  # noqa: BLE001 — an estimate's bookkeeping
@@ -332,11 +340,13 @@ def estimate_time(spec: Pipeline, name: str) -> TimeEstimate | None:
                    for r in own or records if "train_flops" in r
                    for m in [_model_seconds(r["train_flops"], r["decode_flops"], rate)] if m > 0]
         factors = [f for f in factors if f > 0]
+        # the fixed part (an eval stage's harness time) as this machine measured it against the model
+        fixed_ratios = [r["fixed_seconds"] / r["fixed_model"] for r in records if r.get("fixed_model")]
+        fixed = work.fixed_seconds * (median(fixed_ratios) if fixed_ratios and work.fixed_seconds else 1.0)
         if factors:
             n = len(factors)
-            return TimeEstimate(base * median(factors) + work.fixed_seconds,
-                                base * min(factors) / CALIBRATED_SPREAD + work.fixed_seconds,
-                                base * max(factors) * CALIBRATED_SPREAD + work.fixed_seconds,
+            return TimeEstimate(base * median(factors) + fixed, base * min(factors) / CALIBRATED_SPREAD + fixed,
+                                base * max(factors) * CALIBRATED_SPREAD + fixed,
                                 f"{flops}, calibrated by {n} finished {kind} stage{'s' if n != 1 else ''} here"
                                 + ("" if own else " (of another kind of run: LoRA or stop_at)"))
         f = _reference(sig)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmlab import plan
 from llmlab.spec import load_spec
@@ -57,9 +58,14 @@ def test_finished_stages_calibrate_their_kind_and_set_the_range(state):
     assert "~50 s (27 s-90 s): " in shown and "stages run, ~" in shown
 
 
-def test_a_stage_is_calibrated_by_finished_stages_of_its_own_signature_first(state):
-    spec = load_spec(ROOT / "pipelines" / "tiny-ppo.yaml")  # sft with LoRA
-    demo = load_spec(ROOT / "pipelines" / "tiny.yaml")  # sft without, stopped early at stop_at
+def test_a_stage_is_calibrated_by_finished_stages_of_its_own_signature_first(state, tmp_path):
+    spec = load_spec(ROOT / "pipelines" / "tiny.yaml")  # sft with LoRA
+    raw = yaml.safe_load((ROOT / "pipelines" / "tiny.yaml").read_text())
+    full = {**raw["stages"]["sft"], "train": {**raw["stages"]["sft"]["train"], "stop_at": 0.35}}
+    del full["lora"]
+    raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": full}
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    demo = load_spec(tmp_path / "full.yaml")  # sft of every weight, stopped early at stop_at
     assert (plan.signature(spec, "sft"), plan.signature(demo, "sft")) == ("sft+lora", "sft+stop_at")
     (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
     (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 5e10, "measured": time.time()}}))
@@ -105,3 +111,22 @@ def test_a_stage_is_recorded_under_the_signature_it_started_with(state):
     plan.record_stage_time(spec, "tokenizer", 4.0, started_as="tokenizer+extracts")
     kept = json.loads((state / plan.CALIBRATION).read_text())[plan._machine_key()]["tokenizer"]
     assert [r["signature"] for r in kept] == ["tokenizer+extracts"]
+
+
+def test_an_eval_stage_is_calibrated_without_the_harness_seconds_it_measured(state):
+    """The harness's time varies apart from the models' work: an eval stage keeps what it measured, so the
+    FLOP factor is found without it (an eval stage with no benchmarks gets that factor alone), and the
+    next estimate of a stage with benchmarks adds the harness time this machine showed."""
+    demo = load_spec(ROOT / "pipelines" / "tiny.yaml")  # benchmarks
+    other = load_spec(ROOT / "pipelines" / "tiny-ppo.yaml")  # no benchmarks
+    (state / "machine_rate.json").parent.mkdir(parents=True, exist_ok=True)
+    (state / "machine_rate.json").write_text(json.dumps({plan._machine_key(): {"rate": 5e10, "measured": time.time()}}))
+    modelled = {name: (w, plan._model_seconds(w.train_flops, w.decode_flops, 5e10))
+                for name, w in (("demo", plan.stage_work(demo, "eval")), ("other", plan.stage_work(other, "eval")))}
+    work, model = modelled["demo"]
+    assert work.fixed_seconds > 0 and modelled["other"][0].fixed_seconds == 0
+    plan.record_stage_time(demo, "eval", 2 * model + 3 * work.fixed_seconds, metrics={plan.MEASURED_FIXED: 3 * work.fixed_seconds})
+    (kept,) = json.loads((state / plan.CALIBRATION).read_text())[plan._machine_key()]["eval"]
+    assert kept["fixed_seconds"] == pytest.approx(3 * kept["fixed_model"])
+    assert plan.estimate_time(other, "eval").seconds == pytest.approx(2 * modelled["other"][1])
+    assert plan.estimate_time(demo, "eval").seconds == pytest.approx(2 * model + 3 * work.fixed_seconds)

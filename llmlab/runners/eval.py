@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,6 +185,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
         reward_fn = load_reward(ctx.inputs[stage.reward_stage].outputs["model"] if stage.reward_stage else stage.reward,
                                 device=str(pick_device()))
     benchmarked: dict[str, dict[str, Any]] = {}  # model -> task -> BenchmarkResult
+    harness_seconds = 0.0
     for name, model_dir in evaluated(ctx):
         model, tok = load_evaluated(model_dir)
         seq_len = stage.seq_len or min(model_context(model), MAX_EVAL_CONTEXT)
@@ -209,7 +211,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                 {"prompt": t.prompt, "answer": t.answer, "family": t.family, "completion": cut_at_end_of_turn(c)}
                 for t, c in list(zip(tasks, ended))[:10]]
         if stage.benchmarks:
+            started = time.perf_counter()
             benchmarked[name] = score_benchmarks(ctx, name, model, tok, scores)
+            harness_seconds += time.perf_counter() - started
         results["models"][name] = {**scores, "samples": samples}
         for key, value in scores.items():
             if isinstance(value, float):
@@ -224,6 +228,9 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                 if "eval/loss" in scores else "")
         print(f"[{ctx.name}] {name}: {text}{em}".replace(": , ", ": "))
     if benchmarked:
+        from llmlab.plan import MEASURED_FIXED
+
+        metrics[MEASURED_FIXED] = harness_seconds  # seconds in the harness: plan counts them apart from the models' work
         results["contamination_ngram"] = stage.contamination_ngram
         contamination(ctx, benchmarked, results, metrics)
     ctx.log(metrics, 0)

@@ -1,13 +1,12 @@
-"""The shipped demo, as `make demo` runs it: instruction tuning must teach the tasks, preference
-optimisation must raise preference accuracy without lowering exact match, and grpo must raise exact
-match — each stage against the model it started from.
+"""The shipped demo, as `make demo` runs it: LoRA instruction tuning must teach the tasks, preference
+optimisation must raise preference accuracy without lowering exact match, grpo must raise exact match —
+each stage against the model it started from — the final model must answer most held-out prompts, and
+no stage may cost the model its language modelling.
 
-The targets: sft at least 0.45 exact match and +15 points of preference accuracy over pretrain; dpo +5
-points of preference accuracy with exact match not lower; grpo +5 points of exact match. Each lies
-under the worst run of `bench/quality.py` (docs/benchmarks.md, "Demo quality over seeds"), so they
-hold on other CPUs and thread counts. sft stops at a held-out loss (`stop_at`), which lands every seed
-at about the same place. grpo must also hand on the checkpoint its own validation picks: it evaluates
-the dpo model first and keeps it unless a step beats the best so far by more than `min_improvement`.
+Each threshold lies under the worst run of `bench/quality.py` (docs/benchmarks.md, "Demo quality over
+seeds"), so they hold on other CPUs and thread counts. grpo must also hand on the checkpoint its own
+validation picks: it evaluates the dpo model first and keeps it unless a step beats the best so far by
+more than `min_improvement`.
 """
 
 import json
@@ -27,6 +26,8 @@ SFT_MIN_PA_GAIN = 0.15  # sft over pretrain, preference accuracy
 DPO_MIN_PA_GAIN = 0.05  # dpo over sft, preference accuracy
 DPO_MIN_EM_GAIN = 0.0  # dpo over sft, exact match: not lower
 GRPO_MIN_EM_GAIN = 0.05  # grpo over dpo, exact match
+FINAL_MIN_EM = 0.80  # the final (grpo) model, absolute
+MAX_TEXT_PPL_RATIO = 3.0  # any stage's held-out text perplexity over the pretrained model's
 
 
 def test_the_demo_improves_its_model_at_every_stage(tmp_path):
@@ -42,15 +43,13 @@ def test_the_demo_improves_its_model_at_every_stage(tmp_path):
     em = {m: v["exact_match"] for m, v in models.items()}
     pa = {m: v["preference_accuracy"] for m, v in models.items()}
     shown = f"exact match {em}, preference accuracy {pa}"
-    # sft ends at its held-out loss target, not at its step cap: that is what lands every seed over the floor
-    sft = json.loads((tmp_path / "runs" / "sft" / "stage.json").read_text())["metrics"]
-    sft_train = raw["stages"]["sft"]["train"]
-    assert sft["eval/loss"] <= sft_train["stop_at"] and sft["train/steps"] < sft_train["max_steps"], sft
     assert em["pretrain"] == 0.0 and em["sft"] >= SFT_MIN_EM, shown
     assert round(pa["sft"] - pa["pretrain"], 6) >= SFT_MIN_PA_GAIN, shown
     # gains compared rounded: scores are counts over 500, and 0.684 + 0.03 > 0.714 in floating point
     assert round(pa["dpo"] - pa["sft"], 6) >= DPO_MIN_PA_GAIN and round(em["dpo"] - em["sft"], 6) >= DPO_MIN_EM_GAIN, shown
-    assert round(em["grpo"] - em["dpo"], 6) >= GRPO_MIN_EM_GAIN, shown
+    assert round(em["grpo"] - em["dpo"], 6) >= GRPO_MIN_EM_GAIN and em["grpo"] >= FINAL_MIN_EM, shown
+    ppl = {m: v["eval/ppl"] for m, v in models.items()}  # held-out standard-library text, trained on by no stage
+    assert all(p <= MAX_TEXT_PPL_RATIO * ppl["pretrain"] for p in ppl.values()), ppl
     grpo = [json.loads(line) for line in (tmp_path / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     held_out = {r["step"]: r["eval/exact_match"] for r in grpo if "eval/exact_match" in r and "step" in r}
     final = json.loads((tmp_path / "runs" / "grpo" / "stage.json").read_text())["metrics"]
