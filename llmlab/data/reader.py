@@ -85,6 +85,7 @@ class SourceReport:
     bad_examples: list[str] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)  # reason -> examples
     notes: Counter = field(default_factory=Counter)  # e.g. "truncated" -> examples (kept)
+    expected: Counter = field(default_factory=Counter)  # notes the data's kind makes normal (not a warning)
     train: int = 0
     val: int = 0
     validation: str = "held-out share"  # or "its validation split"
@@ -97,8 +98,8 @@ class SourceReport:
     def drop(self, reason: str) -> None:
         self.dropped[reason] += 1
 
-    def note(self, what: str) -> None:
-        self.notes[what] += 1
+    def note(self, what: str, expected: bool = False) -> None:
+        (self.expected if expected else self.notes)[what] += 1
 
     def summary(self) -> str:
         parts = [f"{self.rows:,} rows read"]
@@ -107,7 +108,7 @@ class SourceReport:
         if self.bad:
             parts.append(f"{self.bad} malformed rows skipped (first: {self.bad_examples[0]})")
         parts += [f"{n} {reason}" for reason, n in sorted(self.dropped.items())]
-        parts += [f"{n} {what}" for what, n in sorted(self.notes.items())]
+        parts += [f"{n} {what}" for what, n in sorted({**self.notes, **self.expected}.items())]
         return f"{self.path}: " + "; ".join(parts)
 
     def check(self, source: DataSource, kind: Kind) -> None:
@@ -237,7 +238,7 @@ class Examples(Generic[T]):
                      "sources": [{"path": r.path, "format": r.format, "train": r.train, "val": r.val,
                                   "rows": r.rows, "malformed": r.bad, "validation": r.validation} for r in self.reports]}
         for r in self.reports:
-            for key, n in {**r.dropped, **r.notes}.items():
+            for key, n in {**r.dropped, **r.notes, **r.expected}.items():
                 out[key] = out.get(key, 0) + n
         return out
 

@@ -132,10 +132,10 @@ def encoder(tokenizer, max_seq_len: int):
     when no assistant token is left to learn."""
 
     def encode(item: list[dict] | str, report: SourceReport) -> Example | None:
-        tokenize = tokenize_document if isinstance(item, str) else tokenize_conversation
-        ids, labels, truncated = tokenize(tokenizer, item, max_seq_len)
-        if truncated:
-            report.note("truncated")
+        document = isinstance(item, str)
+        ids, labels, truncated = (tokenize_document if document else tokenize_conversation)(tokenizer, item, max_seq_len)
+        if truncated:  # a document learnt by its first max_seq_len tokens is what mixing text in means
+            report.note("documents cut to max_seq_len" if document else "truncated", expected=document)
         if all(label == IGNORE_INDEX for label in labels):
             report.drop("dropped_no_target")
             return None

@@ -76,7 +76,7 @@ def test_every_format_detected_and_parsed_to_the_same_conversation():
         assert to_messages(row, name) == CONVERSATION
 
 
-def test_plain_text_is_learnt_whole_beside_conversations(tok, tmp_path):
+def test_plain_text_is_learnt_whole_beside_conversations(tok, tmp_path, caplog):
     """A `text` row is a document, not a conversation: its tokens and EOS, no chat template, a label on
     every token but the first; held out by the same hash of its text as pretraining's validation."""
     from llmlab.data.order import held_out
@@ -102,6 +102,12 @@ def test_plain_text_is_learnt_whole_beside_conversations(tok, tmp_path):
                                                   if tuple(ids) in as_documents)
     held = {as_documents[tuple(ids)] for ids, _ in data.val if tuple(ids) in as_documents}
     assert held == {t for t in texts if held_out(t, 0.1)}  # the documents pretraining holds out at 0.1
+    # a document longer than max_seq_len is learnt by its first window: counted, and not a warning
+    docs.write_text("".join(json.dumps({"text": "hello world " * 40 + str(i)}) + "\n" for i in range(20)))
+    with caplog.at_level("INFO"):
+        cut = prepare_sft_data([DataSource(path=str(docs))], tok, max_seq_len=16, seed=0, val_fraction=0.0)
+    assert cut.stats["documents cut to max_seq_len"] == 20 and "truncated" not in cut.stats
+    assert "20 documents cut to max_seq_len" in caplog.text and not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_alpaca_input_sharegpt_system_and_multiturn():
