@@ -150,13 +150,28 @@ def summarize(runs: dict[str, dict], spec: dict) -> dict:
     return {"models": models, "changes": changes}
 
 
-def markdown(summary: dict, runs: dict, seconds: dict, args, spec: dict) -> str:
+def compact_table(summary: dict) -> list[str]:
+    """The README's table: per model, mean (min–max) over the runs of exact match, preference accuracy
+    and held-out text perplexity."""
+    lines = ["| model | exact match | preference accuracy | held-out text perplexity |", "|---|---|---|---|"]
+    for model, entry in summary["models"].items():
+        cells = []
+        for metric, digits in (("exact_match", 3), ("preference_accuracy", 3), ("text_ppl", 1)):
+            m = entry.get(metric)
+            cells.append(f"{m['mean']:.{digits}f} ({m['min']:.{digits}f}–{m['max']:.{digits}f})" if m else "–")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(summary: dict, runs: dict, seconds: dict, args, spec: dict, machine: dict | None = None) -> str:
     labels = list(runs)
     first = next(iter(runs.values()))
-    lines = [f"Machine: {cpu_name()} ({cpu_flags()}), {os.cpu_count()} cores, torch threads per run as labelled. "
+    machine = machine or {"cpu": cpu_name(), "flags": cpu_flags(), "cores": os.cpu_count()}
+    lines = [f"Machine: {machine['cpu']} ({machine['flags']}), {machine['cores']} cores, torch threads per run as labelled. "
              f"Spec `{args.spec}`" + "".join(f", `{a}`" for a in args.set) + f", runs: {', '.join(labels)}. Held-out: {first.get('tasks', {}).get('prompts', '?')} task "
              f"prompts (each once), {first.get('preferences', {}).get('pairs', '?')} preference pairs. "
              f"Wall time per run: {', '.join(f'{s / 60:.1f} min' for s in seconds.values())}.", "",
+             "Mean (min–max) over the runs:", "", *compact_table(summary), "",
              "| model | exact match: mean (min–max) | preference accuracy: mean (min–max) | " + " | ".join(labels) + " |",
              "|---|---|---|" + "---|" * len(labels)]
     for model, entry in summary["models"].items():
@@ -218,7 +233,14 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write runs and summary here")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
                         help="change one spec field (dotted path, YAML value); repeatable")
+    parser.add_argument("--from-json", default=None, metavar="FILE",
+                        help="print the tables of a finished bench's --json again, running nothing")
     args = parser.parse_args()
+    if args.from_json:
+        done = json.loads(Path(args.from_json).read_text())
+        spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
+        print(markdown(done["summary"], done["runs"], done["seconds"], args, spec, done.get("machine")))
+        return
     spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
     for assignment in args.set:
         override(spec, assignment)

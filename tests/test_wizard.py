@@ -48,7 +48,8 @@ def test_defaults_write_a_valid_tiny_like_pipeline(tmp_path):
     text = path.read_text()
     assert text.startswith("#") and f"llmlab run {path}" in text.splitlines()[3]
     pipeline = load_spec(path)
-    assert list(pipeline.stages) == ["pretrain", "sft", "dpo", "grpo", "eval"]
+    assert list(pipeline.stages) == ["pretrain", "sft", "merge", "dpo", "grpo", "eval"]
+    assert pipeline.stages["sft"].lora.train_embeddings and pipeline.stages["dpo"].inputs == ["merge"]
     assert pipeline.tokenizer.train is not None
     assert pipeline.stages["eval"].inputs == ["pretrain", "sft", "dpo", "grpo"]
     assert pipeline.model.d_model == 128 and pipeline.model.n_layers == 4  # the tiny preset
@@ -75,7 +76,7 @@ def test_every_stage_kind_the_wizard_offers_validates_wired_in_order(tmp_path):
     assert list(pipeline.stages) == ["pretrain", "sft", "merge", "preferences", "dpo", "reward", "grpo", "ppo", "eval"]
     assert pipeline.stages["sft"].lora is not None and pipeline.stages["dpo"].inputs == ["preferences"]
     assert pipeline.stages["ppo"].reward_stage == "reward" and pipeline.stages["grpo"].inputs == ["dpo"]
-    assert pipeline.stages["eval"].inputs == ["pretrain", "merge", "dpo", "grpo", "ppo"]
+    assert pipeline.stages["eval"].inputs == ["pretrain", "sft", "dpo", "grpo", "ppo"]
 
 
 def test_interactive_defaults_equal_defaults_mode():

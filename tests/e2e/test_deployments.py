@@ -108,7 +108,8 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         sweep_dir.mkdir()
         spec = shrunk_tiny(sweep_dir, "deploy-sweep")
         raw = yaml.safe_load(spec.read_text())
-        raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": raw["stages"]["sft"],
+        full_sft = {k: v for k, v in raw["stages"]["sft"].items() if k != "lora"}  # a round hands on a model
+        raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": full_sft,
                          "eval": {**raw["stages"]["eval"], "from": ["sft"], "tasks": [], "preferences": [], "reward": None,
                                   "sweep": {"batches": [2, 3]}}}
         raw["repeat"] = {"stages": ["sft"], "times": 2}

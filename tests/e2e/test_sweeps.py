@@ -114,8 +114,8 @@ def test_rounds_chain_their_models_and_a_killed_round_resumes(tmp_path, api_url)
     dpo = {**st["dpo"], "from": "prefs"}
     dpo["train"].update(max_steps=40, save_every=5, eval_every=40, log_every=1)
     raw["stages"] = {
-        "pretrain": st["pretrain"], "sft": st["sft"],
-        "prefs": {"kind": "preferences", "from": "sft", "data": [{"path": "builtin:tasks-prompts"}], "reward": "exact_match",
+        "pretrain": st["pretrain"], "sft": st["sft"], "merge": st["merge"],
+        "prefs": {"kind": "preferences", "from": "merge", "data": [{"path": "builtin:tasks-prompts"}], "reward": "exact_match",
                   "samples_per_prompt": 4, "max_prompts": 16, "batch_prompts": 8, "max_new_tokens": 6, "answer_as_chosen": True},
         "dpo": dpo,
         "eval": {**st["eval"], "from": ["sft", "dpo#1", "dpo"]},
@@ -148,10 +148,10 @@ def test_rounds_chain_their_models_and_a_killed_round_resumes(tmp_path, api_url)
               for s in ("prefs", "dpo") for k in (1, 2, 3)}
     assert all(r["status"] == "finished" for r in record.values())
     # each round samples from the last round's model and trains on its own pairs
-    assert record["prefs#1"]["inputs"]["sft"] == json.loads((runs / "sft" / "stage.json").read_text())["fingerprint"]
+    assert record["prefs#1"]["inputs"]["merge"] == json.loads((runs / "merge" / "stage.json").read_text())["fingerprint"]
     for k in (2, 3):
-        assert record[f"prefs#{k}"]["inputs"]["sft"] == record[f"dpo#{k - 1}"]["fingerprint"]
-        assert record[f"prefs#{k}"]["input_runs"]["sft"] == record[f"dpo#{k - 1}"]["mlflow_run_id"]
+        assert record[f"prefs#{k}"]["inputs"]["merge"] == record[f"dpo#{k - 1}"]["fingerprint"]
+        assert record[f"prefs#{k}"]["input_runs"]["merge"] == record[f"dpo#{k - 1}"]["mlflow_run_id"]
     for k in (1, 2, 3):
         assert record[f"dpo#{k}"]["inputs"]["prefs"] == record[f"prefs#{k}"]["fingerprint"]
     assert len({record[f"dpo#{k}"]["fingerprint"] for k in (1, 2, 3)}) == 3

@@ -24,7 +24,7 @@ def test_every_stage_finishes_with_outputs(finished_run):
     from llmlab.checkpoint import fingerprint
 
     results = finished_run["results"]
-    assert list(results) == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
+    assert list(results) == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
     assert (Path(results["dpo"]["outputs"]["model"]) / "model.safetensors").is_file()
     assert (Path(results["grpo"]["outputs"]["model"]) / "model.safetensors").is_file()
     assert json.loads((Path(results["grpo"]["output_dir"]) / "stage.json").read_text())["inputs"]["dpo"] == \
@@ -38,16 +38,23 @@ def test_every_stage_finishes_with_outputs(finished_run):
     assert fingerprint(model_dir) == results["pretrain"]["fingerprint"]
     assert json.loads((Path(results["pretrain"]["output_dir"]) / "stage.json").read_text())["inputs"] == {
         "tokenizer": results["tokenizer"]["fingerprint"]}
-    # full SFT wrote a plain model with the chat template (no adapters)
-    sft_model = Path(results["sft"]["outputs"]["model"])
-    assert (sft_model / "chat_template.jinja").is_file() and (sft_model / "model.safetensors").is_file()
-    assert not (Path(results["sft"]["output_dir"]) / "adapters").exists()
+    # LoRA sft wrote adapters (the embedding rows with them), merge a plain model with the chat template
+    assert (Path(results["sft"]["output_dir"]) / "adapters" / "best" / "adapter_config.json").is_file()
+    merged = Path(results["merge"]["outputs"]["model"])
+    assert (merged / "chat_template.jinja").is_file() and (merged / "model.safetensors").is_file()
     # no temporary names left behind
     assert not list(Path(results["pretrain"]["output_dir"]).rglob(".*.tmp"))
     # each stage says which fast paths ran: on a CPU, eager blocks and the growing KV cache
     paths = {name: json.loads((Path(r["output_dir"]) / "stage.json").read_text()).get("fast_paths") for name, r in results.items()}
     assert paths["pretrain"] == {"compile": "eager"} and paths["grpo"] == {"compile": "eager", "decode": "dynamic"}
     assert paths["eval"] == {"decode": "dynamic"} and paths["tokenizer"] is None
+    # plan's calibration keeps the harness seconds the eval stage measured, beside the modelled ones
+    from llmlab.plan import CALIBRATION, MEASURED_FIXED, _machine_key
+
+    harness = results["eval"]["metrics"][MEASURED_FIXED]
+    kept = json.loads((finished_run["state"] / CALIBRATION).read_text())[_machine_key()]["eval"][-1]
+    assert 0 < harness < results["eval"]["seconds"] and kept["fixed_seconds"] == pytest.approx(harness)
+    assert kept["fixed_model"] > 0
 
 
 def test_eval_matches_pretrain_on_the_same_held_out_batches(finished_run):
@@ -96,7 +103,7 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     assert parent.data.metrics["eval/sft/exact_match"] == pytest.approx(scores["sft/exact_match"])
     assert parent.data.metrics["dpo/accuracy"] == pytest.approx(results["dpo"]["metrics"]["eval/accuracy"])
     children = {r.data.tags["llmlab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"}
+    assert set(children) == {"tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"}
     assert client.get_metric_history(children["dpo"].info.run_id, "dpo/accuracy")
     for key in ("rl/reward_mean", "rl/kl", "rl/zero_variance_share", "rl/generation_share", "eval/reward_mean"):
         assert client.get_metric_history(children["grpo"].info.run_id, key), key
@@ -120,9 +127,9 @@ def test_mlflow_has_parent_child_runs_metrics_and_artifacts(finished_run):
     for key in ("bench/llmlab_tasks_gen/exact_match", "bench/llmlab_stdlib_mc/acc_stderr", "bench/llmlab_tasks_mc/contamination"):
         assert client.get_metric_history(children["eval"].info.run_id, f"grpo/{key}"), key  # the demo's benchmarks
     assert "benchmarks" in {a.path for a in client.list_artifacts(children["eval"].info.run_id)}
-    sft = children["sft"]  # full fine-tuning: every parameter trains, and no lora params are recorded
-    assert sft.data.tags["llmlab.trainable_params"] == sft.data.tags["llmlab.total_params"]
-    assert not any(k.startswith("lora.") for k in sft.data.params)
+    sft = children["sft"]  # LoRA: the adapters and the embedding rows train, and the run records them
+    assert int(sft.data.tags["llmlab.trainable_params"]) < int(sft.data.tags["llmlab.total_params"])
+    assert sft.data.params["lora.train_embeddings"] == "True" and sft.data.tags["llmlab.lora_targets"]
     # lineage: the final model is registered under the pipeline name, with every stage's run
     (version,) = client.search_model_versions("name = 'tiny-test'")
     assert version.run_id == parent.info.run_id and version.tags["llmlab.stage_run_id"] == children["grpo"].info.run_id
@@ -139,8 +146,8 @@ def test_llmlab_runs_lists_stage_status_and_durations(finished_run):
     assert lines[0].split()[:4] == ["started", "pipeline", "status", "seconds"]
     assert "tiny-test" in lines[1] and "FINISHED" in lines[1]
     assert lines[1].index("FINISHED") == lines[0].index("status")  # columns line up under the header
-    assert [line.split()[0] for line in lines[2:8]] == ["tokenizer", "pretrain", "sft", "dpo", "grpo", "eval"]
-    assert all("finished" in line for line in lines[2:8])
+    assert [line.split()[0] for line in lines[2:9]] == ["tokenizer", "pretrain", "sft", "merge", "dpo", "grpo", "eval"]
+    assert all("finished" in line for line in lines[2:9])
 
 
 def test_runs_reads_the_local_store_without_mlflow_and_agrees_with_mlflow(finished_run, tmp_path, monkeypatch):
@@ -218,7 +225,8 @@ def test_tiny_ppo_pipeline_trains_a_reward_model_then_ppo_against_it(harness, is
     assert (inputs["merge"], inputs["reward"]) == (results["merge"]["fingerprint"], results["reward"]["fingerprint"])
     assert Path(results["ppo"]["outputs"]["value_head"]).is_file()
     sft_run = MlflowClient(f"sqlite:///{isolated / 'state' / 'mlflow.db'}").get_run(results["sft"]["mlflow_run_id"])
-    assert float(sft_run.data.tags["llmlab.lora_trainable_share"]) < 0.5 and sft_run.data.params["lora.preset"] == "all"
+    # the adapters and the embedding rows train, the rest of the model is frozen
+    assert float(sft_run.data.tags["llmlab.lora_trainable_share"]) < 1.0 and sft_run.data.params["lora.preset"] == "all"
     # LoRA SFT wrote peft adapters (best and final); merge wrote a plain model with the chat template
     sft_dir = Path(results["sft"]["output_dir"])
     assert {p.name for p in (sft_dir / "adapters").iterdir()} == {"best", "final"}
@@ -257,7 +265,7 @@ def test_plan_says_what_would_run_and_why_without_running_anything(tiny_copy):
     raw["stages"]["dpo"]["beta"] = 0.3
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     rows = {r.stage: r for r in plan_run(spec)}
-    assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft"]
+    assert [s for s, r in rows.items() if r.action == "reuse"] == ["tokenizer", "pretrain", "sft", "merge"]
     assert rows["dpo"].reasons == [changed]
     env = {**os.environ, "LLMLAB_STATE_DIR": str(finished_run["state"])}
     shown = subprocess.run([sys.executable, "-m", "llmlab.cli", "plan", str(spec), "--json"], capture_output=True,
