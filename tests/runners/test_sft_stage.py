@@ -9,6 +9,20 @@ from llmlab.execute import execute_stage
 from llmlab.tokenizer import train_tokenizer
 
 
+def llmlab_base(tmp_path, monkeypatch):
+    """A tiny llmlab model and its tokenizer in tmp_path/base; the test runs from tmp_path with its own state."""
+    from llmlab.model import LlmlabConfig, build_model
+
+    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.chdir(tmp_path)
+    torch.set_num_threads(1)
+    base = tmp_path / "base"
+    tok = train_tokenizer([f"{i}+1={i + 1} rev a b c sort 321" for i in range(300)], 320, base)
+    build_model(LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed=0).save_pretrained(base)
+    return base, tok
+
+
 def test_sft_stage_starts_from_a_plain_transformers_llama_dir(tmp_path, monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,15 +57,7 @@ def test_sft_stage_starts_from_a_plain_transformers_llama_dir(tmp_path, monkeypa
 def test_with_val_fraction_0_a_stage_logs_no_eval_numbers_and_keeps_its_last_model(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from llmlab.model import LlmlabConfig, build_model
-
-    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    base = tmp_path / "base"
-    tok = train_tokenizer([f"{i}+1={i + 1} rev a b c sort 321" for i in range(300)], 320, base)
-    build_model(LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed=0).save_pretrained(base)
+    base, tok = llmlab_base(tmp_path, monkeypatch)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Line {i}: {i}+1={i + 1} rev a b c sort 321" for i in range(300)))
     train = {"max_steps": 4, "warmup_steps": 1, "batch_sequences": 4, "eval_every": 2, "eval_steps": 2, "save_every": 2,
@@ -87,15 +93,7 @@ def test_lora_with_train_embeddings_learns_every_token_row_and_merge_folds_them_
     special tokens' rows), and the merged model carries them."""
     from safetensors.torch import load_file
 
-    from llmlab.model import LlmlabConfig, build_model
-
-    monkeypatch.setenv("LLMLAB_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    base = tmp_path / "base"
-    tok = train_tokenizer([f"{i}+1={i + 1} rev a b c sort 321" for i in range(300)], 320, base)
-    build_model(LlmlabConfig(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, n_layers=2, vocab_size=len(tok), max_seq_len=64,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), seed=0).save_pretrained(base)
+    base, tok = llmlab_base(tmp_path, monkeypatch)
     train = {"max_steps": 3, "warmup_steps": 1, "batch_sequences": 8, "eval_every": 3, "eval_steps": 1, "save_every": 3,
              "log_every": 1, "lr": 1e-2}
     lora = {"preset": "all", "r": 4, "dropout": 0.0, "train_embeddings": True}
