@@ -407,6 +407,9 @@ class Work:
     fixed_seconds: float = 0.0  # time that is not FLOPs (an eval stage's per-document harness work)
 
 
+MEASURED_FIXED = "benchmarks/seconds"  # the metric a stage reports its fixed seconds under, as measured
+
+
 def training_work(st: Any, est: StageEstimate, flops_per_token: float = 0.0) -> Work:
     """6 x parameters (or `flops_per_token`) per token of every forward pass of every step."""
     train = st.train

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.checkpoint import fingerprint, latest_checkpoint
-from llmlab.estimate import Work, fmt_bytes
+from llmlab.estimate import MEASURED_FIXED, Work, fmt_bytes
 from llmlab.reuse import cache_key, changed_fields, folder_conflict
 from llmlab.runners.registry import estimate_stage, kind_of, resolved_config
 from llmlab.selection import SelectionFailed, choose_branch
@@ -274,9 +274,6 @@ def _calibration() -> dict[str, Any]:
         return json.loads((state_dir(create=False) / CALIBRATION).read_text())
     except (OSError, ValueError):
         return {}
-
-
-MEASURED_FIXED = "benchmarks/seconds"  # a stage's metric: the fixed seconds it measured (eval: the harness's)
 
 
 def record_stage_time(spec: Pipeline, name: str, seconds: float, started_as: str | None = None,

@@ -228,7 +228,7 @@ def run_eval(ctx: StageContext) -> tuple[dict[str, str], dict[str, float]]:
                 if "eval/loss" in scores else "")
         print(f"[{ctx.name}] {name}: {text}{em}".replace(": , ", ": "))
     if benchmarked:
-        from llmlab.plan import MEASURED_FIXED
+        from llmlab.estimate import MEASURED_FIXED
 
         metrics[MEASURED_FIXED] = harness_seconds  # seconds in the harness: plan counts them apart from the models' work
         results["contamination_ngram"] = stage.contamination_ngram
