@@ -14,7 +14,8 @@ state directory and with nothing else running:
   stage runs in the command's process while a background flow records it; its wall time, when the
   background recording ended, the stage's own time (`stage.json` seconds: its data, model, training and outputs), its
   training loop (`train/seconds`), and the rest; against, in the same
-  run, a bare script that imports torch, transformers and peft and loads the same model, and a bare
+  run, a bare script that imports torch, transformers and peft and loads the same model (its process's
+  wall time, as llmlab's is timed, and the part inside Python), and a bare
   training script that also trains the same steps with AdamW on batches of the same size and mean
   padded length (from the stage's logged tokens/s); peak RSS of the llmlab process and of the bare
   training script.
@@ -145,7 +146,7 @@ def main() -> None:
         model = folder / "runs" / "pretrain" / "model"
         sft = yaml.safe_load(spec.read_text())["stages"]["sft"]["train"]
         seq = yaml.safe_load(spec.read_text())["model"]["max_seq_len"]
-        only, bare, train, only_rss, train_rss, train_inner, only_recorded = [], [], [], [], [], [], []
+        only, bare, bare_inner, train, only_rss, train_rss, train_inner, only_recorded = [], [], [], [], [], [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             wall, rss, out = run([*llmlab, "run", str(spec), "--only", "sft", "--force", "sft"], env, folder)
@@ -155,7 +156,10 @@ def main() -> None:
             only.append((wall, record["metrics"]["train/seconds"], int(record["metrics"]["train/steps"]),
                          record["seconds"]))
             only_rss.append(rss)
-            bare.append(reported(run([sys.executable, "-c", BARE_LOAD, str(model)], env, folder)[2]))
+            # a whole process, timed as llmlab's is: Python's own start and exit count for both
+            bare_wall, _, bare_out = run([sys.executable, "-c", BARE_LOAD, str(model)], env, folder)
+            bare.append(bare_wall)
+            bare_inner.append(reported(bare_out))
             steps = only[-1][2]
             # the stage's batches are padded to their longest example: the bare script trains on that mean length
             logged = [json.loads(line) for line in (folder / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -173,6 +177,7 @@ def main() -> None:
         rows["--only sft: everything else"] = statistics.median(o[0] - o[3] for o in only)
         rows["--only sft: recorded in Prefect and MLflow (background flow, from the start)"] = statistics.median(only_recorded)
         rows["bare script: import torch, transformers, peft; load the model"] = statistics.median(bare)
+        rows["bare script: the same, inside Python (after its start, before its exit)"] = statistics.median(bare_inner)
         rows["bare training script: the same, then the same steps (wall)"] = statistics.median(train)
         rows["bare training script: everything but its training loop"] = statistics.median(
             w - t for w, t in zip(train, train_inner))
