@@ -17,7 +17,8 @@ state directory and with nothing else running:
   run, a bare script that imports torch, transformers and peft and loads the same model (its process's
   wall time, as llmlab's is timed, and the part inside Python), and a bare
   training script that also trains the same steps with AdamW on batches of the same size and mean
-  padded length (from the stage's logged tokens/s); peak RSS of the llmlab process and of the bare
+  padded length (from the stage's logged tokens/s), with the stage's LoRA adapters (peft, every
+  projection, the embedding rows too when the stage trains them) when it has any; peak RSS of the llmlab process and of the bare
   training script.
 
 Markdown for docs/benchmarks.md on stdout; --json keeps the numbers.
@@ -53,14 +54,20 @@ print(f"SECONDS {time.perf_counter() - t0:.3f}")
 """
 
 BARE_TRAIN = """
-import sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import torch, transformers, peft
 from transformers import AutoModelForCausalLM
 import llmlab.model.model
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-steps, batch, seq = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+steps, batch, seq, lora = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+if lora:  # the stage's adapters, as a hand-written peft script sets them up
+    projections = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and "lm_head" not in name})
+    extra = {"trainable_token_indices": list(range(model.config.vocab_size))} if lora.get("train_embeddings") else {}
+    model = peft.get_peft_model(model, peft.LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                       target_modules=projections, task_type="CAUSAL_LM", **extra))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 g = torch.Generator().manual_seed(0)
 started = time.perf_counter()
 for _ in range(steps):
@@ -145,6 +152,10 @@ def main() -> None:
         rows["reused rerun: recorded in Prefect and MLflow (background)"] = statistics.median(recorded)
         model = folder / "runs" / "pretrain" / "model"
         sft = yaml.safe_load(spec.read_text())["stages"]["sft"]["train"]
+        lora = yaml.safe_load(spec.read_text())["stages"]["sft"].get("lora")
+        if lora:
+            lora = {"r": 8, "alpha": 16, "dropout": 0.05, **lora}  # LoraSpec's defaults where the spec is silent
+            assert lora.get("preset", "all") == "all", "the bare script adapts every projection, as preset all does"
         seq = yaml.safe_load(spec.read_text())["model"]["max_seq_len"]
         only, bare, bare_inner, train, only_rss, train_rss, train_inner, only_recorded = [], [], [], [], [], [], [], []
         for _ in range(args.repeats):
@@ -166,7 +177,7 @@ def main() -> None:
             tokens = statistics.median(r["train/tokens_per_sec"] for r in logged if "train/tokens_per_sec" in r)
             length = max(8, min(seq, round(tokens * only[-1][1] / steps / sft["batch_sequences"])))
             wall_t, rss_t, out_t = run([sys.executable, "-c", BARE_TRAIN, str(model), str(steps),
-                                        str(sft["batch_sequences"]), str(length)], env, folder)
+                                        str(sft["batch_sequences"]), str(length), json.dumps(lora)], env, folder)
             train.append(wall_t)
             train_rss.append(rss_t)
             train_inner.append(reported(out_t, "TRAIN"))
