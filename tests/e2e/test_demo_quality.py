@@ -10,13 +10,13 @@ more than `min_improvement`.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,12 @@ FINAL_MIN_EM = 0.80  # the final (grpo) model, absolute
 MAX_TEXT_PPL_RATIO = 3.0  # any stage's held-out text perplexity over the pretrained model's
 
 
-def test_the_demo_improves_its_model_at_every_stage(tmp_path):
+def test_the_demo_improves_its_model_at_every_stage(tmp_path, api_url):
     raw = yaml.safe_load((ROOT / "pipelines" / "tiny.yaml").read_text())
     raw["workdir"] = str(tmp_path / "runs")
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "LLMLAB_STATE_DIR": str(tmp_path / "state")}
+    env = cli_env(tmp_path / "state", api_url)  # the suite's Prefect server: no local one to start and stop
     done = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

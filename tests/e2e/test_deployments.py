@@ -56,21 +56,29 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         assert set(info["processes"]) == {"prefect-server", "prefect-worker", "mlflow-ui"}
         with urllib.request.urlopen(f"{info['prefect_ui']}/ui-settings", timeout=10) as r:  # the UI calls this server
             assert json.loads(r.read())["api_url"] == info["prefect_api_url"] == f"http://127.0.0.1:{pport}/api"
-        # rows past the 50 that validation samples are broken: the eval stage fails on the worker
+        # tokenizer -> pretrain -> two rounds of sft -> eval over a sweep of two values, narrowed to one by
+        # --param sweep; rows past the 50 that validation samples are broken: the eval stage fails on the worker
         evaldata = half_broken_text(tmp_path / "evaldata.jsonl", 60, 200)
-        spec = shrunk_tiny(tmp_path, "deploy-test", eval={"data": [{"path": str(evaldata)}], "val_fraction": 0.5})
-        raw = yaml.safe_load(spec.read_text())  # tokenizer -> pretrain -> eval: the fine-tuning stages add only time
-        raw["stages"] = {"pretrain": raw["stages"]["pretrain"],
-                         "eval": {**raw["stages"]["eval"], "from": ["pretrain"], "tasks": [], "preferences": [], "reward": None}}
+        spec = shrunk_tiny(tmp_path, "deploy-test")
+        raw = yaml.safe_load(spec.read_text())
+        full_sft = {k: v for k, v in raw["stages"]["sft"].items() if k != "lora"}  # a round hands on a model
+        raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": full_sft,
+                         "eval": {**raw["stages"]["eval"], "from": ["sft"], "data": [{"path": str(evaldata)}],
+                                  "val_fraction": 0.5, "tasks": [], "preferences": [], "reward": None,
+                                  "sweep": {"batches": [2, 3]}}}
+        raw["repeat"] = {"stages": ["sft"], "times": 2}
         spec.write_text(yaml.safe_dump(raw, sort_keys=False))
         run_env = {**env, "PREFECT_API_URL": info["prefect_api_url"]}
         prefect = str(Path(sys.executable).parent / "prefect")
-        out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny", "--param", f"spec={spec}", "--watch"],
+        out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny-sweep", "--param", f"spec={spec}",
+                              "--param", 'sweep={"eval": {"batches": [3]}}', "--watch"],
                              cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=400)
         assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # failed on the worker
         flow_run_id = out.stdout.split("UUID:")[1].split()[0]
-        first = {s: json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] for s in ("tokenizer", "pretrain")}
+        finished = ("tokenizer", "pretrain", "sft/round-1", "sft/round-2")
+        first = {s: json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] for s in finished}
         half_broken_text(evaldata, 300, 0)  # the data is fixed
+
         def flow_run() -> dict:
             with urllib.request.urlopen(f"{info['prefect_api_url']}/flow_runs/{flow_run_id}", timeout=10) as r:
                 return json.loads(r.read())
@@ -90,44 +98,27 @@ def test_serve_deploy_run_on_worker_and_stop(tmp_path):
         assert run_state == "COMPLETED"
         for s, t in first.items():  # the retry reused the finished stages
             assert json.loads((tmp_path / "runs" / s / "stage.json").read_text())["started"] == t
-        # MLflow's UI server shows the pipeline's runs
+        # branches and rounds are task runs, and the retry kept the deployment's sweep parameter
+        body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
+        req = urllib.request.Request(f"{info['prefect_api_url']}/task_runs/filter", data=body,
+                                     headers={"Content-Type": "application/json"})
+        names = {t["name"] for t in json.loads(urllib.request.urlopen(req, timeout=10).read())}
+        assert {"sft#1", "sft#2", "eval[batches=3]"} <= names and "eval[batches=2]" not in names
+        assert (tmp_path / "runs" / "eval" / "batches=3" / "stage.json").is_file()
+        assert not (tmp_path / "runs" / "eval" / "batches=2").exists()
+        assert json.loads((tmp_path / "runs" / "sft" / "round-2" / "stage.json").read_text())["inputs"]["pretrain"] == \
+            json.loads((tmp_path / "runs" / "sft" / "round-1" / "stage.json").read_text())["fingerprint"]
+        # MLflow's UI server shows the pipeline's runs: the failed attempt and the retry that finished it
         req = urllib.request.Request(f"{info['mlflow_ui']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=deploy-test")
         exp = json.loads(urllib.request.urlopen(req, timeout=10).read())["experiment"]
         body = json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode()
         req = urllib.request.Request(f"{info['mlflow_ui']}/api/2.0/mlflow/runs/search", data=body,
                                      headers={"Content-Type": "application/json"})
         runs = json.loads(urllib.request.urlopen(req, timeout=10).read())["runs"]
-        stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.stage"}
-        assert stages == {"tokenizer", "pretrain", "eval"}
+        stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "llmlab.base_stage"}
+        assert stages >= {"pretrain", "sft", "eval"}, stages
         parent = [r for r in runs if not any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
         assert sorted(p["info"]["status"] for p in parent) == ["FAILED", "FINISHED"]
-        assert json.loads((tmp_path / "runs" / "pretrain" / "stage.json").read_text())["status"] == "finished"
-
-        # a spec with a sweep and rounds: branches and rounds are task runs; --param sweep narrows the sweep
-        sweep_dir = tmp_path / "sweep"
-        sweep_dir.mkdir()
-        spec = shrunk_tiny(sweep_dir, "deploy-sweep")
-        raw = yaml.safe_load(spec.read_text())
-        full_sft = {k: v for k, v in raw["stages"]["sft"].items() if k != "lora"}  # a round hands on a model
-        raw["stages"] = {"pretrain": raw["stages"]["pretrain"], "sft": full_sft,
-                         "eval": {**raw["stages"]["eval"], "from": ["sft"], "tasks": [], "preferences": [], "reward": None,
-                                  "sweep": {"batches": [2, 3]}}}
-        raw["repeat"] = {"stages": ["sft"], "times": 2}
-        spec.write_text(yaml.safe_dump(raw, sort_keys=False))
-        out = subprocess.run([prefect, "deployment", "run", "llmlab/tiny-sweep", "--param", f"spec={spec}",
-                              "--param", 'sweep={"eval": {"batches": [3]}}', "--watch"],
-                             cwd=sweep_dir, env=run_env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        flow_run_id = out.stdout.split("UUID:")[1].split()[0]
-        body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
-        req = urllib.request.Request(f"{info['prefect_api_url']}/task_runs/filter", data=body,
-                                     headers={"Content-Type": "application/json"})
-        names = {t["name"] for t in json.loads(urllib.request.urlopen(req, timeout=10).read())}
-        assert {"sft#1", "sft#2", "eval[batches=3]"} <= names and "eval[batches=2]" not in names
-        assert (sweep_dir / "runs" / "eval" / "batches=3" / "stage.json").is_file()
-        assert not (sweep_dir / "runs" / "eval" / "batches=2").exists()
-        assert json.loads((sweep_dir / "runs" / "sft" / "round-2" / "stage.json").read_text())["inputs"]["pretrain"] == \
-            json.loads((sweep_dir / "runs" / "sft" / "round-1" / "stage.json").read_text())["fingerprint"]
     finally:
         stopped = subprocess.run([*llmlab, "stop"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert "prefect-server" in stopped.stdout
