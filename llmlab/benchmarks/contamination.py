@@ -86,4 +86,10 @@ class NgramIndex:
 
     def share(self, documents: list[str]) -> float:
         """The share of `documents` seen in the indexed text (0 for no documents)."""
-        return sum(self.seen(d) for d in documents) / len(documents) if documents else 0.0
+        return share_seen([self], documents)
+
+
+def share_seen(indexes: list[NgramIndex], documents: list[str]) -> float:
+    """The share of `documents` seen in any of `indexes` (each one stage's training text; 0 for no
+    documents): the same as one index over all their text."""
+    return sum(any(index.seen(d) for index in indexes) for d in documents) / len(documents) if documents else 0.0

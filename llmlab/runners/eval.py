@@ -120,24 +120,25 @@ def contamination(ctx: StageContext, benchmarked: dict[str, dict[str, Any]], res
     """For each model trained here and each benchmark task: the share of the task's documents whose
     n-grams occur in the training data upstream of the model (`bench/<task>/contamination`; models
     named by folder or hub name have no known training data and get none)."""
-    from llmlab.benchmarks.contamination import NgramIndex, training_texts
+    from llmlab.benchmarks.contamination import NgramIndex, share_seen, training_texts
 
     documents = [d for per_task in benchmarked.values() for r in per_task.values() for d in r.documents]
-    indexes: dict[tuple[str, ...], NgramIndex] = {}
+    sizes = NgramIndex(ctx.config.contamination_ngram).sizes_for(documents)
+    # one index per stage's training data, read once however many models downstream of it are benchmarked
+    indexes: dict[str, NgramIndex] = {}
     for name, per_task in benchmarked.items():
         if name not in ctx.config.model_stages:
             continue
         stage = ctx.inputs[name].stage  # the concrete stage (a branch or a round) whose model this is
-        upstream = upstream_training(ctx, stage)
-        key = tuple(sorted(json.dumps([[s.model_dump() for s in src], kind.name, vf]) for src, kind, vf in upstream))
-        if key not in indexes:
-            index = NgramIndex(ctx.config.contamination_ngram)
-            sizes = index.sizes_for(documents)
-            for sources, kind, val_fraction in upstream:
-                index.add_texts(training_texts(sources, kind, ctx.spec.seed, val_fraction), sizes)
-            indexes[key] = index
+        parts = []
+        for sources, kind, val_fraction in upstream_training(ctx, stage):
+            key = json.dumps([[s.model_dump() for s in sources], kind.name, val_fraction])
+            if key not in indexes:
+                indexes[key] = NgramIndex(ctx.config.contamination_ngram)
+                indexes[key].add_texts(training_texts(sources, kind, ctx.spec.seed, val_fraction), sizes)
+            parts.append(indexes[key])
         for task, result in per_task.items():
-            share = indexes[key].share(result.documents)
+            share = share_seen(parts, result.documents)
             results["models"][name][f"bench/{task}/contamination"] = share
             metrics[f"{name}/bench/{task}/contamination"] = share
             if share > 0:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llmlab.benchmarks.builtin import GEN, PAIRS, STDLIB, builtin_tasks, end_of_turn, task_docs
-from llmlab.benchmarks.contamination import NgramIndex, item_text, training_texts
+from llmlab.benchmarks.contamination import NgramIndex, item_text, share_seen, training_texts
 from llmlab.benchmarks.run import check_benchmarks, metric_name, run_benchmarks
 from llmlab.data.formats import SFT
 from llmlab.data.sources import DataSource
@@ -185,6 +185,18 @@ def test_contamination_finds_training_rows_and_nothing_held_out(tmp_path):
     index.add_texts([long], set())
     assert index.seen("prefix " + " ".join(long.split()[5:18]) + " suffix") and not index.seen(" ".join(long.split()[5:17]))
     assert item_text(({"role": "user", "content": "a"}, "b", ["c"])) == "a b c"
+
+
+def test_a_model_trained_by_several_stages_is_checked_against_each_stages_text_as_one():
+    documents = [f"{i}+7= {i + 7}" for i in range(40)] + [" ".join(f"w{i}x{j}" for j in range(20)) for i in range(10)]
+    first, second = documents[:25], documents[25:45]  # two stages' training text; the last five never trained on
+    whole, a, b = NgramIndex(13), NgramIndex(13), NgramIndex(13)
+    sizes = whole.sizes_for(documents)
+    whole.add_texts(first + second, sizes)
+    a.add_texts(first, sizes)
+    b.add_texts(second, sizes)
+    assert share_seen([a, b], documents) == whole.share(documents) == 45 / 50
+    assert share_seen([a], documents) == a.share(documents) == 25 / 50 and share_seen([a, b], []) == 0.0
 
 
 
