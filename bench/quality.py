@@ -236,12 +236,11 @@ def main() -> None:
     parser.add_argument("--from-json", default=None, metavar="FILE",
                         help="print the tables of a finished bench's --json again, running nothing")
     args = parser.parse_args()
+    spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
     if args.from_json:
         done = json.loads(Path(args.from_json).read_text())
-        spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
         print(markdown(done["summary"], done["runs"], done["seconds"], args, spec, done.get("machine")))
         return
-    spec = yaml.safe_load((ROOT / args.spec).read_text() if not Path(args.spec).is_absolute() else Path(args.spec).read_text())
     for assignment in args.set:
         override(spec, assignment)
     root = Path(args.workdir).resolve()

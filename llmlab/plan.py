@@ -161,8 +161,9 @@ KEEP_RECORDS = 30  # per machine and kind
 # (bench/plan_accuracy.py; docs/benchmarks.md), and for kinds without a FLOP model the reference
 # machine's seconds for the demo's stage of that kind, scaled by the two machines' matmul rates.
 REFERENCE_RATE = 228e9
-# (sft without either mark takes an unpacked LoRA sft's, measured when tiny-ppo's sft was one, as was
-# sft+stop_at when the demo's was; preferences were not measured: they take grpo's)
+# (sft without either mark and sft+stop_at: bench/plan_accuracy.py on an unpacked LoRA sft and on a
+# full-weight sft stopped at a held-out loss, which neither shipped pipeline runs; preferences: not
+# measured, they take grpo's)
 REFERENCE_FACTORS = {"pretrain": 0.57, "sft+stop_at": 0.055, "sft+lora": 0.70, "sft": 0.113, "dpo": 0.136,
                      "grpo": 0.156, "reward": 0.077, "ppo": 0.121, "eval": 0.196, "preferences": 0.156}
 REFERENCE_SECONDS = {"tokenizer+extracts": 4.2, "tokenizer": 0.8, "merge": 0.1, "export": 1.0}  # export: not measured

@@ -96,7 +96,7 @@ TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
             "eval_every": 50, "save_every": 50, "log_every": 10},
 }
 # sft without merge trains every weight: a lower lr, unpacked batches of task examples, and a stop at a
-# held-out loss (the step count at which this model leaves its loss plateau varies with the seed)
+# held-out loss (the step count at which this model leaves its loss plateau varies with the random seed)
 FULL_SFT_TRAIN = {"max_steps": 500, "stop_at": 0.35, "lr": 2.0e-3, "weight_decay": 0.0, "warmup_steps": 30, "min_lr_ratio": 0.1,
                   "batch_sequences": 64, "gradient_accumulation_steps": 1, "eval_every": 20, "eval_steps": 5,
                   "save_every": 100, "log_every": 25}
@@ -361,7 +361,6 @@ def _build_stages(chosen: list[str], trains: dict[str, dict[str, Any]]) -> dict[
                          "train": trains["ppo"]}
     if "eval" in chosen:
         models = [s for s in ("pretrain", "sft", "dpo", "grpo", "ppo") if s in stages]  # sft: the adapters, as merged
-        models = list(dict.fromkeys(models))
         ev: dict[str, Any] = {"kind": "eval", "from": models if len(models) > 1 else models[0], "data": copy.deepcopy(text),
                               "val_fraction": 0.02, "batches": 20, "batch_sequences": 16}
         if "sft" in chosen:
