@@ -25,6 +25,11 @@ for key, value in {
 }.items():
     os.environ[key] = value
 (_STATE / "prefect").mkdir(parents=True, exist_ok=True)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # `make test` runs two workers (pytest-xdist): each takes its share of the cores, so torch threads of
+    # the two never contend (llmlab subprocesses inherit it; the demo test gives its run every core)
+    threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -42,6 +47,9 @@ def state_dir(tmp_path, monkeypatch):
 
 def pytest_collection_modifyitems(config, items):
     import torch
+
+    # the demo test is the longest by far: first, so that one worker runs it while the other runs the rest
+    items.sort(key=lambda item: item.path.name != "test_demo_quality.py")
 
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -36,6 +36,8 @@ def test_the_demo_improves_its_model_at_every_stage(tmp_path, api_url):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = cli_env(tmp_path / "state", api_url)  # the suite's Prefect server: no local one to start and stop
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # torch's default, every core, as `make demo` has
+        env.pop(threads, None)
     done = subprocess.run([sys.executable, "-m", "llmlab.cli", "run", str(spec)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
