@@ -89,7 +89,7 @@ TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
     "dpo": {"max_steps": 150, "lr": 2.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
             "eval_every": 50, "eval_steps": 4, "save_every": 50, "log_every": 10},
     "grpo": {"max_steps": 300, "lr": 1.0e-4, "warmup_steps": 5, "rollout_prompts": 32, "batch_prompts": 16, "ppo_epochs": 1,
-             "eval_every": 25, "min_improvement": 0.02, "save_every": 50, "log_every": 10},
+             "eval_every": 25, "min_improvement": 0.01, "save_every": 50, "log_every": 10},
     "reward": {"max_steps": 300, "lr": 1.0e-3, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
                "eval_every": 50, "eval_steps": 8, "save_every": 50, "log_every": 10},
     "ppo": {"max_steps": 200, "lr": 3.0e-5, "warmup_steps": 5, "rollout_prompts": 64, "batch_prompts": 32, "ppo_epochs": 2,
