@@ -28,10 +28,10 @@ demo: install
 	$(BIN)/llmlab run pipelines/tiny.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 clean:
 	rm -rf runs .llmlab

@@ -48,7 +48,8 @@ def state_dir(tmp_path, monkeypatch):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # the demo test is the longest by far: first, so that one worker runs it while the other runs the rest
+    # the demo test is the longest by far: first (make test keeps the collection order, --no-loadscope-reorder),
+    # so that one worker runs it while the other runs the rest
     items.sort(key=lambda item: item.path.name != "test_demo_quality.py")
 
     if not torch.cuda.is_available():
