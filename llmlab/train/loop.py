@@ -317,6 +317,11 @@ class Trainer:
         where = f"{par.world} processes ({par.strategy}) on {self.device}" if par.active else str(self.device)
         self.say(f"[{self.label}] {trainable:,} trainable of {total:,} parameters on {where} ({precision});"
                  f" {'resuming from step ' + str(self.step) if self.step else 'starting'} -> {self.cfg.max_steps} steps")
+        if 0 < self.step < self.cfg.max_steps and self.schedule.factor(self.step) == 0:
+            # a finished run extended to a larger max_steps continues from the lr it had reached: zero here
+            self.say(f"[{self.label}] the lr schedule reached 0 by step {self.step}, so the steps to {self.cfg.max_steps} "
+                     f"cannot change the model: rerun the stage with --force to train {self.cfg.max_steps} steps afresh, "
+                     f"or give it min_lr_ratio > 0")
         if par.active:
             size, unit = self.batches.micro_batch, self.batches.unit
             accumulation = self.cfg.gradient_accumulation_steps

@@ -99,3 +99,26 @@ def test_loop_resume_that_extends_max_steps(tmp_path):
     lr = cfg("adamw").lr
     assert [s for s, _ in rec.logs] == list(range(4, 11))
     assert [l for _, l in rec.lrs] == pytest.approx([lr * 0.75 * (1 - i / 7) for i in range(7)])
+
+
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1])
+def test_extending_a_run_that_decayed_to_zero_says_the_new_steps_cannot_train(tmp_path, capsys, min_lr_ratio):
+    from helpers import CountingBatches as Batches
+    from helpers import Recorder, tiny_model
+    from helpers import optimizer_train_spec as cfg
+
+    from llmlab.train.loop import train
+    from llmlab.train.objectives import LanguageModeling
+
+    plan = dict(warmup_steps=1, save_every=3, scheduler="cosine", min_lr_ratio=min_lr_ratio)
+    train(tiny_model(), LanguageModeling(), Batches(), cfg("adamw", max_steps=6, **plan), tmp_path, seed=1)
+    capsys.readouterr()
+    rec = Recorder()
+    train(tiny_model(), LanguageModeling(), Batches(), cfg("adamw", max_steps=9, **plan), tmp_path, callbacks=rec, seed=1)
+    out = capsys.readouterr().out
+    lrs = [lr for _, lr in rec.lrs]
+    assert [s for s, _ in rec.logs] == [7, 8, 9]
+    if min_lr_ratio == 0:  # the schedule ended at 0: the extension trains at lr 0, and says so
+        assert lrs == [0.0, 0.0, 0.0] and "cannot change the model: rerun the stage with --force" in out
+    else:  # a floor above 0: the extension trains at the floor, silently
+        assert lrs == pytest.approx([cfg("adamw").lr * min_lr_ratio] * 3) and "cannot change the model" not in out
