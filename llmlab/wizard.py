@@ -86,7 +86,7 @@ TRAIN_TEMPLATES: dict[str, dict[str, Any]] = {
     "sft": {"max_steps": 400, "lr": 3.0e-3, "weight_decay": 0.0, "warmup_steps": 30, "min_lr_ratio": 0.1,
             "batch_sequences": 16, "gradient_accumulation_steps": 1, "eval_every": 50, "eval_steps": 5, "save_every": 100,
             "log_every": 25},
-    "dpo": {"max_steps": 150, "lr": 2.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
+    "dpo": {"max_steps": 200, "lr": 2.0e-4, "warmup_steps": 10, "batch_pairs": 32, "gradient_accumulation_steps": 1,
             "eval_every": 50, "eval_steps": 4, "save_every": 50, "log_every": 10},
     "grpo": {"max_steps": 300, "lr": 1.0e-4, "warmup_steps": 5, "rollout_prompts": 32, "batch_prompts": 16, "ppo_epochs": 1,
              "eval_every": 25, "min_improvement": 0.01, "save_every": 50, "log_every": 10},
